@@ -1,0 +1,142 @@
+"""Settings: the only module that reads the environment.
+
+Every setting is ``LATCHKEY_<NAME>``; settings that hold a secret also accept
+``LATCHKEY_<NAME>_FILE`` (a path whose contents are the value), so operators can
+mount them from a secrets store instead of exporting them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "LATCHKEY_"
+
+# Settings that may carry secret material: each also has a ``_FILE`` variant.
+SECRET_SETTINGS = frozenset({"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url"})
+
+# The session key `latchkey dev` writes; production refuses it.
+DEV_SECRET_KEY_PREFIX = "dev-insecure-"
+
+
+class Environment(StrEnum):
+    PRODUCTION = "production"
+    DEVELOPMENT = "development"
+    TEST = "test"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the setting in one line."""
+
+
+class Settings(BaseModel):
+    """One typed settings object, built from the environment (or a dict in tests)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    env: Environment = Environment.PRODUCTION
+    database_url: str = "sqlite:///instance/latchkey.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None
+    secret_key: SecretStr | None = None
+    public_keys: str | None = None
+    private_keys_file: Path | None = None
+    gateway_token: SecretStr | None = None
+    ai_gateway_base_url: str = "https://gateway.ai.cloudflare.com/v1"
+    egress_allow_private: bool = False
+    egress_allow_http_hosts: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    # How long a POST Idempotency-Key is remembered.
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    # Cap on a request body; a secret value is at most 64 KiB, JSON escaping can
+    # grow it up to 6x (\uXXXX), so leave room for that and the other fields.
+    max_request_bytes: int = Field(default=512 * 1024, ge=1024)
+    trusted_proxy_count: int = Field(default=0, ge=0, le=5)
+
+    @field_validator("egress_allow_http_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def is_production(self) -> bool:
+        return self.env is Environment.PRODUCTION
+
+    def check_web(self) -> None:
+        """Refuse to serve in production without the keys the web tier needs."""
+        if not self.is_production:
+            return
+        if self.secret_key is None or not self.secret_key.get_secret_value():
+            raise ConfigError("LATCHKEY_SECRET_KEY is required when LATCHKEY_ENV=production")
+        if self.secret_key.get_secret_value().startswith(DEV_SECRET_KEY_PREFIX):
+            raise ConfigError("LATCHKEY_SECRET_KEY is a development key; set a random production key")
+        if len(self.secret_key.get_secret_value()) < 32:
+            raise ConfigError("LATCHKEY_SECRET_KEY must be at least 32 characters in production")
+        if not self.public_keys:
+            raise ConfigError(
+                "LATCHKEY_PUBLIC_KEYS is required when LATCHKEY_ENV=production "
+                "(run `latchkey keys generate --out PATH` and set the printed key set)"
+            )
+        from app.secrets.keyring import KeyringError, PublicKeySet
+
+        try:
+            keys = PublicKeySet.parse(self.public_keys)
+        except KeyringError as exc:
+            raise ConfigError(f"LATCHKEY_PUBLIC_KEYS is invalid: {exc}") from None
+        if keys.has_dev_keys:
+            raise ConfigError("LATCHKEY_PUBLIC_KEYS contains development keys; generate production keys")
+
+    def check_worker(self) -> None:
+        """Refuse to run a production worker without its keyring (or with dev keys)."""
+        if not self.is_production:
+            return
+        if self.private_keys_file is None:
+            raise ConfigError("LATCHKEY_PRIVATE_KEYS_FILE is required for a worker when LATCHKEY_ENV=production")
+        from app.secrets.keyring import Keyring, KeyringError
+
+        try:
+            ring = Keyring.load(self.private_keys_file)
+        except KeyringError as exc:
+            raise ConfigError(f"LATCHKEY_PRIVATE_KEYS_FILE: {exc}") from None
+        if ring.has_dev_keys:
+            raise ConfigError("LATCHKEY_PRIVATE_KEYS_FILE holds development keys; generate production keys")
+
+
+def _read_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}_FILE: cannot read {path}: {exc.strerror}") from None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from ``LATCHKEY_*`` variables (and ``_FILE`` variants), then overrides."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        file_key = key + "_FILE"
+        if name in SECRET_SETTINGS and environ.get(file_key):
+            if environ.get(key):
+                raise ConfigError(f"set only one of {key} and {file_key}")
+            raw[name] = _read_file(name, environ[file_key])
+        elif key in environ and environ[key] != "":
+            raw[name] = environ[key]
+    raw.update(overrides)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        raise ConfigError(f"{field}: {err['msg']}") from None

@@ -1,0 +1,94 @@
+"""Resources that reference secrets: providers, MCP servers, agents."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, UTCDateTime, new_id
+
+
+class Provider(Base):
+    __tablename__ = "providers"
+    __table_args__ = (
+        UniqueConstraint("org_id", "name"),
+        UniqueConstraint("org_id", "id"),
+        ForeignKeyConstraint(["org_id", "secret_ref"], ["secrets.org_id", "secrets.id"]),
+        Index("ix_providers_org_id_secret_ref", "org_id", "secret_ref"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
+    name: Mapped[str] = mapped_column(String(128))
+    provider_type: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secret_ref: Mapped[str] = mapped_column(String(36))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+
+class McpServer(Base):
+    __tablename__ = "mcp_servers"
+    __table_args__ = (
+        UniqueConstraint("org_id", "id"),
+        ForeignKeyConstraint(["org_id", "secret_ref"], ["secrets.org_id", "secrets.id"]),
+        Index("ix_mcp_servers_org_id_secret_ref", "org_id", "secret_ref"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    transport: Mapped[str] = mapped_column(String(32), default="streamable_http", server_default="streamable_http")
+    secret_ref: Mapped[str | None] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    status_error_code: Mapped[str | None] = mapped_column(String(64))
+    status_error_message: Mapped[str | None] = mapped_column(String(1000))
+    validated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    tool_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    # Legacy raw bearer token (revision 0001); moved into a secret by the backfill.
+    token: Mapped[str | None] = mapped_column(Text)
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+    __table_args__ = (
+        UniqueConstraint("org_id", "id"),
+        ForeignKeyConstraint(["org_id", "provider_id"], ["providers.org_id", "providers.id"]),
+        Index("ix_agents_org_id_provider_id", "org_id", "provider_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    provider_id: Mapped[str | None] = mapped_column(String(36))
+    model_id: Mapped[str | None] = mapped_column(String(200))
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    # Legacy (revision 0001): "{kind}/{model_id}" and a legacy secret holding the provider key.
+    model: Mapped[str | None] = mapped_column(String(200))
+    secret_ref: Mapped[str | None] = mapped_column(String(36))

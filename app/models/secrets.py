@@ -1,0 +1,42 @@
+"""Managed secrets: sealed ciphertext bound to (org, id, version), never plaintext."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, UTCDateTime, new_id
+
+
+class Secret(Base):
+    __tablename__ = "secrets"
+    __table_args__ = (
+        UniqueConstraint("org_id", "name"),
+        # The target of every composite foreign key (org_id, secret_ref): a reference
+        # can only point at a secret of its own org.
+        UniqueConstraint("org_id", "id"),
+        CheckConstraint(
+            "(ciphertext IS NOT NULL AND key_id IS NOT NULL AND name IS NOT NULL) OR value IS NOT NULL",
+            name="sealed_or_legacy",
+        ),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
+    name: Mapped[str | None] = mapped_column(String(128))
+    description: Mapped[str | None] = mapped_column(String(1000))
+    ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    value_hint: Mapped[str | None] = mapped_column(String(8))
+    allowed_hosts: Mapped[list[str] | None] = mapped_column(JSON)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Legacy plaintext (revision 0001). Emptied by the backfill, dropped by the contract migration.
+    value: Mapped[str | None] = mapped_column(Text)
