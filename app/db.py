@@ -71,7 +71,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine with the per-backend settings Latchkey relies on."""
     if url.startswith("sqlite"):
-        kwargs.setdefault("connect_args", {"timeout": 15})
+        # isolation_level=None stops pysqlite's own implicit BEGIN; we issue BEGIN IMMEDIATE
+        # below so concurrent writers queue on the lock instead of failing mid-transaction.
+        kwargs.setdefault("connect_args", {"timeout": 15, "isolation_level": None})
         engine = create_engine(url, **kwargs)
 
         @event.listens_for(engine, "connect")
@@ -79,9 +81,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur = dbapi_conn.cursor()
             # Foreign keys are what keep cross-org references out; SQLite needs them switched on.
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
+            if ":memory:" not in url and url not in ("sqlite://", "sqlite:///"):
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=15000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):

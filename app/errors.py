@@ -24,6 +24,10 @@ class BadRequestError(LatchkeyError):
     status, code, title = 400, "bad_request", "Bad request"
 
 
+class InvalidJsonError(BadRequestError):
+    code, title = "invalid_json", "Malformed JSON"
+
+
 class InvalidCursorError(BadRequestError):
     code, title = "invalid_cursor", "Invalid pagination cursor"
 

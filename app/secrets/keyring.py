@@ -182,7 +182,9 @@ class PublicKeySet:
                 raw = _unb64_key(entry["public_key"], f"key {kid}: public_key")
                 pub = X25519PublicKey.from_public_bytes(raw)
                 _check_public_key(pub, kid)
-                keys.append(PublicKey(kid, _parse_time(entry["created_at"], kid), pub, entry["dev"]))
+                keys.append(
+                    PublicKey(kid, _parse_time(entry["created_at"], kid), pub, entry["dev"])
+                )
             return cls(keys)
         except KeyringError as exc:
             raise KeyringError(f"public key set: {exc}") from None
@@ -295,8 +297,8 @@ class Keyring:
             raise KeyringError(f"keyring file not found: {p}") from None
         except OSError as exc:
             raise KeyringError(f"cannot open keyring file {p}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
+        try:
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise KeyringError(f"keyring path is not a regular file: {p}")
             if st.st_mode & 0o077:
@@ -304,7 +306,12 @@ class Keyring:
                     f"keyring file {p} is accessible by group/others "
                     f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}"
                 )
-            data = fh.read()
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise KeyringError(f"cannot read keyring file {p}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -429,7 +436,10 @@ class Keyring:
         return any(e.dev for e in self._entries)
 
     def derive_key(self, purpose: str, length: int = 32) -> bytes:
-        """Deterministic worker-only key for ``purpose`` from the current private key (HKDF-SHA256)."""
+        """Deterministic worker-only key for ``purpose`` from the current key (HKDF-SHA256).
+
+        Every worker with the same keyring derives the same key; it changes on rotation.
+        """
         if not purpose:
             raise ValueError("purpose must be a non-empty string")
         cur = self._current

@@ -38,6 +38,9 @@ _TAG_LEN = 16  # AES-GCM tag
 _KID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
+# Accepted for ciphertexts because DB drivers may return bytea as memoryview.
+CiphertextBytes = bytes | bytearray | memoryview
+
 
 class SealingError(Exception):
     """Base class for sealing failures; messages never include plaintext or key bytes."""
@@ -121,11 +124,11 @@ def _seal(public_key: X25519PublicKey, kid: str, plaintext: bytes, context: byte
     return bytes([FORMAT_V1, len(kid_raw)]) + kid_raw + body
 
 
-def _parse(ciphertext: bytes | bytearray | memoryview) -> tuple[str, bytes]:
+def _parse(ciphertext: CiphertextBytes) -> tuple[str, bytes]:
     """Split an envelope into (kid, HPKE output); raises CiphertextError."""
     if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
         raise TypeError("ciphertext must be bytes")
-    data = bytes(ciphertext)  # DB drivers may hand back memoryview
+    data = bytes(ciphertext)
     if len(data) < 2:
         raise CiphertextError("ciphertext is truncated")
     if data[0] != FORMAT_V1:
@@ -161,11 +164,15 @@ def seal(keys: PublicKeySet, plaintext: bytes, context: bytes) -> Sealed:
 
 def open_sealed(
     keyring: Keyring,
-    ciphertext: bytes,
+    ciphertext: CiphertextBytes,
     context: bytes,
     expected_key_id: str | None = None,
 ) -> bytes:
-    """Open a stored envelope with the ring; raises CiphertextError (UnknownKeyIdError for a kid not in the ring)."""
+    """Open a stored envelope with the ring; raises CiphertextError on any failure.
+
+    A kid that is not in the ring raises ``UnknownKeyIdError`` (a ``CiphertextError`` with
+    ``.kid``), so callers can tell "key retired/missing" from tampering if they care to.
+    """
     kid, body = _parse(ciphertext)
     if expected_key_id is not None and kid != expected_key_id:
         raise CiphertextError(
@@ -194,7 +201,7 @@ def seal_to(public_key_raw: bytes, plaintext: bytes, context: bytes) -> bytes:
     return _seal(public_key, EPHEMERAL_KID, plaintext, context)
 
 
-def open_with(private_key: X25519PrivateKey, ciphertext: bytes, context: bytes) -> bytes:
+def open_with(private_key: X25519PrivateKey, ciphertext: CiphertextBytes, context: bytes) -> bytes:
     """Open a seal_to envelope with its one-request private key; raises CiphertextError."""
     kid, body = _parse(ciphertext)
     if kid != EPHEMERAL_KID:

@@ -1,0 +1,322 @@
+"""The thin edge: one decorator that parses, authenticates, calls, commits and renders.
+
+Every JSON route is declared with :func:`route`, which records the request and response
+models so the OpenAPI document is generated from the same declarations that validate
+requests (``app.api.openapi``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.context import Actor, RequestContext
+from app.db import Database, utcnow
+from app.errors import (
+    BadRequestError,
+    FieldError,
+    ForbiddenError,
+    IdempotencyInProgressError,
+    IdempotencyKeyReusedError,
+    InvalidJsonError,
+    LatchkeyError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    ValidationFailedError,
+)
+from app.identity import service as identity
+from app.models import IdempotencyKey, User
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+@dataclass
+class RouteSpec:
+    """What the OpenAPI generator needs to know about one operation."""
+
+    rule: str
+    method: str
+    endpoint: str
+    summary: str
+    tags: list[str]
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int
+    auth: str
+    errors: list[int] = field(default_factory=list)
+    idempotent: bool = False
+    headers: list[str] = field(default_factory=list)
+
+
+ROUTES: list[RouteSpec] = []
+
+
+# Request-scoped resources ----------------------------------------------------------------
+
+
+def current_db() -> Database:
+    db: Database = current_app.extensions["latchkey.db"]
+    return db
+
+
+def session() -> Session:
+    """The request's session (one unit of work), opened on first use."""
+    if "db_session" not in g:
+        factory = current_db().sessionmaker
+        assert factory is not None
+        g.db_session = factory()
+    s: Session = g.db_session
+    return s
+
+
+def close_session(_exc: BaseException | None = None) -> None:
+    s: Session | None = g.pop("db_session", None)
+    if s is not None:
+        s.rollback()
+        s.close()
+
+
+def request_context() -> RequestContext:
+    user: User | None = g.get("user")
+    actor = Actor("user", user.id, user.is_operator) if user else Actor("anonymous")
+    return RequestContext(actor=actor, request_id=g.get("request_id"), ip=request.remote_addr)
+
+
+def current_user() -> User:
+    user: User | None = g.get("user")
+    if user is None:
+        raise UnauthorizedError()
+    return user
+
+
+def authenticate() -> User:
+    """Resolve the caller from ``Authorization: Bearer <token>``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise UnauthorizedError("send an API token as 'Authorization: Bearer <token>'")
+    user, _token = identity.authenticate_token(session(), credential.strip())
+    g.user = user
+    return user
+
+
+# Parsing ---------------------------------------------------------------------------------
+
+
+def _field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+    out = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        out.append(FieldError(prefix + loc, message))
+    return out
+
+
+def parse_json_body(model: type[BaseModel]) -> BaseModel:
+    """Strictly parse the JSON body: wrong types and unknown fields are 422, never coerced."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaTypeError("send the body as application/json")
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidJsonError("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationFailedError.single("body", "must be a JSON object")
+    try:
+        # JSON mode: strict types, but ISO-8601 strings are accepted for datetimes.
+        return model.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise ValidationFailedError(_field_errors(exc)) from None
+
+
+def parse_query(model: type[BaseModel]) -> BaseModel:
+    args: dict[str, Any] = {}
+    for key in request.args:
+        values = request.args.getlist(key)
+        args[key] = values[0] if len(values) == 1 else values
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        raise ValidationFailedError(_field_errors(exc, "query.")) from None
+
+
+# Idempotency -----------------------------------------------------------------------------
+
+
+def _request_hmac() -> str:
+    key = current_app.config["LATCHKEY_IDEMPOTENCY_KEY"]
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    mac.update(request.method.encode() + b" " + request.path.encode() + b"\n")
+    mac.update(request.get_data(cache=True))
+    return mac.hexdigest()
+
+
+def _replay(record: IdempotencyKey, digest: str) -> Response:
+    if not hmac.compare_digest(record.request_hmac, digest):
+        raise IdempotencyKeyReusedError(
+            [FieldError("Idempotency-Key", "was already used with a different request")]
+        )
+    resp = json_response(record.response_body, record.status_code)
+    resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+def _find_idempotency(s: Session, user: User, key: str) -> IdempotencyKey | None:
+    return s.scalar(
+        select(IdempotencyKey).where(
+            IdempotencyKey.user_id == user.id, IdempotencyKey.key == key, IdempotencyKey.expires_at > utcnow()
+        )
+    )
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise BadRequestError(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
+    return key
+
+
+# Responses -------------------------------------------------------------------------------
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    resp = current_app.response_class(
+        json.dumps(payload, separators=(",", ":"), ensure_ascii=False), status=status, mimetype="application/json"
+    )
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+@dataclass
+class Result:
+    """A handler's answer: a model (or plain data), an optional status and headers."""
+
+    body: Any
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _dump(body: Any) -> Any:
+    if isinstance(body, BaseModel):
+        return body.model_dump(mode="json")
+    return body
+
+
+# The decorator ---------------------------------------------------------------------------
+
+
+def route(
+    bp: Blueprint,
+    rule: str,
+    method: str,
+    *,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    response: type[BaseModel] | None = None,
+    status: int = 200,
+    auth: str = "user",
+    tags: list[str] | None = None,
+    errors: list[int] | None = None,
+    idempotent: bool = False,
+    headers: list[str] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a JSON endpoint. ``auth`` is ``"user"``, ``"operator"`` or ``"none"``.
+
+    The handler receives the path parameters, then ``body=`` and ``query=`` when declared,
+    and returns a model, plain data, a :class:`Result` or ``None`` (204).
+    """
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        summary = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+        prefix = bp.url_prefix or ""
+        ROUTES.append(
+            RouteSpec(
+                rule=prefix + rule, method=method.lower(), endpoint=f"{bp.name}.{fn.__name__}", summary=summary,
+                tags=tags or [], body=body, query=query, response=response, status=status, auth=auth,
+                errors=errors or [], idempotent=idempotent, headers=headers or [],
+            )
+        )
+
+        @functools.wraps(fn)
+        def view(**path: Any) -> Response:
+            s = session()
+            try:
+                if auth in ("user", "operator"):
+                    user = authenticate()
+                    if auth == "operator" and not user.is_operator:
+                        raise ForbiddenError("this action is for instance operators")
+                kwargs: dict[str, Any] = dict(path)
+                if query is not None:
+                    kwargs["query"] = parse_query(query)
+                if body is not None:
+                    kwargs["body"] = parse_json_body(body)
+                idem_key = _idempotency_key() if idempotent and auth != "none" else None
+                digest = _request_hmac() if idem_key else ""
+                if idem_key:
+                    existing = _find_idempotency(s, current_user(), idem_key)
+                    if existing is not None:
+                        return _replay(existing, digest)
+                out = fn(**kwargs)
+                if out is None:
+                    resp = current_app.response_class(status=204)
+                else:
+                    result = out if isinstance(out, Result) else Result(out)
+                    payload = _dump(result.body)
+                    code = result.status or status
+                    if idem_key:
+                        _remember(s, idem_key, digest, code, payload)
+                    resp = json_response(payload, code, result.headers)
+                s.commit()
+                return resp
+            except IntegrityError:
+                s.rollback()
+                if idem_key_in_flight := (idempotent and request.headers.get("Idempotency-Key")):
+                    # A concurrent request with the same key won the insert: answer with its result.
+                    existing = _find_idempotency(s, current_user(), idem_key_in_flight)
+                    if existing is not None:
+                        return _replay(existing, _request_hmac())
+                    raise IdempotencyInProgressError() from None
+                raise
+            except LatchkeyError:
+                s.rollback()
+                raise
+
+        bp.add_url_rule(rule, fn.__name__, view, methods=[method.upper()])
+        return view
+
+    return decorator
+
+
+def _remember(s: Session, key: str, digest: str, status_code: int, payload: Any) -> None:
+    user = current_user()
+    ttl = timedelta(seconds=current_app.config["LATCHKEY_SETTINGS"].idempotency_ttl_seconds)
+    now = utcnow()
+    # Expired keys of this user are dropped here, so the table stays bounded without a sweeper.
+    s.execute(delete(IdempotencyKey).where(IdempotencyKey.user_id == user.id, IdempotencyKey.expires_at <= now))
+    s.add(
+        IdempotencyKey(
+            user_id=user.id, key=key, request_hmac=digest, status_code=status_code, response_body=payload,
+            expires_at=now + ttl,
+        )
+    )
+    s.flush()

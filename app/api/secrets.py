@@ -1,0 +1,104 @@
+"""Secrets: metadata for any member; create, edit, delete for org admins."""
+
+from __future__ import annotations
+
+from flask import current_app, request
+
+from app.api import bp
+from app.errors import ServiceUnavailableError
+from app.api.framework import Result, current_user, request_context, route, session
+from app.api.schemas import ListQuery, SecretCreate, SecretList, SecretOut, SecretUpdate, SecretUserOut
+from app.identity import service as identity
+from app.models import Secret
+from app.secrets import service as secrets
+from app.secrets.keyring import PublicKeySet
+from app.secrets.service import SecretUser
+
+TAGS = ["secrets"]
+
+
+def _keys() -> PublicKeySet:
+    keys: PublicKeySet | None = current_app.extensions["latchkey.public_keys"]
+    if keys is None:
+        raise ServiceUnavailableError("sealing keys are not configured (set LATCHKEY_PUBLIC_KEYS)")
+    return keys
+
+
+def secret_out(secret: Secret, users: list[SecretUser]) -> SecretOut:
+    assert secret.name is not None
+    return SecretOut(
+        id=secret.id,
+        name=secret.name,
+        description=secret.description,
+        version=secret.version,
+        value_hint=secret.value_hint,
+        allowed_hosts=secret.allowed_hosts or [],
+        created_at=secret.created_at,
+        updated_at=secret.updated_at,
+        rotated_at=secret.rotated_at,
+        created_by=secret.created_by,
+        updated_by=secret.updated_by,
+        used_by=[SecretUserOut(**u.as_dict()) for u in users],
+    )
+
+
+def _etag(secret: Secret) -> dict[str, str]:
+    return {"ETag": f'"{secret.version}"'}
+
+
+@route(bp, "/orgs/<org>/secrets", "GET", query=ListQuery, response=SecretList, tags=TAGS, errors=[401, 404])
+def list_secrets(org: str, query: ListQuery) -> SecretList:
+    """List the org's secrets (metadata only, never values)."""
+    access = identity.org_access(session(), current_user(), org)
+    page = secrets.list_secrets(session(), access.org, limit=query.limit, cursor=query.cursor)
+    users = secrets.used_by(session(), access.org.id, [s.id for s in page.items])
+    return SecretList(items=[secret_out(s, users.get(s.id, [])) for s in page.items], next_cursor=page.next_cursor)
+
+
+@route(
+    bp, "/orgs/<org>/secrets", "POST", body=SecretCreate, response=SecretOut, status=201, tags=TAGS,
+    errors=[401, 403, 404, 409, 422], idempotent=True,
+)
+def create_secret(org: str, body: SecretCreate) -> Result:
+    """Create a secret (org admin). The value is sealed at once and never returned."""
+    access = identity.org_access(session(), current_user(), org)
+    access.require_admin()
+    secret = secrets.create_secret(
+        session(), request_context(), access.org, _keys(),
+        name=body.name, value=body.value, description=body.description, allowed_hosts=body.allowed_hosts,
+    )
+    return Result(secret_out(secret, []), 201, _etag(secret))
+
+
+@route(bp, "/orgs/<org>/secrets/<secret_id>", "GET", response=SecretOut, tags=TAGS, errors=[401, 404])
+def get_secret(org: str, secret_id: str) -> Result:
+    """Get a secret's metadata; the ETag is its version."""
+    access = identity.org_access(session(), current_user(), org)
+    secret = secrets.get_secret(session(), access.org, secret_id)
+    users = secrets.used_by(session(), access.org.id, [secret.id]).get(secret.id, [])
+    return Result(secret_out(secret, users), headers=_etag(secret))
+
+
+@route(
+    bp, "/orgs/<org>/secrets/<secret_id>", "PATCH", body=SecretUpdate, response=SecretOut, tags=TAGS,
+    errors=[401, 403, 404, 409, 412, 422], headers=["If-Match"],
+)
+def update_secret(org: str, secret_id: str, body: SecretUpdate) -> Result:
+    """Edit a secret (org admin); a new value bumps the version. Honours If-Match."""
+    access = identity.org_access(session(), current_user(), org)
+    access.require_admin()
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    secret = secrets.update_secret(
+        session(), request_context(), access.org, _keys(), secret_id, changes,
+        if_match=secrets.parse_if_match(request.headers.get("If-Match")),
+    )
+    users = secrets.used_by(session(), access.org.id, [secret.id]).get(secret.id, [])
+    return Result(secret_out(secret, users), headers=_etag(secret))
+
+
+@route(bp, "/orgs/<org>/secrets/<secret_id>", "DELETE", status=204, tags=TAGS, errors=[401, 403, 404, 409])
+def delete_secret(org: str, secret_id: str) -> None:
+    """Delete a secret (org admin); refused with 409 while anything references it."""
+    access = identity.org_access(session(), current_user(), org)
+    access.require_admin()
+    secrets.delete_secret(session(), request_context(), access.org, secret_id)

@@ -1,0 +1,128 @@
+"""``latchkey dev``: the whole platform in one process on embedded defaults.
+
+SQLite file database, an in-process Redis-protocol server (fakeredis) as broker and cache,
+a Celery worker thread, development sealing keys under ``instance/``, and a seeded demo
+org whose admin login and API token are printed. Nothing here is for production: the
+keys are marked as development keys and a production process refuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.config import DEV_SECRET_KEY_PREFIX, Environment, Settings, load_settings
+from app.context import RequestContext, cli_context
+from app.db import Database, utcnow
+
+DEMO_ORG = "demo"
+DEMO_ADMIN = "admin@demo.local"
+
+
+def _dev_secret_key(instance: Path) -> str:
+    path = instance / "dev-secret-key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(DEV_SECRET_KEY_PREFIX + _random.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _dev_keyring(instance: Path) -> tuple[Path, str]:
+    from app.secrets.keyring import Keyring
+
+    path = instance / "dev-keyring.json"
+    if not path.exists():
+        Keyring.generate(dev=True).write(path)
+    return path, Keyring.load(path).public_set().dumps()
+
+
+def start_embedded_redis() -> str:
+    """Start fakeredis's TCP server on a free loopback port; returns its URL."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0))
+    # Without daemon threads the broker's long-lived client connections keep the process alive on exit.
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True).start()
+    return f"redis://127.0.0.1:{server.server_address[1]}/0"
+
+
+def dev_settings(instance: Path, redis_url: str) -> Settings:
+    ring_path, public_keys = _dev_keyring(instance)
+    env = {
+        "LATCHKEY_ENV": Environment.DEVELOPMENT.value,
+        "LATCHKEY_DATABASE_URL": f"sqlite:///{instance.resolve() / 'latchkey.db'}",
+        "LATCHKEY_REDIS_URL": redis_url,
+        "LATCHKEY_SECRET_KEY": _dev_secret_key(instance),
+        "LATCHKEY_PUBLIC_KEYS": public_keys,
+        "LATCHKEY_PRIVATE_KEYS_FILE": str(ring_path.resolve()),
+        # Local MCP servers and model stand-ins live on loopback and plain http in development.
+        "LATCHKEY_EGRESS_ALLOW_PRIVATE": "true",
+        "LATCHKEY_EGRESS_ALLOW_HTTP_HOSTS": "127.0.0.1,localhost",
+    }
+    # Exported too, so anything in this process that reads settings sees the same ones.
+    os.environ.update(env)
+    return load_settings(env)
+
+
+def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
+    """Ensure the demo org and its admin; reset the admin password and mint a fresh token."""
+    from app.identity import service as identity
+    from app.models import ApiToken, Org, User
+
+    password = _random.token_urlsafe(12)
+    with db.session() as s:
+        org = s.scalar(select(Org).where(Org.slug == DEMO_ORG)) or identity.create_org(s, ctx, DEMO_ORG, "Demo")
+        user = s.scalar(select(User).where(User.email == DEMO_ADMIN))
+        if user is None:
+            user = identity.create_user(s, ctx, DEMO_ADMIN, password)
+        else:
+            identity.set_password(s, ctx, user, password)
+        identity.add_member(s, ctx, org, user, "admin")
+        # One live dev token at a time: earlier ones printed by previous runs are revoked.
+        for old in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == "dev")):
+            if old.revoked_at is None:
+                old.revoked_at = utcnow()
+        _tok, raw = identity.create_token(s, ctx, user, "dev")
+    return password, raw
+
+
+def start_worker_thread(settings: Settings) -> None:
+    from app.tasks import make_celery
+
+    celery = make_celery(settings)
+    worker = celery.Worker(pool="threads", concurrency=2, redirect_stdouts=False, loglevel="WARNING", quiet=True)
+    threading.Thread(target=worker.start, name="celery-worker", daemon=True).start()
+
+
+def run(host: str = "127.0.0.1", port: int = 5080, instance_dir: Path = Path("instance")) -> None:
+    from app import migrate
+    from app.factory import create_app
+
+    instance_dir.mkdir(parents=True, exist_ok=True)
+    settings = dev_settings(instance_dir, start_embedded_redis())
+    migrate.upgrade(settings.database_url)
+    db = Database()
+    db.configure(settings.database_url)
+    password, token = seed(db, cli_context())
+    db.dispose()
+    start_worker_thread(settings)
+    app = create_app(settings)
+    base = f"http://{host}:{port}"
+    print(
+        "\nLatchkey is running on embedded defaults (development only)\n"
+        f"  URL:     {base}/\n"
+        f"  API:     {base}/api/v1   (OpenAPI: {base}/api/v1/openapi.json)\n"
+        f"  Login:   {DEMO_ADMIN}  password: {password}\n"
+        f"  Token:   {token}\n"
+        f"  Org:     {DEMO_ORG} (you are its admin)\n"
+        f"  Data:    {instance_dir.resolve()} (SQLite database, development keys)\n\n"
+        f"  Try:     curl -H 'Authorization: Bearer {token}' {base}/api/v1/orgs/{DEMO_ORG}/secrets\n",
+        flush=True,
+    )
+    app.run(host=host, port=port, use_reloader=False, threaded=True)

@@ -1,0 +1,82 @@
+"""``create_app()``: builds the web process (API and, later, UI) from settings."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.config import Settings, load_settings
+from app.db import Database, random_token
+from app.logs import configure_logging
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
+    """Build the Flask app; in production, refuse to start without the web tier's keys."""
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = load_settings(**(config or {}))
+    settings.check_web()
+    configure_logging(settings.log_level)
+
+    app = Flask(__name__, instance_path=os.path.abspath("instance"))
+    app.config["LATCHKEY_SETTINGS"] = settings
+    secret_key = settings.secret_key.get_secret_value() if settings.secret_key else random_token()
+    app.config["SECRET_KEY"] = secret_key
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    # Keyed so a stored idempotency record cannot be used to test guesses of a request body.
+    app.config["LATCHKEY_IDEMPOTENCY_KEY"] = hmac.new(
+        secret_key.encode(), b"latchkey/idempotency/v1", hashlib.sha256
+    ).digest()
+    if settings.trusted_proxy_count:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxy_count, x_proto=settings.trusted_proxy_count
+        )
+
+    db = Database()
+    db.configure(settings.database_url)
+    app.extensions["latchkey.db"] = db
+    app.extensions["latchkey.public_keys"] = _public_keys(settings)
+
+    from app.api import bp as api_bp
+    from app.api import problems
+    from app.api.framework import close_session
+    from app.health import bp as health_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(health_bp)
+    problems.register(app)
+    app.teardown_appcontext(close_session)
+
+    @app.before_request
+    def _request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID_RE.match(incoming) else random_token(12)
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers["X-Request-ID"] = g.get("request_id", "")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.path.startswith("/api/"):
+            # API answers may describe secrets; no shared or browser cache should keep them.
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    return app
+
+
+def _public_keys(settings: Settings) -> Any:
+    if not settings.public_keys:
+        return None
+    from app.secrets.keyring import PublicKeySet
+
+    return PublicKeySet.parse(settings.public_keys)

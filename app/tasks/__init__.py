@@ -1,0 +1,57 @@
+"""The Celery app: ``celery -A app.tasks worker`` / ``celery -A app.tasks beat``.
+
+Task messages carry ids only (JSON serializer, never pickle), are acknowledged after the
+task finishes (``acks_late``) so a crashed worker's job is redelivered, and are bounded
+by time limits.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from app.config import ConfigError, Settings, load_settings
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    celery = Celery("latchkey", set_as_current=False)
+    celery.conf.update(
+        broker_url=settings.effective_broker_url,
+        # The result backend is internal plumbing; job state lives in the jobs table.
+        result_backend=settings.redis_url,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=300,
+        task_soft_time_limit=270,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+        task_default_queue="latchkey",
+    )
+    celery.conf["latchkey_settings"] = settings
+    return celery
+
+
+celery = make_celery()
+
+
+@signals.worker_init.connect
+def _check_worker_config(sender: Any = None, **_: Any) -> None:
+    # A production worker without its keyring (or with dev keys) must not start.
+    app = getattr(sender, "app", None)
+    settings = app.conf.get("latchkey_settings") if app is not None else None
+    if settings is not None:
+        try:
+            settings.check_worker()
+        except ConfigError as exc:
+            # Celery swallows exceptions raised by signal handlers; SystemExit is not swallowed.
+            sys.stderr.write(f"latchkey worker: {exc}\n")
+            raise SystemExit(2) from None
