@@ -292,7 +292,9 @@ class Keyring:
         p = Path(path)
         try:
             # fstat the descriptor we read from, so the checked file is the read file.
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # Symlinks are followed on purpose (mounted secrets are often symlinks); the
+            # mode check applies to the target.
+            fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
             raise KeyringError(f"keyring file not found: {p}") from None
         except OSError as exc:

@@ -158,6 +158,18 @@ def test_load_accepts_owner_read_only_file(tmp_path: Path) -> None:
     assert Keyring.load(path).current_kid == ring.current_kid
 
 
+def test_load_follows_a_symlink_and_checks_the_target_mode(tmp_path: Path) -> None:
+    target = tmp_path / "keyring.json"
+    ring = Keyring.generate()
+    ring.write(target)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert Keyring.load(link).current_kid == ring.current_kid
+    target.chmod(0o644)
+    with pytest.raises(KeyringError, match="chmod 600"):
+        Keyring.load(link)
+
+
 def test_write_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
     first, second = Keyring.generate(), Keyring.generate()

@@ -1,0 +1,81 @@
+"""Which database and Redis the tests use: the real services when reachable, else embedded ones.
+
+``LATCHKEY_TEST_DATABASE_URL`` / ``LATCHKEY_TEST_REDIS_URL`` pick them explicitly;
+``LATCHKEY_TEST_BACKEND=sqlite`` forces SQLite + fakeredis (the newcomer's machine).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import sqlalchemy as sa
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def forced_sqlite() -> bool:
+    return os.environ.get("LATCHKEY_TEST_BACKEND", "").lower() == "sqlite"
+
+
+def worker_suffix() -> str:
+    # pytest-xdist runs several sessions at once; each gets its own database.
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def fresh_postgres_database(name: str) -> str | None:
+    """Drop and create database ``name``; its URL, or None when PostgreSQL is not reachable."""
+    if forced_sqlite() or not _reachable(PG_HOST, PG_PORT):
+        return None
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{name}"
+
+
+def drop_postgres_database(name: str) -> None:
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def database_url(tmp_dir: Path) -> str:
+    explicit = os.environ.get("LATCHKEY_TEST_DATABASE_URL")
+    if explicit:
+        return explicit
+    pg = fresh_postgres_database(f"latchkey_test_{worker_suffix()}")
+    return pg or f"sqlite:///{tmp_dir / 'test.db'}"
+
+
+def redis_url() -> str:
+    explicit = os.environ.get("LATCHKEY_TEST_REDIS_URL")
+    if explicit:
+        return explicit
+    if not forced_sqlite() and _reachable(REDIS_HOST, REDIS_PORT):
+        db = 15 - (int(worker_suffix()[2:]) if worker_suffix().startswith("gw") else 0)
+        return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"redis://127.0.0.1:{server.server_address[1]}/0"

@@ -1,0 +1,145 @@
+"""Shared fixtures: a migrated database, Redis, an app, and factories for orgs and users."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import migrate
+from app.config import Settings, load_settings
+from app.db import Base, Database
+from app.factory import create_app
+from app.secrets.keyring import Keyring
+from tests import backends
+from tests.factories import Factory
+
+# Tables the tests never empty: Alembic's bookkeeping.
+KEEP = {"alembic_version"}
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("latchkey")
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_root: Path) -> str:
+    url = backends.database_url(tmp_root)
+    migrate.upgrade(url, "head")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return backends.redis_url()
+
+
+@pytest.fixture(scope="session")
+def keyring_path(tmp_root: Path) -> Path:
+    path = tmp_root / "keyring.json"
+    Keyring.generate().write(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keyring(keyring_path: Path) -> Keyring:
+    return Keyring.load(keyring_path)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, keyring: Keyring, keyring_path: Path) -> Settings:
+    return load_settings(
+        {},
+        env="test",
+        database_url=database_url,
+        redis_url=redis_url,
+        secret_key="test-secret-key-" + "x" * 32,
+        public_keys=keyring.public_set().dumps(),
+        private_keys_file=keyring_path,
+        log_level="DEBUG",
+    )
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> Iterator[Flask]:
+    application = create_app(settings)
+    yield application
+    application.extensions["latchkey.db"].dispose()
+
+
+@pytest.fixture(scope="session")
+def db(settings: Settings) -> Iterator[Database]:
+    database = Database()
+    database.configure(settings.database_url)
+    yield database
+    database.dispose()
+
+
+def _empty_tables(database: Database) -> None:
+    engine = database.engine
+    assert engine is not None
+    tables = [t for t in reversed(Base.metadata.sorted_tables) if t.name not in KEEP]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("TRUNCATE " + ", ".join(f'"{t.name}"' for t in tables) + " CASCADE"))
+        else:
+            for t in tables:
+                conn.execute(t.delete())
+
+
+@pytest.fixture(autouse=True)
+def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "db" in request.fixturenames or "app" in request.fixturenames:
+        _empty_tables(request.getfixturevalue("db"))
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def factory(db: Database, client: FlaskClient) -> Factory:
+    return Factory(db, client)
+
+
+@pytest.fixture
+def dialect(db: Database) -> str:
+    assert db.engine is not None
+    return db.engine.dialect.name
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[str]]:
+    """Every log line any logger emits during the test, formatted (for leak scans)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+            if record.exc_info:
+                lines.append(logging.Formatter().formatException(record.exc_info))
+
+    handler = Collect(level=logging.DEBUG)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield lines
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+def pytest_report_header(config: Any) -> list[str]:
+    return [
+        "latchkey backends: "
+        + ("SQLite + fakeredis (forced)" if backends.forced_sqlite() else "PostgreSQL/Redis when reachable, else SQLite/fakeredis")
+    ]
