@@ -32,6 +32,7 @@ from app.errors import (
     IdempotencyKeyReusedError,
     InvalidJsonError,
     LatchkeyError,
+    NotFoundError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
     ValidationFailedError,
@@ -40,6 +41,7 @@ from app.identity import service as identity
 from app.models import IdempotencyKey, User
 
 MAX_IDEMPOTENCY_KEY = 255
+MAX_PATH_PARAM = 200
 
 
 @dataclass
@@ -150,6 +152,8 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
     args: dict[str, Any] = {}
     for key in request.args:
         values = request.args.getlist(key)
+        if any("\x00" in v for v in values):
+            raise ValidationFailedError.single(f"query.{key}", "must not contain NUL characters")
         args[key] = values[0] if len(values) == 1 else values
     try:
         return model.model_validate(args)
@@ -261,6 +265,10 @@ def route(
         def view(**path: Any) -> Response:
             s = session()
             try:
+                for value in path.values():
+                    # Ids are short printable tokens; anything else cannot name a resource.
+                    if not (0 < len(value) <= MAX_PATH_PARAM and value.isprintable()):
+                        raise NotFoundError()
                 if auth in ("user", "operator"):
                     user = authenticate()
                     if auth == "operator" and not user.is_operator:

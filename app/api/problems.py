@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from app.errors import LatchkeyError, ValidationFailedError
@@ -79,6 +79,12 @@ def register(app: Flask) -> None:
         # Constraint violations that a service did not anticipate: never leak the SQL.
         log.warning("integrity error on %s %s", request.method, request.path)
         return problem(409, "conflict", "Conflict", "the change conflicts with existing data")
+
+    @app.errorhandler(DataError)
+    def _data(exc: DataError) -> Response:
+        # Input the database cannot store (e.g. NUL in text) that validation did not catch.
+        log.warning("data error on %s %s", request.method, request.path)
+        return problem(400, "bad_request", "Bad request", "a value in the request cannot be stored")
 
     @app.errorhandler(OperationalError)
     def _db_down(exc: OperationalError) -> Response:

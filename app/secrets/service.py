@@ -77,8 +77,10 @@ def validate_value(value: Any) -> str:
 def validate_description(description: Any) -> str | None:
     if description is None:
         return None
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
-        raise ValidationFailedError.single("description", f"must be text of at most {MAX_DESCRIPTION} characters")
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION or "\x00" in description:
+        raise ValidationFailedError.single(
+            "description", f"must be text of at most {MAX_DESCRIPTION} characters, without NUL"
+        )
     return description
 
 

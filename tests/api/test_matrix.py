@@ -1,0 +1,181 @@
+"""Tenancy and role matrices over every org-scoped endpoint.
+
+Another org's ids (or an org the caller is not in) answer 404; a member without the admin
+role gets 403 on admin-only actions and changes nothing; no token is 401. The table below
+must cover every declared route, so a new endpoint cannot skip the matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from app.api.framework import ROUTES
+from app.models import AuditEvent, Membership, Secret
+from tests.factories import Caller, Factory
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # {org}, {secret}, {user} are filled in per case
+    admin_only: bool
+    body: dict[str, Any] | None = None
+
+    @property
+    def rule(self) -> str:
+        return "/api/v1/" + self.path.replace("{org}", "<org>").replace("{secret}", "<secret_id>").replace(
+            "{user}", "<user_id>"
+        )
+
+
+ENDPOINTS = [
+    Endpoint("GET", "orgs/{org}/secrets", False),
+    Endpoint("POST", "orgs/{org}/secrets", True, {"name": "MATRIX_NEW", "value": "matrix-value"}),
+    Endpoint("GET", "orgs/{org}/secrets/{secret}", False),
+    Endpoint("PATCH", "orgs/{org}/secrets/{secret}", True, {"value": "changed-by-matrix"}),
+    Endpoint("DELETE", "orgs/{org}/secrets/{secret}", True),
+    Endpoint("GET", "orgs/{org}/audit-events", True),
+    Endpoint("GET", "orgs/{org}/members", False),
+    Endpoint("POST", "orgs/{org}/members", True, {"email": "{email}", "role": "member"}),
+    Endpoint("PATCH", "orgs/{org}/members/{user}", True, {"role": "admin"}),
+    Endpoint("DELETE", "orgs/{org}/members/{user}", True),
+]
+ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
+
+
+def test_matrix_covers_every_org_scoped_route() -> None:
+    declared = {(r.method.upper(), r.rule) for r in ROUTES if "<org>" in r.rule}
+    covered = {(e.method, e.rule) for e in ORG_SCOPED}
+    assert declared == covered
+
+
+@dataclass
+class World:
+    org: str
+    admin: Caller
+    member: Caller
+    secret: str
+    outsider_email: str
+    other_org: str
+    other_admin: Caller
+    other_secret: str
+    other_member_id: str
+
+
+@pytest.fixture
+def world(factory: Factory) -> World:
+    org, other = factory.org("home"), factory.org("away")
+    admin, member = factory.user(org, "admin"), factory.user(org, "member")
+    other_admin, other_member = factory.user(other, "admin"), factory.user(other, "member")
+    outsider = factory.user()
+    return World(
+        org=org, admin=admin, member=member, secret=factory.secret(admin, org, name="HOME")["id"],
+        outsider_email=outsider.email, other_org=other, other_admin=other_admin,
+        other_secret=factory.secret(other_admin, other, name="AWAY")["id"], other_member_id=other_member.user_id,
+    )
+
+
+def _call(caller: Caller, e: Endpoint, *, org: str, secret: str, user: str, email: str) -> Any:
+    path = e.path.format(org=org, secret=secret, user=user)
+    body = None
+    if e.body is not None:
+        body = {k: (v.format(email=email) if isinstance(v, str) else v) for k, v in e.body.items()}
+    return caller.request(e.method, path, json=body)
+
+
+def _snapshot(db: Any) -> tuple[int, ...]:
+    with db.session() as s:
+        return (
+            s.scalar(select(func.count()).select_from(Secret)) or 0,
+            s.scalar(select(func.max(Secret.version))) or 0,
+            s.scalar(select(func.count()).select_from(Membership)) or 0,
+            s.scalar(select(func.count()).select_from(AuditEvent)) or 0,
+        )
+
+
+@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
+    has_ids = "{secret}" in endpoint.path or "{user}" in endpoint.path
+    if has_ids:
+        # The caller's own org in the path, with the other org's resource ids.
+        before = _snapshot(db)
+        own_path = _call(world.admin, endpoint, org=world.org, secret=world.other_secret,
+                         user=world.other_member_id, email=world.outsider_email)
+        assert own_path.status_code == 404, own_path.get_json()
+        assert own_path.get_json()["code"] == "not_found"
+        assert _snapshot(db) == before
+    # The other org's slug: not a member, so the org itself does not exist for this caller.
+    before = _snapshot(db)
+    foreign = _call(world.admin, endpoint, org=world.other_org, secret=world.other_secret,
+                    user=world.other_member_id, email=world.outsider_email)
+    assert foreign.status_code == 404, foreign.get_json()
+    assert foreign.content_type == "application/problem+json"
+    assert _snapshot(db) == before
+
+
+@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if e.admin_only], ids=lambda e: f"{e.method} {e.path}")
+def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World, endpoint: Endpoint, db: Any) -> None:
+    before = _snapshot(db)
+    resp = _call(world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id,
+                 email=world.outsider_email)
+    assert resp.status_code == 403, resp.get_json()
+    assert resp.get_json()["code"] == "forbidden"
+    assert _snapshot(db) == before
+
+
+@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.admin_only], ids=lambda e: f"{e.method} {e.path}")
+def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> None:
+    resp = _call(world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id,
+                 email=world.outsider_email)
+    assert resp.status_code == 200, resp.get_json()
+
+
+@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint) -> None:
+    target_user = world.member.user_id
+    resp = _call(world.admin, endpoint, org=world.org, secret=world.secret, user=target_user,
+                 email=world.outsider_email)
+    assert resp.status_code in (200, 201, 204), resp.get_json()
+
+
+@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
+def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth: str | None, client: Any) -> None:
+    path = "/api/v1/" + endpoint.path.format(org=world.org, secret=world.secret, user=world.admin.user_id)
+    headers = {"Authorization": auth} if auth is not None else {}
+    resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)
+    assert resp.status_code == 401
+    assert resp.get_json()["code"] == "unauthorized"
+
+
+def test_revoked_and_expired_tokens_are_401(factory: Factory, db: Any, client: Any) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.models import ApiToken
+
+    org = factory.org()
+    caller = factory.user(org, "admin")
+    assert caller.get("me").status_code == 200
+    with db.session() as s:
+        tok = s.scalar(select(ApiToken).where(ApiToken.user_id == caller.user_id))
+        assert tok is not None and tok.last_used_at is not None
+        tok.expires_at = utcnow() - timedelta(seconds=1)
+    assert caller.get("me").status_code == 401
+    with db.session() as s:
+        tok = s.scalar(select(ApiToken).where(ApiToken.user_id == caller.user_id))
+        assert tok is not None
+        tok.expires_at = None
+        tok.revoked_at = utcnow()
+    assert caller.get("me").status_code == 401
+
+
+def test_tokens_of_another_user_are_404(factory: Factory) -> None:
+    a, b = factory.user(), factory.user()
+    b_tokens = b.get("me/tokens").get_json()["items"]
+    assert a.delete(f"me/tokens/{b_tokens[0]['id']}").status_code == 404
+    assert b.get("me").status_code == 200
