@@ -21,7 +21,7 @@ ENV_PREFIX = "LATCHKEY_"
 SECRET_SETTINGS = frozenset({"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url"})
 
 # The session key `latchkey dev` writes; production refuses it.
-DEV_SECRET_KEY_PREFIX = "dev-insecure-"
+DEV_SECRET_KEY_PREFIX = "dev-insecure-"  # noqa: S105 - a marker, not a key
 
 
 class Environment(StrEnum):

@@ -20,10 +20,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     """Build the Flask app; in production, refuse to start without the web tier's keys."""
-    if isinstance(config, Settings):
-        settings = config
-    else:
-        settings = load_settings(**(config or {}))
+    settings = config if isinstance(config, Settings) else load_settings(**(config or {}))
     settings.check_web()
     configure_logging(settings.log_level)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, current_app
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import text
 
 from app.api.framework import current_db, json_response
@@ -35,7 +35,9 @@ def _check_db() -> bool:
 def _check_broker() -> bool:
     url = current_app.config["LATCHKEY_SETTINGS"].effective_broker_url
     try:
-        with Connection(url, connect_timeout=2, transport_options={"socket_timeout": 2}) as conn:
+        with Connection(  # type: ignore[no-untyped-call]
+            url, connect_timeout=2, transport_options={"socket_timeout": 2}
+        ) as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         return True
     except Exception as exc:  # any transport error means "not ready"; logged, never shown

@@ -141,5 +141,9 @@ def captured_logs() -> Iterator[list[str]]:
 def pytest_report_header(config: Any) -> list[str]:
     return [
         "latchkey backends: "
-        + ("SQLite + fakeredis (forced)" if backends.forced_sqlite() else "PostgreSQL/Redis when reachable, else SQLite/fakeredis")
+        + (
+            "SQLite + fakeredis (forced)"
+            if backends.forced_sqlite()
+            else "PostgreSQL/Redis when reachable, else SQLite/fakeredis"
+        )
     ]

@@ -29,8 +29,9 @@ class Caller:
     def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", **(extra or {})}
 
-    def request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None,
-                **kw: Any) -> TestResponse:
+    def request(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None, **kw: Any
+    ) -> TestResponse:
         url = path if path.startswith("/") else f"/api/v1/{path}"
         return self.client.open(url, method=method, json=json, headers=self.headers(headers), **kw)
 
@@ -58,8 +59,9 @@ class Factory:
             identity.create_org(s, CTX, slug, slug.title())
         return slug
 
-    def user(self, org: str | None = None, role: str = "admin", *, operator: bool = False,
-             password: str | None = None) -> Caller:
+    def user(
+        self, org: str | None = None, role: str = "admin", *, operator: bool = False, password: str | None = None
+    ) -> Caller:
         email = f"user{next(_seq)}@example.test"
         with self.db.session() as s:
             user = identity.create_user(s, CTX, email, password, operator=operator)
@@ -69,10 +71,12 @@ class Factory:
             user_id = user.id
         return Caller(self.client, raw, user_id, email)
 
-    def secret(self, caller: Caller, org: str, name: str | None = None, value: str = "s3cret-value-for-tests",
-               **fields: Any) -> dict[str, Any]:
-        resp = caller.post(f"orgs/{org}/secrets", json={"name": name or f"SECRET_{next(_seq)}", "value": value,
-                                                         **fields})
+    def secret(
+        self, caller: Caller, org: str, name: str | None = None, value: str = "s3cret-value-for-tests", **fields: Any
+    ) -> dict[str, Any]:
+        resp = caller.post(
+            f"orgs/{org}/secrets", json={"name": name or f"SECRET_{next(_seq)}", "value": value, **fields}
+        )
         assert resp.status_code == 201, resp.get_json()
         body: dict[str, Any] = resp.get_json()
         return body

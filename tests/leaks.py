@@ -58,9 +58,21 @@ def dump_database(engine: sa.Engine) -> list[tuple[str, str]]:
     if engine.dialect.name == "postgresql" and shutil.which("pg_dump"):
         url = engine.url
         dump = subprocess.run(
-            ["pg_dump", "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "postgres",
-             "--data-only", url.database or ""],
-            capture_output=True, text=True, check=True, timeout=60,
+            [
+                "pg_dump",
+                "-h",
+                url.host or "127.0.0.1",
+                "-p",
+                str(url.port or 5432),
+                "-U",
+                url.username or "postgres",
+                "--data-only",
+                url.database or "",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         )
         out.append(("pg_dump", dump.stdout))
     return out

@@ -28,12 +28,20 @@ def _org_id(db: Any, slug: str) -> str:
         return s.scalars(select(Org.id).where(Org.slug == slug)).one()
 
 
-def test_secret_mutations_are_audited_with_actor_request_and_no_value(admin: Caller, org: str, factory: Factory) -> None:
-    resp = admin.post(f"orgs/{org}/secrets", json={"name": "AUD", "value": "audit-value-xyz"},
-                      headers={"X-Request-ID": "req-create-1"})
+def test_secret_mutations_are_audited_with_actor_request_and_no_value(
+    admin: Caller, org: str, factory: Factory
+) -> None:
+    resp = admin.post(
+        f"orgs/{org}/secrets",
+        json={"name": "AUD", "value": "audit-value-xyz"},
+        headers={"X-Request-ID": "req-create-1"},
+    )
     sid = resp.get_json()["id"]
-    admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "audit-value-2", "description": "d"},
-                headers={"X-Request-ID": "req-update-1"})
+    admin.patch(
+        f"orgs/{org}/secrets/{sid}",
+        json={"value": "audit-value-2", "description": "d"},
+        headers={"X-Request-ID": "req-update-1"},
+    )
     admin.delete(f"orgs/{org}/secrets/{sid}", headers={"X-Request-ID": "req-delete-1"})
 
     events = admin.get(f"orgs/{org}/audit-events?target_type=secret").get_json()["items"]
@@ -57,15 +65,21 @@ def test_membership_and_token_changes_are_audited(admin: Caller, org: str, facto
     assert admin.post(f"orgs/{org}/members", json={"email": newcomer.email, "role": "member"}).status_code == 201
     assert admin.patch(f"orgs/{org}/members/{newcomer.user_id}", json={"role": "admin"}).status_code == 200
     assert admin.delete(f"orgs/{org}/members/{newcomer.user_id}").status_code == 204
-    actions = [e["action"] for e in admin.get(f"orgs/{org}/audit-events?target_type=membership&target_id={newcomer.user_id}").get_json()["items"]]
+    actions = [
+        e["action"]
+        for e in admin.get(f"orgs/{org}/audit-events?target_type=membership&target_id={newcomer.user_id}").get_json()[
+            "items"
+        ]
+    ]
     assert actions == ["membership.delete", "membership.update", "membership.create"]
 
     created = admin.post("me/tokens", json={"name": "ci"})
     assert created.status_code == 201 and created.get_json()["token"].startswith("lk_")
     assert admin.delete(f"me/tokens/{created.get_json()['id']}").status_code == 204
     with db.session() as s:
-        token_events = s.scalars(select(AuditEvent).where(AuditEvent.target_type == "api_token")
-                                 .order_by(AuditEvent.seq)).all()
+        token_events = s.scalars(
+            select(AuditEvent).where(AuditEvent.target_type == "api_token").order_by(AuditEvent.seq)
+        ).all()
         assert [e.action for e in token_events][-2:] == ["token.create", "token.revoke"]
         assert all(e.chain == audit.INSTANCE_CHAIN for e in token_events)
         assert created.get_json()["token"] not in str([e.details for e in token_events])
@@ -102,8 +116,9 @@ def test_edited_event_is_detected(admin: Caller, org: str, factory: Factory, db:
     factory.secret(admin, org, name="E2")
     org_id = _org_id(db, org)
     with db.session() as s:
-        s.execute(update(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.seq == 2)
-                  .values(details={"name": "FORGED"}))
+        s.execute(
+            update(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.seq == 2).values(details={"name": "FORGED"})
+        )
     with db.session() as s:
         report = audit.verify_chain(s, org_id)
     assert not report.ok
@@ -133,7 +148,9 @@ def test_deleted_events_are_detected(admin: Caller, org: str, factory: Factory, 
         middle = audit.verify_chain(s, org_id)
     assert any("missing" in p for p in middle.problems)
     with db.session() as s:
-        last = s.scalars(select(AuditEvent.seq).where(AuditEvent.chain == org_id).order_by(AuditEvent.seq.desc())).first()
+        last = s.scalars(
+            select(AuditEvent.seq).where(AuditEvent.chain == org_id).order_by(AuditEvent.seq.desc())
+        ).first()
         s.execute(delete(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.seq == last))
     with db.session() as s:
         tail = audit.verify_chain(s, org_id)

@@ -15,7 +15,12 @@ from app.pagination import paginate
 
 
 @route(
-    bp, "/orgs/<org>/audit-events", "GET", query=AuditQuery, response=AuditEventList, tags=["audit"],
+    bp,
+    "/orgs/<org>/audit-events",
+    "GET",
+    query=AuditQuery,
+    response=AuditEventList,
+    tags=["audit"],
     errors=[401, 403, 404, 422],
 )
 def list_audit_events(org: str, query: AuditQuery) -> AuditEventList:
@@ -36,9 +41,17 @@ def list_audit_events(org: str, query: AuditQuery) -> AuditEventList:
     return AuditEventList(
         items=[
             AuditEventOut(
-                id=e.id, seq=e.seq, at=e.at, actor=Ref(type=e.actor_type, id=e.actor_id), action=e.action,
-                target=Ref(type=e.target_type, id=e.target_id), request_id=e.request_id, ip=e.ip,
-                details=e.details, hash=e.hash, prev_hash=e.prev_hash,
+                id=e.id,
+                seq=e.seq,
+                at=e.at,
+                actor=Ref(type=e.actor_type, id=e.actor_id),
+                action=e.action,
+                target=Ref(type=e.target_type, id=e.target_id),
+                request_id=e.request_id,
+                ip=e.ip,
+                details=e.details,
+                hash=e.hash,
+                prev_hash=e.prev_hash,
             )
             for e in page.items
         ],

@@ -174,9 +174,7 @@ def _request_hmac() -> str:
 
 def _replay(record: IdempotencyKey, digest: str) -> Response:
     if not hmac.compare_digest(record.request_hmac, digest):
-        raise IdempotencyKeyReusedError(
-            [FieldError("Idempotency-Key", "was already used with a different request")]
-        )
+        raise IdempotencyKeyReusedError([FieldError("Idempotency-Key", "was already used with a different request")])
     resp = json_response(record.response_body, record.status_code)
     resp.headers["Idempotent-Replayed"] = "true"
     return resp
@@ -255,9 +253,19 @@ def route(
         prefix = bp.url_prefix or ""
         ROUTES.append(
             RouteSpec(
-                rule=prefix + rule, method=method.lower(), endpoint=f"{bp.name}.{fn.__name__}", summary=summary,
-                tags=tags or [], body=body, query=query, response=response, status=status, auth=auth,
-                errors=errors or [], idempotent=idempotent, headers=headers or [],
+                rule=prefix + rule,
+                method=method.lower(),
+                endpoint=f"{bp.name}.{fn.__name__}",
+                summary=summary,
+                tags=tags or [],
+                body=body,
+                query=query,
+                response=response,
+                status=status,
+                auth=auth,
+                errors=errors or [],
+                idempotent=idempotent,
+                headers=headers or [],
             )
         )
 
@@ -323,7 +331,11 @@ def _remember(s: Session, key: str, digest: str, status_code: int, payload: Any)
     s.execute(delete(IdempotencyKey).where(IdempotencyKey.user_id == user.id, IdempotencyKey.expires_at <= now))
     s.add(
         IdempotencyKey(
-            user_id=user.id, key=key, request_hmac=digest, status_code=status_code, response_body=payload,
+            user_id=user.id,
+            key=key,
+            request_hmac=digest,
+            status_code=status_code,
+            response_body=payload,
             expires_at=now + ttl,
         )
     )

@@ -22,8 +22,13 @@ from app.models import ApiToken
 
 def _token_out(t: ApiToken) -> TokenOut:
     return TokenOut(
-        id=t.id, name=t.name, prefix=t.prefix, created_at=t.created_at, expires_at=t.expires_at,
-        last_used_at=t.last_used_at, revoked_at=t.revoked_at,
+        id=t.id,
+        name=t.name,
+        prefix=t.prefix,
+        created_at=t.created_at,
+        expires_at=t.expires_at,
+        last_used_at=t.last_used_at,
+        revoked_at=t.revoked_at,
     )
 
 
@@ -42,8 +47,15 @@ def list_tokens() -> TokenList:
 
 
 @route(
-    bp, "/me/tokens", "POST", body=TokenCreate, response=TokenCreated, status=201, tags=["identity"],
-    errors=[401, 422], idempotent=False,
+    bp,
+    "/me/tokens",
+    "POST",
+    body=TokenCreate,
+    response=TokenCreated,
+    status=201,
+    tags=["identity"],
+    errors=[401, 422],
+    idempotent=False,
 )
 def create_token(body: TokenCreate) -> Result:
     """Create an API token for the caller; the token is shown once, in this response."""
@@ -75,7 +87,13 @@ def list_members(org: str) -> MemberList:
 
 
 @route(
-    bp, "/orgs/<org>/members", "POST", body=MemberAdd, response=MemberOut, status=201, tags=["identity"],
+    bp,
+    "/orgs/<org>/members",
+    "POST",
+    body=MemberAdd,
+    response=MemberOut,
+    status=201,
+    tags=["identity"],
     errors=[401, 403, 404, 422],
 )
 def add_member(org: str, body: MemberAdd) -> Result:
@@ -88,7 +106,12 @@ def add_member(org: str, body: MemberAdd) -> Result:
 
 
 @route(
-    bp, "/orgs/<org>/members/<user_id>", "PATCH", body=MemberUpdate, response=MemberOut, tags=["identity"],
+    bp,
+    "/orgs/<org>/members/<user_id>",
+    "PATCH",
+    body=MemberUpdate,
+    response=MemberOut,
+    tags=["identity"],
     errors=[401, 403, 404, 409, 422],
 )
 def update_member(org: str, user_id: str, body: MemberUpdate) -> MemberOut:

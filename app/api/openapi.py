@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from apispec import APISpec
 from flask import current_app
@@ -38,8 +38,11 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 
-def _models(routes: list[RouteSpec]) -> list[tuple[type[BaseModel], str]]:
-    seen: dict[tuple[type[BaseModel], str], None] = {}
+Mode = Literal["validation", "serialization"]
+
+
+def _models(routes: list[RouteSpec]) -> list[tuple[type[BaseModel], Mode]]:
+    seen: dict[tuple[type[BaseModel], Mode], None] = {}
     for r in routes:
         if r.body:
             seen[(r.body, "validation")] = None
@@ -77,7 +80,14 @@ def build_spec(routes: list[RouteSpec] | None = None) -> dict[str, Any]:
             for name, prop in qschema.get("properties", {}).items():
                 params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
         if r.idempotent:
-            params.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}})
+            params.append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "maxLength": 255},
+                }
+            )
         for h in r.headers:
             params.append({"name": h, "in": "header", "required": False, "schema": {"type": "string"}})
         if params:

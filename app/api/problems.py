@@ -94,5 +94,5 @@ def register(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         # Logged with the request id for operators; the client sees no trace and no detail.
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
         return problem(500, "internal_error", "Internal error", "an unexpected error occurred")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import current_app, request
 
 from app.api import bp
-from app.errors import ServiceUnavailableError
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import ListQuery, SecretCreate, SecretList, SecretOut, SecretUpdate, SecretUserOut
+from app.errors import ServiceUnavailableError
 from app.identity import service as identity
 from app.models import Secret
 from app.secrets import service as secrets
@@ -56,16 +56,29 @@ def list_secrets(org: str, query: ListQuery) -> SecretList:
 
 
 @route(
-    bp, "/orgs/<org>/secrets", "POST", body=SecretCreate, response=SecretOut, status=201, tags=TAGS,
-    errors=[401, 403, 404, 409, 422], idempotent=True,
+    bp,
+    "/orgs/<org>/secrets",
+    "POST",
+    body=SecretCreate,
+    response=SecretOut,
+    status=201,
+    tags=TAGS,
+    errors=[401, 403, 404, 409, 422],
+    idempotent=True,
 )
 def create_secret(org: str, body: SecretCreate) -> Result:
     """Create a secret (org admin). The value is sealed at once and never returned."""
     access = identity.org_access(session(), current_user(), org)
     access.require_admin()
     secret = secrets.create_secret(
-        session(), request_context(), access.org, _keys(),
-        name=body.name, value=body.value, description=body.description, allowed_hosts=body.allowed_hosts,
+        session(),
+        request_context(),
+        access.org,
+        _keys(),
+        name=body.name,
+        value=body.value,
+        description=body.description,
+        allowed_hosts=body.allowed_hosts,
     )
     return Result(secret_out(secret, []), 201, _etag(secret))
 
@@ -80,8 +93,14 @@ def get_secret(org: str, secret_id: str) -> Result:
 
 
 @route(
-    bp, "/orgs/<org>/secrets/<secret_id>", "PATCH", body=SecretUpdate, response=SecretOut, tags=TAGS,
-    errors=[401, 403, 404, 409, 412, 422], headers=["If-Match"],
+    bp,
+    "/orgs/<org>/secrets/<secret_id>",
+    "PATCH",
+    body=SecretUpdate,
+    response=SecretOut,
+    tags=TAGS,
+    errors=[401, 403, 404, 409, 412, 422],
+    headers=["If-Match"],
 )
 def update_secret(org: str, secret_id: str, body: SecretUpdate) -> Result:
     """Edit a secret (org admin); a new value bumps the version. Honours If-Match."""
@@ -89,7 +108,12 @@ def update_secret(org: str, secret_id: str, body: SecretUpdate) -> Result:
     access.require_admin()
     changes = {name: getattr(body, name) for name in body.model_fields_set}
     secret = secrets.update_secret(
-        session(), request_context(), access.org, _keys(), secret_id, changes,
+        session(),
+        request_context(),
+        access.org,
+        _keys(),
+        secret_id,
+        changes,
         if_match=secrets.parse_if_match(request.headers.get("If-Match")),
     )
     users = secrets.used_by(session(), access.org.id, [secret.id]).get(secret.id, [])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -52,6 +52,7 @@ def compute_hash(event: AuditEvent) -> str:
 def _lock_head(session: Session, chain: str) -> AuditHead:
     dialect = session.get_bind().dialect.name
     table = AuditHead.__table__
+    assert isinstance(table, Table)
     if dialect == "postgresql":
         stmt: Any = postgresql.insert(table).values(chain=chain, seq=0, hash=GENESIS).on_conflict_do_nothing()
     else:

@@ -22,7 +22,7 @@ from app.models import ApiToken, Membership, Org, Role, User
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
-TOKEN_PREFIX = "lk_"
+TOKEN_PREFIX = "lk_"  # noqa: S105 - a marker, not a token
 # last_used_at is written at most this often per token, so reads stay reads.
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 
@@ -39,9 +39,7 @@ def normalize_email(email: str) -> str:
 def create_org(session: Session, ctx: RequestContext, slug: str, name: str | None = None) -> Org:
     """Create an org; the slug is its path segment in the API."""
     if not SLUG_RE.match(slug):
-        raise ValidationFailedError.single(
-            "slug", "lowercase letters, digits and inner hyphens, 1 to 63 characters"
-        )
+        raise ValidationFailedError.single("slug", "lowercase letters, digits and inner hyphens, 1 to 63 characters")
     if session.scalar(select(Org.id).where(Org.slug == slug)):
         raise ConflictError(f"org {slug!r} already exists")
     org = Org(slug=slug, name=(name or slug)[:200])
@@ -77,7 +75,12 @@ def create_user(
     session.add(user)
     session.flush()
     audit.record(
-        session, ctx, "user.create", org_id=None, target_type="user", target_id=user.id,
+        session,
+        ctx,
+        "user.create",
+        org_id=None,
+        target_type="user",
+        target_id=user.id,
         details={"email": email, "operator": operator},
     )
     return user
@@ -133,7 +136,12 @@ def add_member(session: Session, ctx: RequestContext, org: Org, user: User, role
         membership.role = parsed.value
     session.flush()
     audit.record(
-        session, ctx, action, org_id=org.id, target_type="membership", target_id=user.id,
+        session,
+        ctx,
+        action,
+        org_id=org.id,
+        target_type="membership",
+        target_id=user.id,
         details={"user_id": user.id, "role": parsed.value},
     )
     return membership
@@ -142,7 +150,8 @@ def add_member(session: Session, ctx: RequestContext, org: Org, user: User, role
 def get_member(session: Session, org: Org, user_id: str) -> User:
     """A member of this org; anyone else is not found."""
     user = session.scalar(
-        select(User).join(Membership, Membership.user_id == User.id)
+        select(User)
+        .join(Membership, Membership.user_id == User.id)
         .where(Membership.org_id == org.id, User.id == user_id)
     )
     if user is None:
@@ -161,16 +170,21 @@ def remove_member(session: Session, ctx: RequestContext, org: Org, user_id: str)
     session.delete(membership)
     session.flush()
     audit.record(
-        session, ctx, "membership.delete", org_id=org.id, target_type="membership", target_id=user_id,
+        session,
+        ctx,
+        "membership.delete",
+        org_id=org.id,
+        target_type="membership",
+        target_id=user_id,
         details={"user_id": user_id},
     )
 
 
 def _ensure_another_admin(session: Session, org: Org, leaving: User) -> None:
     admins = session.scalar(
-        select(func.count()).select_from(Membership).where(
-            Membership.org_id == org.id, Membership.role == Role.ADMIN, Membership.user_id != leaving.id
-        )
+        select(func.count())
+        .select_from(Membership)
+        .where(Membership.org_id == org.id, Membership.role == Role.ADMIN, Membership.user_id != leaving.id)
     )
     if not admins:
         raise ConflictError("an org must keep at least one admin")
@@ -178,7 +192,9 @@ def _ensure_another_admin(session: Session, org: Org, leaving: User) -> None:
 
 def list_members(session: Session, org: Org) -> list[tuple[Membership, User]]:
     rows = session.execute(
-        select(Membership, User).join(User, User.id == Membership.user_id).where(Membership.org_id == org.id)
+        select(Membership, User)
+        .join(User, User.id == Membership.user_id)
+        .where(Membership.org_id == org.id)
         .order_by(User.email)
     ).all()
     return [(m, u) for m, u in rows]
@@ -212,8 +228,10 @@ def org_access(session: Session, user: User, slug: str) -> OrgAccess:
 
 def orgs_of(session: Session, user: User) -> list[OrgAccess]:
     rows = session.execute(
-        select(Org, Membership.role).join(Membership, Membership.org_id == Org.id)
-        .where(Membership.user_id == user.id).order_by(Org.slug)
+        select(Org, Membership.role)
+        .join(Membership, Membership.org_id == Org.id)
+        .where(Membership.user_id == user.id)
+        .order_by(Org.slug)
     ).all()
     return [OrgAccess(o, Role(r)) for o, r in rows]
 
@@ -242,7 +260,12 @@ def create_token(
     except IntegrityError:  # pragma: no cover - a 256-bit collision
         raise ConflictError("token collision; try again") from None
     audit.record(
-        session, ctx, "token.create", org_id=None, target_type="api_token", target_id=token.id,
+        session,
+        ctx,
+        "token.create",
+        org_id=None,
+        target_type="api_token",
+        target_id=token.id,
         details={"user_id": user.id, "name": name, "expires_at": expires_at.isoformat() if expires_at else None},
     )
     return token, raw
@@ -259,7 +282,12 @@ def revoke_token(session: Session, ctx: RequestContext, user: User, token_id: st
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         audit.record(
-            session, ctx, "token.revoke", org_id=None, target_type="api_token", target_id=token.id,
+            session,
+            ctx,
+            "token.revoke",
+            org_id=None,
+            target_type="api_token",
+            target_id=token.id,
             details={"user_id": user.id},
         )
     return token

@@ -182,9 +182,7 @@ class PublicKeySet:
                 raw = _unb64_key(entry["public_key"], f"key {kid}: public_key")
                 pub = X25519PublicKey.from_public_bytes(raw)
                 _check_public_key(pub, kid)
-                keys.append(
-                    PublicKey(kid, _parse_time(entry["created_at"], kid), pub, entry["dev"])
-                )
+                keys.append(PublicKey(kid, _parse_time(entry["created_at"], kid), pub, entry["dev"]))
             return cls(keys)
         except KeyringError as exc:
             raise KeyringError(f"public key set: {exc}") from None
@@ -274,9 +272,7 @@ class Keyring:
         return cls([_new_entry(dev)])
 
     @classmethod
-    def from_private_bytes(
-        cls, kid: str, private_key: bytes, created_at: datetime, dev: bool = False
-    ) -> Keyring:
+    def from_private_bytes(cls, kid: str, private_key: bytes, created_at: datetime, dev: bool = False) -> Keyring:
         """A one-key ring from raw key bytes (imports, known-answer tests)."""
         _check_kid(kid, dev)
         if not isinstance(private_key, bytes) or len(private_key) != 32:
@@ -374,15 +370,11 @@ class Keyring:
                 try:
                     os.link(tmp, p)
                 except FileExistsError:
-                    raise KeyringError(
-                        f"keyring file already exists: {p} (refusing to overwrite)"
-                    ) from None
+                    raise KeyringError(f"keyring file already exists: {p} (refusing to overwrite)") from None
                 except OSError:
                     # No hard links on this filesystem: check-then-rename is the best left.
                     if p.exists():
-                        raise KeyringError(
-                            f"keyring file already exists: {p} (refusing to overwrite)"
-                        ) from None
+                        raise KeyringError(f"keyring file already exists: {p} (refusing to overwrite)") from None
                     os.replace(tmp, p)
         except OSError as exc:
             raise KeyringError(f"cannot write keyring file {p}: {exc.strerror}") from None
@@ -418,9 +410,7 @@ class Keyring:
 
     def public_set(self) -> PublicKeySet:
         """The public half of every key, for the web tier."""
-        return PublicKeySet(
-            PublicKey(e.kid, e.created_at, e.key.public_key(), e.dev) for e in self._entries
-        )
+        return PublicKeySet(PublicKey(e.kid, e.created_at, e.key.public_key(), e.dev) for e in self._entries)
 
     @property
     def current_kid(self) -> str:

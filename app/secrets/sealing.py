@@ -151,9 +151,7 @@ def _open(private_key: X25519PrivateKey, kid: str, body: bytes, context: bytes) 
         return _SUITE.decrypt(body, private_key, info=info)
     except (InvalidTag, ValueError):
         # One message for tampered, moved and wrong-key: they are indistinguishable anyway.
-        raise CiphertextError(
-            "ciphertext does not open (tampered, wrong context, or wrong key)"
-        ) from None
+        raise CiphertextError("ciphertext does not open (tampered, wrong context, or wrong key)") from None
 
 
 def seal(keys: PublicKeySet, plaintext: bytes, context: bytes) -> Sealed:
@@ -175,9 +173,7 @@ def open_sealed(
     """
     kid, body = _parse(ciphertext)
     if expected_key_id is not None and kid != expected_key_id:
-        raise CiphertextError(
-            f"ciphertext key id {kid} does not match the stored key id {expected_key_id}"
-        )
+        raise CiphertextError(f"ciphertext key id {kid} does not match the stored key id {expected_key_id}")
     if kid == EPHEMERAL_KID:
         raise CiphertextError("ciphertext is a one-shot reply, not a stored secret")
     try:

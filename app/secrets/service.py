@@ -126,7 +126,7 @@ def get_secret(session: Session, org: Org, secret_id: str, *, for_update: bool =
     stmt = _managed(org.id).where(Secret.id == secret_id)
     if for_update:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
-    secret = session.scalar(stmt)
+    secret: Secret | None = session.scalar(stmt)
     if secret is None:
         raise NotFoundError("secret not found")
     return secret
@@ -144,7 +144,8 @@ def used_by(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, l
             .order_by(model.id)
         ).all()
         for ref, rid, name in rows:
-            users[ref].append(SecretUser(kind, rid, name))
+            if ref is not None:
+                users[ref].append(SecretUser(kind, rid, name))
     return users
 
 
@@ -207,7 +208,12 @@ def create_secret(
     session.add(secret)
     _flush_unique(session, name)
     audit.record(
-        session, ctx, "secret.create", org_id=org.id, target_type="secret", target_id=secret.id,
+        session,
+        ctx,
+        "secret.create",
+        org_id=org.id,
+        target_type="secret",
+        target_id=secret.id,
         details={"name": name, "version": 1, "key_id": sealed.key_id, "allowed_hosts": hosts},
     )
     return secret
@@ -281,9 +287,19 @@ def update_secret(
     secret.updated_by = ctx.actor.id
     _flush_unique(session, secret.name or "")
     audit.record(
-        session, ctx, "secret.update", org_id=org.id, target_type="secret", target_id=secret.id,
-        details={"name": secret.name, "changed": changed, "version": secret.version,
-                 "previous_version": previous_version, "key_id": secret.key_id},
+        session,
+        ctx,
+        "secret.update",
+        org_id=org.id,
+        target_type="secret",
+        target_id=secret.id,
+        details={
+            "name": secret.name,
+            "changed": changed,
+            "version": secret.version,
+            "previous_version": previous_version,
+            "key_id": secret.key_id,
+        },
     )
     return secret
 
@@ -305,6 +321,11 @@ def delete_secret(session: Session, ctx: RequestContext, org: Org, secret_id: st
         # A reference was added concurrently; the composite foreign key refused the delete.
         raise SecretInUseError("secret became in use; unbind it first", used_by=[]) from None
     audit.record(
-        session, ctx, "secret.delete", org_id=org.id, target_type="secret", target_id=secret_id,
+        session,
+        ctx,
+        "secret.delete",
+        org_id=org.id,
+        target_type="secret",
+        target_id=secret_id,
         details={"name": name, "version": version},
     )

@@ -43,7 +43,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
 celery = make_celery()
 
 
-@signals.worker_init.connect
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _check_worker_config(sender: Any = None, **_: Any) -> None:
     # A production worker without its keyring (or with dev keys) must not start.
     app = getattr(sender, "app", None)

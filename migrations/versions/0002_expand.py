@@ -139,9 +139,7 @@ def upgrade() -> None:
     op.create_index("ix_providers_org_id_secret_ref", "providers", ["org_id", "secret_ref"])
 
     with op.batch_alter_table("mcp_servers", recreate="auto") as batch:
-        batch.add_column(
-            sa.Column("transport", sa.String(32), server_default="streamable_http", nullable=False)
-        )
+        batch.add_column(sa.Column("transport", sa.String(32), server_default="streamable_http", nullable=False))
         batch.add_column(sa.Column("secret_ref", sa.String(36), nullable=True))
         batch.add_column(sa.Column("status", sa.String(16), server_default="pending", nullable=False))
         batch.add_column(sa.Column("status_error_code", sa.String(64), nullable=True))
@@ -241,11 +239,10 @@ def downgrade() -> None:
             "and would be lost; delete them first or restore a backup"
         )
     for table, column in (("mcp_servers", "token"), ("agents", "model"), ("agents", "secret_ref")):
-        missing = bind.execute(sa.text(f"SELECT COUNT(*) FROM {table} WHERE {column} IS NULL")).scalar_one()
+        sql = f"SELECT COUNT(*) FROM {table} WHERE {column} IS NULL"  # noqa: S608 - names from the tuple above
+        missing = bind.execute(sa.text(sql)).scalar_one()
         if missing:
-            raise RuntimeError(
-                f"refusing to downgrade below 0002: {missing} row(s) of {table} have no legacy {column}"
-            )
+            raise RuntimeError(f"refusing to downgrade below 0002: {missing} row(s) of {table} have no legacy {column}")
 
     op.drop_index("ix_audit_events_org_id_target", table_name="audit_events")
     op.drop_table("audit_events")
@@ -260,7 +257,15 @@ def downgrade() -> None:
         batch.drop_index("ix_agents_org_id_provider_id")
         batch.alter_column("secret_ref", existing_type=sa.String(36), nullable=False)
         batch.alter_column("model", existing_type=sa.String(200), nullable=False)
-        for column in ("updated_at", "created_at", "updated_by", "created_by", "system_prompt", "model_id", "provider_id"):
+        for column in (
+            "updated_at",
+            "created_at",
+            "updated_by",
+            "created_by",
+            "system_prompt",
+            "model_id",
+            "provider_id",
+        ):
             batch.drop_column(column)
 
     with op.batch_alter_table("mcp_servers", recreate="auto") as batch:

@@ -31,8 +31,11 @@ def existing(factory: Factory, admin: Caller, org: str) -> dict[str, Any]:
 
 def _state(db: Any) -> tuple[Any, ...]:
     with db.session() as s:
-        rows = s.execute(select(Secret.id, Secret.name, Secret.version, Secret.ciphertext, Secret.description,
-                                Secret.allowed_hosts).order_by(Secret.id)).all()
+        rows = s.execute(
+            select(
+                Secret.id, Secret.name, Secret.version, Secret.ciphertext, Secret.description, Secret.allowed_hosts
+            ).order_by(Secret.id)
+        ).all()
         return (
             tuple(tuple(r) for r in rows),
             s.scalar(select(func.count()).select_from(AuditEvent)),
@@ -40,10 +43,20 @@ def _state(db: Any) -> tuple[Any, ...]:
         )
 
 
-def _raw(admin: Caller, method: str, path: str, data: bytes | str, content_type: str = "application/json",
-         headers: dict[str, str] | None = None) -> Any:
-    return admin.client.open(f"/api/v1/{path}", method=method, data=data,
-                             headers=admin.headers({"Content-Type": content_type, **(headers or {})}))
+def _raw(
+    admin: Caller,
+    method: str,
+    path: str,
+    data: bytes | str,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> Any:
+    return admin.client.open(
+        f"/api/v1/{path}",
+        method=method,
+        data=data,
+        headers=admin.headers({"Content-Type": content_type, **(headers or {})}),
+    )
 
 
 def _assert_problem(resp: Any, status: int, code: str | None = None) -> dict[str, Any]:
@@ -77,8 +90,11 @@ BAD_CREATE_BODIES: list[tuple[str, Any, str]] = [
     ("hosts-not-list", {"name": "N", "value": "v", "allowed_hosts": "example.com"}, "allowed_hosts"),
     ("hosts-bad-entry", {"name": "N", "value": "v", "allowed_hosts": ["http://x.com/path"]}, "allowed_hosts.0"),
     ("hosts-int-entry", {"name": "N", "value": "v", "allowed_hosts": [7]}, "allowed_hosts.0"),
-    ("hosts-too-many", {"name": "N", "value": "v", "allowed_hosts": [f"h{i}.example.com" for i in range(33)]},
-     "allowed_hosts"),
+    (
+        "hosts-too-many",
+        {"name": "N", "value": "v", "allowed_hosts": [f"h{i}.example.com" for i in range(33)]},
+        "allowed_hosts",
+    ),
     ("description-not-string", {"name": "N", "value": "v", "description": ["x"]}, "description"),
     ("description-too-long", {"name": "N", "value": "v", "description": "d" * 1001}, "description"),
     ("value-over-64k", {"name": "N", "value": "a" * (64 * 1024 + 1)}, "value"),
@@ -87,8 +103,9 @@ BAD_CREATE_BODIES: list[tuple[str, Any, str]] = [
 
 
 @pytest.mark.parametrize(("case", "body", "field"), BAD_CREATE_BODIES, ids=[c[0] for c in BAD_CREATE_BODIES])
-def test_bad_create_body_is_422_naming_the_field(admin: Caller, org: str, existing: Any, db: Any, case: str,
-                                                 body: Any, field: str) -> None:
+def test_bad_create_body_is_422_naming_the_field(
+    admin: Caller, org: str, existing: Any, db: Any, case: str, body: Any, field: str
+) -> None:
     before = _state(db)
     resp = admin.post(f"orgs/{org}/secrets", json=body)
     problem = _assert_problem(resp, 422, "validation_error")
@@ -120,8 +137,9 @@ BAD_PATCH_BODIES: list[tuple[str, Any]] = [
 
 
 @pytest.mark.parametrize(("case", "body"), BAD_PATCH_BODIES, ids=[c[0] for c in BAD_PATCH_BODIES])
-def test_bad_patch_is_422_and_leaves_the_secret_as_it_was(admin: Caller, org: str, existing: Any, db: Any,
-                                                          case: str, body: Any) -> None:
+def test_bad_patch_is_422_and_leaves_the_secret_as_it_was(
+    admin: Caller, org: str, existing: Any, db: Any, case: str, body: Any
+) -> None:
     before = _state(db)
     _assert_problem(admin.patch(f"orgs/{org}/secrets/{existing['id']}", json=body), 422, "validation_error")
     assert _state(db) == before
@@ -142,10 +160,14 @@ def test_json_that_is_not_an_object_is_422(admin: Caller, org: str, raw: str) ->
 
 def test_wrong_content_type_is_415(admin: Caller, org: str, db: Any) -> None:
     before = _state(db)
-    _assert_problem(_raw(admin, "POST", f"orgs/{org}/secrets", '{"name":"N","value":"v"}', "text/plain"), 415,
-                    "unsupported_media_type")
-    _assert_problem(_raw(admin, "POST", f"orgs/{org}/secrets", "name=N&value=v",
-                         "application/x-www-form-urlencoded"), 415)
+    _assert_problem(
+        _raw(admin, "POST", f"orgs/{org}/secrets", '{"name":"N","value":"v"}', "text/plain"),
+        415,
+        "unsupported_media_type",
+    )
+    _assert_problem(
+        _raw(admin, "POST", f"orgs/{org}/secrets", "name=N&value=v", "application/x-www-form-urlencoded"), 415
+    )
     assert _state(db) == before
 
 
@@ -159,12 +181,21 @@ def test_body_over_the_request_limit_is_413(admin: Caller, org: str, db: Any) ->
 def test_huge_headers_are_client_errors(admin: Caller, org: str, existing: Any, db: Any) -> None:
     before = _state(db)
     big = "x" * 16_000
-    _assert_problem(admin.post(f"orgs/{org}/secrets", json={"name": "H", "value": "v"},
-                               headers={"Idempotency-Key": big}), 400, "bad_request")
-    _assert_problem(admin.patch(f"orgs/{org}/secrets/{existing['id']}", json={"value": "v"},
-                                headers={"If-Match": big}), 412, "version_mismatch")
-    _assert_problem(admin.client.get(f"/api/v1/orgs/{org}/secrets", headers={"Authorization": "Bearer lk_" + big}),
-                    401, "unauthorized")
+    _assert_problem(
+        admin.post(f"orgs/{org}/secrets", json={"name": "H", "value": "v"}, headers={"Idempotency-Key": big}),
+        400,
+        "bad_request",
+    )
+    _assert_problem(
+        admin.patch(f"orgs/{org}/secrets/{existing['id']}", json={"value": "v"}, headers={"If-Match": big}),
+        412,
+        "version_mismatch",
+    )
+    _assert_problem(
+        admin.client.get(f"/api/v1/orgs/{org}/secrets", headers={"Authorization": "Bearer lk_" + big}),
+        401,
+        "unauthorized",
+    )
     resp = admin.get(f"orgs/{org}/secrets", headers={"X-Request-ID": big})
     assert resp.status_code == 200 and len(resp.headers["X-Request-ID"]) <= 128
     assert _state(db) == before
@@ -181,9 +212,15 @@ def test_nonexistent_secret_id_shapes_are_404(admin: Caller, org: str) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.dictionaries(st.sampled_from(["name", "value", "description", "allowed_hosts", "x"]),
-                            st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=40),
-                                      st.lists(st.text(max_size=10), max_size=3)), max_size=5))
+@given(
+    body=st.dictionaries(
+        st.sampled_from(["name", "value", "description", "allowed_hosts", "x"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(), st.text(max_size=40), st.lists(st.text(max_size=10), max_size=3)
+        ),
+        max_size=5,
+    )
+)
 def test_arbitrary_bodies_never_500(admin: Caller, org: str, body: dict[str, Any]) -> None:
     resp = admin.post(f"orgs/{org}/secrets", json=body)
     assert resp.status_code in (201, 409, 422), resp.get_data(as_text=True)

@@ -50,8 +50,9 @@ def test_if_match_race_has_exactly_one_winner(factory: Factory, db: Any) -> None
     admin = factory.user(org, "admin")
     sid = factory.secret(admin, org)["id"]
 
-    responses = _parallel(10, lambda i: admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": f"v{i}"},
-                                                    headers={"If-Match": '"1"'}))
+    responses = _parallel(
+        10, lambda i: admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": f"v{i}"}, headers={"If-Match": '"1"'})
+    )
 
     codes = sorted(r.status_code for r in responses)
     assert codes == [200] + [412] * 9
@@ -76,8 +77,9 @@ def test_parallel_requests_with_one_idempotency_key_create_once(factory: Factory
     org = factory.org("idem")
     admin = factory.user(org, "admin")
     body = {"name": "ONCE", "value": "v"}
-    responses = _parallel(6, lambda i: admin.post(f"orgs/{org}/secrets", json=body,
-                                                  headers={"Idempotency-Key": "race-key"}))
+    responses = _parallel(
+        6, lambda i: admin.post(f"orgs/{org}/secrets", json=body, headers={"Idempotency-Key": "race-key"})
+    )
     created = {r.get_json()["id"] for r in responses if r.status_code == 201}
     assert len(created) == 1
     # Losers either replay the winner's answer or are told to retry; none creates a second secret.

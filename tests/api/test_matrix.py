@@ -73,9 +73,15 @@ def world(factory: Factory) -> World:
     other_admin, other_member = factory.user(other, "admin"), factory.user(other, "member")
     outsider = factory.user()
     return World(
-        org=org, admin=admin, member=member, secret=factory.secret(admin, org, name="HOME")["id"],
-        outsider_email=outsider.email, other_org=other, other_admin=other_admin,
-        other_secret=factory.secret(other_admin, other, name="AWAY")["id"], other_member_id=other_member.user_id,
+        org=org,
+        admin=admin,
+        member=member,
+        secret=factory.secret(admin, org, name="HOME")["id"],
+        outsider_email=outsider.email,
+        other_org=other,
+        other_admin=other_admin,
+        other_secret=factory.secret(other_admin, other, name="AWAY")["id"],
+        other_member_id=other_member.user_id,
     )
 
 
@@ -103,15 +109,27 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
         before = _snapshot(db)
-        own_path = _call(world.admin, endpoint, org=world.org, secret=world.other_secret,
-                         user=world.other_member_id, email=world.outsider_email)
+        own_path = _call(
+            world.admin,
+            endpoint,
+            org=world.org,
+            secret=world.other_secret,
+            user=world.other_member_id,
+            email=world.outsider_email,
+        )
         assert own_path.status_code == 404, own_path.get_json()
         assert own_path.get_json()["code"] == "not_found"
         assert _snapshot(db) == before
     # The other org's slug: not a member, so the org itself does not exist for this caller.
     before = _snapshot(db)
-    foreign = _call(world.admin, endpoint, org=world.other_org, secret=world.other_secret,
-                    user=world.other_member_id, email=world.outsider_email)
+    foreign = _call(
+        world.admin,
+        endpoint,
+        org=world.other_org,
+        secret=world.other_secret,
+        user=world.other_member_id,
+        email=world.outsider_email,
+    )
     assert foreign.status_code == 404, foreign.get_json()
     assert foreign.content_type == "application/problem+json"
     assert _snapshot(db) == before
@@ -120,8 +138,9 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if e.admin_only], ids=lambda e: f"{e.method} {e.path}")
 def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World, endpoint: Endpoint, db: Any) -> None:
     before = _snapshot(db)
-    resp = _call(world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id,
-                 email=world.outsider_email)
+    resp = _call(
+        world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id, email=world.outsider_email
+    )
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
     assert _snapshot(db) == before
@@ -129,16 +148,18 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World,
 
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.admin_only], ids=lambda e: f"{e.method} {e.path}")
 def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> None:
-    resp = _call(world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id,
-                 email=world.outsider_email)
+    resp = _call(
+        world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id, email=world.outsider_email
+    )
     assert resp.status_code == 200, resp.get_json()
 
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint) -> None:
     target_user = world.member.user_id
-    resp = _call(world.admin, endpoint, org=world.org, secret=world.secret, user=target_user,
-                 email=world.outsider_email)
+    resp = _call(
+        world.admin, endpoint, org=world.org, secret=world.secret, user=target_user, email=world.outsider_email
+    )
     assert resp.status_code in (200, 201, 204), resp.get_json()
 
 

@@ -26,8 +26,15 @@ def member(factory: Factory, org: str) -> Caller:
 
 
 def test_create_returns_metadata_at_version_1_and_never_the_value(admin: Caller, org: str) -> None:
-    resp = admin.post(f"orgs/{org}/secrets", json={"name": "OPENAI_KEY", "value": "sk-live-abcdefghijklmnop1234",
-                                                  "description": "prod key", "allowed_hosts": ["API.openai.com"]})
+    resp = admin.post(
+        f"orgs/{org}/secrets",
+        json={
+            "name": "OPENAI_KEY",
+            "value": "sk-live-abcdefghijklmnop1234",
+            "description": "prod key",
+            "allowed_hosts": ["API.openai.com"],
+        },
+    )
     assert resp.status_code == 201
     body = resp.get_json()
     assert body["version"] == 1
@@ -80,12 +87,18 @@ def test_patch_value_bumps_version_and_sets_rotated_at(admin: Caller, org: str, 
 
 def test_patch_without_value_keeps_version(admin: Caller, org: str, factory: Factory) -> None:
     created = factory.secret(admin, org)
-    resp = admin.patch(f"orgs/{org}/secrets/{created['id']}",
-                       json={"name": "RENAMED", "description": "d", "allowed_hosts": ["*.example.com"]})
+    resp = admin.patch(
+        f"orgs/{org}/secrets/{created['id']}",
+        json={"name": "RENAMED", "description": "d", "allowed_hosts": ["*.example.com"]},
+    )
     assert resp.status_code == 200
     body = resp.get_json()
     assert (body["version"], body["name"], body["description"], body["allowed_hosts"]) == (
-        1, "RENAMED", "d", ["*.example.com"])
+        1,
+        "RENAMED",
+        "d",
+        ["*.example.com"],
+    )
     assert body["rotated_at"] is None
 
 
@@ -133,16 +146,31 @@ def test_delete_while_referenced_is_409_listing_users(admin: Caller, org: str, f
     created = factory.secret(admin, org)
     with db.session() as s:
         org_id = s.get(Secret, created["id"]).org_id  # type: ignore[union-attr]
-        s.add(McpServer(id="mcp-1", org_id=org_id, name="Files", url="https://mcp.example.com/mcp",
-                        secret_ref=created["id"]))
-        s.add(Provider(id="prov-1", org_id=org_id, name="OpenAI", provider_type="openai", kind="openai",
-                       model_id="gpt-5", config={}, secret_ref=created["id"]))
+        s.add(
+            McpServer(
+                id="mcp-1", org_id=org_id, name="Files", url="https://mcp.example.com/mcp", secret_ref=created["id"]
+            )
+        )
+        s.add(
+            Provider(
+                id="prov-1",
+                org_id=org_id,
+                name="OpenAI",
+                provider_type="openai",
+                kind="openai",
+                model_id="gpt-5",
+                config={},
+                secret_ref=created["id"],
+            )
+        )
     resp = admin.delete(f"orgs/{org}/secrets/{created['id']}")
     assert resp.status_code == 409
     body = resp.get_json()
     assert body["code"] == "secret_in_use"
     assert sorted((u["type"], u["id"], u["name"]) for u in body["used_by"]) == [
-        ("mcp_server", "mcp-1", "Files"), ("provider", "prov-1", "OpenAI")]
+        ("mcp_server", "mcp-1", "Files"),
+        ("provider", "prov-1", "OpenAI"),
+    ]
     listed = admin.get(f"orgs/{org}/secrets/{created['id']}").get_json()
     assert {u["id"] for u in listed["used_by"]} == {"mcp-1", "prov-1"}
     with db.session() as s:
@@ -191,8 +219,12 @@ def test_idempotency_key_with_another_body_is_422(admin: Caller, org: str) -> No
 
 def test_idempotency_keys_are_per_user(admin: Caller, org: str, factory: Factory) -> None:
     other = factory.user(org, "admin")
-    assert admin.post(f"orgs/{org}/secrets", json={"name": "B1", "value": "v"},
-                      headers={"Idempotency-Key": "same"}).status_code == 201
+    assert (
+        admin.post(
+            f"orgs/{org}/secrets", json={"name": "B1", "value": "v"}, headers={"Idempotency-Key": "same"}
+        ).status_code
+        == 201
+    )
     resp = other.post(f"orgs/{org}/secrets", json={"name": "B2", "value": "v"}, headers={"Idempotency-Key": "same"})
     assert resp.status_code == 201 and resp.get_json()["name"] == "B2"
 

@@ -328,7 +328,7 @@ def test_derive_key_differs_per_purpose_keyring_and_current_key() -> None:
 
 
 def test_derive_key_rejects_empty_purpose() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="purpose must be a non-empty string"):
         Keyring.generate().derive_key("")
 
 

@@ -139,9 +139,7 @@ def _regions(ct: bytes) -> dict[str, int]:
 
 @pytest.mark.parametrize("region", ["format", "kid_length", "kid", "enc", "body", "tag"])
 @pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
-def test_flipped_byte_in_each_region_does_not_open(
-    ring: Keyring, sealed: Sealed, region: str, mask: int
-) -> None:
+def test_flipped_byte_in_each_region_does_not_open(ring: Keyring, sealed: Sealed, region: str, mask: int) -> None:
     ct = bytearray(sealed.ciphertext)
     ct[_regions(sealed.ciphertext)[region]] ^= mask
     with pytest.raises(CiphertextError) as info:
@@ -207,9 +205,7 @@ def test_zero_length_kid_is_malformed(ring: Keyring, sealed: Sealed) -> None:
     ],
     ids=["other-secret", "other-org", "older-version", "newer-version", "extended", "cut"],
 )
-def test_ciphertext_moved_to_another_context_does_not_open(
-    ring: Keyring, sealed: Sealed, moved: bytes
-) -> None:
+def test_ciphertext_moved_to_another_context_does_not_open(ring: Keyring, sealed: Sealed, moved: bytes) -> None:
     with pytest.raises(CiphertextError) as info:
         open_sealed(ring, sealed.ciphertext, moved)
     _assert_clean(info.value, PLAINTEXT)
@@ -223,9 +219,7 @@ def test_another_keyring_cannot_open(sealed: Sealed) -> None:
 
 
 def test_wrong_private_key_under_the_same_kid_cannot_open(sealed: Sealed) -> None:
-    imposter = Keyring.from_private_bytes(
-        sealed.key_id, b"\x42" * 32, datetime.fromisoformat("2026-01-01T00:00:00Z")
-    )
+    imposter = Keyring.from_private_bytes(sealed.key_id, b"\x42" * 32, datetime.fromisoformat("2026-01-01T00:00:00Z"))
     with pytest.raises(CiphertextError, match="does not open") as info:
         open_sealed(imposter, sealed.ciphertext, CTX)
     assert not isinstance(info.value, UnknownKeyIdError)
@@ -249,13 +243,13 @@ def test_expected_key_id_mismatch_is_rejected(ring: Keyring, sealed: Sealed) -> 
 
 def test_non_bytes_or_empty_context_is_a_programming_error(ring: Keyring, sealed: Sealed) -> None:
     keys = ring.public_set()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="context must be non-empty"):
         seal(keys, PLAINTEXT, b"")
     with pytest.raises(TypeError):
         seal(keys, PLAINTEXT, "secret")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         seal(keys, "plaintext", CTX)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="context must be non-empty"):
         open_sealed(ring, sealed.ciphertext, b"")
 
 
@@ -301,9 +295,7 @@ def test_secret_context_is_injective(a: tuple[str, str, int], b: tuple[str, str,
         (1, "s", 1, TypeError),
     ],
 )
-def test_secret_context_rejects_bad_fields(
-    org: object, sid: object, version: object, error: type[Exception]
-) -> None:
+def test_secret_context_rejects_bad_fields(org: object, sid: object, version: object, error: type[Exception]) -> None:
     with pytest.raises(error):
         secret_context(org, sid, version)  # type: ignore[arg-type]
 
@@ -316,9 +308,7 @@ def test_known_answer_vector_opens_and_context_format_is_stable() -> None:
     ctx = secret_context(v["org_id"], v["secret_id"], v["version"])
     # A change to the context encoding breaks this line before it breaks stored data.
     assert ctx.hex() == v["context_hex"]
-    ring = Keyring.from_private_bytes(
-        v["kid"], _unb64url(v["private_key"]), datetime.fromisoformat(v["created_at"])
-    )
+    ring = Keyring.from_private_bytes(v["kid"], _unb64url(v["private_key"]), datetime.fromisoformat(v["created_at"]))
     assert ring.public_set().current.key.public_bytes_raw() == _unb64url(v["public_key"])
     envelope = base64.b64decode(v["envelope_b64"])
     plaintext = open_sealed(ring, envelope, ctx, expected_key_id=v["kid"])
