@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Set up and run Latchkey with nothing but Python 3.11+.
+
+    python3 manage.py dev     # install (first run), then run on embedded defaults
+    python3 manage.py test    # install (first run), then run the whole test suite
+
+Installs go into ./.venv from the hash-pinned lock file, and are skipped when the lock
+file has not changed since the last install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+LOCK = ROOT / "requirements" / "dev.lock"
+STAMP = VENV / ".latchkey-installed"
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in (LOCK, ROOT / "pyproject.toml"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def install() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit("Latchkey needs Python 3.11 or newer")
+    if not (BIN / "python").exists():
+        print("creating .venv ...", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if STAMP.exists() and STAMP.read_text() == _fingerprint():
+        return
+    pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    print("installing pinned dependencies into .venv (first run takes a minute) ...", flush=True)
+    subprocess.run([*pip, "install", "--require-hashes", "-r", str(LOCK)], check=True)
+    subprocess.run([*pip, "install", "--no-deps", "-e", str(ROOT)], check=True)
+    STAMP.write_text(_fingerprint())
+
+
+def main(argv: list[str]) -> int:
+    command, rest = (argv[0], argv[1:]) if argv else ("help", [])
+    if command in ("help", "-h", "--help"):
+        print(__doc__)
+        return 0
+    install()
+    os.chdir(ROOT)
+    if command == "install":
+        return 0
+    if command == "dev":
+        os.execv(str(BIN / "latchkey"), [str(BIN / "latchkey"), "dev", *rest])
+    if command == "test":
+        os.execv(str(BIN / "python"), [str(BIN / "python"), "-m", "pytest", *rest])
+    if command == "lint":
+        ruff, mypy = str(BIN / "ruff"), str(BIN / "mypy")
+        for cmd in ([ruff, "check", "."], [ruff, "format", "--check", "."], [mypy]):
+            if subprocess.run(cmd).returncode:
+                return 1
+        return 0
+    print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
