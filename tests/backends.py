@@ -58,11 +58,32 @@ def drop_postgres_database(name: str) -> None:
         admin.dispose()
 
 
+def session_database_name() -> str:
+    # One database per test session (and xdist worker), so concurrent runs never collide.
+    return f"latchkey_test_{worker_suffix()}_{os.getpid()}"
+
+
+def drop_stale_databases() -> None:
+    """Drop test databases left behind by sessions whose process is gone."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            names = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datname LIKE 'latchkey_test_%'"))
+            for (name,) in names.all():
+                pid = name.rsplit("_", 1)[-1]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def database_url(tmp_dir: Path) -> str:
     explicit = os.environ.get("LATCHKEY_TEST_DATABASE_URL")
     if explicit:
         return explicit
-    pg = fresh_postgres_database(f"latchkey_test_{worker_suffix()}")
+    pg = fresh_postgres_database(session_database_name())
+    if pg:
+        drop_stale_databases()
     return pg or f"sqlite:///{tmp_dir / 'test.db'}"
 
 

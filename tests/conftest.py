@@ -30,10 +30,12 @@ def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_root: Path) -> str:
+def database_url(tmp_root: Path) -> Iterator[str]:
     url = backends.database_url(tmp_root)
     migrate.upgrade(url, "head")
-    return url
+    yield url
+    if url.startswith("postgresql") and backends.session_database_name() in url:
+        backends.drop_postgres_database(backends.session_database_name())
 
 
 @pytest.fixture(scope="session")
