@@ -40,9 +40,10 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     env: Environment = Environment.PRODUCTION
-    database_url: str = "sqlite:///instance/latchkey.db"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    broker_url: str | None = None
+    # URLs may embed passwords: kept out of repr() so they never reach a log line.
+    database_url: str = Field(default="sqlite:///instance/latchkey.db", repr=False)
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    broker_url: str | None = Field(default=None, repr=False)
     secret_key: SecretStr | None = None
     public_keys: str | None = None
     private_keys_file: Path | None = None
@@ -71,7 +72,7 @@ class Settings(BaseModel):
 
     @property
     def is_production(self) -> bool:
-        return self.env is Environment.PRODUCTION
+        return self.env == Environment.PRODUCTION
 
     def check_web(self) -> None:
         """Refuse to serve in production without the keys the web tier needs."""

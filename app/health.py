@@ -36,9 +36,10 @@ def _check_broker() -> bool:
     url = current_app.config["LATCHKEY_SETTINGS"].effective_broker_url
     try:
         with Connection(  # type: ignore[no-untyped-call]
-            url, connect_timeout=2, transport_options={"socket_timeout": 2}
+            url, connect_timeout=1, transport_options={"socket_timeout": 1}
         ) as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+            # No back-off: a probe wants an answer within its own timeout (often 1 s).
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=1)
         return True
     except Exception as exc:  # any transport error means "not ready"; logged, never shown
         log.warning("readiness: broker unreachable (%s)", type(exc).__name__)

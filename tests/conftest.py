@@ -98,9 +98,11 @@ def _empty_tables(database: Database) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Resolved before the test: pytest forbids requesting new fixtures during teardown.
+    database = request.getfixturevalue("db") if {"db", "app"} & set(request.fixturenames) else None
     yield
-    if "db" in request.fixturenames or "app" in request.fixturenames:
-        _empty_tables(request.getfixturevalue("db"))
+    if database is not None:
+        _empty_tables(database)
 
 
 @pytest.fixture

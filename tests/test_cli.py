@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,8 +48,8 @@ def url(db_path: Path) -> str:
 
 
 @pytest.fixture
-def cli(url: str) -> Iterator[CliRunner]:
-    yield CliRunner(env={"LATCHKEY_DATABASE_URL": url})
+def cli(url: str) -> CliRunner:
+    return CliRunner(env={"LATCHKEY_DATABASE_URL": url})
 
 
 def run(cli: CliRunner, *args: str, input: str | None = None) -> Result:
@@ -232,8 +231,11 @@ def test_audit_verify_passes_on_an_untouched_database(cli: CliRunner, db_path: P
 
 def test_audit_verify_detects_an_edited_event(cli: CliRunner, db_path: Path) -> None:
     org_id = _org_with_three_events(cli, db_path)
-    _sql(db_path, "UPDATE audit_events SET details = ? WHERE chain = ? AND seq = 1",
-         (json.dumps({"slug": "someone-else"}), org_id))
+    _sql(
+        db_path,
+        "UPDATE audit_events SET details = ? WHERE chain = ? AND seq = 1",
+        (json.dumps({"slug": "someone-else"}), org_id),
+    )
 
     result = run(cli, "audit", "verify")
 

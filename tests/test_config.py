@@ -114,14 +114,16 @@ def test_a_bad_boolean_is_a_config_error_naming_the_setting() -> None:
 
 
 def test_an_unknown_environment_is_a_config_error_naming_the_setting() -> None:
-    with pytest.raises(ConfigError, match="^LATCHKEY_ENV"):
+    with pytest.raises(ConfigError, match=r"^LATCHKEY_ENV"):
         load_settings({"LATCHKEY_ENV": "staging"})
 
 
 def test_secret_settings_never_appear_in_repr(tmp_path: Path) -> None:
     token_file = tmp_path / "gateway"
     token_file.write_text("gateway-token-do-not-print", encoding="utf-8")
-    s = load_settings({"LATCHKEY_SECRET_KEY": "session-key-do-not-print", "LATCHKEY_GATEWAY_TOKEN_FILE": str(token_file)})
+    s = load_settings(
+        {"LATCHKEY_SECRET_KEY": "session-key-do-not-print", "LATCHKEY_GATEWAY_TOKEN_FILE": str(token_file)}
+    )
     for text in (repr(s), str(s), repr(s.model_dump())):
         assert "session-key-do-not-print" not in text
         assert "gateway-token-do-not-print" not in text
@@ -227,7 +229,11 @@ def test_production_celery_worker_without_a_keyring_exits_with_one_line(redis_ur
     env.update({"LATCHKEY_ENV": "production", "LATCHKEY_REDIS_URL": redis_url})
     proc = subprocess.run(
         [str(CELERY), "-A", "app.tasks", "worker", "-P", "solo", "--loglevel", "WARNING"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode != 0
     naming = [line for line in proc.stderr.splitlines() if "LATCHKEY_PRIVATE_KEYS_FILE" in line]

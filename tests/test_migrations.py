@@ -46,11 +46,11 @@ def _engine(url: str) -> sa.Engine:
     return make_engine(url)
 
 
-def _query(url: str, sql: str, **params: Any) -> list[sa.Row[Any]]:
+def _query(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
     engine = _engine(url)
     try:
         with engine.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
+            return [tuple(row) for row in conn.execute(sa.text(sql), params)]
     finally:
         engine.dispose()
 
@@ -100,10 +100,14 @@ def _insert_legacy_rows(url: str) -> None:
         url,
         ("INSERT INTO orgs (id, slug, name) VALUES (:id, :slug, :name)", {"id": ORG_A, "slug": "acme", "name": "Acme"}),
         ("INSERT INTO orgs (id, slug, name) VALUES (:id, :slug, :name)", {"id": ORG_B, "slug": "other", "name": "O"}),
-        ("INSERT INTO secrets (id, org_id, value) VALUES (:id, :org, :v)", {"id": SECRET_A, "org": ORG_A,
-                                                                            "v": UNICODE_VALUE}),
-        ("INSERT INTO secrets (id, org_id, value) VALUES (:id, :org, :v)", {"id": SECRET_B, "org": ORG_B,
-                                                                            "v": "sk-other-org"}),
+        (
+            "INSERT INTO secrets (id, org_id, value) VALUES (:id, :org, :v)",
+            {"id": SECRET_A, "org": ORG_A, "v": UNICODE_VALUE},
+        ),
+        (
+            "INSERT INTO secrets (id, org_id, value) VALUES (:id, :org, :v)",
+            {"id": SECRET_B, "org": ORG_B, "v": "sk-other-org"},
+        ),
         (
             "INSERT INTO mcp_servers (id, org_id, name, url, token) VALUES (:id, :org, :name, :url, :token)",
             {"id": MCP_A, "org": ORG_A, "name": "docs", "url": "https://mcp.example.com/mcp", "token": RAW_TOKEN},
@@ -117,14 +121,15 @@ def _insert_legacy_rows(url: str) -> None:
 
 def _assert_legacy_rows_intact(url: str) -> None:
     orgs = _query(url, "SELECT id, slug, name FROM orgs ORDER BY id")
-    assert [tuple(r) for r in orgs] == [(ORG_A, "acme", "Acme"), (ORG_B, "other", "O")]
-    secrets = _query(url, "SELECT id, org_id, value FROM secrets WHERE id IN (:a, :b) ORDER BY id", a=SECRET_A,
-                     b=SECRET_B)
-    assert [tuple(r) for r in secrets] == [(SECRET_A, ORG_A, UNICODE_VALUE), (SECRET_B, ORG_B, "sk-other-org")]
+    assert orgs == [(ORG_A, "acme", "Acme"), (ORG_B, "other", "O")]
+    secrets = _query(
+        url, "SELECT id, org_id, value FROM secrets WHERE id IN (:a, :b) ORDER BY id", a=SECRET_A, b=SECRET_B
+    )
+    assert secrets == [(SECRET_A, ORG_A, UNICODE_VALUE), (SECRET_B, ORG_B, "sk-other-org")]
     servers = _query(url, "SELECT id, org_id, name, url, token FROM mcp_servers")
-    assert [tuple(r) for r in servers] == [(MCP_A, ORG_A, "docs", "https://mcp.example.com/mcp", RAW_TOKEN)]
+    assert servers == [(MCP_A, ORG_A, "docs", "https://mcp.example.com/mcp", RAW_TOKEN)]
     agents = _query(url, "SELECT id, org_id, name, model, secret_ref FROM agents")
-    assert [tuple(r) for r in agents] == [(AGENT_A, ORG_A, "helper", "openai/gpt-4o", SECRET_A)]
+    assert agents == [(AGENT_A, ORG_A, "helper", "openai/gpt-4o", SECRET_A)]
 
 
 # Revision graph -----------------------------------------------------------------------------
@@ -190,9 +195,9 @@ def test_legacy_rows_survive_the_upgrade_with_defaults_for_new_columns(blank_url
     assert (version, name, ciphertext, key_id) == (1, None, None, None)
     assert created_at is not None
     servers = _query(blank_url, "SELECT status, transport, secret_ref, tool_count FROM mcp_servers")
-    assert [tuple(r) for r in servers] == [("pending", "streamable_http", None, 0)]
+    assert servers == [("pending", "streamable_http", None, 0)]
     agents = _query(blank_url, "SELECT provider_id, model_id FROM agents")
-    assert [tuple(r) for r in agents] == [(None, None)]
+    assert agents == [(None, None)]
 
 
 def test_downgrading_the_expand_revision_keeps_never_backfilled_legacy_rows(blank_url: str) -> None:
@@ -240,17 +245,22 @@ def test_an_mcp_server_cannot_reference_a_secret_of_another_org(blank_url: str) 
     migrate.upgrade(blank_url, "0001")
     _insert_legacy_rows(blank_url)
     migrate.upgrade(blank_url, "head")
-    insert = (
-        "INSERT INTO mcp_servers (id, org_id, name, url, secret_ref) VALUES (:id, :org, :name, :url, :ref)"
-    )
+    insert = "INSERT INTO mcp_servers (id, org_id, name, url, secret_ref) VALUES (:id, :org, :name, :url, :ref)"
 
     # Control: a reference to a secret of the same org is accepted.
-    _execute(blank_url, (insert, {"id": str(uuid.uuid4()), "org": ORG_A, "name": "same-org", "url": "https://a.test",
-                                  "ref": SECRET_A}))
+    _execute(
+        blank_url,
+        (insert, {"id": str(uuid.uuid4()), "org": ORG_A, "name": "same-org", "url": "https://a.test", "ref": SECRET_A}),
+    )
 
     with pytest.raises(IntegrityError):
-        _execute(blank_url, (insert, {"id": str(uuid.uuid4()), "org": ORG_A, "name": "cross-org",
-                                      "url": "https://b.test", "ref": SECRET_B}))
+        _execute(
+            blank_url,
+            (
+                insert,
+                {"id": str(uuid.uuid4()), "org": ORG_A, "name": "cross-org", "url": "https://b.test", "ref": SECRET_B},
+            ),
+        )
     names = [r[0] for r in _query(blank_url, "SELECT name FROM mcp_servers ORDER BY name")]
     assert names == ["docs", "same-org"]
 
@@ -282,8 +292,13 @@ def test_cli_db_downgrade_refusal_is_one_line_and_non_zero(tmp_path: Path) -> No
     migrate.upgrade(url, "0001")
     _insert_legacy_rows(url)
     migrate.upgrade(url, "head")
-    _execute(url, ("UPDATE secrets SET value = NULL, name = 'N', ciphertext = :ct, key_id = 'k' WHERE id = :id",
-                   {"ct": b"x", "id": SECRET_B}))
+    _execute(
+        url,
+        (
+            "UPDATE secrets SET value = NULL, name = 'N', ciphertext = :ct, key_id = 'k' WHERE id = :id",
+            {"ct": b"x", "id": SECRET_B},
+        ),
+    )
 
     result = CliRunner().invoke(main, ["db", "downgrade", "0001"], env={"LATCHKEY_DATABASE_URL": url})
 

@@ -75,7 +75,9 @@ def gunicorn(production_env: dict[str, str]) -> Iterator[int]:
     port = _free_port()
     proc = subprocess.Popen(
         [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"],
-        env=production_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=production_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         _wait_http(port, proc)
@@ -94,8 +96,9 @@ def test_gunicorn_serves_the_api_in_production_mode(gunicorn: int, db: Database)
     auth = {"Authorization": f"Bearer {token}"}
 
     assert _request(gunicorn, "GET", "/readyz")[0] == 200
-    status, headers, body = _request(gunicorn, "POST", "/api/v1/orgs/prod/secrets",
-                                     {"name": "PROD_KEY", "value": "prod-value"}, auth)
+    status, headers, body = _request(
+        gunicorn, "POST", "/api/v1/orgs/prod/secrets", {"name": "PROD_KEY", "value": "prod-value"}, auth
+    )
     assert status == 201, body
     assert json.loads(body)["version"] == 1
     assert headers["X-Request-ID"]
@@ -114,8 +117,11 @@ def test_production_web_refuses_to_start_without_keys(production_env: dict[str, 
     env = dict(production_env)
     del env["LATCHKEY_PUBLIC_KEYS"]
     proc = subprocess.run(
-        [sys.executable, "-c", "from app import create_app; create_app()"], env=env, capture_output=True,
-        text=True, timeout=60,
+        [sys.executable, "-c", "from app import create_app; create_app()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "LATCHKEY_PUBLIC_KEYS is required" in proc.stderr
@@ -126,7 +132,10 @@ def test_latchkey_dev_runs_everything_and_prints_a_working_login(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATCHKEY_")}
     proc = subprocess.Popen(
         [str(BIN / "latchkey"), "dev", "--port", str(port), "--instance", str(tmp_path / "instance")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         printed: list[str] = []
