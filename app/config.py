@@ -52,6 +52,8 @@ class Settings(BaseModel):
     egress_allow_private: bool = False
     egress_allow_http_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # The Celery queue this deployment's web tier publishes to and its workers consume.
+    queue: str = Field(default="latchkey", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     # How long a POST Idempotency-Key is remembered.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     # Cap on a request body; a secret value is at most 64 KiB, JSON escaping can

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets as _random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -129,18 +129,8 @@ class Database:
             session.close()
 
 
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the session's transaction commits; drop it on rollback."""
-    session.info.setdefault("after_commit", []).append(callback)
-
-
-@event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
-    callbacks = session.info.pop("after_commit", [])
-    for cb in callbacks:
-        cb()
-
-
 @event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop("after_commit", None)
+def _drop_publications(session: Session) -> None:
+    # Jobs and changes of a rolled-back transaction do not exist: never publish them.
+    session.info.pop("publish", None)
+    session.info.pop("invalidate", None)

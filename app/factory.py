@@ -8,12 +8,14 @@ import os
 import re
 from typing import Any
 
+import redis
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings, load_settings
 from app.db import Database, random_token
 from app.logs import configure_logging
+from app.secrets.invalidation import Invalidator
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -42,6 +44,15 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     db.configure(settings.database_url)
     app.extensions["latchkey.db"] = db
     app.extensions["latchkey.public_keys"] = _public_keys(settings)
+    from app.jobs.service import Publisher
+    from app.tasks import make_celery
+
+    # The web tier only publishes task messages by name; it never imports or runs tasks.
+    app.extensions["latchkey.publisher"] = Publisher(make_celery(settings), db)
+    app.extensions["latchkey.redis"] = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
+    )
+    app.extensions["latchkey.invalidator"] = Invalidator(app.extensions["latchkey.redis"], db)
 
     from app.api import bp as api_bp
     from app.api import problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ def settings(database_url: str, redis_url: str, keyring: Keyring, keyring_path: 
         public_keys=keyring.public_set().dumps(),
         private_keys_file=keyring_path,
         log_level="DEBUG",
+        # A queue of this session's own, so concurrent test runs on one Redis never share jobs.
+        queue=f"latchkey-test-{os.getpid()}",
     )
 
 

@@ -303,6 +303,7 @@ def route(
                         _remember(s, idem_key, digest, code, payload)
                     resp = json_response(payload, code, result.headers)
                 s.commit()
+                after_commit(s)
                 return resp
             except IntegrityError:
                 s.rollback()
@@ -321,6 +322,23 @@ def route(
         return view
 
     return decorator
+
+
+def after_commit(s: Session) -> None:
+    """Work that must follow the commit: cache invalidations first, then job messages.
+
+    Invalidations go first so that a job queued by the same request can never read the
+    value the request just replaced. A broker refusal becomes a 503 (the job is marked failed).
+    """
+    from app.jobs.service import take_publications
+    from app.secrets.invalidation import take_pending
+
+    pending = take_pending(s)
+    if pending:
+        current_app.extensions["latchkey.invalidator"].flush(pending)
+    pubs = take_publications(s)
+    if pubs:
+        current_app.extensions["latchkey.publisher"].publish(pubs)
 
 
 def _remember(s: Session, key: str, digest: str, status_code: int, payload: Any) -> None:

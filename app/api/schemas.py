@@ -166,6 +166,35 @@ class MemberList(BaseModel):
     next_cursor: str | None = None
 
 
+# Jobs ------------------------------------------------------------------------------------
+
+
+class Progress(BaseModel):
+    done: int
+    total: int | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: str = Field(description="queued | running | succeeded | failed")
+    progress: Progress
+    result: dict[str, Any] | None
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobAccepted(BaseModel):
+    job: JobOut
+
+
 # Health ----------------------------------------------------------------------------------
 
 

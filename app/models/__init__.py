@@ -3,18 +3,20 @@
 from app.models.audit import AuditEvent, AuditHead
 from app.models.identity import ApiToken, IdempotencyKey, Membership, Org, Role, User
 from app.models.jobs import Job, JobStatus
-from app.models.resources import Agent, McpServer, Provider
-from app.models.secrets import Secret
+from app.models.resources import Agent, McpServer, McpTool, Provider
+from app.models.secrets import CacheInvalidation, Secret
 
 __all__ = [
     "Agent",
     "ApiToken",
     "AuditEvent",
     "AuditHead",
+    "CacheInvalidation",
     "IdempotencyKey",
     "Job",
     "JobStatus",
     "McpServer",
+    "McpTool",
     "Membership",
     "Org",
     "Provider",

@@ -92,3 +92,20 @@ class Agent(Base):
     # Legacy (revision 0001): "{kind}/{model_id}" and a legacy secret holding the provider key.
     model: Mapped[str | None] = mapped_column(String(200))
     secret_ref: Mapped[str | None] = mapped_column(String(36))
+
+
+class McpTool(Base):
+    """A tool from an MCP server's last successful ``tools/list``."""
+
+    __tablename__ = "mcp_tools"
+    __table_args__ = (
+        UniqueConstraint("mcp_server_id", "name"),
+        ForeignKeyConstraint(["org_id", "mcp_server_id"], ["mcp_servers.org_id", "mcp_servers.id"], ondelete="CASCADE"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(String(36))
+    mcp_server_id: Mapped[str] = mapped_column(String(36))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    input_schema: Mapped[dict[str, Any]] = mapped_column(JSON)

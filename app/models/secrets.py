@@ -40,3 +40,21 @@ class Secret(Base):
     rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Legacy plaintext (revision 0001). Emptied by the backfill, dropped by the contract migration.
     value: Mapped[str | None] = mapped_column(Text)
+
+
+class CacheInvalidation(Base):
+    """Outbox: a committed change whose cache invalidation has not reached Redis yet.
+
+    Written in the same transaction as the change, applied right after the commit, and
+    replayed by beat when Redis could not take it, so no invalidation is ever lost.
+    """
+
+    __tablename__ = "cache_invalidations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(String(36))
+    secret_id: Mapped[str] = mapped_column(String(36))
+    # "<version>:<stamp>" of the committed row, or "deleted".
+    pointer: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now(), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -27,6 +27,7 @@ from app.errors import (
 )
 from app.models import Agent, McpServer, Org, Provider, Secret
 from app.pagination import Page, paginate
+from app.secrets import cachekeys, invalidation
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal, secret_context
 
@@ -286,6 +287,7 @@ def update_secret(
     secret.updated_at = now
     secret.updated_by = ctx.actor.id
     _flush_unique(session, secret.name or "")
+    invalidation.stage(session, org.id, secret.id, cachekeys.pointer(secret.version, now))
     audit.record(
         session,
         ctx,
@@ -320,6 +322,7 @@ def delete_secret(session: Session, ctx: RequestContext, org: Org, secret_id: st
     except IntegrityError:
         # A reference was added concurrently; the composite foreign key refused the delete.
         raise SecretInUseError("secret became in use; unbind it first", used_by=[]) from None
+    invalidation.stage(session, org.id, secret_id, cachekeys.DELETED)
     audit.record(
         session,
         ctx,

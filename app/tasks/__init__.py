@@ -14,10 +14,13 @@ from celery import Celery, signals
 
 from app.config import ConfigError, Settings, load_settings
 
+# Modules whose tasks every worker registers.
+TASK_MODULES = ["app.tasks.system"]
+
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
-    celery = Celery("latchkey", set_as_current=False)
+    celery = Celery("latchkey", set_as_current=False, include=TASK_MODULES)
     celery.conf.update(
         broker_url=settings.effective_broker_url,
         # The result backend is internal plumbing; job state lives in the jobs table.
@@ -34,7 +37,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
-        task_default_queue="latchkey",
+        task_default_queue=settings.queue,
+        broker_connection_timeout=3,
+        beat_schedule={
+            "requeue-stuck-jobs": {"task": "jobs.requeue_stuck", "schedule": 60.0},
+        },
     )
     celery.conf["latchkey_settings"] = settings
     return celery

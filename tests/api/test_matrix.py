@@ -27,8 +27,11 @@ class Endpoint:
 
     @property
     def rule(self) -> str:
-        return "/api/v1/" + self.path.replace("{org}", "<org>").replace("{secret}", "<secret_id>").replace(
-            "{user}", "<user_id>"
+        return "/api/v1/" + (
+            self.path.replace("{org}", "<org>")
+            .replace("{secret}", "<secret_id>")
+            .replace("{user}", "<user_id>")
+            .replace("{job}", "<job_id>")
         )
 
 
@@ -43,14 +46,31 @@ ENDPOINTS = [
     Endpoint("POST", "orgs/{org}/members", True, {"email": "{email}", "role": "member"}),
     Endpoint("PATCH", "orgs/{org}/members/{user}", True, {"role": "admin"}),
     Endpoint("DELETE", "orgs/{org}/members/{user}", True),
+    Endpoint("GET", "orgs/{org}/jobs/{job}", False),
 ]
+OPERATOR_ONLY = [Endpoint("GET", "admin/jobs/{job}", True), Endpoint("POST", "admin/jobs/ping", True)]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
 
 
-def test_matrix_covers_every_org_scoped_route() -> None:
+def test_matrix_covers_every_org_scoped_and_operator_route() -> None:
     declared = {(r.method.upper(), r.rule) for r in ROUTES if "<org>" in r.rule}
     covered = {(e.method, e.rule) for e in ORG_SCOPED}
     assert declared == covered
+    operator = {(r.method.upper(), r.rule) for r in ROUTES if r.auth == "operator"}
+    assert operator == {(e.method, e.rule) for e in OPERATOR_ONLY}
+
+
+@pytest.mark.parametrize("endpoint", OPERATOR_ONLY, ids=lambda e: f"{e.method} {e.path}")
+def test_operator_endpoints_refuse_org_admins(world: World, endpoint: Endpoint, db: Any) -> None:
+    before = _snapshot(db)
+    resp = world.admin.request(endpoint.method, endpoint.path.format(job=world.job))
+    assert resp.status_code == 403 and resp.get_json()["code"] == "forbidden"
+    assert _snapshot(db) == before
+
+
+def test_operator_cannot_read_an_org_job_as_an_instance_job(world: World, factory: Factory) -> None:
+    operator = factory.user(operator=True)
+    assert operator.get(f"admin/jobs/{world.job}").status_code == 404
 
 
 @dataclass
@@ -64,6 +84,8 @@ class World:
     other_admin: Caller
     other_secret: str
     other_member_id: str
+    job: str
+    other_job: str
 
 
 @pytest.fixture
@@ -72,7 +94,10 @@ def world(factory: Factory) -> World:
     admin, member = factory.user(org, "admin"), factory.user(org, "member")
     other_admin, other_member = factory.user(other, "admin"), factory.user(other, "member")
     outsider = factory.user()
+    job, other_job = _job(factory, org), _job(factory, other)
     return World(
+        job=job,
+        other_job=other_job,
         org=org,
         admin=admin,
         member=member,
@@ -85,8 +110,19 @@ def world(factory: Factory) -> World:
     )
 
 
-def _call(caller: Caller, e: Endpoint, *, org: str, secret: str, user: str, email: str) -> Any:
-    path = e.path.format(org=org, secret=secret, user=user)
+def _job(factory: Factory, slug: str) -> str:
+    from app.identity import service as identity
+    from app.jobs import service as jobs
+    from tests.factories import CTX
+
+    with factory.db.session() as s:
+        org_id = identity.get_org(s, slug).id
+        # Created but never published: the row is all the matrix needs.
+        return jobs.create_job(s, CTX, org_id=org_id, kind="system.ping").id
+
+
+def _call(caller: Caller, e: Endpoint, *, org: str, secret: str, user: str, email: str, job: str = "") -> Any:
+    path = e.path.format(org=org, secret=secret, user=user, job=job)
     body = None
     if e.body is not None:
         body = {k: (v.format(email=email) if isinstance(v, str) else v) for k, v in e.body.items()}
@@ -105,7 +141,7 @@ def _snapshot(db: Any) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
-    has_ids = "{secret}" in endpoint.path or "{user}" in endpoint.path
+    has_ids = "{secret}" in endpoint.path or "{user}" in endpoint.path or "{job}" in endpoint.path
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
         before = _snapshot(db)
@@ -116,6 +152,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
             secret=world.other_secret,
             user=world.other_member_id,
             email=world.outsider_email,
+            job=world.other_job,
         )
         assert own_path.status_code == 404, own_path.get_json()
         assert own_path.get_json()["code"] == "not_found"
@@ -129,6 +166,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
         secret=world.other_secret,
         user=world.other_member_id,
         email=world.outsider_email,
+        job=world.other_job,
     )
     assert foreign.status_code == 404, foreign.get_json()
     assert foreign.content_type == "application/problem+json"
@@ -139,7 +177,13 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
 def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World, endpoint: Endpoint, db: Any) -> None:
     before = _snapshot(db)
     resp = _call(
-        world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id, email=world.outsider_email
+        world.member,
+        endpoint,
+        org=world.org,
+        secret=world.secret,
+        user=world.admin.user_id,
+        email=world.outsider_email,
+        job=world.job,
     )
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
@@ -149,7 +193,13 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World,
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.admin_only], ids=lambda e: f"{e.method} {e.path}")
 def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> None:
     resp = _call(
-        world.member, endpoint, org=world.org, secret=world.secret, user=world.admin.user_id, email=world.outsider_email
+        world.member,
+        endpoint,
+        org=world.org,
+        secret=world.secret,
+        user=world.admin.user_id,
+        email=world.outsider_email,
+        job=world.job,
     )
     assert resp.status_code == 200, resp.get_json()
 
@@ -158,7 +208,13 @@ def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> No
 def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint) -> None:
     target_user = world.member.user_id
     resp = _call(
-        world.admin, endpoint, org=world.org, secret=world.secret, user=target_user, email=world.outsider_email
+        world.admin,
+        endpoint,
+        org=world.org,
+        secret=world.secret,
+        user=target_user,
+        email=world.outsider_email,
+        job=world.job,
     )
     assert resp.status_code in (200, 201, 204), resp.get_json()
 
@@ -166,7 +222,9 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint) -> None:
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 @pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
 def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth: str | None, client: Any) -> None:
-    path = "/api/v1/" + endpoint.path.format(org=world.org, secret=world.secret, user=world.admin.user_id)
+    path = "/api/v1/" + endpoint.path.format(
+        org=world.org, secret=world.secret, user=world.admin.user_id, job=world.job
+    )
     headers = {"Authorization": auth} if auth is not None else {}
     resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)
     assert resp.status_code == 401

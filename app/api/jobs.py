@@ -1,0 +1,58 @@
+"""Jobs: an org's jobs for its members; instance jobs for operators."""
+
+from __future__ import annotations
+
+from app.api import bp
+from app.api.framework import Result, current_user, request_context, route, session
+from app.api.schemas import JobAccepted, JobError, JobOut, Progress
+from app.identity import service as identity
+from app.jobs import service as jobs
+from app.models import Job
+
+
+def job_out(job: Job) -> JobOut:
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        progress=Progress(done=job.progress_done, total=job.progress_total),
+        result=job.result,
+        error=error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def accepted(job: Job) -> Result:
+    """The 202 answer of every endpoint that starts work."""
+    return Result(JobAccepted(job=job_out(job)), 202, {"Location": f"jobs/{job.id}"})
+
+
+@route(bp, "/orgs/<org>/jobs/<job_id>", "GET", response=JobOut, tags=["jobs"], errors=[401, 404])
+def get_org_job(org: str, job_id: str) -> JobOut:
+    """A job of the org: status, progress, result (never a secret) and error."""
+    access = identity.org_access(session(), current_user(), org)
+    return job_out(jobs.get_job(session(), access.org.id, job_id))
+
+
+@route(bp, "/admin/jobs/<job_id>", "GET", response=JobOut, auth="operator", tags=["admin"], errors=[401, 403, 404])
+def get_admin_job(job_id: str) -> JobOut:
+    """An instance job (backfill, verification, re-seal, ping) for operators."""
+    return job_out(jobs.get_job(session(), None, job_id))
+
+
+@route(
+    bp,
+    "/admin/jobs/ping",
+    "POST",
+    response=JobAccepted,
+    status=202,
+    auth="operator",
+    tags=["admin"],
+    errors=[401, 403, 503],
+)
+def ping_workers() -> Result:
+    """Queue a no-op job: proves a worker is taking jobs, end to end."""
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind="system.ping"))

@@ -1,0 +1,456 @@
+"""The egress guard: the one door for every outbound call that carries a secret.
+
+MCP servers, LLM providers and the AI gateway are all reached through a client built here.
+Each request such a client sends is checked (scheme, the secret's ``allowed_hosts``, every
+resolved address) and then sent to the very address that was checked, so a DNS answer that
+changes between the check and the connect (DNS rebinding) cannot redirect the secret. Redirects
+are never followed. Refusals happen before any connection is opened and raise ``EgressError``
+subclasses whose ``code`` is stable and whose ``message`` never holds a secret, a query string or a
+server body.
+
+Callers going through the MCP SDK get these errors wrapped in an ``ExceptionGroup`` (the SDK runs
+its transport in a task group): unwrap with ``except* EgressError`` and re-raise a plain error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import httpx2
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+EventHooks = Mapping[str, list[Callable[..., Any]]]
+
+# Credential endpoints of cloud instances: reaching one hands out the worker's own cloud identity,
+# so they are refused even when an operator allows private networks. (AWS/GCP/Azure/OCI/DO share
+# 169.254.169.254; fd00:ec2::254 is AWS over IPv6; 100.100.100.200 is Alibaba; 169.254.170.2 and
+# 169.254.170.23 / fd00:ec2::23 are the ECS task and EKS pod-identity credential endpoints.)
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "100.100.100.200",
+        "169.254.170.2",
+        "169.254.170.23",
+        "fd00:ec2::23",
+    )
+)
+
+# Ranges the stdlib flags do not all cover on 3.11: carrier-grade NAT is neither "private" nor
+# "global", and IPv6 site-local is only visible through ``is_site_local``.
+_SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
+# NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): a gateway turns the last 32 bits into an
+# IPv4 destination, so 64:ff9b::a9fe:a9fe would reach the metadata service.
+_NAT64_NETWORKS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+# Deprecated IPv4-compatible form (::a.b.c.d); some stacks still route it as IPv4.
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+class EgressError(Exception):
+    """An outbound call refused before any connection; ``message`` is safe to show and to log."""
+
+    code: str = "egress_error"
+
+    def __init__(self, message: str, *, host: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # The destination host, for audit events; never the full URL (its query may hold a token).
+        self.host = host
+
+
+class EgressDeniedError(EgressError):
+    """The scheme or a resolved address is refused by the egress policy."""
+
+    code = "egress_denied"
+
+
+class DestinationDeniedError(EgressError):
+    """The host is outside the secret's ``allowed_hosts``."""
+
+    code = "secret_destination_denied"
+
+
+class EgressResolutionError(EgressError):
+    """The host name did not resolve, so there is no address that could be checked."""
+
+    code = "egress_unresolvable"
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Operator policy for outbound calls (both relaxations are for dev and tests only)."""
+
+    allow_private: bool = False
+    allow_http_hosts: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        # A bare string would be iterated character by character and silently allow nothing sensible.
+        if isinstance(self.allow_http_hosts, str):
+            raise TypeError("allow_http_hosts must be a collection of host names, not a string")
+        # Normalised once so "LocalHost.", "[::1]" or "0:0::1" in config match the parsed URL host.
+        hosts = frozenset(_normalize_host(h) for h in self.allow_http_hosts)
+        object.__setattr__(self, "allow_http_hosts", hosts - {""})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EgressPolicy:
+        """Build the policy from ``LATCHKEY_EGRESS_ALLOW_PRIVATE`` / ``LATCHKEY_EGRESS_ALLOW_HTTP_HOSTS``."""
+        return cls(
+            allow_private=settings.egress_allow_private,
+            allow_http_hosts=frozenset(settings.egress_allow_http_hosts),
+        )
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A checked destination: the addresses listed are the only ones a guarded client connects to."""
+
+    scheme: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+def _normalize_host(host: str) -> str:
+    """Lowercase, unbracketed, without a trailing dot, IDNA-encoded; IP literals in canonical form."""
+    h = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        pass
+    if not h.isascii():
+        # URL hosts arrive IDNA-encoded (httpx2 raw_host), so a unicode pattern must be encoded to match.
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return h
+
+
+def host_matches(host: str, patterns: Sequence[str]) -> bool:
+    """True if ``host`` equals a pattern or is a subdomain (any depth) of a ``*.suffix`` pattern."""
+    if isinstance(patterns, str):
+        raise TypeError("patterns must be a sequence of host patterns, not a string")
+    name = _normalize_host(host)
+    if not name:
+        return False
+    for raw in patterns:
+        pattern = _normalize_host(raw)
+        if pattern.startswith("*."):
+            suffix = pattern[1:]  # ".example.com": the bare suffix itself is not a subdomain of itself
+            # A lone "*." must not turn into "allow everything".
+            if len(suffix) > 1 and name.endswith(suffix) and len(name) > len(suffix):
+                return True
+        elif pattern and name == pattern:
+            return True
+    return False
+
+
+def _effective_forms(ip: IPAddress) -> list[IPAddress]:
+    """Every address a packet to ``ip`` may really reach: itself, or the IPv4 it translates or tunnels to."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return [ip]
+    # Translations: the packet leaves as IPv4, so only the IPv4 address counts. Judging the IPv6
+    # wrapper too would refuse every public host on a DNS64/NAT64 (IPv6-only) network.
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if any(ip in net for net in _NAT64_NETWORKS):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    # Tunnels (6to4, Teredo, IPv4-compatible): both the IPv6 address and what it carries must pass.
+    forms: list[IPAddress] = [ip]
+    if ip.sixtofour is not None:
+        forms.append(ip.sixtofour)
+    if ip.teredo is not None:
+        forms.extend(ip.teredo)
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:
+        forms.append(ipaddress.IPv4Address(int(ip)))
+    return forms
+
+
+def _is_public(ip: IPAddress) -> bool:
+    """True only for globally routable unicast addresses."""
+    if (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+        or not ip.is_global
+    ):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        return not ip.is_site_local
+    return ip not in _SHARED_ADDRESS_SPACE
+
+
+def _refusal(ip: IPAddress, policy: EgressPolicy) -> str | None:
+    """Why ``ip`` is refused under ``policy`` (a short safe phrase), or None if it is allowed."""
+    forms = _effective_forms(ip)
+    if any(form in METADATA_ADDRESSES for form in forms):
+        return "a cloud metadata address"
+    if policy.allow_private or all(_is_public(form) for form in forms):
+        return None
+    return "a non-public address"
+
+
+def _parse_address(text: str) -> IPAddress:
+    """Parse an address from getaddrinfo, dropping an IPv6 zone id so set lookups compare equal."""
+    return ipaddress.ip_address(text.split("%", 1)[0])
+
+
+def _resolve(host: str, port: int) -> list[IPAddress]:
+    """The host's addresses in resolver order, deduplicated; a literal IP resolves to itself."""
+    try:
+        return [_parse_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        # Chained for debugging: the resolver's error holds the host name at most, never the URL.
+        raise EgressResolutionError(f"host {host} could not be resolved", host=host) from exc
+    addresses: list[IPAddress] = []
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        ip = _parse_address(str(sockaddr[0]))
+        if ip not in addresses:
+            addresses.append(ip)
+    if not addresses:
+        raise EgressResolutionError(f"host {host} has no usable address", host=host)
+    return addresses
+
+
+def check_destination(
+    url: str | httpx2.URL,
+    policy: EgressPolicy,
+    allowed_hosts: Sequence[str] | None = None,
+) -> Destination:
+    """Refuse ``url`` unless its scheme, host and every resolved address are allowed; return what was checked.
+
+    ``allowed_hosts`` is the secret's host list: None or empty means the secret does not restrict hosts.
+    """
+    if isinstance(allowed_hosts, str):
+        raise TypeError("allowed_hosts must be a sequence of host patterns, not a string")
+    try:
+        parsed = url if isinstance(url, httpx2.URL) else httpx2.URL(url)
+    except (httpx2.InvalidURL, TypeError, ValueError):
+        # "from None": the parser's message may quote the URL, query string and all.
+        raise EgressDeniedError("the destination URL is not valid") from None
+
+    scheme = parsed.scheme
+    host = parsed.raw_host.decode("ascii")
+    if not host:
+        raise EgressDeniedError("the destination URL has no host")
+    if scheme == "http":
+        if _normalize_host(host) not in policy.allow_http_hosts:
+            raise EgressDeniedError(f"plain http is not allowed for host {host}; use https", host=host)
+    elif scheme != "https":
+        raise EgressDeniedError(f"scheme {scheme[:16]!r} is not allowed; use https", host=host)
+    if parsed.userinfo:
+        raise EgressDeniedError("credentials in the destination URL are not allowed", host=host)
+    # Before DNS: a secret must not even cause a lookup of a name it may not be sent to.
+    if allowed_hosts and not host_matches(host, allowed_hosts):
+        raise DestinationDeniedError(f"host {host} is not in the secret's allowed hosts", host=host)
+
+    port = parsed.port or _DEFAULT_PORTS[scheme]
+    addresses = _resolve(host, port)
+    # Every address, not just the first: a resolver may hand them out in any order.
+    for ip in addresses:
+        reason = _refusal(ip, policy)
+        if reason is not None:
+            raise EgressDeniedError(f"host {host} resolves to {reason}", host=host)
+    return Destination(scheme=scheme, host=host, port=port, addresses=tuple(str(ip) for ip in addresses))
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _pinned_request(request: httpx2.Request, destination: Destination, address: str) -> httpx2.Request:
+    """A copy of ``request`` aimed at ``address``, still presenting the original host to the server."""
+    headers = request.headers.copy()
+    if "host" not in headers:
+        # httpx2 sets Host when it builds a request; keep virtual hosting intact for hand-built ones too.
+        headers["Host"] = request.url.netloc.decode("ascii")
+    extensions = dict(request.extensions)
+    if destination.scheme == "https" and not _is_ip_literal(destination.host):
+        # httpcore uses this for the TLS server_hostname: SNI and certificate verification stay on
+        # the real name even though the socket goes to a literal IP.
+        extensions["sni_hostname"] = destination.host
+    # copy_with brackets an IPv6 literal itself.
+    url = request.url.copy_with(host=address)
+    # A new Request (not a mutation) so the caller's request, response.request and logs keep the real URL.
+    return httpx2.Request(request.method, url, headers=headers, stream=request.stream, extensions=extensions)
+
+
+def _inner_transport_kwargs(ssl_context: ssl.SSLContext) -> dict[str, Any]:
+    # trust_env=False: a proxy from the environment must not reroute a secret-carrying call (it
+    # would also connect by name, reopening the DNS gap). retries=0: the guard owns retrying.
+    return {"verify": ssl_context, "trust_env": False, "retries": 0}
+
+
+def _default_ssl_context(ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
+    # One context per client, shared by its per-host pools: loading the CA bundle per host is slow.
+    # httpx2's default verifies certificates and host names (and honours SSL_CERT_FILE/SSL_CERT_DIR).
+    return ssl_context if ssl_context is not None else httpx2.create_ssl_context()
+
+
+class GuardedTransport(httpx2.BaseTransport):
+    """Sync transport: checks every request, then connects to the checked address only."""
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        allowed_hosts: Sequence[str] | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._policy = policy
+        self._allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
+        self._ssl_context = _default_ssl_context(ssl_context)
+        # Pools per (scheme, host, port), not one shared pool: httpcore pools by URL origin, which
+        # after pinning is the IP, so two names on one IP would share a TLS connection whose
+        # certificate was only verified for the first name.
+        self._pools: dict[tuple[str, str, int], httpx2.HTTPTransport] = {}
+        self._lock = threading.Lock()
+
+    def _pool(self, destination: Destination) -> httpx2.HTTPTransport:
+        key = (destination.scheme, destination.host, destination.port)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = httpx2.HTTPTransport(**_inner_transport_kwargs(self._ssl_context))
+            return pool
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        """Check ``request``; send it to the first checked address that accepts a connection."""
+        destination = check_destination(request.url, self._policy, self._allowed_hosts)
+        pool = self._pool(destination)
+        last_error: httpx2.ConnectError | None = None
+        for address in destination.addresses:
+            try:
+                return pool.handle_request(_pinned_request(request, destination, address))
+            except httpx2.ConnectError as exc:
+                # Nothing was sent yet, so trying the next checked address is safe: the fallback a
+                # name-based connect does across addresses, without a second lookup.
+                last_error = exc
+        assert last_error is not None  # _resolve never returns an empty list
+        raise last_error
+
+    def close(self) -> None:
+        """Close every per-host pool."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+class AsyncGuardedTransport(httpx2.AsyncBaseTransport):
+    """Async transport: checks every request, then connects to the checked address only."""
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        allowed_hosts: Sequence[str] | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._policy = policy
+        self._allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
+        self._ssl_context = _default_ssl_context(ssl_context)
+        # Per-host pools for the same reason as GuardedTransport; the lock never spans an await.
+        self._pools: dict[tuple[str, str, int], httpx2.AsyncHTTPTransport] = {}
+        self._lock = threading.Lock()
+
+    def _pool(self, destination: Destination) -> httpx2.AsyncHTTPTransport:
+        key = (destination.scheme, destination.host, destination.port)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = httpx2.AsyncHTTPTransport(**_inner_transport_kwargs(self._ssl_context))
+            return pool
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        """Check ``request`` (DNS in a worker thread); send it to the first checked address that accepts."""
+        # getaddrinfo blocks, so it must not run on the event loop the MCP SDK streams on.
+        destination = await anyio.to_thread.run_sync(check_destination, request.url, self._policy, self._allowed_hosts)
+        pool = self._pool(destination)
+        last_error: httpx2.ConnectError | None = None
+        for address in destination.addresses:
+            try:
+                return await pool.handle_async_request(_pinned_request(request, destination, address))
+            except httpx2.ConnectError as exc:
+                last_error = exc
+        assert last_error is not None
+        raise last_error
+
+    async def aclose(self) -> None:
+        """Close every per-host pool."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
+def _client_kwargs(
+    headers: Mapping[str, str] | None,
+    timeout: httpx2.Timeout | float,
+    event_hooks: EventHooks | None,
+) -> dict[str, Any]:
+    return {
+        "headers": headers,
+        "timeout": timeout,
+        "event_hooks": event_hooks,
+        "follow_redirects": False,
+        # 0, not just follow_redirects=False: a per-request follow_redirects=True then fails with
+        # TooManyRedirects instead of following, and the MCP SDK (which follows same-origin
+        # redirects itself, up to client.max_redirects) follows none.
+        "max_redirects": 0,
+        "trust_env": False,
+    }
+
+
+def guarded_async_client(
+    policy: EgressPolicy,
+    allowed_hosts: Sequence[str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: httpx2.Timeout | float = 10.0,
+    event_hooks: EventHooks | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> httpx2.AsyncClient:
+    """An ``httpx2.AsyncClient`` (e.g. for the MCP SDK) whose every request goes through the egress guard."""
+    transport = AsyncGuardedTransport(policy, allowed_hosts, ssl_context=ssl_context)
+    return httpx2.AsyncClient(transport=transport, **_client_kwargs(headers, timeout, event_hooks))
+
+
+def guarded_client(
+    policy: EgressPolicy,
+    allowed_hosts: Sequence[str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: httpx2.Timeout | float = 10.0,
+    event_hooks: EventHooks | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> httpx2.Client:
+    """An ``httpx2.Client`` (for provider and gateway calls) whose every request goes through the egress guard."""
+    transport = GuardedTransport(policy, allowed_hosts, ssl_context=ssl_context)
+    return httpx2.Client(transport=transport, **_client_kwargs(headers, timeout, event_hooks))

@@ -1,0 +1,5 @@
+"""MCP (Model Context Protocol) client support: list a server's tools and call them from workers."""
+
+from app.mcp.client import McpError, ToolInfo, ToolResult, call_tool, list_tools
+
+__all__ = ["McpError", "ToolInfo", "ToolResult", "call_tool", "list_tools"]

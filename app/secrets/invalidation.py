@@ -1,0 +1,104 @@
+"""Web-side cache invalidation, with an outbox so none is ever lost.
+
+A change to a secret writes a ``cache_invalidations`` row in its own transaction. Right after
+the commit the web tier moves the Redis pointer forward, publishes the invalidation and waits
+(briefly) for every subscribed worker to acknowledge that it dropped its in-process copy; then
+it deletes the outbox row. If Redis cannot take it, the row stays and beat replays it; the
+cache TTLs bound staleness even then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.db import Database
+from app.models import CacheInvalidation
+from app.secrets import cachekeys
+
+log = logging.getLogger("latchkey.invalidation")
+
+
+@dataclass(frozen=True)
+class Pending:
+    id: str
+    org_id: str
+    secret_id: str
+    pointer: str
+
+
+def stage(session: Session, org_id: str, secret_id: str, pointer: str) -> None:
+    """Record, inside the change's transaction, that this secret's cache must move to ``pointer``."""
+    row = CacheInvalidation(org_id=org_id, secret_id=secret_id, pointer=pointer)
+    session.add(row)
+    session.flush()
+    session.info.setdefault("invalidate", []).append(Pending(row.id, org_id, secret_id, pointer))
+
+
+def take_pending(session: Session) -> list[Pending]:
+    pending: list[Pending] = session.info.pop("invalidate", [])
+    return pending
+
+
+class Invalidator:
+    def __init__(self, client: redis.Redis, db: Database, *, ttl: int = 600, ack_timeout: float = 0.5) -> None:
+        self.redis = client
+        self.db = db
+        self.ttl = ttl
+        self.ack_timeout = ack_timeout
+        self._move = client.register_script(cachekeys.MOVE_POINTER)
+
+    def apply(self, item: Pending) -> None:
+        """Move the pointer, publish, and wait for the subscribed workers' acknowledgements."""
+        self._move(keys=[cachekeys.key(item.org_id, item.secret_id)], args=[item.pointer, self.ttl])
+        nonce = uuid.uuid4().hex
+        message = json.dumps({"o": item.org_id, "i": item.secret_id, "p": item.pointer, "n": nonce})
+        receivers = int(self.redis.publish(cachekeys.CHANNEL, message))
+        ack_key = cachekeys.ACK_PREFIX + nonce
+        deadline = time.monotonic() + self.ack_timeout
+        acked = 0
+        while acked < receivers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("invalidation of %s: %d of %d workers acknowledged", item.secret_id, acked, receivers)
+                break
+            if self.redis.blpop([ack_key], timeout=max(left, 0.01)) is None:
+                continue
+            acked += 1
+        self.redis.delete(ack_key)
+
+    def flush(self, items: list[Pending]) -> None:
+        """Apply committed invalidations now; what Redis refuses stays in the outbox for beat."""
+        done: list[str] = []
+        for item in items:
+            try:
+                self.apply(item)
+                done.append(item.id)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("cache invalidation deferred to the outbox (%s)", type(exc).__name__)
+                break
+        if done:
+            with self.db.session() as s:
+                s.execute(delete(CacheInvalidation).where(CacheInvalidation.id.in_(done)))
+
+    def replay(self, limit: int = 500) -> int:
+        """Apply outbox rows left by earlier failures, oldest first (beat runs this)."""
+        with self.db.session() as s:
+            rows = s.scalars(select(CacheInvalidation).order_by(CacheInvalidation.created_at).limit(limit)).all()
+            items = [Pending(r.id, r.org_id, r.secret_id, r.pointer) for r in rows]
+            if items:
+                s.execute(
+                    update(CacheInvalidation)
+                    .where(CacheInvalidation.id.in_([i.id for i in items]))
+                    .values(attempts=CacheInvalidation.attempts + 1)
+                )
+        before = len(items)
+        self.flush(items)
+        return before

@@ -1,0 +1,322 @@
+"""The internal secret API (worker only): ``resolve(org_id, secret_id) -> Resolved``.
+
+Three levels, measured so that round trips, not crypto, are the cost:
+
+* **L1**: in-process LRU keyed by (org, id). A hit costs no I/O. Entries are dropped by an
+  invalidation message (Redis pub/sub, acknowledged so the editing request only returns once
+  every subscribed worker has dropped its copy), by a short max age, and all at once whenever
+  the subscription is down (L1 is then bypassed until it is back).
+* **L2**: Redis, one GET of ``lk:s:{org}:{id}`` holding the pointer and the AES-GCM entry
+  (see ``cachekeys``); a hit costs one round trip and no database query.
+* **Miss**: one database query (version, stamp, key id, ciphertext, allowed hosts), one HPKE
+  open, then L2 is filled in the background (never rolling the pointer back) and L1 directly.
+
+Redis down means every resolve reads the database (counted); it stays correct.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from prometheus_client import Counter, Histogram
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db import Database
+from app.models import Secret
+from app.secrets import cachekeys
+from app.secrets.keyring import Keyring, KeyringError
+from app.secrets.sealing import CiphertextError, open_sealed, secret_context
+
+log = logging.getLogger("latchkey.resolver")
+
+RESOLVES = Counter("latchkey_resolver_resolves_total", "Secret resolves by where they were answered", ["source"])
+LATENCY = Histogram(
+    "latchkey_resolver_seconds",
+    "Resolve latency by source (L1 hits are not timed: the timer would cost more than the hit)",
+    ["source"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
+)
+CACHE_ERRORS = Counter("latchkey_resolver_cache_errors_total", "Redis failures seen by the resolver", ["op"])
+
+
+class SecretNotFoundError(Exception):
+    """No such managed secret in that org (wrong org and missing look the same)."""
+
+    code = "secret_not_found"
+
+
+class ResolverUnavailableError(Exception):
+    """The worker cannot open secrets (no keyring); the message says what to configure."""
+
+    code = "keyring_unavailable"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    secret_id: str
+    version: int
+    value: str
+    allowed_hosts: tuple[str, ...]
+
+    def __repr__(self) -> str:  # never the value
+        return f"Resolved(secret_id={self.secret_id!r}, version={self.version})"
+
+
+class Resolver:
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        redis_client: redis.Redis | None,
+        *,
+        l1_size: int = 4096,
+        l1_max_age: float = 30.0,
+        l2_ttl: int = 600,
+        listen: bool = True,
+    ) -> None:
+        self.db = db
+        self.keyring = keyring
+        self.redis = redis_client
+        self.l1_size = l1_size
+        self.l1_max_age = l1_max_age
+        self.l2_ttl = l2_ttl
+        self._l1: OrderedDict[tuple[str, str], tuple[float, Resolved]] = OrderedDict()
+        self._l1_lock = threading.Lock()
+        # L1 is only trusted while the invalidation subscription is live.
+        self._l1_enabled = False
+        self._aead = AESGCM(keyring.derive_key("l2-cache"))
+        self._fill_script: Any = None
+        self._fills: queue.SimpleQueue[tuple[str, str, str, bytes] | None] = queue.SimpleQueue()
+        self._fills_pending = 0  # approximate under races; only used to wait for quiescence
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        if redis_client is not None:
+            self._fill_script = redis_client.register_script(cachekeys.FILL_ENTRY)
+            self._start(self._fill_loop, "resolver-fill")
+            if listen:
+                self._start(self._listen_loop, "resolver-invalidations")
+
+    # -- the one call ------------------------------------------------------------------
+
+    def resolve(self, org_id: str, secret_id: str) -> Resolved:
+        """The current value and version of a secret of ``org_id``; SecretNotFoundError otherwise."""
+        k = (org_id, secret_id)
+        if self._l1_enabled:
+            with self._l1_lock:
+                hit = self._l1.get(k)
+                if hit is not None and time.monotonic() - hit[0] < self.l1_max_age:
+                    self._l1.move_to_end(k)
+                    RESOLVES.labels("l1").inc()
+                    return hit[1]
+        start = time.perf_counter()
+        cached = self._l2_get(org_id, secret_id)
+        if cached is not None:
+            self._l1_put(k, cached)
+            RESOLVES.labels("l2").inc()
+            LATENCY.labels("l2").observe(time.perf_counter() - start)
+            return cached
+        resolved, ptr = self._from_database(org_id, secret_id)
+        self._l1_put(k, resolved)
+        if self.redis is not None:
+            self._fills_pending += 1
+            self._fills.put((org_id, secret_id, ptr, self._seal_entry(org_id, secret_id, ptr, resolved)))
+        LATENCY.labels("db").observe(time.perf_counter() - start)
+        return resolved
+
+    # -- L1 ----------------------------------------------------------------------------
+
+    def _l1_put(self, k: tuple[str, str], resolved: Resolved) -> None:
+        if not self._l1_enabled:
+            return
+        with self._l1_lock:
+            self._l1[k] = (time.monotonic(), resolved)
+            self._l1.move_to_end(k)
+            while len(self._l1) > self.l1_size:
+                self._l1.popitem(last=False)
+
+    def drop_local(self, org_id: str, secret_id: str) -> None:
+        with self._l1_lock:
+            self._l1.pop((org_id, secret_id), None)
+
+    def _set_l1_enabled(self, enabled: bool) -> None:
+        with self._l1_lock:
+            self._l1_enabled = enabled
+            self._l1.clear()
+
+    # -- L2 ----------------------------------------------------------------------------
+
+    def _aad(self, org_id: str, secret_id: str, ptr: str) -> bytes:
+        return f"latchkey/l2/v1|{org_id}|{secret_id}|{ptr}".encode()
+
+    def _seal_entry(self, org_id: str, secret_id: str, ptr: str, r: Resolved) -> bytes:
+        nonce = os.urandom(12)
+        body = json.dumps({"v": r.value, "h": list(r.allowed_hosts)}, separators=(",", ":")).encode()
+        return nonce + self._aead.encrypt(nonce, body, self._aad(org_id, secret_id, ptr))
+
+    def _l2_get(self, org_id: str, secret_id: str) -> Resolved | None:
+        if self.redis is None:
+            return None
+        try:
+            raw = self.redis.get(cachekeys.key(org_id, secret_id))
+        except redis.RedisError:
+            CACHE_ERRORS.labels("get").inc()
+            return None
+        if not raw:
+            return None
+        assert isinstance(raw, bytes)
+        ptr_bytes, _, entry = raw.partition(b"\n")
+        ptr = ptr_bytes.decode()
+        if ptr == cachekeys.DELETED:
+            RESOLVES.labels("tombstone").inc()
+            raise SecretNotFoundError("secret not found")
+        if len(entry) < 29:  # pointer moved, entry not filled yet: a miss
+            return None
+        try:
+            body = json.loads(self._aead.decrypt(entry[:12], entry[12:], self._aad(org_id, secret_id, ptr)))
+        except (InvalidTag, ValueError):
+            # Another worker key (mid-rotation) or a corrupt entry: a miss, never an error.
+            CACHE_ERRORS.labels("entry").inc()
+            return None
+        return Resolved(secret_id, int(ptr.split(":", 1)[0]), body["v"], tuple(body["h"]))
+
+    def _fill_loop(self) -> None:
+        # Fills run here, off the resolve path: a miss costs the database, not an extra round trip.
+        while not self._stop.is_set():
+            item = self._fills.get()
+            if item is None:
+                return
+            org_id, secret_id, ptr, blob = item
+            try:
+                self._fill_script(keys=[cachekeys.key(org_id, secret_id)], args=[ptr, blob, self.l2_ttl])
+            except redis.RedisError:
+                CACHE_ERRORS.labels("fill").inc()
+            finally:
+                self._fills_pending -= 1
+
+    def flush_fills(self, timeout: float = 5.0) -> bool:
+        """Wait until queued L2 fills are written (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._fills_pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return not self._fills_pending
+
+    # -- database ------------------------------------------------------------------------
+
+    def _from_database(self, org_id: str, secret_id: str) -> tuple[Resolved, str]:
+        engine = self.db.engine
+        assert engine is not None
+        stmt = select(Secret.version, Secret.updated_at, Secret.key_id, Secret.ciphertext, Secret.allowed_hosts).where(
+            Secret.org_id == org_id, Secret.id == secret_id, Secret.ciphertext.is_not(None)
+        )
+        with engine.connect() as conn:
+            row = conn.execute(stmt).first()
+            conn.rollback()
+        if row is None:
+            RESOLVES.labels("not_found").inc()
+            raise SecretNotFoundError("secret not found")
+        version, updated_at, key_id, ciphertext, hosts = row
+        assert ciphertext is not None
+        try:
+            plain = open_sealed(self.keyring, ciphertext, secret_context(org_id, secret_id, version), key_id)
+        except CiphertextError:
+            # Fail closed: a row that does not open is reported, never passed on.
+            log.error("secret %s of org %s does not open with this keyring", secret_id, org_id)
+            raise
+        RESOLVES.labels("db").inc()
+        return Resolved(secret_id, version, plain.decode("utf-8"), tuple(hosts or ())), cachekeys.pointer(
+            version, updated_at
+        )
+
+    # -- invalidations -------------------------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        assert self.redis is not None
+        backoff = 0.1
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(cachekeys.CHANNEL)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "subscribe":
+                        self._set_l1_enabled(True)
+                        backoff = 0.1
+                    elif msg["type"] == "message":
+                        self._on_invalidation(msg["data"])
+            except (redis.RedisError, OSError):
+                CACHE_ERRORS.labels("subscribe").inc()
+            finally:
+                # Without the subscription, invalidations could be missed: stop trusting L1.
+                self._set_l1_enabled(False)
+                try:
+                    pubsub.close()
+                except (redis.RedisError, OSError):
+                    pass
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _on_invalidation(self, data: bytes) -> None:
+        try:
+            msg = json.loads(data)
+            self.drop_local(msg["o"], msg["i"])
+        except (ValueError, KeyError, TypeError):
+            return
+        nonce = msg.get("n")
+        if nonce and self.redis is not None:
+            try:
+                ack = cachekeys.ACK_PREFIX + str(nonce)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.rpush(ack, 1)
+                pipe.expire(ack, 30)
+                pipe.execute()
+            except redis.RedisError:
+                CACHE_ERRORS.labels("ack").inc()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def _start(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def wait_until_listening(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._l1_enabled:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._fills.put(None)
+        for t in self._threads:
+            t.join(timeout=3)
+
+
+def build_resolver(settings: Settings, db: Database, *, listen: bool = True) -> Resolver:
+    """The worker's resolver; without a keyring it refuses with a message naming the setting."""
+    if settings.private_keys_file is None:
+        raise ResolverUnavailableError("this worker has no keyring: set LATCHKEY_PRIVATE_KEYS_FILE")
+    try:
+        keyring = Keyring.load(settings.private_keys_file)
+    except KeyringError as exc:
+        raise ResolverUnavailableError(f"LATCHKEY_PRIVATE_KEYS_FILE: {exc}") from None
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
+    )
+    return Resolver(db, keyring, client, listen=listen)
