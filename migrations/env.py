@@ -50,7 +50,10 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
-        transaction_per_migration=True,
+        # One transaction for the whole run: a refused step leaves the schema where it was.
+        transaction_per_migration=False,
+        # SQLite DDL is transactional too (our engine issues BEGIN IMMEDIATE itself).
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -239,10 +239,8 @@ def check_destination(
     policy: EgressPolicy,
     allowed_hosts: Sequence[str] | None = None,
 ) -> Destination:
-    """Refuse ``url`` unless its scheme, host and every resolved address are allowed; return what was checked.
-
-    ``allowed_hosts`` is the secret's host list: None or empty means the secret does not restrict hosts.
-    """
+    """Refuse ``url`` unless its scheme, host and every resolved address are allowed; return what was checked."""
+    # allowed_hosts is the secret's host list; None or empty means the secret does not restrict hosts.
     if isinstance(allowed_hosts, str):
         raise TypeError("allowed_hosts must be a sequence of host patterns, not a string")
     try:

@@ -10,7 +10,11 @@ Failures surface as a plain `McpError` with a fixed, short message (at most an H
 added): never the server's response body, the token or the URL. It survives Celery's JSON
 result serializer (`McpError(*args)` rebuilds it). An exception from the client factory's own
 guard (any exception with a `code` of `egress_denied` or `secret_destination_denied`) is
-re-raised unchanged so the caller can map it.
+re-raised unchanged so the caller can map it; the guard's `egress_unresolvable` (a DNS failure)
+becomes `McpError("unreachable")`.
+
+`http_client_factory` must pass `event_hooks` on to the client it builds: the response hook is how
+a 401/403 becomes `auth_failed` (the SDK itself reports only a generic JSON-RPC error).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ HttpClientFactory = Callable[..., httpx2.AsyncClient]
 
 # Guard errors raised by the caller's http client factory: passed through untouched.
 GUARD_CODES: Final = frozenset({"egress_denied", "secret_destination_denied"})
+# The guard's "host did not resolve" is a DNS failure like any other: reported as unreachable.
+UNREACHABLE_GUARD_CODES: Final = frozenset({"egress_unresolvable"})
 
 # Limits on what a server can make us do while listing tools.
 MAX_TOOL_PAGES: Final = 100
@@ -114,8 +120,10 @@ class _Exchange:
         status = response.status_code
         if status in (401, 403):
             raise _AuthRejected(status)
-        if status >= 400 and self.error_status is None:
-            self.error_status = status
+        # The latest status of a message POST, if it was an error: reported with a protocol_error (e.g. a 404
+        # from a non-MCP URL). GETs are left out: a 405 on the optional Streamable HTTP GET stream is normal.
+        if response.request.method == "POST":
+            self.error_status = status if status >= 400 else None
 
     def http_client(self) -> httpx2.AsyncClient:
         return self.factory(
@@ -173,6 +181,8 @@ def _classify(leaves: list[BaseException], *, deadline_hit: bool, error_status: 
             return McpError.for_code("unreachable")
         if isinstance(leaf, OSError):  # a connect failure that escaped httpx2's mapping
             return McpError.for_code("unreachable")
+        if getattr(leaf, "code", None) in UNREACHABLE_GUARD_CODES:
+            return McpError.for_code("unreachable")
     status = error_status
     for leaf in leaves:
         if isinstance(leaf, httpx2.HTTPStatusError):
@@ -203,7 +213,11 @@ async def _guarded(operation: Callable[[_Exchange], Awaitable[_T]], exchange: _E
 
 
 def _run(operation: Callable[[_Exchange], Awaitable[_T]], exchange: _Exchange, what: str) -> _T:
-    return asyncio.run(_guarded(operation, exchange, what))
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_guarded(operation, exchange, what))
+    raise RuntimeError("app.mcp.client is synchronous: call it from a thread without a running event loop")
 
 
 def _check_args(url: str, transport: str, timeout: float) -> Transport:

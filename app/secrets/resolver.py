@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter, Histogram
@@ -48,6 +50,9 @@ LATENCY = Histogram(
     ["source"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
 )
+# After a Redis failure, skip the cache for this long before trying it again.
+REDIS_RETRY_AFTER = 5.0
+
 CACHE_ERRORS = Counter("latchkey_resolver_cache_errors_total", "Redis failures seen by the resolver", ["op"])
 
 
@@ -99,6 +104,8 @@ class Resolver:
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
         self._fills: queue.SimpleQueue[tuple[str, str, str, bytes] | None] = queue.SimpleQueue()
+        self._redis_retry_at = 0.0
+        self._pubsub: Any = None
         self._fills_pending = 0  # approximate under races; only used to wait for quiescence
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -165,13 +172,23 @@ class Resolver:
         body = json.dumps({"v": r.value, "h": list(r.allowed_hosts)}, separators=(",", ":")).encode()
         return nonce + self._aead.encrypt(nonce, body, self._aad(org_id, secret_id, ptr))
 
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._redis_retry_at
+
+    def _redis_failed(self, op: str) -> None:
+        # A circuit breaker: while Redis is down, resolves go straight to the database
+        # instead of each paying a connection timeout.
+        CACHE_ERRORS.labels(op).inc()
+        self._redis_retry_at = time.monotonic() + REDIS_RETRY_AFTER
+
     def _l2_get(self, org_id: str, secret_id: str) -> Resolved | None:
-        if self.redis is None:
+        if not self._redis_usable():
             return None
+        assert self.redis is not None
         try:
             raw = self.redis.get(cachekeys.key(org_id, secret_id))
-        except redis.RedisError:
-            CACHE_ERRORS.labels("get").inc()
+        except (redis.RedisError, OSError):
+            self._redis_failed("get")
             return None
         if not raw:
             return None
@@ -199,9 +216,10 @@ class Resolver:
                 return
             org_id, secret_id, ptr, blob = item
             try:
-                self._fill_script(keys=[cachekeys.key(org_id, secret_id)], args=[ptr, blob, self.l2_ttl])
-            except redis.RedisError:
-                CACHE_ERRORS.labels("fill").inc()
+                if self._redis_usable():
+                    self._fill_script(keys=[cachekeys.key(org_id, secret_id)], args=[ptr, blob, self.l2_ttl])
+            except (redis.RedisError, OSError):
+                self._redis_failed("fill")
             finally:
                 self._fills_pending -= 1
 
@@ -245,11 +263,11 @@ class Resolver:
         assert self.redis is not None
         backoff = 0.1
         while not self._stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+            pubsub = self._pubsub = self.redis.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(cachekeys.CHANNEL)
                 while not self._stop.is_set():
-                    msg = pubsub.get_message(timeout=1.0)
+                    msg = pubsub.get_message(timeout=0.2)
                     if msg is None:
                         continue
                     if msg["type"] == "subscribe":
@@ -304,6 +322,7 @@ class Resolver:
     def close(self) -> None:
         self._stop.set()
         self._fills.put(None)
+        self._set_l1_enabled(False)
         for t in self._threads:
             t.join(timeout=3)
 
@@ -317,6 +336,11 @@ def build_resolver(settings: Settings, db: Database, *, listen: bool = True) -> 
     except KeyringError as exc:
         raise ResolverUnavailableError(f"LATCHKEY_PRIVATE_KEYS_FILE: {exc}") from None
     client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
+        settings.redis_url,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+        health_check_interval=30,
+        # Fail fast: the resolver falls back to the database rather than waiting on retries.
+        retry=Retry(NoBackoff(), 0),
     )
     return Resolver(db, keyring, client, listen=listen)

@@ -15,7 +15,7 @@ from celery import Celery, signals
 from app.config import ConfigError, Settings, load_settings
 
 # Modules whose tasks every worker registers.
-TASK_MODULES = ["app.tasks.system"]
+TASK_MODULES = ["app.tasks.system", "app.tasks.secrets"]
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -41,6 +41,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_timeout=3,
         beat_schedule={
             "requeue-stuck-jobs": {"task": "jobs.requeue_stuck", "schedule": 60.0},
+            "replay-cache-invalidations": {"task": "secrets.replay_invalidations", "schedule": 10.0},
         },
     )
     celery.conf["latchkey_settings"] = settings

@@ -1,0 +1,268 @@
+"""The worker-only resolver: L1/L2/miss, invalidation on edit and delete, Redis outages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import event, func, select
+
+from app.config import Settings
+from app.db import Database
+from app.models import CacheInvalidation
+from app.secrets import cachekeys
+from app.secrets.invalidation import Invalidator
+from app.secrets.keyring import Keyring
+from app.secrets.resolver import Resolver, ResolverUnavailableError, SecretNotFoundError, build_resolver
+from tests.factories import Caller, Factory
+
+
+class CountingRedis(redis.Redis):
+    """A real client that counts the commands it sends (to prove an L1 hit does no I/O)."""
+
+    commands = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        type(self).commands += 1
+        return super().execute_command(*args, **options)
+
+
+@pytest.fixture
+def queries(db: Database) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM secrets" in statement:
+            seen.append(statement)
+
+    assert db.engine is not None
+    event.listen(db.engine, "before_cursor_execute", count)
+    yield seen
+    event.remove(db.engine, "before_cursor_execute", count)
+
+
+@pytest.fixture
+def resolver(db: Database, keyring: Keyring, redis_url: str) -> Iterator[Resolver]:
+    r = Resolver(db, keyring, CountingRedis.from_url(redis_url))
+    assert r.wait_until_listening()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def org(factory: Factory) -> str:
+    return factory.org("resolve")
+
+
+@pytest.fixture
+def admin(factory: Factory, org: str) -> Caller:
+    return factory.user(org, "admin")
+
+
+def _org_id(db: Database, slug: str) -> str:
+    from app.models import Org
+
+    with db.session() as s:
+        return s.scalars(select(Org.id).where(Org.slug == slug)).one()
+
+
+def test_miss_then_l1_then_l2(
+    resolver: Resolver,
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    queries: list[str],
+) -> None:
+    sid = factory.secret(admin, org, value="first-value", allowed_hosts=["api.example.com"])["id"]
+    org_id = _org_id(db, org)
+
+    miss = resolver.resolve(org_id, sid)
+    assert (miss.value, miss.version, miss.allowed_hosts) == ("first-value", 1, ("api.example.com",))
+    assert len(queries) == 1
+    assert resolver.flush_fills()
+
+    before = CountingRedis.commands
+    assert resolver.resolve(org_id, sid).value == "first-value"  # L1
+    assert CountingRedis.commands == before and len(queries) == 1
+
+    fresh = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False)  # no L1: goes to L2
+    try:
+        hit = fresh.resolve(org_id, sid)
+        assert (hit.value, hit.version) == ("first-value", 1)
+        assert len(queries) == 1  # an L2 hit asks the database nothing
+    finally:
+        fresh.close()
+
+
+def test_another_orgs_secret_is_not_found(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database
+) -> None:
+    sid = factory.secret(admin, org)["id"]
+    other = factory.org("elsewhere")
+    with pytest.raises(SecretNotFoundError):
+        resolver.resolve(_org_id(db, other), sid)
+    with pytest.raises(SecretNotFoundError):
+        resolver.resolve(_org_id(db, org), "no-such-id")
+
+
+def test_an_edit_is_seen_by_the_next_resolve(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database
+) -> None:
+    sid = factory.secret(admin, org, value="old-value")["id"]
+    org_id = _org_id(db, org)
+    assert resolver.resolve(org_id, sid).value == "old-value"
+    resolver.flush_fills()
+    for i in range(20):
+        assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": f"new-{i}"}).status_code == 200
+        got = resolver.resolve(org_id, sid)  # L1 was warm: the acknowledged invalidation dropped it
+        assert (got.value, got.version) == (f"new-{i}", i + 2)
+        resolver.flush_fills()
+
+
+def test_allowed_hosts_change_invalidates_without_a_version_bump(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database
+) -> None:
+    sid = factory.secret(admin, org, allowed_hosts=["a.example.com"])["id"]
+    org_id = _org_id(db, org)
+    assert resolver.resolve(org_id, sid).allowed_hosts == ("a.example.com",)
+    resolver.flush_fills()
+    admin.patch(f"orgs/{org}/secrets/{sid}", json={"allowed_hosts": ["b.example.com"]})
+    got = resolver.resolve(org_id, sid)
+    assert got.version == 1 and got.allowed_hosts == ("b.example.com",)
+
+
+def test_a_slow_worker_cannot_roll_the_pointer_back(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, redis_url: str
+) -> None:
+    sid = factory.secret(admin, org, value="v1-value")["id"]
+    org_id = _org_id(db, org)
+    from app.models import Secret
+
+    with db.session() as s:
+        row = s.get(Secret, sid)
+        assert row is not None
+        old_ptr = cachekeys.pointer(row.version, row.updated_at)
+    admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "v2-value"})
+    client = redis.Redis.from_url(redis_url)
+    try:
+        fill = client.register_script(cachekeys.FILL_ENTRY)
+        # A worker that read version 1 before the edit tries to cache it now: refused.
+        assert fill(keys=[cachekeys.key(org_id, sid)], args=[old_ptr, b"x" * 40, 60]) == 0
+    finally:
+        client.close()
+    assert resolver.resolve(org_id, sid).value == "v2-value"
+
+
+def test_a_deleted_secret_is_gone_from_every_level(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, queries: list[str]
+) -> None:
+    sid = factory.secret(admin, org)["id"]
+    org_id = _org_id(db, org)
+    resolver.resolve(org_id, sid)
+    resolver.flush_fills()
+    assert admin.delete(f"orgs/{org}/secrets/{sid}").status_code == 204
+    before = len(queries)
+    with pytest.raises(SecretNotFoundError):
+        resolver.resolve(org_id, sid)
+    assert len(queries) == before  # the tombstone answers without the database
+
+
+def test_cache_entries_are_encrypted_and_bound_to_their_key(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, redis_url: str
+) -> None:
+    a = factory.secret(admin, org, value="plain-canary-value-a")["id"]
+    b = factory.secret(admin, org, value="plain-canary-value-b")["id"]
+    org_id = _org_id(db, org)
+    resolver.resolve(org_id, a)
+    resolver.resolve(org_id, b)
+    resolver.flush_fills()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw_a = client.get(cachekeys.key(org_id, a))
+        assert raw_a and b"plain-canary" not in raw_a
+        # An entry copied under another secret's key does not open there: a miss, not a wrong value.
+        client.set(cachekeys.key(org_id, b), raw_a)
+    finally:
+        client.close()
+    fresh = Resolver(db, resolver.keyring, redis.Redis.from_url(redis_url), listen=False)
+    try:
+        assert fresh.resolve(org_id, b).value == "plain-canary-value-b"
+    finally:
+        fresh.close()
+
+
+def test_redis_down_still_resolves_from_the_database(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, queries: list[str]
+) -> None:
+    sid = factory.secret(admin, org, value="db-only")["id"]
+    org_id = _org_id(db, org)
+    down = Resolver(db, keyring, redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=None))
+    try:
+        assert down.resolve(org_id, sid).value == "db-only"
+        assert down.resolve(org_id, sid).value == "db-only"
+        assert len(queries) == 2  # no L1 without the invalidation channel: every resolve reads the database
+    finally:
+        down.close()
+
+
+def test_invalidation_lost_while_redis_was_down_is_replayed_from_the_outbox(
+    settings: Settings, admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str
+) -> None:
+    from app.factory import create_app
+
+    sid = factory.secret(admin, org, value="before-outage")["id"]
+    org_id = _org_id(db, org)
+    l2_only = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False)
+    try:
+        l2_only.resolve(org_id, sid)
+        l2_only.flush_fills()
+        cut_off = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+        try:
+            resp = cut_off.test_client().patch(
+                f"/api/v1/orgs/{org}/secrets/{sid}", json={"value": "after-outage"}, headers=admin.headers()
+            )
+            assert resp.status_code == 200  # the edit itself never depends on Redis
+        finally:
+            cut_off.extensions["latchkey.db"].dispose()
+        with db.session() as s:
+            assert s.scalar(select(func.count()).select_from(CacheInvalidation)) == 1
+        # Until the outbox is replayed (or the TTL passes) the old entry is still in Redis.
+        assert l2_only.resolve(org_id, sid).value == "before-outage"
+        replayed = Invalidator(redis.Redis.from_url(redis_url), db).replay()
+        assert replayed == 1
+        assert l2_only.resolve(org_id, sid).value == "after-outage"
+        with db.session() as s:
+            assert s.scalar(select(func.count()).select_from(CacheInvalidation)) == 0
+    finally:
+        l2_only.close()
+
+
+def test_a_worker_without_a_keyring_says_what_to_set(settings: Settings, db: Database) -> None:
+    with pytest.raises(ResolverUnavailableError, match="LATCHKEY_PRIVATE_KEYS_FILE"):
+        build_resolver(settings.model_copy(update={"private_keys_file": None}), db)
+
+
+def test_resolved_repr_never_shows_the_value(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database
+) -> None:
+    sid = factory.secret(admin, org, value="repr-canary-value")["id"]
+    got = resolver.resolve(_org_id(db, org), sid)
+    assert "repr-canary" not in repr(got) and "repr-canary" not in str(got)
+
+
+def test_beat_task_replays_the_outbox(worker: Any, admin: Caller, org: str, factory: Factory, db: Database) -> None:
+    from app.secrets import invalidation
+
+    sid = factory.secret(admin, org)["id"]
+    org_id = _org_id(db, org)
+    with db.session() as s:
+        invalidation.stage(s, org_id, sid, cachekeys.DELETED)
+        invalidation.take_pending(s)  # as if Redis had refused it after the commit
+    assert worker.send_task("secrets.replay_invalidations").get(timeout=20) == 1
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(CacheInvalidation)) == 0
