@@ -51,6 +51,14 @@ class Settings(BaseModel):
     ai_gateway_base_url: str = "https://gateway.ai.cloudflare.com/v1"
     egress_allow_private: bool = False
     egress_allow_http_hosts: tuple[str, ...] = ()
+    # How long a worker may keep a decrypted value in process (L1) and in Redis (L2, encrypted):
+    # the bound on staleness when an invalidation could not be delivered.
+    secret_l1_max_age_seconds: float = Field(default=30.0, gt=0, le=3600)
+    secret_cache_ttl_seconds: int = Field(default=600, ge=1, le=86400)
+    # Bound on one MCP exchange (handshake + tools/list or a tool call).
+    mcp_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    # How often beat re-validates valid MCP servers to refresh their tool lists.
+    mcp_refresh_seconds: float = Field(default=6 * 3600, ge=60)
     log_level: str = "INFO"
     # The Celery queue this deployment's web tier publishes to and its workers consume.
     queue: str = Field(default="latchkey", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -60,6 +68,11 @@ class Settings(BaseModel):
     # grow it up to 6x (\uXXXX), so leave room for that and the other fields.
     max_request_bytes: int = Field(default=512 * 1024, ge=1024)
     trusted_proxy_count: int = Field(default=0, ge=0, le=5)
+    # Reveals per user per minute (fixed window in Redis).
+    reveal_rate_limit: int = Field(default=10, ge=1, le=10_000)
+    # How long a reveal request waits for a worker's sealed reply before answering 503.
+    # At most 50 s: a reply lives 60 s in Redis and the worker's time limit is 30 s.
+    reveal_timeout_seconds: float = Field(default=10.0, gt=0, le=50)
 
     @field_validator("egress_allow_http_hosts", mode="before")
     @classmethod

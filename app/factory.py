@@ -52,7 +52,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["latchkey.redis"] = redis.Redis.from_url(
         settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
     )
-    app.extensions["latchkey.invalidator"] = Invalidator(app.extensions["latchkey.redis"], db)
+    app.extensions["latchkey.invalidator"] = Invalidator(
+        app.extensions["latchkey.redis"], db, ttl=settings.secret_cache_ttl_seconds
+    )
 
     from app.api import bp as api_bp
     from app.api import problems

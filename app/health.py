@@ -1,4 +1,8 @@
-"""Liveness and readiness: no auth, and no detail that reveals configuration."""
+"""Liveness, readiness and metrics: no auth, and no detail that reveals configuration.
+
+``/metrics`` (Prometheus text format) needs no auth either: keep it off the public
+internet (serve it on an internal listener, or block it at the proxy); see docs/observability.md.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from kombu.connection import Connection
 from sqlalchemy import text
 
 from app.api.framework import current_db, json_response
+from app.observability import metrics as obs_metrics
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger("latchkey.health")
@@ -52,3 +57,11 @@ def readyz() -> Response:
     checks = {"database": "ok" if _check_db() else "fail", "broker": "ok" if _check_broker() else "fail"}
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics of this web process, plus job gauges read from the jobs table."""
+    resp = Response(obs_metrics.render(current_db()), content_type=obs_metrics.CONTENT_TYPE)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
+from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -20,6 +22,7 @@ from app.factory import create_app
 from app.secrets.keyring import Keyring
 from tests import backends
 from tests.factories import Factory
+from tests.processes import worker_process
 
 # Tables the tests never empty: Alembic's bookkeeping.
 KEEP = {"alembic_version"}
@@ -69,6 +72,10 @@ def settings(database_url: str, redis_url: str, keyring: Keyring, keyring_path: 
         log_level="DEBUG",
         # A queue of this session's own, so concurrent test runs on one Redis never share jobs.
         queue=f"latchkey-test-{os.getpid()}",
+        # The MCP test servers and model stand-ins listen on loopback over plain http.
+        egress_allow_private=True,
+        egress_allow_http_hosts="127.0.0.1,localhost",
+        mcp_timeout_seconds=2.0,
     )
 
 
@@ -143,6 +150,26 @@ def captured_logs() -> Iterator[list[str]]:
     yield lines
     root.removeHandler(handler)
     root.setLevel(old_level)
+
+
+@pytest.fixture(scope="session")
+def worker_log(tmp_root: Path) -> Path:
+    """Where the session worker process writes its log (tests may read it)."""
+    return tmp_root / "worker.log"
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, app: Any, redis_url: str, worker_log: Path) -> Iterator[Celery]:
+    """One real worker process for the whole session, on this session's queue."""
+    with worker_process(settings, worker_log) as producer:
+        yield producer
+    client = redis.Redis.from_url(redis_url)
+    try:
+        leftovers = list(client.scan_iter(match=f"*{settings.queue}*"))
+        if leftovers:
+            client.delete(*leftovers)
+    finally:
+        client.close()
 
 
 def pytest_report_header(config: Any) -> list[str]:

@@ -71,6 +71,11 @@ class SecretList(BaseModel):
     next_cursor: str | None
 
 
+class SecretRevealed(BaseModel):
+    value: str = Field(description="The current value. Never cached: the answer carries Cache-Control: no-store.")
+    version: int = Field(description="The version this value belongs to.")
+
+
 # Audit -----------------------------------------------------------------------------------
 
 

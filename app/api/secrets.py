@@ -1,15 +1,24 @@
-"""Secrets: metadata for any member; create, edit, delete for org admins."""
+"""Secrets: metadata for any member; create, edit, delete and reveal for org admins."""
 
 from __future__ import annotations
 
-from flask import current_app, request
+from flask import Response, after_this_request, current_app, request
 
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
-from app.api.schemas import ListQuery, SecretCreate, SecretList, SecretOut, SecretUpdate, SecretUserOut
-from app.errors import ServiceUnavailableError
+from app.api.schemas import (
+    ListQuery,
+    SecretCreate,
+    SecretList,
+    SecretOut,
+    SecretRevealed,
+    SecretUpdate,
+    SecretUserOut,
+)
+from app.errors import RateLimitedError, ServiceUnavailableError
 from app.identity import service as identity
 from app.models import Secret
+from app.secrets import reveal as reveals
 from app.secrets import service as secrets
 from app.secrets.keyring import PublicKeySet
 from app.secrets.service import SecretUser
@@ -126,3 +135,49 @@ def delete_secret(org: str, secret_id: str) -> None:
     access = identity.org_access(session(), current_user(), org)
     access.require_admin()
     secrets.delete_secret(session(), request_context(), access.org, secret_id)
+
+
+# A revealed value must not be kept by any cache, shared or private, old or new.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _retry_after(seconds: int) -> None:
+    @after_this_request
+    def add_header(resp: Response) -> Response:
+        resp.headers["Retry-After"] = str(seconds)
+        return resp
+
+
+@route(
+    bp,
+    "/orgs/<org>/secrets/<secret_id>/reveal",
+    "POST",
+    response=SecretRevealed,
+    tags=TAGS,
+    errors=[401, 403, 404, 429, 503],
+)
+def reveal_secret(org: str, secret_id: str) -> Result:
+    """Reveal a secret's current value (org admin; audited, rate-limited, never cached).
+
+    A worker resolves the value and seals it to a key that exists only for this request;
+    503 ``worker_unavailable`` when no worker answers in time, 429 with ``Retry-After``
+    over the per-user limit.
+    """
+    access = identity.org_access(session(), current_user(), org)
+    access.require_admin()
+    settings = current_app.config["LATCHKEY_SETTINGS"]
+    try:
+        revealed = reveals.reveal(
+            session(),
+            request_context(),
+            access.org,
+            secret_id,
+            publisher=current_app.extensions["latchkey.publisher"],
+            redis=current_app.extensions["latchkey.redis"],
+            timeout=settings.reveal_timeout_seconds,
+            rate_limit=settings.reveal_rate_limit,
+        )
+    except RateLimitedError as exc:
+        _retry_after(int(exc.extra.get("retry_after", reveals.RATE_WINDOW_SECONDS)))
+        raise
+    return Result(SecretRevealed(value=revealed.value, version=revealed.version), headers=dict(NO_STORE))

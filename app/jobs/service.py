@@ -90,6 +90,9 @@ class Publisher:
             task,
             args=[job_id],
             task_id=job_id,
+            # The jobs table is the result: never touch the result backend (the cache Redis
+            # may be down while the broker is up).
+            ignore_result=True,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
         )

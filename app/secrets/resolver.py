@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter, Histogram
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import select
 
 from app.config import Settings
@@ -343,4 +343,11 @@ def build_resolver(settings: Settings, db: Database, *, listen: bool = True) -> 
         # Fail fast: the resolver falls back to the database rather than waiting on retries.
         retry=Retry(NoBackoff(), 0),
     )
-    return Resolver(db, keyring, client, listen=listen)
+    return Resolver(
+        db,
+        keyring,
+        client,
+        listen=listen,
+        l1_max_age=settings.secret_l1_max_age_seconds,
+        l2_ttl=settings.secret_cache_ttl_seconds,
+    )

@@ -3,6 +3,10 @@
 Task messages carry ids only (JSON serializer, never pickle), are acknowledged after the
 task finishes (``acks_late``) so a crashed worker's job is redelivered, and are bounded
 by time limits.
+
+Monitoring: task events are on, so ``celery -A app.tasks flower`` works (see
+docs/observability.md). Celery's logging signals hand the worker's handlers to
+``app.logs`` (our format, secret values redacted); task signals feed the worker metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from celery import Celery, signals
 from app.config import ConfigError, Settings, load_settings
 
 # Modules whose tasks every worker registers.
-TASK_MODULES = ["app.tasks.system", "app.tasks.secrets"]
+TASK_MODULES = ["app.tasks.system", "app.tasks.secrets", "app.tasks.mcp"]
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -36,12 +40,18 @@ def make_celery(settings: Settings | None = None) -> Celery:
         result_expires=3600,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
+        # Celery keeps handlers already on the root logger; the ones it adds are adopted by
+        # the after_setup_* signals below (our format and the redacting filter).
         worker_hijack_root_logger=False,
+        # Events for Flower / `celery events`: task names, ids and arguments (job ids only).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         task_default_queue=settings.queue,
         broker_connection_timeout=3,
         beat_schedule={
             "requeue-stuck-jobs": {"task": "jobs.requeue_stuck", "schedule": 60.0},
             "replay-cache-invalidations": {"task": "secrets.replay_invalidations", "schedule": 10.0},
+            "refresh-mcp-tools": {"task": "mcp.refresh_tools", "schedule": settings.mcp_refresh_seconds},
         },
     )
     celery.conf["latchkey_settings"] = settings
@@ -63,3 +73,30 @@ def _check_worker_config(sender: Any = None, **_: Any) -> None:
             # Celery swallows exceptions raised by signal handlers; SystemExit is not swallowed.
             sys.stderr.write(f"latchkey worker: {exc}\n")
             raise SystemExit(2) from None
+
+
+# Logging and metrics wiring ------------------------------------------------------------------
+
+
+@signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
+@signals.after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _adopt_log_handlers(logger: Any = None, **_: Any) -> None:
+    from app.logs import adopt_handlers
+
+    adopt_handlers(logger)
+
+
+@signals.task_prerun.connect  # type: ignore[untyped-decorator]
+def _task_prerun(task_id: str | None = None, **_: Any) -> None:
+    from app.observability import metrics
+
+    metrics.task_started(task_id)
+
+
+@signals.task_postrun.connect  # type: ignore[untyped-decorator]
+def _task_postrun(
+    task_id: str | None = None, task: Any = None, retval: Any = None, state: str | None = None, **_: Any
+) -> None:
+    from app.observability import metrics
+
+    metrics.task_finished(task_id, getattr(task, "name", None), state, retval)

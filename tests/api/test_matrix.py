@@ -32,6 +32,7 @@ class Endpoint:
             .replace("{secret}", "<secret_id>")
             .replace("{user}", "<user_id>")
             .replace("{job}", "<job_id>")
+            .replace("{mcp}", "<server_id>")
         )
 
 
@@ -41,12 +42,23 @@ ENDPOINTS = [
     Endpoint("GET", "orgs/{org}/secrets/{secret}", False),
     Endpoint("PATCH", "orgs/{org}/secrets/{secret}", True, {"value": "changed-by-matrix"}),
     Endpoint("DELETE", "orgs/{org}/secrets/{secret}", True),
+    Endpoint("POST", "orgs/{org}/secrets/{secret}/reveal", True),
     Endpoint("GET", "orgs/{org}/audit-events", True),
     Endpoint("GET", "orgs/{org}/members", False),
     Endpoint("POST", "orgs/{org}/members", True, {"email": "{email}", "role": "member"}),
     Endpoint("PATCH", "orgs/{org}/members/{user}", True, {"role": "admin"}),
     Endpoint("DELETE", "orgs/{org}/members/{user}", True),
     Endpoint("GET", "orgs/{org}/jobs/{job}", False),
+    Endpoint("GET", "orgs/{org}/mcp-servers", False),
+    # Binding a secret, moving or deleting a server that has one: admin only.
+    Endpoint(
+        "POST", "orgs/{org}/mcp-servers", True, {"name": "M", "url": "https://m.test/mcp", "secret_ref": "{secret}"}
+    ),
+    Endpoint("GET", "orgs/{org}/mcp-servers/{mcp}", False),
+    Endpoint("PATCH", "orgs/{org}/mcp-servers/{mcp}", True, {"url": "https://elsewhere.test/mcp"}),
+    Endpoint("DELETE", "orgs/{org}/mcp-servers/{mcp}", True),
+    Endpoint("POST", "orgs/{org}/mcp-servers/{mcp}/validate", False),
+    Endpoint("GET", "orgs/{org}/mcp-servers/{mcp}/tools", False),
 ]
 OPERATOR_ONLY = [Endpoint("GET", "admin/jobs/{job}", True), Endpoint("POST", "admin/jobs/ping", True)]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
@@ -86,6 +98,8 @@ class World:
     other_member_id: str
     job: str
     other_job: str
+    mcp: str
+    other_mcp: str
 
 
 @pytest.fixture
@@ -95,17 +109,22 @@ def world(factory: Factory) -> World:
     other_admin, other_member = factory.user(other, "admin"), factory.user(other, "member")
     outsider = factory.user()
     job, other_job = _job(factory, org), _job(factory, other)
+    home_secret = factory.secret(admin, org, name="HOME")["id"]
+    away_secret = factory.secret(other_admin, other, name="AWAY")["id"]
     return World(
         job=job,
         other_job=other_job,
+        # Bound to secrets of their own, so deleting the world's secret is still allowed.
+        mcp=_mcp(factory, org, factory.secret(admin, org, name="HOME_MCP")["id"]),
+        other_mcp=_mcp(factory, other, factory.secret(other_admin, other, name="AWAY_MCP")["id"]),
         org=org,
         admin=admin,
         member=member,
-        secret=factory.secret(admin, org, name="HOME")["id"],
+        secret=home_secret,
         outsider_email=outsider.email,
         other_org=other,
         other_admin=other_admin,
-        other_secret=factory.secret(other_admin, other, name="AWAY")["id"],
+        other_secret=away_secret,
         other_member_id=other_member.user_id,
     )
 
@@ -121,11 +140,30 @@ def _job(factory: Factory, slug: str) -> str:
         return jobs.create_job(s, CTX, org_id=org_id, kind="system.ping").id
 
 
-def _call(caller: Caller, e: Endpoint, *, org: str, secret: str, user: str, email: str, job: str = "") -> Any:
-    path = e.path.format(org=org, secret=secret, user=user, job=job)
+def _mcp(factory: Factory, slug: str, secret_id: str) -> str:
+    from app.db import new_id
+    from app.identity import service as identity
+    from app.models import McpServer
+
+    with factory.db.session() as s:
+        server = McpServer(
+            id=new_id(),
+            org_id=identity.get_org(s, slug).id,
+            name="Bound",
+            url="https://bound.test/mcp",
+            secret_ref=secret_id,
+        )
+        s.add(server)
+        return server.id
+
+
+def _call(
+    caller: Caller, e: Endpoint, *, org: str, secret: str, user: str, email: str, job: str = "", mcp: str = ""
+) -> Any:
+    path = e.path.format(org=org, secret=secret, user=user, job=job, mcp=mcp)
     body = None
     if e.body is not None:
-        body = {k: (v.format(email=email) if isinstance(v, str) else v) for k, v in e.body.items()}
+        body = {k: (v.format(email=email, secret=secret) if isinstance(v, str) else v) for k, v in e.body.items()}
     return caller.request(e.method, path, json=body)
 
 
@@ -141,7 +179,7 @@ def _snapshot(db: Any) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
-    has_ids = "{secret}" in endpoint.path or "{user}" in endpoint.path or "{job}" in endpoint.path
+    has_ids = any(p in endpoint.path for p in ("{secret}", "{user}", "{job}", "{mcp}"))
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
         before = _snapshot(db)
@@ -153,6 +191,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
             user=world.other_member_id,
             email=world.outsider_email,
             job=world.other_job,
+            mcp=world.other_mcp,
         )
         assert own_path.status_code == 404, own_path.get_json()
         assert own_path.get_json()["code"] == "not_found"
@@ -167,6 +206,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
         user=world.other_member_id,
         email=world.outsider_email,
         job=world.other_job,
+        mcp=world.other_mcp,
     )
     assert foreign.status_code == 404, foreign.get_json()
     assert foreign.content_type == "application/problem+json"
@@ -184,6 +224,7 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World,
         user=world.admin.user_id,
         email=world.outsider_email,
         job=world.job,
+        mcp=world.mcp,
     )
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
@@ -200,12 +241,15 @@ def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> No
         user=world.admin.user_id,
         email=world.outsider_email,
         job=world.job,
+        mcp=world.mcp,
     )
-    assert resp.status_code == 200, resp.get_json()
+    assert resp.status_code in (200, 202), resp.get_json()
 
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
-def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint) -> None:
+def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: pytest.FixtureRequest) -> None:
+    if endpoint.path.endswith("/reveal"):
+        request.getfixturevalue("worker")  # a reveal is answered by a worker
     target_user = world.member.user_id
     resp = _call(
         world.admin,
@@ -215,15 +259,16 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint) -> None:
         user=target_user,
         email=world.outsider_email,
         job=world.job,
+        mcp=world.mcp,
     )
-    assert resp.status_code in (200, 201, 204), resp.get_json()
+    assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 @pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
 def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth: str | None, client: Any) -> None:
     path = "/api/v1/" + endpoint.path.format(
-        org=world.org, secret=world.secret, user=world.admin.user_id, job=world.job
+        org=world.org, secret=world.secret, user=world.admin.user_id, job=world.job, mcp=world.mcp
     )
     headers = {"Authorization": auth} if auth is not None else {}
     resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)

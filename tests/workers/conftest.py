@@ -1,45 +1,22 @@
-"""A real Celery worker (threads pool) over the real broker, shared by the worker tests."""
+"""Helpers for the worker tests (the session `worker` fixture lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
+from flask import Flask
 
 from app.config import Settings
-from app.tasks import make_celery
-from app.tasks.runtime import worker_context
-
-
-@pytest.fixture(scope="session")
-def celery_app(settings: Settings) -> Iterator[Celery]:
-    app = make_celery(settings)
-    app.loader.import_default_modules()
-    yield app
-    worker_context(app).close()
-    app.close()
-
-
-@pytest.fixture(scope="session")
-def worker(celery_app: Celery, app: Any, redis_url: str) -> Iterator[Celery]:
-    """One worker for the whole session; tests only need it running."""
-    with start_worker(
-        celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=15, loglevel="WARNING"
-    ):
-        yield celery_app
-    client = redis.Redis.from_url(redis_url)
-    try:
-        queue = celery_app.conf.task_default_queue
-        leftovers = list(client.scan_iter(match=f"*{queue}*"))
-        if leftovers:
-            client.delete(*leftovers)
-    finally:
-        client.close()
+from app.factory import create_app
+from tests.processes import worker_process
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -63,3 +40,35 @@ def wait_job(get: Callable[[str], Any], path: str, timeout: float = 20.0) -> dic
 
     result: dict[str, Any] = wait_for(finished, timeout)
     return result
+
+
+@contextmanager
+def extra_worker(settings: Settings, **overrides: Any) -> Iterator[tuple[Celery, Flask]]:
+    """A second worker process (and a web app publishing to it) with other settings, on its own queue."""
+    custom = settings.model_copy(update={"queue": f"latchkey-extra-{uuid.uuid4().hex[:10]}", **overrides})
+    log = Path(tempfile.gettempdir()) / f"{custom.queue}.log"
+    web = create_app(custom)
+    try:
+        with worker_process(custom, log, concurrency=2) as producer:
+            yield producer, web
+    finally:
+        web.extensions["latchkey.db"].dispose()
+        log.unlink(missing_ok=True)
+
+
+@contextmanager
+def parked_app(settings: Settings) -> Iterator[tuple[Flask, str]]:
+    """A web app publishing to a queue nobody consumes (yet): jobs wait in the broker."""
+    queue = f"latchkey-parked-{uuid.uuid4().hex[:10]}"
+    web = create_app(settings.model_copy(update={"queue": queue}))
+    try:
+        yield web, queue
+    finally:
+        web.extensions["latchkey.db"].dispose()
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            leftovers = list(client.scan_iter(match=f"*{queue}*"))
+            if leftovers:
+                client.delete(*leftovers)
+        finally:
+            client.close()

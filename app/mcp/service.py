@@ -1,0 +1,263 @@
+"""MCP server records: create, edit, delete, validate, tools.
+
+Binding a secret to a server, or changing the URL of a server that has one, sends that
+secret to a new destination: only org admins may do either (a member could otherwise point
+a server at their own host and receive the secret). Members may add and edit servers that
+carry no secret, read everything and ask for a validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.context import RequestContext
+from app.db import new_id, utcnow
+from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
+from app.identity.service import OrgAccess
+from app.jobs import service as jobs
+from app.mcp.client import TRANSPORTS, ToolInfo
+from app.models import Job, McpServer, McpTool, Org, Secret
+from app.pagination import Page, paginate
+
+VALIDATE_TASK = "mcp.validate_server"
+MAX_URL = 2000
+MAX_NAME = 200
+RAW_TOKEN_MESSAGE = (  # noqa: S105 - a message, not a token
+    "raw tokens are not accepted: create a secret (POST /orgs/{org}/secrets) and pass its id as secret_ref"
+)
+
+
+def validate_url(url: Any) -> str:
+    if not isinstance(url, str) or not 0 < len(url) <= MAX_URL:
+        raise ValidationFailedError.single("url", f"must be a URL of at most {MAX_URL} characters")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationFailedError.single("url", "must be an http(s) URL with a host")
+    if parts.username or parts.password:
+        raise ValidationFailedError.single("url", "must not carry credentials; bind a secret instead")
+    if parts.fragment:
+        raise ValidationFailedError.single("url", "must not have a #fragment")
+    return url.strip()
+
+
+def validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or "\x00" in name:
+        raise ValidationFailedError.single("name", f"must be 1 to {MAX_NAME} characters")
+    return name.strip()
+
+
+def validate_transport(transport: Any) -> str:
+    if transport not in TRANSPORTS:
+        raise ValidationFailedError.single("transport", "must be 'streamable_http' or 'sse'")
+    return str(transport)
+
+
+def _check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
+    if not isinstance(secret_ref, str) or not secret_ref:
+        raise ValidationFailedError.single("secret_ref", "must be the id of a secret of this org")
+    found = session.scalar(
+        select(Secret.id).where(Secret.org_id == org.id, Secret.id == secret_ref, Secret.ciphertext.is_not(None))
+    )
+    if found is None:
+        # Another org's secret looks exactly like a missing one.
+        raise ValidationFailedError.single("secret_ref", "no secret with this id in this org")
+    return secret_ref
+
+
+def list_servers(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[McpServer]:
+    return paginate(
+        session, select(McpServer).where(McpServer.org_id == org.id), McpServer.id, limit=limit, cursor=cursor
+    )
+
+
+def get_server(session: Session, org: Org, server_id: str, *, for_update: bool = False) -> McpServer:
+    stmt = select(McpServer).where(McpServer.org_id == org.id, McpServer.id == server_id)
+    if for_update:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    server: McpServer | None = session.scalar(stmt)
+    if server is None:
+        raise NotFoundError("MCP server not found")
+    return server
+
+
+def _queue_validation(session: Session, ctx: RequestContext, server: McpServer) -> Job:
+    server.status = "pending"
+    server.status_error_code = None
+    server.status_error_message = None
+    # The binding is part of the request: a job that runs after the binding changed reports on
+    # what it was asked to check, and its outcome is not stored on the (changed) server.
+    return jobs.create_job(
+        session,
+        ctx,
+        org_id=server.org_id,
+        kind=VALIDATE_TASK,
+        params={"server_id": server.id, "secret_ref": server.secret_ref},
+    )
+
+
+def create_server(
+    session: Session, ctx: RequestContext, access: OrgAccess, fields: dict[str, Any]
+) -> tuple[McpServer, Job]:
+    """Add a server and queue its first validation."""
+    if "token" in fields:
+        raise ValidationFailedError.single("token", RAW_TOKEN_MESSAGE.format(org=access.org.slug))
+    name = validate_name(fields.get("name"))
+    url = validate_url(fields.get("url"))
+    transport = validate_transport(fields.get("transport", "streamable_http"))
+    secret_ref = fields.get("secret_ref")
+    if secret_ref is not None:
+        if not access.is_admin:
+            raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
+        secret_ref = _check_secret_ref(session, access.org, secret_ref)
+    now = utcnow()
+    server = McpServer(
+        id=new_id(),
+        org_id=access.org.id,
+        name=name,
+        url=url,
+        transport=transport,
+        secret_ref=secret_ref,
+        status="pending",
+        tool_count=0,
+        created_by=ctx.actor.id,
+        updated_by=ctx.actor.id,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(server)
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "mcp_server.create",
+        org_id=access.org.id,
+        target_type="mcp_server",
+        target_id=server.id,
+        details={"name": name, "url": url, "transport": transport, "secret_ref": secret_ref},
+    )
+    return server, _queue_validation(session, ctx, server)
+
+
+def update_server(
+    session: Session, ctx: RequestContext, access: OrgAccess, server_id: str, fields: dict[str, Any]
+) -> tuple[McpServer, Job | None]:
+    """Edit a server; a new URL, transport or secret re-queues validation."""
+    if "token" in fields:
+        raise ValidationFailedError.single("token", RAW_TOKEN_MESSAGE.format(org=access.org.slug))
+    if not fields:
+        raise ValidationFailedError.single("body", "give at least one of name, url, transport, secret_ref")
+    name = validate_name(fields["name"]) if "name" in fields else None
+    url = validate_url(fields["url"]) if "url" in fields else None
+    transport = validate_transport(fields["transport"]) if "transport" in fields else None
+    server = get_server(session, access.org, server_id, for_update=True)
+
+    changed: list[str] = []
+    if "secret_ref" in fields and fields["secret_ref"] != server.secret_ref:
+        new_ref = fields["secret_ref"]
+        if new_ref is not None:
+            if not access.is_admin:
+                raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
+            new_ref = _check_secret_ref(session, access.org, new_ref)
+        elif server.secret_ref is not None and not access.is_admin:
+            raise ForbiddenError("unbinding a secret from an MCP server needs the org admin role")
+        server.secret_ref = new_ref
+        changed.append("secret_ref")
+    if url is not None and url != server.url:
+        if (server.secret_ref is not None or server.token is not None) and not access.is_admin:
+            raise ForbiddenError("changing the URL of a server with a bound secret needs the org admin role")
+        server.url = url
+        changed.append("url")
+    if transport is not None and transport != server.transport:
+        server.transport = transport
+        changed.append("transport")
+    if name is not None and name != server.name:
+        server.name = name
+        changed.append("name")
+    if not changed:
+        return server, None
+    server.updated_at = utcnow()
+    server.updated_by = ctx.actor.id
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "mcp_server.update",
+        org_id=access.org.id,
+        target_type="mcp_server",
+        target_id=server.id,
+        details={"changed": changed, "url": server.url, "secret_ref": server.secret_ref},
+    )
+    job = _queue_validation(session, ctx, server) if {"url", "transport", "secret_ref"} & set(changed) else None
+    return server, job
+
+
+def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> None:
+    server = get_server(session, access.org, server_id, for_update=True)
+    if (server.secret_ref is not None or server.token is not None) and not access.is_admin:
+        raise ForbiddenError("deleting a server with a bound secret needs the org admin role")
+    session.execute(delete(McpTool).where(McpTool.mcp_server_id == server.id))
+    session.delete(server)
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "mcp_server.delete",
+        org_id=access.org.id,
+        target_type="mcp_server",
+        target_id=server_id,
+        details={"name": server.name},
+    )
+
+
+def request_validation(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> Job:
+    """Queue a validation (any member: it sends the secret only where an admin allowed it)."""
+    server = get_server(session, access.org, server_id, for_update=True)
+    server.updated_at = utcnow()
+    return _queue_validation(session, ctx, server)
+
+
+def list_tools(session: Session, org: Org, server_id: str) -> list[McpTool]:
+    server = get_server(session, org, server_id)
+    return list(session.scalars(select(McpTool).where(McpTool.mcp_server_id == server.id).order_by(McpTool.name)))
+
+
+# Worker side ------------------------------------------------------------------------------
+
+
+def store_outcome(
+    session: Session,
+    server: McpServer,
+    *,
+    tools: list[ToolInfo] | None,
+    error_code: str | None,
+    error_message: str | None,
+) -> None:
+    """Record a validation: the tool list when valid, the error otherwise."""
+    now = utcnow()
+    server.validated_at = now
+    if tools is not None:
+        session.execute(delete(McpTool).where(McpTool.mcp_server_id == server.id))
+        for tool in tools:
+            session.add(
+                McpTool(
+                    org_id=server.org_id,
+                    mcp_server_id=server.id,
+                    name=tool.name[:200],
+                    description=tool.description,
+                    input_schema=tool.input_schema,
+                )
+            )
+        server.status = "valid"
+        server.status_error_code = None
+        server.status_error_message = None
+        server.tool_count = len(tools)
+    else:
+        server.status = "invalid"
+        server.status_error_code = error_code
+        server.status_error_message = (error_message or "")[:1000]
+    session.flush()

@@ -1,0 +1,1 @@
+"""Observability: value-based log redaction (``redact``) and Prometheus metrics (``metrics``)."""

@@ -1,0 +1,280 @@
+"""Value-based redaction: once a secret value is registered, no log line shows it in any common form.
+
+Lessons taken from Airflow's SecretsMasker (see docs/observability.md):
+
+* match *values*, not key names: a value is masked wherever it appears, whatever it is called;
+* values shorter than ``MIN_LENGTH`` are ignored, so an empty or tiny value can never mask
+  every character of every line (apache/airflow#16007);
+* a value is also matched in the encodings it is likely to be logged in: URL-quoted
+  (``quote`` and ``quote_plus``), JSON- and ``repr``-escaped, hex, and base64 (standard and
+  URL-safe, at the three byte alignments, matched inside a longer base64 run as in
+  tests/leaks.py: the characters that depend only on the value, less the last two; the
+  neighbouring characters that carry some of the value's bits are masked with it);
+* the registry is bounded (least recently registered values are forgotten first) and
+  thread-safe; reads take no lock.
+
+The registry is process-wide. A worker registers each value it resolves
+(``register(value)``); handlers get :class:`RedactingFilter` (``app.logs`` installs it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import string
+import threading
+import urllib.parse
+from collections import OrderedDict
+from typing import Final
+
+MIN_LENGTH: Final = 8
+MAX_VALUES: Final = 10_000
+MASK: Final = "***"
+
+# Index: every form is at least _SHORTEST characters long. Any _STRIDE consecutive positions
+# of an occurrence include exactly one multiple of _STRIDE, so each form is indexed by its
+# _STRIDE consecutive _GRAM-character grams (with their offsets) and redact() probes only
+# every _STRIDE-th position of the text (_GRAM + _STRIDE - 1 <= _SHORTEST).
+_SHORTEST: Final = 8
+_GRAM: Final = 5
+_STRIDE: Final = 4
+_B64_CHARS: Final = frozenset(string.ascii_letters + string.digits + "+/-_")
+_MARK: Final = "_latchkey_redacted"
+
+# (text, lead, tail): how many base64 characters just before / after a match carry bits of the value.
+_Form = tuple[str, int, int]
+# (text, offset of the gram in it, lead, tail)
+_Entry = tuple[str, int, int, int]
+
+_lock = threading.Lock()
+# value -> its forms; insertion order is recency (the first entry is evicted first).
+_values: OrderedDict[str, tuple[_Form, ...]] = OrderedDict()
+# form text -> [reference count, lead, tail] (two values can share a form).
+_refs: dict[str, list[int]] = {}
+# gram -> {(form text, offset)} (writer side).
+_buckets: dict[str, set[tuple[str, int]]] = {}
+# gram -> entries. Read without the lock: entries are immutable tuples, replaced (never
+# mutated) under the lock, and a dict lookup is atomic.
+_index: dict[str, tuple[_Entry, ...]] = {}
+
+
+def _forms(value: str) -> dict[str, tuple[int, int]]:
+    """Every form of ``value`` to look for: text -> (lead, tail)."""
+    out: dict[str, tuple[int, int]] = {}
+
+    def add(text: str, lead: int = 0, tail: int = 0) -> None:
+        if len(text) < _SHORTEST:
+            return
+        old_lead, old_tail = out.get(text, (0, 0))
+        out[text] = (max(lead, old_lead), max(tail, old_tail))
+
+    add(value)
+    add(urllib.parse.quote(value, safe=""))
+    add(urllib.parse.quote(value))
+    add(urllib.parse.quote_plus(value))
+    add(json.dumps(value)[1:-1])
+    add(json.dumps(value, ensure_ascii=False)[1:-1])
+    add(repr(value)[1:-1])
+    raw = value.encode("utf-8", "surrogatepass")
+    add(raw.hex())
+    add(raw.hex().upper())
+    for pad in range(3):
+        # Characters before `first` depend on the bytes before the value (the one just before
+        # it partly on the value); the last two may depend on the bytes after it.
+        first = -(-8 * pad // 6)
+        lead = 1 if pad else 0
+        for enc in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = enc(b"\0" * pad + raw).decode().rstrip("=")
+            add(encoded[first:-2], lead=lead, tail=2)
+    if "\n" in value or "\r" in value:
+        # A multi-line value (a PEM key) may be logged one line at a time.
+        for line in value.splitlines():
+            line = line.strip()
+            if len(line) >= MIN_LENGTH:
+                add(line)
+    return out
+
+
+def _grams(text: str) -> list[tuple[str, int]]:
+    # From the middle of the form: keys often share a prefix ("sk-proj-", "github_pat_") and
+    # an index on it would put thousands of them in one bucket.
+    base = (len(text) - (_GRAM + _STRIDE - 1)) // 2
+    return [(text[o : o + _GRAM], o) for o in range(base, base + _STRIDE)]
+
+
+def _publish(gram: str) -> None:
+    keys = _buckets.get(gram)
+    if not keys:
+        _buckets.pop(gram, None)
+        _index.pop(gram, None)
+        return
+    _index[gram] = tuple((t, o, _refs[t][1], _refs[t][2]) for t, o in keys)
+
+
+def _add_form(text: str, lead: int, tail: int) -> None:
+    ref = _refs.get(text)
+    if ref is None:
+        _refs[text] = [1, lead, tail]
+        for gram, offset in _grams(text):
+            _buckets.setdefault(gram, set()).add((text, offset))
+    else:
+        ref[0] += 1
+        if lead <= ref[1] and tail <= ref[2]:
+            return
+        ref[1], ref[2] = max(ref[1], lead), max(ref[2], tail)
+    for gram in {g for g, _o in _grams(text)}:
+        _publish(gram)
+
+
+def _remove_form(text: str) -> None:
+    ref = _refs[text]
+    ref[0] -= 1
+    if ref[0] > 0:
+        return
+    del _refs[text]
+    for gram, offset in _grams(text):
+        _buckets[gram].discard((text, offset))
+    for gram in {g for g, _o in _grams(text)}:
+        _publish(gram)
+
+
+def register(value: str) -> None:
+    """Mask ``value`` (and its encodings) in every redacted log line of this process from now on.
+
+    Values shorter than ``MIN_LENGTH`` characters, or only whitespace, are ignored. At most
+    ``MAX_VALUES`` values are kept; registering a known value again marks it recently used.
+    """
+    if not isinstance(value, str) or len(value) < MIN_LENGTH or not value.strip():
+        return
+    with _lock:
+        if value in _values:
+            _values.move_to_end(value)
+            return
+    forms = tuple((text, lead, tail) for text, (lead, tail) in _forms(value).items())
+    with _lock:
+        if value in _values:
+            _values.move_to_end(value)
+            return
+        _values[value] = forms
+        for text, lead, tail in forms:
+            _add_form(text, lead, tail)
+        while len(_values) > MAX_VALUES:
+            _old, old_forms = _values.popitem(last=False)
+            for text, _lead, _tail in old_forms:
+                _remove_form(text)
+
+
+def clear() -> None:
+    """Forget every registered value (tests)."""
+    with _lock:
+        _values.clear()
+        _refs.clear()
+        _buckets.clear()
+        _index.clear()
+
+
+def size() -> int:
+    """How many values are registered."""
+    return len(_values)
+
+
+def active() -> bool:
+    """Whether anything is registered (when not, :func:`redact` returns its input unchanged)."""
+    return bool(_index)
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered value, in every form, replaced by ``***``."""
+    index = _index
+    if not index or not isinstance(text, str) or len(text) < _SHORTEST:
+        return text
+    n = len(text)
+    hits = [j for j in range(0, n - _GRAM + 1, _STRIDE) if text[j : j + _GRAM] in index]
+    if not hits:
+        return text
+    spans: list[tuple[int, int]] = []
+    for j in hits:
+        for form, offset, lead, tail in index.get(text[j : j + _GRAM], ()):
+            start = j - offset
+            if start >= 0 and text.startswith(form, start):
+                end = start + len(form)
+                while lead and start > 0 and text[start - 1] in _B64_CHARS:
+                    start, lead = start - 1, lead - 1
+                while tail and end < n and text[end] in _B64_CHARS:
+                    end, tail = end + 1, tail - 1
+                spans.append((start, end))
+    if not spans:
+        return text
+    # Overlapping or touching matches become one mask.
+    spans.sort()
+    out: list[str] = []
+    pos = 0
+    cur_start, cur_end = spans[0]
+    for start, end in spans[1:]:
+        if start <= cur_end:
+            cur_end = max(cur_end, end)
+            continue
+        out += (text[pos:cur_start], MASK)
+        pos, cur_start, cur_end = cur_end, start, end
+    out += (text[pos:cur_start], MASK, text[cur_end:])
+    return "".join(out)
+
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+STANDARD_RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+_exc_formatter = logging.Formatter()
+
+
+def format_message(record: logging.LogRecord) -> str:
+    """``record.getMessage()``, or a fallback when the arguments do not fit the message.
+
+    logging's own error path would print the raw arguments to stderr, unredacted.
+    """
+    try:
+        return record.getMessage()
+    except Exception:
+        try:
+            return f"{record.msg!s} (log arguments did not match the message: {record.args!r})"
+        except Exception:
+            return "(unformattable log record)"
+
+
+def redact_record(record: logging.LogRecord) -> None:
+    """Rewrite ``record`` in place: message, arguments, exception and stack text, string extras."""
+    if not _index or getattr(record, _MARK, False):
+        return
+    record.msg = redact(format_message(record))
+    record.args = ()
+    if "message" in record.__dict__:
+        # Set by a formatter that ran before this filter (a handler without it).
+        record.message = record.msg
+    if record.exc_info:
+        if not record.exc_text and isinstance(record.exc_info, tuple) and record.exc_info[0] is not None:
+            record.exc_text = _exc_formatter.formatException(record.exc_info)
+        # Formatters print exc_text when exc_info is unset; the live traceback (and its frames) goes.
+        record.exc_info = None
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    for key, value in list(record.__dict__.items()):
+        if key not in STANDARD_RECORD_ATTRS and isinstance(value, str):
+            setattr(record, key, redact(value))
+    setattr(record, _MARK, True)
+
+
+def is_redacted(record: logging.LogRecord) -> bool:
+    return bool(getattr(record, _MARK, False))
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that masks registered values in everything the handler will print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact_record(record)
+        return True

@@ -1,0 +1,151 @@
+"""MCP tasks: validate a server (initialize + tools/list with its secret), refresh tool lists."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from celery import Task, shared_task
+from sqlalchemy import select
+
+from app.audit import service as audit
+from app.context import Actor, RequestContext
+from app.egress import EgressError, EgressPolicy, guarded_async_client
+from app.jobs import service as jobs
+from app.mcp import service as mcp_service
+from app.mcp.client import McpError, list_tools
+from app.models import McpServer
+from app.observability.metrics import LEGACY_TOKEN_READS
+from app.secrets.resolver import SecretNotFoundError
+from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, worker_context
+
+log = logging.getLogger("latchkey.mcp")
+
+WORKER = RequestContext(Actor("worker"))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the validation is about; the outcome is stored only if the server still matches it."""
+
+    org_id: str
+    server_id: str
+    url: str
+    transport: str
+    secret_ref: str | None
+    legacy_token: str | None
+
+    def matches(self, server: McpServer) -> bool:
+        return (server.url, server.transport, server.secret_ref) == (self.url, self.transport, self.secret_ref)
+
+
+def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
+    server_id = str(job.params.get("server_id", ""))
+    with ctx.db.session() as s:
+        server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
+        if server is None:
+            raise JobFailedError("not_found", "the MCP server no longer exists")
+        secret_ref = job.params.get("secret_ref", server.secret_ref)
+        snap = Snapshot(server.org_id, server.id, server.url, server.transport, secret_ref, server.token)
+        if snap.matches(server):
+            server.status = "validating"
+        return snap
+
+
+def _credential(ctx: WorkerContext, snap: Snapshot, reads: list[dict[str, Any]]) -> tuple[str | None, tuple[str, ...]]:
+    """The bearer token to send and the hosts it may go to."""
+    if snap.secret_ref is not None:
+        resolved = ctx.resolver.resolve(snap.org_id, snap.secret_ref)
+        reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
+        return resolved.value, resolved.allowed_hosts
+    if snap.legacy_token:
+        # Pre-backfill rows still carry a raw token: used, but counted and logged as deprecated.
+        LEGACY_TOKEN_READS.labels("mcp_server").inc()
+        log.warning("deprecated: MCP server %s still uses a legacy raw token (run the backfill)", snap.server_id)
+        return snap.legacy_token, ()
+    return None, ()
+
+
+@job_task("mcp.validate_server", time_limit=90)
+def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
+    """Connect to the server with its secret, list its tools, and record valid or invalid."""
+    snap = _load(ctx, job)
+    reads: list[dict[str, Any]] = []
+    tools = None
+    code: str | None = None
+    message: str | None = None
+    try:
+        token, allowed_hosts = _credential(ctx, snap, reads)
+        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), allowed_hosts)
+        tools = list_tools(
+            snap.url,
+            transport=snap.transport,
+            token=token,
+            http_client_factory=factory,
+            timeout=ctx.settings.mcp_timeout_seconds,
+        )
+    except SecretNotFoundError:
+        code, message = "secret_not_found", "the bound secret no longer exists"
+    except McpError as exc:
+        code, message = exc.code, exc.message
+    except EgressError as exc:
+        code, message = exc.code, exc.message
+        with ctx.db.session() as s:
+            audit.record(
+                s,
+                WORKER,
+                "egress.denied",
+                org_id=snap.org_id,
+                target_type="mcp_server",
+                target_id=snap.server_id,
+                details={"code": exc.code, "host": exc.host, "job_id": job.id},
+            )
+    with ctx.db.session() as s:
+        server = s.scalar(
+            select(McpServer).where(McpServer.org_id == snap.org_id, McpServer.id == snap.server_id).with_for_update()
+        )
+        stale = server is None or not snap.matches(server)
+        if server is not None and not stale:
+            mcp_service.store_outcome(s, server, tools=tools, error_code=code, error_message=message)
+        jobs.record_resolved(s, job.id, reads)
+        audit.record(
+            s,
+            WORKER,
+            "mcp_server.validate",
+            org_id=snap.org_id,
+            target_type="mcp_server",
+            target_id=snap.server_id,
+            details={
+                "job_id": job.id,
+                "status": "valid" if tools is not None else "invalid",
+                "error_code": code,
+                "secrets": reads,
+                "stale": stale,
+            },
+        )
+    if tools is not None:
+        return {"status": "valid", "tool_count": len(tools)}
+    return {"status": "invalid", "error": {"code": code, "message": message}}
+
+
+@shared_task(name="mcp.refresh_tools", bind=True, acks_late=True, time_limit=120)  # type: ignore[untyped-decorator]
+def refresh_tools(self: Task) -> int:
+    """Queue a validation of every valid server, so tool lists follow their servers (beat)."""
+    wc = worker_context(self.app)
+    with wc.db.session() as s:
+        servers = s.scalars(select(McpServer).where(McpServer.status == "valid")).all()
+        queued = [
+            jobs.create_job(
+                s,
+                WORKER,
+                org_id=srv.org_id,
+                kind=mcp_service.VALIDATE_TASK,
+                params={"server_id": srv.id, "secret_ref": srv.secret_ref},
+            )
+            for srv in servers
+        ]
+        pubs = jobs.take_publications(s)
+    jobs.Publisher(self.app, wc.db).publish(pubs)
+    return len(queued)

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.resolve`` and ``python -m bench.jobs`` (see bench/README.md)."""
