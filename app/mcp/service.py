@@ -27,7 +27,7 @@ from app.pagination import Page, paginate
 VALIDATE_TASK = "mcp.validate_server"
 MAX_URL = 2000
 MAX_NAME = 200
-RAW_TOKEN_REFUSAL = (
+RAW_CREDENTIAL_REFUSAL = (
     "raw tokens are not accepted: create a secret (POST /orgs/{org}/secrets) and pass its id as secret_ref"
 )
 
@@ -105,7 +105,7 @@ def create_server(
 ) -> tuple[McpServer, Job]:
     """Add a server and queue its first validation."""
     if "token" in fields:
-        raise ValidationFailedError.single("token", RAW_TOKEN_REFUSAL.format(org=access.org.slug))
+        raise ValidationFailedError.single("token", RAW_CREDENTIAL_REFUSAL.format(org=access.org.slug))
     name = validate_name(fields.get("name"))
     url = validate_url(fields.get("url"))
     transport = validate_transport(fields.get("transport", "streamable_http"))
@@ -148,7 +148,7 @@ def update_server(
 ) -> tuple[McpServer, Job | None]:
     """Edit a server; a new URL, transport or secret re-queues validation."""
     if "token" in fields:
-        raise ValidationFailedError.single("token", RAW_TOKEN_REFUSAL.format(org=access.org.slug))
+        raise ValidationFailedError.single("token", RAW_CREDENTIAL_REFUSAL.format(org=access.org.slug))
     if not fields:
         raise ValidationFailedError.single("body", "give at least one of name, url, transport, secret_ref")
     name = validate_name(fields["name"]) if "name" in fields else None
