@@ -149,11 +149,16 @@ def set_progress(session: Session, job_id: str, done: int, total: int | None) ->
     )
 
 
+# Only an unfinished job can finish: a late worker cannot overwrite a job the web tier has
+# already failed (for instance a reveal that timed out), and a failure cannot undo a success.
+_UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
 def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None) -> None:
     now = utcnow()
     session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
         .values(
             status=JobStatus.SUCCEEDED.value,
             result=result,
@@ -169,7 +174,7 @@ def mark_failed(session: Session, job_id: str, code: str, message: str) -> None:
     now = utcnow()
     session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
         .values(
             status=JobStatus.FAILED.value,
             error_code=code,

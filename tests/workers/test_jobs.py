@@ -99,3 +99,17 @@ def test_job_creation_is_audited(worker: Celery, factory: Factory, db: Any) -> N
     with db.session() as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.target_id == job_id)).all()
         assert [e.action for e in events] == ["job.create"]
+
+
+def test_a_finished_job_cannot_be_finished_again(factory: Factory, db: Any) -> None:
+    with db.session() as s:
+        job_id = jobs.create_job(s, CTX, org_id=None, kind="system.ping").id
+        jobs.take_publications(s)
+    with db.session() as s:
+        jobs.mark_failed(s, job_id, "worker_unavailable", "no worker answered in time")
+    with db.session() as s:
+        jobs.mark_succeeded(s, job_id, {"late": True})  # a worker answering after the timeout
+        jobs.mark_failed(s, job_id, "internal_error", "x")
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and (row.status, row.error_code, row.result) == ("failed", "worker_unavailable", None)
