@@ -646,7 +646,7 @@ class Bench:
             app.extensions["latchkey.redis"].close()
 
         max_age = l1_max_age if l1_max_age is not None else resolvers[0].l1_max_age if resolvers else 0.0
-        stale, examples, max_lag_ms = find_stale(starts, versions, edit_returned, edit_version)
+        stale, examples, max_lag_ms, stale_edits = find_stale(starts, versions, edit_returned, edit_version)
         total = sum(len(s) for s in starts)
         elapsed = (t_end - t_begin) / 1e9
         lat = summarize(edit_latency, scale=1e6)
@@ -665,6 +665,7 @@ class Bench:
             "ack_timeouts": len(ack_warnings),
             "ack_timeout_examples": ack_warnings[:5],
             "stale_reads": stale,
+            "edits_read_stale": stale_edits,
             "stale_examples": examples,
             "stale_max_lag_ms": max_lag_ms,
             "value_version_mismatches": sum(mismatched),
@@ -684,9 +685,13 @@ class Bench:
 
 def find_stale(
     starts: list[array[int]], versions: list[array[int]], returned: array[int], edit_versions: array[int]
-) -> tuple[int, list[dict[str, Any]], float]:
-    """Resolves that started after an edit's response returned and still saw an older version."""
+) -> tuple[int, list[dict[str, Any]], float, int]:
+    """Resolves that started after an edit's response returned and still saw an older version.
+
+    Returns (stale reads, a few examples, the largest lag in ms, how many edits were read stale).
+    """
     stale = 0
+    edits_hit: set[int] = set()
     examples: list[dict[str, Any]] = []
     max_lag = 0.0
     e = len(returned)
@@ -697,6 +702,7 @@ def find_stale(
                 j += 1
             if j and v < edit_versions[j - 1]:
                 stale += 1
+                edits_hit.add(j - 1)
                 lag = (t - returned[j - 1]) / 1e6
                 max_lag = max(max_lag, lag)
                 if len(examples) < 5:
@@ -708,7 +714,7 @@ def find_stale(
                             "expected_at_least": edit_versions[j - 1],
                         }
                     )
-    return stale, examples, max_lag
+    return stale, examples, max_lag, len(edits_hit)
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -735,7 +741,8 @@ def print_report(report: Report) -> None:
             continue
         us = r[name]["us"] if "us" in r[name] else r[name]
         rows.append([label, us["median"], us["p90"], us["p99"]])
-    print_table(["path", "median", "p90", "p99"], rows)
+    if rows:
+        print_table(["path", "median", "p90", "p99"], rows)
 
     counts = r.get("counts_per_resolve", {})
     if counts:
@@ -770,7 +777,8 @@ def print_report(report: Report) -> None:
             f"  edits/s {s['edits_per_s']:.1f}; edit API latency p50 {lat['median']:.2f} ms, "
             f"p99 {lat['p99']:.2f} ms (of which pointer move + publish + acks p50 {inv['median']:.2f} ms, "
             f"p99 {inv['p99']:.2f} ms); ack timeouts {s['ack_timeouts']}\n"
-            f"  stale reads {s['stale_reads']} (max {s['stale_max_lag_ms']:.2f} ms after the edit returned), "
+            f"  stale reads {s['stale_reads']} after {s['edits_read_stale']} of the edits "
+            f"(max {s['stale_max_lag_ms']:.2f} ms after the edit returned), "
             f"value/version mismatches {s['value_version_mismatches']}, errors {len(s['errors'])}, "
             f"subscribers of other processes on the channel {s['foreign_subscribers_on_channel']}"
         )
