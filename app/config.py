@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -60,6 +60,10 @@ class Settings(BaseModel):
     # How often beat re-validates valid MCP servers to refresh their tool lists.
     mcp_refresh_seconds: float = Field(default=6 * 3600, ge=60)
     log_level: str = "INFO"
+    # "json" (one object per line, for log pipelines) or "text" (for people).
+    log_format: Literal["json", "text"] = "json"
+    # A worker serves its own Prometheus metrics (resolver, tasks) on this port when set.
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # The Celery queue this deployment's web tier publishes to and its workers consume.
     queue: str = Field(default="latchkey", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     # How long a POST Idempotency-Key is remembered.

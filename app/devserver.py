@@ -64,6 +64,8 @@ def dev_settings(instance: Path, redis_url: str) -> Settings:
         # Local MCP servers and model stand-ins live on loopback and plain http in development.
         "LATCHKEY_EGRESS_ALLOW_PRIVATE": "true",
         "LATCHKEY_EGRESS_ALLOW_HTTP_HOSTS": "127.0.0.1,localhost",
+        # People read the dev console; production defaults to JSON lines.
+        "LATCHKEY_LOG_FORMAT": "text",
     }
     # Exported too, so anything in this process that reads settings sees the same ones.
     os.environ.update(env)

@@ -24,7 +24,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     """Build the Flask app; in production, refuse to start without the web tier's keys."""
     settings = config if isinstance(config, Settings) else load_settings(**(config or {}))
     settings.check_web()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, fmt=settings.log_format)
 
     app = Flask(__name__, instance_path=os.path.abspath("instance"))
     app.config["LATCHKEY_SETTINGS"] = settings
@@ -53,7 +53,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
     )
     app.extensions["latchkey.invalidator"] = Invalidator(
-        app.extensions["latchkey.redis"], db, ttl=settings.secret_cache_ttl_seconds
+        app.extensions["latchkey.redis"], db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue
     )
 
     from app.api import bp as api_bp
@@ -63,6 +63,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(api_bp)
     app.register_blueprint(health_bp)
+    from app.observability import metrics as obs_metrics
+
+    obs_metrics.init_app(app)
     problems.register(app)
     app.teardown_appcontext(close_session)
 

@@ -73,7 +73,7 @@ def delete_matching(client: redis.Redis, *patterns: str) -> int:
     for pattern in patterns:
         batch = list(client.scan_iter(match=pattern, count=1000))
         if batch:
-            gone += int(client.delete(*batch))  # type: ignore[arg-type]
+            gone += int(client.delete(*batch))
     return gone
 
 

@@ -49,7 +49,7 @@ from app.models import Org, Secret
 from app.secrets import cachekeys
 from app.secrets import service as secrets_service
 from app.secrets.keyring import Keyring
-from app.secrets.resolver import LATENCY, RESOLVES, Resolver
+from app.secrets.resolver import LATENCY, RESOLVES, Resolver, SecretReader
 from app.secrets.sealing import open_sealed, secret_context
 from bench.common import (
     CTX,
@@ -100,9 +100,9 @@ class CountingRedis(redis.Redis):
             self.foreground += 1
         else:
             self.background += 1
-        return super().execute_command(*args, **options)
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
-    def reset(self) -> None:
+    def zero(self) -> None:
         self.foreground = self.background = 0
 
 
@@ -118,10 +118,10 @@ class DbCounter:
         self.ends = 0
 
     def __enter__(self) -> DbCounter:
-        event.listen(self.engine, "before_cursor_execute", self._statement)
-        event.listen(self.engine, "begin", self._begin)
-        event.listen(self.engine, "rollback", self._end)
-        event.listen(self.engine, "commit", self._end)
+        event.listen(Engine, "before_cursor_execute", self._statement)
+        event.listen(Engine, "begin", self._begin)
+        event.listen(Engine, "rollback", self._end)
+        event.listen(Engine, "commit", self._end)
         dialect: Any = self.engine.dialect
         original = type(dialect).do_ping
 
@@ -133,11 +133,11 @@ class DbCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._statement)
-        event.remove(self.engine, "begin", self._begin)
-        event.remove(self.engine, "rollback", self._end)
-        event.remove(self.engine, "commit", self._end)
-        del self.engine.dialect.do_ping  # type: ignore[method-assign]
+        event.remove(Engine, "before_cursor_execute", self._statement)
+        event.remove(Engine, "begin", self._begin)
+        event.remove(Engine, "rollback", self._end)
+        event.remove(Engine, "commit", self._end)
+        del self.engine.dialect.do_ping
 
     def _statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self.statements += 1
@@ -180,11 +180,9 @@ def secret_select(org_id: str, secret_id: str) -> Any:
     )
 
 
-def db_floor(engine: Engine, keyring: Keyring, org_id: str, secret_id: str) -> bytes:
-    """One PG point lookup (exactly as the miss path does it) + one HPKE open."""
-    with engine.connect() as conn:
-        row = conn.execute(secret_select(org_id, secret_id)).first()
-        conn.rollback()
+def db_floor(reader: SecretReader, keyring: Keyring, org_id: str, secret_id: str) -> bytes:
+    """One PG point lookup (through the resolver's own reader, exactly as a miss does it) + one HPKE open."""
+    row = reader.read(org_id, secret_id)
     assert row is not None
     return open_sealed(keyring, row.ciphertext, secret_context(org_id, secret_id, row.version), row.key_id)
 
@@ -297,6 +295,8 @@ class Bench:
         self.db.configure(database_url)
         assert self.db.engine is not None
         self.engine: Engine = self.db.engine
+        # The floor reads the way a miss reads: through the resolver's own reader.
+        self.reader = SecretReader(database_url)
         self.admin = make_user(self.db, org_slug=f"bench-{os.getpid()}", role="admin")
         assert self.admin.org_id is not None
         self.org_id: str = self.admin.org_id
@@ -317,7 +317,14 @@ class Bench:
             return secret.id
 
     def resolver(self, *, listen: bool, client: redis.Redis | None = None, **options: Any) -> Resolver:
-        r = Resolver(self.db, self.keyring, client or resolver_redis(REDIS_URL), listen=listen, **options)
+        r = Resolver(
+            self.db,
+            self.keyring,
+            client or resolver_redis(REDIS_URL),
+            listen=listen,
+            namespace=self.settings.queue,
+            **options,
+        )
         self.resolvers.append(r)
         if listen:
             assert r.wait_until_listening(), "the resolver's invalidation listener did not subscribe"
@@ -378,7 +385,7 @@ class Bench:
         before = served()
         miss_samples, floor_samples = time_pair(
             lambda: miss.resolve(org, sid),
-            lambda: db_floor(self.engine, self.keyring, org, sid),
+            lambda: db_floor(self.reader, self.keyring, org, sid),
             n,
             warmup,
             before=drop_l2,
@@ -439,10 +446,7 @@ class Bench:
             k: []
             for k in (
                 "l2_get_nil",
-                "build_select",
-                "engine_connect_with_pre_ping",
-                "execute_first_cache_key_begin_select",
-                "rollback_and_close",
+                "reader_read",
                 "hpke_open",
                 "seal_l2_entry",
                 "metrics_and_fill_enqueue",
@@ -457,22 +461,15 @@ class Bench:
             marks = [pc()]
             client.get(nil_key)
             marks.append(pc())
-            stmt = secret_select(org, sid)
-            marks.append(pc())
-            conn = self.engine.connect()
-            marks.append(pc())
-            row = conn.execute(stmt).first()
-            marks.append(pc())
-            conn.rollback()
-            conn.close()
+            row = self.reader.read(org, sid)
             marks.append(pc())
             assert row is not None
             open_sealed(self.keyring, row.ciphertext, secret_context(org, sid, row.version), row.key_id)
             marks.append(pc())
             resolver._seal_entry(org, sid, ptr, resolved)
             marks.append(pc())
-            RESOLVES.labels("bench").inc()
-            LATENCY.labels("bench").observe(0.0)
+            RESOLVES.labels("db").inc()
+            LATENCY.labels("db").observe(0.0)
             marks.append(pc())
             if i >= 50:
                 for name, a, b in zip(parts, marks, marks[1:], strict=False):
@@ -487,7 +484,7 @@ class Bench:
         def count(name: str, r: Resolver, client: CountingRedis, before: Callable[[], Any] | None = None) -> None:
             r.resolve(org, sid)  # reach the state being counted
             assert r.flush_fills()
-            client.reset()
+            client.zero()
             with DbCounter(self.engine) as dbc:
                 for _ in range(m):
                     if before:
@@ -515,7 +512,7 @@ class Bench:
         # The floors, counted the same way.
         with DbCounter(self.engine) as dbc:
             for _ in range(m):
-                db_floor(self.engine, self.keyring, org, sid)
+                db_floor(self.reader, self.keyring, org, sid)
         out["floor_pg_lookup_hpke_open"] = {
             "db_statements": dbc.statements / m,
             "db_round_trips": dbc.round_trips / m,
@@ -538,7 +535,7 @@ class Bench:
             "miss": profile(
                 lambda: miss.resolve(org, sid), m // 4, before=lambda: (miss.flush_fills(), self.redis.delete(key))
             ),
-            "floor_pg_lookup_hpke_open": profile(lambda: db_floor(self.engine, self.keyring, org, sid), m // 4),
+            "floor_pg_lookup_hpke_open": profile(lambda: db_floor(self.reader, self.keyring, org, sid), m // 4),
         }
         self.report.results["profiles"] = texts
         for name, text in texts.items():
@@ -580,8 +577,8 @@ class Bench:
         port = server.server_port
 
         sid = self.new_secret("STRESS_SECRET", value="stress-value-0")  # version 1
-        foreign = int(self.redis.pubsub_numsub(cachekeys.CHANNEL)[0][1])
-        options = {"l1_max_age": l1_max_age} if l1_max_age is not None else {}
+        foreign = int(self.redis.pubsub_numsub(cachekeys.channel(self.settings.queue))[0][1])
+        options: dict[str, Any] = {"l1_max_age": l1_max_age} if l1_max_age is not None else {}
         resolvers = [self.resolver(listen=True, **options) for _ in range(k)]
         running = [True]
         starts = [array("q") for _ in range(k)]

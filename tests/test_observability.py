@@ -255,6 +255,19 @@ def test_registry_is_bounded_least_recently_registered_first() -> None:
     assert set(redact._refs) == {text for forms in redact._values.values() for text, _l, _t in forms}
 
 
+def test_registry_is_also_bounded_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redact, "MAX_CHARS", 200_000)
+    big = [secrets.token_urlsafe(3000) for _ in range(20)]  # ~4 KB each, ~14 forms: ~50 KB of forms
+    for v in big:
+        redact.register(v)
+    assert 1 <= redact.size() < 20
+    assert redact._chars <= 200_000
+    assert redact.redact(big[-1]) == MASK and redact.redact(big[0]) == big[0]
+    huge = secrets.token_urlsafe(300_000)  # alone over the budget: still kept, the newest always is
+    redact.register(huge)
+    assert redact.size() == 1 and redact.redact(f"<{huge}>") == f"<{MASK}>"
+
+
 def test_registry_is_thread_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     # Smoke test: concurrent registration (with evictions) and redaction; no errors, and the
     # registry is consistent afterwards.
@@ -571,7 +584,7 @@ def test_a_celery_worker_gets_the_filter_and_format_on_its_handlers(settings: Se
 
 _MULTIPROCESS_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, sys, urllib.request
+    import multiprocessing, urllib.request
     from app.observability import metrics
 
     def child():
@@ -582,7 +595,8 @@ _MULTIPROCESS_SCRIPT = textwrap.dedent(
         proc = multiprocessing.get_context("fork").Process(target=child)
         proc.start()
         proc.join(30)
-        server = metrics.start_worker_metrics(0, addr="127.0.0.1", multiprocess_dir=sys.argv[1])
+        assert metrics.multiprocess_mode()  # from PROMETHEUS_MULTIPROC_DIR, read by prometheus_client
+        server = metrics.start_worker_metrics(0, addr="127.0.0.1")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as resp:
                 print(resp.read().decode())
@@ -598,9 +612,7 @@ def test_worker_metrics_see_prefork_children_in_multiprocess_mode(tmp_path: Path
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     script = tmp_path / "mp.py"
     script.write_text(_MULTIPROCESS_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert 'latchkey_worker_tasks_total{outcome="succeeded",task="jobs.example"} 1.0' in proc.stdout
 

@@ -180,11 +180,30 @@ class JobsCollector(Collector):
         yield duration
 
 
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client keeps values in files (``PROMETHEUS_MULTIPROC_DIR`` was set at start)."""
+    from prometheus_client import values
+
+    return values.ValueClass is not values.MutexValue
+
+
+def exposed_registry(multiprocess_dir: str | None = None) -> Collector:
+    """What a process serves: its own default registry or, in multiprocess mode (gunicorn with
+    several workers, Celery's prefork pool), the values of every process of the group."""
+    if multiprocess_dir is None and not multiprocess_mode():
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry(auto_describe=False)
+    multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+    return registry
+
+
 def render(db: Database) -> bytes:
-    """The exposition text for ``GET /metrics``: the default registry plus the jobs table."""
+    """The exposition text for ``GET /metrics``: this process (or process group) plus the jobs table."""
     scrape = CollectorRegistry(auto_describe=False)
     scrape.register(JobsCollector(db))
-    return generate_latest(REGISTRY) + generate_latest(scrape)
+    return generate_latest(exposed_registry()) + generate_latest(scrape)
 
 
 def _started() -> None:
@@ -240,20 +259,14 @@ def task_finished(task_id: str | None, task_name: str | None, state: str | None,
 
 
 def start_worker_metrics(port: int, *, addr: str = "0.0.0.0", multiprocess_dir: str | None = None) -> Any:  # noqa: S104
-    """Serve this worker's metrics (default registry) on ``http://addr:port/metrics``; returns the server.
+    """Serve this worker's metrics on ``http://addr:port/metrics``; returns the server.
 
     With Celery's prefork pool the tasks (and the resolver) run in child processes, whose
-    metrics the parent cannot see: run prometheus_client in multiprocess mode (set
-    ``PROMETHEUS_MULTIPROC_DIR`` for the whole worker, before it starts) and pass the same
-    directory as ``multiprocess_dir``. With ``--pool threads`` or ``solo`` nothing else is needed.
-    Port 0 picks a free port (``server.server_port``).
+    metrics the parent cannot see: set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory) for
+    the whole worker before it starts, and this serves the values of every process of the
+    worker (``multiprocess_dir`` names the directory explicitly). With ``--pool threads`` or
+    ``solo`` nothing else is needed. Port 0 picks a free port (``server.server_port``).
     """
-    registry: Any = REGISTRY
-    if multiprocess_dir is not None:
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry(auto_describe=False)
-        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    server, _thread = start_http_server(port, addr=addr, registry=exposed_registry(multiprocess_dir))
     log.info("worker metrics on port %s", server.server_port)
     return server

@@ -10,8 +10,8 @@ Lessons taken from Airflow's SecretsMasker (see docs/observability.md):
   URL-safe, at the three byte alignments, matched inside a longer base64 run as in
   tests/leaks.py: the characters that depend only on the value, less the last two; the
   neighbouring characters that carry some of the value's bits are masked with it);
-* the registry is bounded (least recently registered values are forgotten first) and
-  thread-safe; reads take no lock.
+* the registry is bounded, by count and by size (least recently registered values are
+  forgotten first), and thread-safe; reads take no lock.
 
 The registry is process-wide. A worker registers each value it resolves
 (``register(value)``); handlers get :class:`RedactingFilter` (``app.logs`` installs it).
@@ -30,6 +30,8 @@ from typing import Final
 
 MIN_LENGTH: Final = 8
 MAX_VALUES: Final = 10_000
+# And at most this many characters of forms in all (a value can be up to 64 KiB, and has ~14 forms).
+MAX_CHARS: Final = 64 * 1024 * 1024
 MASK: Final = "***"
 
 # Index: every form is at least _SHORTEST characters long. Any _STRIDE consecutive positions
@@ -41,6 +43,7 @@ _GRAM: Final = 5
 _STRIDE: Final = 4
 _B64_CHARS: Final = frozenset(string.ascii_letters + string.digits + "+/-_")
 _MARK: Final = "_latchkey_redacted"
+assert MIN_LENGTH >= _SHORTEST, "shorter values would have forms the index cannot find"
 
 # (text, lead, tail): how many base64 characters just before / after a match carry bits of the value.
 _Form = tuple[str, int, int]
@@ -50,6 +53,7 @@ _Entry = tuple[str, int, int, int]
 _lock = threading.Lock()
 # value -> its forms; insertion order is recency (the first entry is evicted first).
 _values: OrderedDict[str, tuple[_Form, ...]] = OrderedDict()
+_chars = 0  # total length of the forms in _values
 # form text -> [reference count, lead, tail] (two values can share a form).
 _refs: dict[str, list[int]] = {}
 # gram -> {(form text, offset)} (writer side).
@@ -143,7 +147,8 @@ def register(value: str) -> None:
     """Mask ``value`` (and its encodings) in every redacted log line of this process from now on.
 
     Values shorter than ``MIN_LENGTH`` characters, or only whitespace, are ignored. At most
-    ``MAX_VALUES`` values are kept; registering a known value again marks it recently used.
+    ``MAX_VALUES`` values (and ``MAX_CHARS`` characters of their forms) are kept, the most
+    recently registered; registering a known value again marks it recently used.
     """
     if not isinstance(value, str) or len(value) < MIN_LENGTH or not value.strip():
         return
@@ -151,23 +156,28 @@ def register(value: str) -> None:
         if value in _values:
             _values.move_to_end(value)
             return
+    global _chars
     forms = tuple((text, lead, tail) for text, (lead, tail) in _forms(value).items())
     with _lock:
         if value in _values:
             _values.move_to_end(value)
             return
         _values[value] = forms
+        _chars += sum(len(text) for text, _lead, _tail in forms)
         for text, lead, tail in forms:
             _add_form(text, lead, tail)
-        while len(_values) > MAX_VALUES:
+        while len(_values) > MAX_VALUES or (_chars > MAX_CHARS and len(_values) > 1):
             _old, old_forms = _values.popitem(last=False)
+            _chars -= sum(len(text) for text, _lead, _tail in old_forms)
             for text, _lead, _tail in old_forms:
                 _remove_form(text)
 
 
 def clear() -> None:
     """Forget every registered value (tests)."""
+    global _chars
     with _lock:
+        _chars = 0
         _values.clear()
         _refs.clear()
         _buckets.clear()

@@ -12,10 +12,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 KEY_PREFIX = "lk:s:"
-CHANNEL = "lk:invalidate"
 ACK_PREFIX = "lk:invalidate:ack:"
 DELETED = "deleted"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def channel(namespace: str) -> str:
+    """The invalidation channel of one deployment (pub/sub channels span every Redis database)."""
+    return f"lk:invalidate:{namespace}"
 
 
 def key(org_id: str, secret_id: str) -> str:

@@ -48,8 +48,17 @@ def take_pending(session: Session) -> list[Pending]:
 
 
 class Invalidator:
-    def __init__(self, client: redis.Redis, db: Database, *, ttl: int = 600, ack_timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        db: Database,
+        *,
+        ttl: int = 600,
+        ack_timeout: float = 0.5,
+        namespace: str = "latchkey",
+    ) -> None:
         self.redis = client
+        self.channel = cachekeys.channel(namespace)
         self.db = db
         self.ttl = ttl
         self.ack_timeout = ack_timeout
@@ -60,7 +69,7 @@ class Invalidator:
         self._move(keys=[cachekeys.key(item.org_id, item.secret_id)], args=[item.pointer, self.ttl])
         nonce = uuid.uuid4().hex
         message = json.dumps({"o": item.org_id, "i": item.secret_id, "p": item.pointer, "n": nonce})
-        receivers = int(self.redis.publish(cachekeys.CHANNEL, message))
+        receivers = int(self.redis.publish(self.channel, message))
         ack_key = cachekeys.ACK_PREFIX + nonce
         deadline = time.monotonic() + self.ack_timeout
         acked = 0

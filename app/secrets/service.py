@@ -26,6 +26,7 @@ from app.errors import (
     VersionMismatchError,
 )
 from app.models import Agent, McpServer, Org, Provider, Secret
+from app.observability import redact
 from app.pagination import Page, paginate
 from app.secrets import cachekeys, invalidation
 from app.secrets.keyring import PublicKeySet
@@ -66,6 +67,8 @@ def validate_name(name: Any) -> str:
 def validate_value(value: Any) -> str:
     if not isinstance(value, str) or value == "":
         raise ValidationFailedError.single("value", "must be a non-empty string")
+    # Before anything can log it: this process's log lines mask the value from here on.
+    redact.register(value)
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:

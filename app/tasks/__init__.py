@@ -62,6 +62,16 @@ celery = make_celery()
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _start_worker_metrics(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    settings = app.conf.get("latchkey_settings") if app is not None else None
+    if settings is not None and settings.worker_metrics_port is not None:
+        from app.observability.metrics import start_worker_metrics
+
+        start_worker_metrics(settings.worker_metrics_port)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _check_worker_config(sender: Any = None, **_: Any) -> None:
     # A production worker without its keyring (or with dev keys) must not start.
     app = getattr(sender, "app", None)

@@ -17,6 +17,7 @@ from app.jobs import service as jobs
 from app.mcp import service as mcp_service
 from app.mcp.client import McpError, list_tools
 from app.models import McpServer
+from app.observability import redact
 from app.observability.metrics import LEGACY_TOKEN_READS
 from app.secrets.resolver import SecretNotFoundError
 from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, worker_context
@@ -63,6 +64,7 @@ def _credential(ctx: WorkerContext, snap: Snapshot, reads: list[dict[str, Any]])
     if snap.legacy_token:
         # Pre-backfill rows still carry a raw token: used, but counted and logged as deprecated.
         LEGACY_TOKEN_READS.labels("mcp_server").inc()
+        redact.register(snap.legacy_token)
         log.warning("deprecated: MCP server %s still uses a legacy raw token (run the backfill)", snap.server_id)
         return snap.legacy_token, ()
     return None, ()

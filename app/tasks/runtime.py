@@ -21,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app.config import Settings
 from app.db import Database
 from app.jobs import service as jobs
+from app.logs import reset_job_id, set_job_id
 
 log = logging.getLogger("latchkey.worker")
 
@@ -95,6 +96,14 @@ JobFn = Callable[[WorkerContext, JobView], dict[str, Any] | None]
 
 
 def run_job(task: Task, job_id: str, fn: JobFn) -> str:
+    token = set_job_id(job_id)  # every log line of this job carries its id
+    try:
+        return _run_job(task, job_id, fn)
+    finally:
+        reset_job_id(token)
+
+
+def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
     wc = worker_context(task.app)
     with wc.db.session() as s:
         job = jobs.claim(s, job_id)

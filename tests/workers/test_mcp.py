@@ -322,5 +322,12 @@ def test_a_legacy_raw_token_is_still_used_but_logged_as_deprecated(
     # Counted in latchkey_legacy_token_reads_total (worker metrics) and logged by the worker.
     assert wait_for(lambda: f"MCP server {server_id} still uses a legacy raw token" in worker_log.read_text())
     assert legacy not in worker_log.read_text()
+    # Worker log lines are JSON and carry the id of the job that wrote them.
+    import json
+
+    line = next(
+        json.loads(raw) for raw in worker_log.read_text().splitlines() if f"MCP server {server_id} still uses" in raw
+    )
+    assert line["job_id"] == job["id"] and line["level"] == "WARNING"
     # The API never shows the legacy token.
     assert legacy not in admin.get(f"orgs/{org}/mcp-servers/{server_id}").get_data(as_text=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import event, func, select
+from sqlalchemy import Engine, event, func, select
 
 from app.config import Settings
 from app.db import Database
@@ -34,18 +34,19 @@ def queries(db: Database) -> Iterator[list[str]]:
     seen: list[str] = []
 
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "FROM secrets" in statement:
+        # The resolver's read (and nothing the web tier or the test does).
+        if statement.startswith("SELECT secrets.version, secrets.updated_at, secrets.key_id, secrets.ciphertext"):
             seen.append(statement)
 
-    assert db.engine is not None
-    event.listen(db.engine, "before_cursor_execute", count)
+    # Every engine: the resolver reads through a pool of its own.
+    event.listen(Engine, "before_cursor_execute", count)
     yield seen
-    event.remove(db.engine, "before_cursor_execute", count)
+    event.remove(Engine, "before_cursor_execute", count)
 
 
 @pytest.fixture
-def resolver(db: Database, keyring: Keyring, redis_url: str) -> Iterator[Resolver]:
-    r = Resolver(db, keyring, CountingRedis.from_url(redis_url))
+def resolver(db: Database, keyring: Keyring, redis_url: str, settings: Settings) -> Iterator[Resolver]:
+    r = Resolver(db, keyring, CountingRedis.from_url(redis_url), namespace=settings.queue)
     assert r.wait_until_listening()
     yield r
     r.close()
@@ -277,7 +278,7 @@ def test_a_lost_invalidation_is_served_only_until_the_ttls_expire(
 
     sid = factory.secret(admin, org, value="stale-for-a-while")["id"]
     org_id = _org_id(db, org)
-    short = Resolver(db, keyring, redis.Redis.from_url(redis_url), l1_max_age=0.5, l2_ttl=1)
+    short = Resolver(db, keyring, redis.Redis.from_url(redis_url), l1_max_age=0.5, l2_ttl=1, namespace=settings.queue)
     try:
         assert short.wait_until_listening()
         short.resolve(org_id, sid)
@@ -295,3 +296,48 @@ def test_a_lost_invalidation_is_served_only_until_the_ttls_expire(
         assert short.resolve(org_id, sid).value == "fresh"
     finally:
         short.close()
+
+
+def test_an_edit_landing_during_a_resolve_is_not_cached_over(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str, settings: Settings
+) -> None:
+    """The race the stress benchmark found: read old value, edit + invalidation land, then L1 put."""
+    sid = factory.secret(admin, org, value="before-edit")["id"]
+    org_id = _org_id(db, org)
+
+    class EditsMidRead(Resolver):
+        edit_during_next_read = False
+
+        def _l2_get(self, o: str, i: str) -> Any:
+            got = super()._l2_get(o, i)
+            if self.edit_during_next_read:
+                self.edit_during_next_read = False
+                # A real edit through the API: its acknowledged invalidation reaches this
+                # resolver's listener while this resolve still holds the old value.
+                assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "after-edit"}).status_code == 200
+            return got
+
+    r = EditsMidRead(db, keyring, redis.Redis.from_url(redis_url), namespace=settings.queue)
+    try:
+        assert r.wait_until_listening()
+        r.resolve(org_id, sid)
+        r.flush_fills()
+        r.drop_local(org_id, sid)  # start the next resolve from L2, holding the old value
+        r.edit_during_next_read = True
+        assert r.resolve(org_id, sid).value == "before-edit"  # it started before the edit returned
+        assert r.resolve(org_id, sid).value == "after-edit"  # ...but did not stay cached
+    finally:
+        r.close()
+
+
+def test_a_resolved_value_is_masked_in_this_processs_logs(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database
+) -> None:
+    from app.observability import redact
+
+    value = "resolved-and-registered-" + "r" * 12
+    sid = factory.secret(admin, org, value=value)["id"]
+    redact.clear()  # forget what the web side registered when the value arrived
+    assert redact.redact(f"oops {value}") == f"oops {value}"
+    resolver.resolve(_org_id(db, org), sid)
+    assert redact.redact(f"oops {value}") == "oops ***"
