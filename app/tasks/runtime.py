@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import Settings
 from app.db import Database
@@ -111,7 +112,11 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
             return "skipped"
         view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts)
     try:
-        result = fn(wc, view)
+        try:
+            result = fn(wc, view)
+        except (OperationalError, InterfaceError) as exc:
+            # The database went away under the job: worth another try once it is back.
+            raise TransientError("database_unavailable", "the database was unavailable") from exc
     except TransientError as exc:
         if task.request.retries < (task.max_retries or 0):
             log.warning("job %s (%s): transient %s, retrying", job_id, view.kind, exc.code)

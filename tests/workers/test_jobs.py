@@ -7,11 +7,13 @@ from typing import Any
 
 from celery import Celery
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from app.db import utcnow
 from app.factory import create_app
 from app.jobs import service as jobs
 from app.models import AuditEvent, Job
+from app.tasks.runtime import JobView, TransientError, WorkerContext, job_task
 from tests.factories import CTX, Factory
 from tests.workers.conftest import wait_for, wait_job
 
@@ -113,3 +115,48 @@ def test_a_finished_job_cannot_be_finished_again(factory: Factory, db: Any) -> N
     with db.session() as s:
         row = s.get(Job, job_id)
         assert row is not None and (row.status, row.error_code, row.result) == ("failed", "worker_unavailable", None)
+
+
+FLAKY_CALLS: list[int] = []
+
+
+@job_task("tests.flaky_job", max_retries=3)
+def flaky_job(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
+    """Fails twice the way a database outage does, then works."""
+    FLAKY_CALLS.append(job.attempts)
+    if len(FLAKY_CALLS) < 3:
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    return {"ok": True}
+
+
+@job_task("tests.always_down", max_retries=2)
+def always_down(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
+    raise TransientError("upstream_unavailable", "still down")
+
+
+def _eager(settings: Any, name: str, db: Any) -> tuple[str, Any]:
+    from app.tasks import make_celery
+
+    app = make_celery(settings)
+    with db.session() as s:
+        job_id = jobs.create_job(s, CTX, org_id=None, kind=name).id
+        jobs.take_publications(s)
+    outcome = app.tasks[name].apply(args=[job_id]).get(disable_sync_subtasks=False)
+    return job_id, outcome
+
+
+def test_transient_errors_are_retried_until_the_job_succeeds(settings: Any, db: Any) -> None:
+    FLAKY_CALLS.clear()
+    job_id, _ = _eager(settings, "tests.flaky_job", db)
+    assert FLAKY_CALLS == [1, 2, 3]  # claimed again on every retry
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and (row.status, row.result, row.attempts) == ("succeeded", {"ok": True}, 3)
+
+
+def test_a_transient_error_that_outlasts_the_retries_fails_with_its_code(settings: Any, db: Any) -> None:
+    job_id, _ = _eager(settings, "tests.always_down", db)
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and (row.status, row.error_code) == ("failed", "upstream_unavailable")
+        assert row.attempts == 3  # the first run and two retries

@@ -331,3 +331,22 @@ def test_a_legacy_raw_token_is_still_used_but_logged_as_deprecated(
     assert line["job_id"] == job["id"] and line["level"] == "WARNING"
     # The API never shows the legacy token.
     assert legacy not in admin.get(f"orgs/{org}/mcp-servers/{server_id}").get_data(as_text=True)
+
+
+def test_beat_refreshes_the_tool_lists_of_valid_servers(
+    worker: Celery, mcp_server: McpTestServer, admin: Caller, org: str, factory: Factory, db: Any
+) -> None:
+    mcp_server.set_token(TOKEN)
+    secret = factory.secret(admin, org, value=TOKEN)
+    server_id = _add(admin, org, mcp_server.url, secret["id"])["id"]
+    first = _settle(admin, org, server_id)["validated_at"]
+    assert worker.send_task("mcp.refresh_tools").get(timeout=20) >= 1
+
+    def revalidated() -> bool:
+        body = admin.get(f"orgs/{org}/mcp-servers/{server_id}").get_json()
+        return body["status"] == "valid" and body["validated_at"] != first
+
+    wait_for(revalidated)
+    with db.session() as s:
+        kinds = s.scalars(select(Job.kind).where(Job.org_id.is_not(None))).all()
+        assert kinds.count("mcp.validate_server") >= 2
