@@ -21,7 +21,7 @@ from app.db import Base, Database
 from app.factory import create_app
 from app.secrets.keyring import Keyring
 from tests import backends
-from tests.factories import Factory
+from tests.factories import Caller, Factory
 from tests.processes import worker_process
 
 # Tables the tests never empty: Alembic's bookkeeping.
@@ -123,6 +123,24 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def factory(db: Database, client: FlaskClient) -> Factory:
     return Factory(db, client)
+
+
+@pytest.fixture
+def org(factory: Factory) -> str:
+    """A fresh org (slug ``org-<n>``)."""
+    return factory.org()
+
+
+@pytest.fixture
+def admin(factory: Factory, org: str) -> Caller:
+    """An admin of ``org`` with an API token."""
+    return factory.user(org, "admin")
+
+
+@pytest.fixture
+def member(factory: Factory, org: str) -> Caller:
+    """A member (not admin) of ``org`` with an API token."""
+    return factory.user(org, "member")
 
 
 @pytest.fixture

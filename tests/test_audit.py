@@ -5,22 +5,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pytest
 from sqlalchemy import delete, select, update
 
 from app.audit import service as audit
 from app.models import AuditEvent, AuditHead, Org
 from tests.factories import Caller, Factory
-
-
-@pytest.fixture
-def org(factory: Factory) -> str:
-    return factory.org("audited")
-
-
-@pytest.fixture
-def admin(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "admin")
 
 
 def _org_id(db: Any, slug: str) -> str:

@@ -15,16 +15,6 @@ from tests.factories import Caller, Factory
 
 
 @pytest.fixture
-def org(factory: Factory) -> str:
-    return factory.org("inputs")
-
-
-@pytest.fixture
-def admin(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "admin")
-
-
-@pytest.fixture
 def existing(factory: Factory, admin: Caller, org: str) -> dict[str, Any]:
     return factory.secret(admin, org, name="EXISTING", value="existing-value")
 

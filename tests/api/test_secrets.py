@@ -10,21 +10,6 @@ from app.secrets.sealing import open_sealed, secret_context
 from tests.factories import Caller, Factory
 
 
-@pytest.fixture
-def org(factory: Factory) -> str:
-    return factory.org("acme")
-
-
-@pytest.fixture
-def admin(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "admin")
-
-
-@pytest.fixture
-def member(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "member")
-
-
 def test_create_returns_metadata_at_version_1_and_never_the_value(admin: Caller, org: str) -> None:
     resp = admin.post(
         f"orgs/{org}/secrets",

@@ -26,21 +26,6 @@ def mcp_server() -> Iterator[McpTestServer]:
         yield server
 
 
-@pytest.fixture
-def org(factory: Factory) -> str:
-    return factory.org("mcp")
-
-
-@pytest.fixture
-def admin(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "admin")
-
-
-@pytest.fixture
-def member(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "member")
-
-
 def _settle(caller: Caller, org: str, server_id: str, timeout: float = 20) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         body: dict[str, Any] = caller.get(f"orgs/{org}/mcp-servers/{server_id}").get_json()

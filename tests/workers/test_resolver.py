@@ -52,16 +52,6 @@ def resolver(db: Database, keyring: Keyring, redis_url: str, settings: Settings)
     r.close()
 
 
-@pytest.fixture
-def org(factory: Factory) -> str:
-    return factory.org("resolve")
-
-
-@pytest.fixture
-def admin(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "admin")
-
-
 def _org_id(db: Database, slug: str) -> str:
     from app.models import Org
 

@@ -32,16 +32,6 @@ CANARY = "lk-canary-reveal-7c1f0e9b2d4a-ünïcødé"
 
 
 @pytest.fixture
-def org(factory: Factory) -> str:
-    return factory.org()
-
-
-@pytest.fixture
-def admin(factory: Factory, org: str) -> Caller:
-    return factory.user(org, "admin")
-
-
-@pytest.fixture
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
