@@ -33,6 +33,7 @@ class Endpoint:
             .replace("{user}", "<user_id>")
             .replace("{job}", "<job_id>")
             .replace("{mcp}", "<server_id>")
+            .replace("{provider}", "<provider_id>")
         )
 
 
@@ -59,6 +60,16 @@ ENDPOINTS = [
     Endpoint("DELETE", "orgs/{org}/mcp-servers/{mcp}", True),
     Endpoint("POST", "orgs/{org}/mcp-servers/{mcp}/validate", False),
     Endpoint("GET", "orgs/{org}/mcp-servers/{mcp}/tools", False),
+    Endpoint("GET", "orgs/{org}/providers", False),
+    Endpoint(
+        "POST",
+        "orgs/{org}/providers",
+        True,
+        {"name": "P2", "provider_type": "openai", "model_id": "m", "secret_ref": "{secret}"},
+    ),
+    Endpoint("GET", "orgs/{org}/providers/{provider}", False),
+    Endpoint("PATCH", "orgs/{org}/providers/{provider}", True, {"model_id": "other-model"}),
+    Endpoint("DELETE", "orgs/{org}/providers/{provider}", True),
 ]
 OPERATOR_ONLY = [Endpoint("GET", "admin/jobs/{job}", True), Endpoint("POST", "admin/jobs/ping", True)]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
@@ -100,6 +111,8 @@ class World:
     other_job: str
     mcp: str
     other_mcp: str
+    provider: str
+    other_provider: str
 
 
 @pytest.fixture
@@ -117,6 +130,8 @@ def world(factory: Factory) -> World:
         # Bound to secrets of their own, so deleting the world's secret is still allowed.
         mcp=_mcp(factory, org, factory.secret(admin, org, name="HOME_MCP")["id"]),
         other_mcp=_mcp(factory, other, factory.secret(other_admin, other, name="AWAY_MCP")["id"]),
+        provider=_provider(admin, org, factory.secret(admin, org, name="HOME_KEY")["id"]),
+        other_provider=_provider(other_admin, other, factory.secret(other_admin, other, name="AWAY_KEY")["id"]),
         org=org,
         admin=admin,
         member=member,
@@ -157,10 +172,27 @@ def _mcp(factory: Factory, slug: str, secret_id: str) -> str:
         return server.id
 
 
+def _provider(caller: Caller, slug: str, secret_id: str) -> str:
+    body = {"name": "P", "provider_type": "openai", "model_id": "m", "secret_ref": secret_id}
+    resp = caller.post(f"orgs/{slug}/providers", json=body)
+    assert resp.status_code == 201, resp.get_json()
+    provider_id: str = resp.get_json()["id"]
+    return provider_id
+
+
 def _call(
-    caller: Caller, e: Endpoint, *, org: str, secret: str, user: str, email: str, job: str = "", mcp: str = ""
+    caller: Caller,
+    e: Endpoint,
+    *,
+    org: str,
+    secret: str,
+    user: str,
+    email: str,
+    job: str = "",
+    mcp: str = "",
+    provider: str = "",
 ) -> Any:
-    path = e.path.format(org=org, secret=secret, user=user, job=job, mcp=mcp)
+    path = e.path.format(org=org, secret=secret, user=user, job=job, mcp=mcp, provider=provider)
     body = None
     if e.body is not None:
         body = {k: (v.format(email=email, secret=secret) if isinstance(v, str) else v) for k, v in e.body.items()}
@@ -179,7 +211,7 @@ def _snapshot(db: Any) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
-    has_ids = any(p in endpoint.path for p in ("{secret}", "{user}", "{job}", "{mcp}"))
+    has_ids = any(p in endpoint.path for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}"))
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
         before = _snapshot(db)
@@ -192,6 +224,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
             email=world.outsider_email,
             job=world.other_job,
             mcp=world.other_mcp,
+            provider=world.other_provider,
         )
         assert own_path.status_code == 404, own_path.get_json()
         assert own_path.get_json()["code"] == "not_found"
@@ -207,6 +240,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
         email=world.outsider_email,
         job=world.other_job,
         mcp=world.other_mcp,
+        provider=world.other_provider,
     )
     assert foreign.status_code == 404, foreign.get_json()
     assert foreign.content_type == "application/problem+json"
@@ -225,6 +259,7 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World,
         email=world.outsider_email,
         job=world.job,
         mcp=world.mcp,
+        provider=world.provider,
     )
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
@@ -242,6 +277,7 @@ def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> No
         email=world.outsider_email,
         job=world.job,
         mcp=world.mcp,
+        provider=world.provider,
     )
     assert resp.status_code in (200, 202), resp.get_json()
 
@@ -260,6 +296,7 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: py
         email=world.outsider_email,
         job=world.job,
         mcp=world.mcp,
+        provider=world.provider,
     )
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
@@ -268,7 +305,12 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: py
 @pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
 def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth: str | None, client: Any) -> None:
     path = "/api/v1/" + endpoint.path.format(
-        org=world.org, secret=world.secret, user=world.admin.user_id, job=world.job, mcp=world.mcp
+        org=world.org,
+        secret=world.secret,
+        user=world.admin.user_id,
+        job=world.job,
+        mcp=world.mcp,
+        provider=world.provider,
     )
     headers = {"Authorization": auth} if auth is not None else {}
     resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)

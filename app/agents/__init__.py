@@ -1,0 +1,1 @@
+"""Agents: the model side of an agent run (one model turn per call, see ``app.agents.llm``)."""
