@@ -22,6 +22,7 @@ from app.factory import create_app
 from app.secrets.keyring import Keyring
 from tests import backends
 from tests.factories import Caller, Factory
+from tests.llm_server import LlmTestServer
 from tests.processes import worker_process
 
 # Tables the tests never empty: Alembic's bookkeeping.
@@ -59,8 +60,20 @@ def keyring(keyring_path: Path) -> Keyring:
     return Keyring.load(keyring_path)
 
 
+GATEWAY_TOKEN = "test-gateway-token-" + "g" * 24
+
+
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_url: str, keyring: Keyring, keyring_path: Path) -> Settings:
+def llm_server() -> Iterator[LlmTestServer]:
+    """The model-API stand-in (OpenAI, Anthropic, gateway routes), also the worker's gateway base URL."""
+    with LlmTestServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(
+    database_url: str, redis_url: str, keyring: Keyring, keyring_path: Path, llm_server: LlmTestServer
+) -> Settings:
     return load_settings(
         {},
         env="test",
@@ -76,6 +89,8 @@ def settings(database_url: str, redis_url: str, keyring: Keyring, keyring_path: 
         egress_allow_private=True,
         egress_allow_http_hosts="127.0.0.1,localhost",
         mcp_timeout_seconds=2.0,
+        gateway_token=GATEWAY_TOKEN,
+        ai_gateway_base_url=llm_server.url,
     )
 
 

@@ -109,3 +109,46 @@ class McpTool(Base):
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str | None] = mapped_column(Text)
     input_schema: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AgentTool(Base):
+    """A tool an agent may offer to its model: one (MCP server, tool name) pair."""
+
+    __tablename__ = "agent_tools"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "mcp_server_id", "tool_name"),
+        ForeignKeyConstraint(["org_id", "agent_id"], ["agents.org_id", "agents.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["org_id", "mcp_server_id"], ["mcp_servers.org_id", "mcp_servers.id"], ondelete="CASCADE"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(String(36))
+    agent_id: Mapped[str] = mapped_column(String(36))
+    mcp_server_id: Mapped[str] = mapped_column(String(36))
+    tool_name: Mapped[str] = mapped_column(String(200))
+
+
+class AgentRun(Base):
+    """One run of an agent: input, ordered events, output and usage (all masked, never a secret)."""
+
+    __tablename__ = "agent_runs"
+    __table_args__ = (
+        UniqueConstraint("org_id", "id"),
+        ForeignKeyConstraint(["org_id", "agent_id"], ["agents.org_id", "agents.id"], ondelete="CASCADE"),
+        Index("ix_agent_runs_org_id_agent_id", "org_id", "agent_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(String(36))
+    agent_id: Mapped[str] = mapped_column(String(36))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
+    input: Mapped[str] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(Text)
+    events: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(String(1000))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -34,6 +34,8 @@ class Endpoint:
             .replace("{job}", "<job_id>")
             .replace("{mcp}", "<server_id>")
             .replace("{provider}", "<provider_id>")
+            .replace("{agent}", "<agent_id>")
+            .replace("{run}", "<run_id>")
         )
 
 
@@ -70,6 +72,14 @@ ENDPOINTS = [
     Endpoint("GET", "orgs/{org}/providers/{provider}", False),
     Endpoint("PATCH", "orgs/{org}/providers/{provider}", True, {"model_id": "other-model"}),
     Endpoint("DELETE", "orgs/{org}/providers/{provider}", True),
+    # Agents: any member (they pick a provider an admin configured, never a secret).
+    Endpoint("GET", "orgs/{org}/agents", False),
+    Endpoint("POST", "orgs/{org}/agents", False, {"name": "A2", "provider_id": "{provider}"}),
+    Endpoint("GET", "orgs/{org}/agents/{agent}", False),
+    Endpoint("PATCH", "orgs/{org}/agents/{agent}", False, {"system_prompt": "Be brief."}),
+    Endpoint("DELETE", "orgs/{org}/agents/{agent}", False),
+    Endpoint("POST", "orgs/{org}/agents/{agent}/runs", False, {"input": "hi"}),
+    Endpoint("GET", "orgs/{org}/runs/{run}", False),
 ]
 OPERATOR_ONLY = [Endpoint("GET", "admin/jobs/{job}", True), Endpoint("POST", "admin/jobs/ping", True)]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
@@ -113,6 +123,10 @@ class World:
     other_mcp: str
     provider: str
     other_provider: str
+    agent: str
+    other_agent: str
+    run: str
+    other_run: str
 
 
 @pytest.fixture
@@ -124,14 +138,27 @@ def world(factory: Factory) -> World:
     job, other_job = _job(factory, org), _job(factory, other)
     home_secret = factory.secret(admin, org, name="HOME")["id"]
     away_secret = factory.secret(other_admin, other, name="AWAY")["id"]
+    home_provider = _provider(admin, org, factory.secret(admin, org, name="HOME_KEY")["id"])
+    away_provider = _provider(other_admin, other, factory.secret(other_admin, other, name="AWAY_KEY")["id"])
+    # The agents use providers of their own, so the world's providers stay deletable.
+    home_agent = _agent(admin, org, _provider(admin, org, factory.secret(admin, org, name="AGENT_KEY")["id"], "AP"))
+    away_agent = _agent(
+        other_admin,
+        other,
+        _provider(other_admin, other, factory.secret(other_admin, other, name="AGENT_KEY")["id"], "AP"),
+    )
     return World(
         job=job,
         other_job=other_job,
         # Bound to secrets of their own, so deleting the world's secret is still allowed.
         mcp=_mcp(factory, org, factory.secret(admin, org, name="HOME_MCP")["id"]),
         other_mcp=_mcp(factory, other, factory.secret(other_admin, other, name="AWAY_MCP")["id"]),
-        provider=_provider(admin, org, factory.secret(admin, org, name="HOME_KEY")["id"]),
-        other_provider=_provider(other_admin, other, factory.secret(other_admin, other, name="AWAY_KEY")["id"]),
+        provider=home_provider,
+        other_provider=away_provider,
+        agent=home_agent,
+        other_agent=away_agent,
+        run=_run(factory, org, home_agent),
+        other_run=_run(factory, other, away_agent),
         org=org,
         admin=admin,
         member=member,
@@ -172,12 +199,32 @@ def _mcp(factory: Factory, slug: str, secret_id: str) -> str:
         return server.id
 
 
-def _provider(caller: Caller, slug: str, secret_id: str) -> str:
-    body = {"name": "P", "provider_type": "openai", "model_id": "m", "secret_ref": secret_id}
+def _provider(caller: Caller, slug: str, secret_id: str, name: str = "P") -> str:
+    body = {"name": name, "provider_type": "openai", "model_id": "m", "secret_ref": secret_id}
     resp = caller.post(f"orgs/{slug}/providers", json=body)
     assert resp.status_code == 201, resp.get_json()
     provider_id: str = resp.get_json()["id"]
     return provider_id
+
+
+def _agent(caller: Caller, slug: str, provider_id: str) -> str:
+    resp = caller.post(f"orgs/{slug}/agents", json={"name": "Agent", "provider_id": provider_id})
+    assert resp.status_code == 201, resp.get_json()
+    agent_id: str = resp.get_json()["id"]
+    return agent_id
+
+
+def _run(factory: Factory, slug: str, agent_id: str) -> str:
+    from app.agents import service as agents
+    from app.identity import service as identity
+    from tests.factories import CTX
+
+    with factory.db.session() as s:
+        run, _job = agents.start_run(s, CTX, identity.get_org(s, slug), agent_id, "hello")
+        from app.jobs import service as jobs
+
+        jobs.take_publications(s)  # never published: the row is all the matrix needs
+        return run.id
 
 
 def _call(
@@ -191,11 +238,16 @@ def _call(
     job: str = "",
     mcp: str = "",
     provider: str = "",
+    agent: str = "",
+    run: str = "",
 ) -> Any:
-    path = e.path.format(org=org, secret=secret, user=user, job=job, mcp=mcp, provider=provider)
+    path = e.path.format(org=org, secret=secret, user=user, job=job, mcp=mcp, provider=provider, agent=agent, run=run)
     body = None
     if e.body is not None:
-        body = {k: (v.format(email=email, secret=secret) if isinstance(v, str) else v) for k, v in e.body.items()}
+        body = {
+            k: (v.format(email=email, secret=secret, provider=provider) if isinstance(v, str) else v)
+            for k, v in e.body.items()
+        }
     return caller.request(e.method, path, json=body)
 
 
@@ -211,7 +263,9 @@ def _snapshot(db: Any) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
-    has_ids = any(p in endpoint.path for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}"))
+    has_ids = any(
+        p in endpoint.path for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}", "{agent}", "{run}")
+    )
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
         before = _snapshot(db)
@@ -225,6 +279,8 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
             job=world.other_job,
             mcp=world.other_mcp,
             provider=world.other_provider,
+            agent=world.other_agent,
+            run=world.other_run,
         )
         assert own_path.status_code == 404, own_path.get_json()
         assert own_path.get_json()["code"] == "not_found"
@@ -241,6 +297,8 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
         job=world.other_job,
         mcp=world.other_mcp,
         provider=world.other_provider,
+        agent=world.other_agent,
+        run=world.other_run,
     )
     assert foreign.status_code == 404, foreign.get_json()
     assert foreign.content_type == "application/problem+json"
@@ -260,6 +318,8 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World,
         job=world.job,
         mcp=world.mcp,
         provider=world.provider,
+        agent=world.agent,
+        run=world.run,
     )
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
@@ -278,8 +338,10 @@ def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> No
         job=world.job,
         mcp=world.mcp,
         provider=world.provider,
+        agent=world.agent,
+        run=world.run,
     )
-    assert resp.status_code in (200, 202), resp.get_json()
+    assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
@@ -297,6 +359,8 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: py
         job=world.job,
         mcp=world.mcp,
         provider=world.provider,
+        agent=world.agent,
+        run=world.run,
     )
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
@@ -311,6 +375,8 @@ def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth:
         job=world.job,
         mcp=world.mcp,
         provider=world.provider,
+        agent=world.agent,
+        run=world.run,
     )
     headers = {"Authorization": auth} if auth is not None else {}
     resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)

@@ -1,0 +1,233 @@
+"""Agents and their runs. An agent picks a provider (never a secret) and a selection of tools."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.context import RequestContext
+from app.db import new_id, utcnow
+from app.errors import NotFoundError, ValidationFailedError
+from app.jobs import service as jobs
+from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider
+from app.pagination import Page, paginate
+
+RUN_TASK = "agents.run_agent"
+MAX_NAME = 200
+MAX_PROMPT = 20_000
+MAX_INPUT = 32_000
+MAX_TOOLS = 64
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or "\x00" in value:
+        raise ValidationFailedError.single("name", f"must be 1 to {MAX_NAME} characters")
+    return value.strip()
+
+
+def _text(field: str, value: Any, limit: int, *, required: bool = False) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or len(value) > limit or "\x00" in value or (required and not value.strip()):
+        raise ValidationFailedError.single(field, f"must be text of {'1' if required else '0'} to {limit} characters")
+    return value
+
+
+def _provider(session: Session, org: Org, provider_id: Any) -> Provider:
+    if not isinstance(provider_id, str) or not provider_id:
+        raise ValidationFailedError.single("provider_id", "is required: the id of a provider of this org")
+    provider: Provider | None = session.scalar(
+        select(Provider).where(Provider.org_id == org.id, Provider.id == provider_id)
+    )
+    if provider is None:
+        raise ValidationFailedError.single("provider_id", "no provider with this id in this org")
+    return provider
+
+
+def _tools(session: Session, org: Org, tools: Any) -> list[tuple[str, str]]:
+    """Each selected tool must be in a valid server's stored tool list, in this org."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ValidationFailedError.single("tools", f"must be a list of at most {MAX_TOOLS} tools")
+    chosen: list[tuple[str, str]] = []
+    for i, item in enumerate(tools):
+        if not isinstance(item, dict) or set(item) != {"mcp_server_id", "tool_name"}:
+            raise ValidationFailedError.single(f"tools.{i}", "must be {mcp_server_id, tool_name}")
+        server_id, tool_name = item["mcp_server_id"], item["tool_name"]
+        if not isinstance(server_id, str) or not isinstance(tool_name, str):
+            raise ValidationFailedError.single(f"tools.{i}", "mcp_server_id and tool_name must be strings")
+        server = session.scalar(select(McpServer).where(McpServer.org_id == org.id, McpServer.id == server_id))
+        if server is None:
+            raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", "no MCP server with this id in this org")
+        if server.status != "valid":
+            raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", f"the MCP server is {server.status}")
+        known = session.scalar(select(McpTool.id).where(McpTool.mcp_server_id == server.id, McpTool.name == tool_name))
+        if known is None:
+            raise ValidationFailedError.single(f"tools.{i}.tool_name", "the server does not list this tool")
+        if (server_id, tool_name) not in chosen:
+            chosen.append((server_id, tool_name))
+    return chosen
+
+
+def tools_of(session: Session, agent_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {a: [] for a in agent_ids}
+    if agent_ids:
+        rows = session.execute(
+            select(AgentTool.agent_id, AgentTool.mcp_server_id, AgentTool.tool_name)
+            .where(AgentTool.agent_id.in_(agent_ids))
+            .order_by(AgentTool.id)
+        ).all()
+        for agent_id, server_id, name in rows:
+            out[agent_id].append((server_id, name))
+    return out
+
+
+def list_agents(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[Agent]:
+    # Legacy agents (no provider yet) are not usable until the backfill gives them one.
+    stmt = select(Agent).where(Agent.org_id == org.id, Agent.provider_id.is_not(None))
+    return paginate(session, stmt, Agent.id, limit=limit, cursor=cursor)
+
+
+def get_agent(session: Session, org: Org, agent_id: str) -> Agent:
+    agent: Agent | None = session.scalar(
+        select(Agent).where(Agent.org_id == org.id, Agent.id == agent_id, Agent.provider_id.is_not(None))
+    )
+    if agent is None:
+        raise NotFoundError("agent not found")
+    return agent
+
+
+def _set_tools(session: Session, agent: Agent, chosen: list[tuple[str, str]]) -> None:
+    session.execute(delete(AgentTool).where(AgentTool.agent_id == agent.id))
+    for server_id, name in chosen:
+        session.add(AgentTool(org_id=agent.org_id, agent_id=agent.id, mcp_server_id=server_id, tool_name=name))
+
+
+def create_agent(session: Session, ctx: RequestContext, org: Org, fields: dict[str, Any]) -> Agent:
+    """Create an agent on a provider of this org, with tools from valid MCP servers."""
+    name = _name(fields.get("name"))
+    provider = _provider(session, org, fields.get("provider_id"))
+    model_id = _text("model_id", fields.get("model_id"), 200)
+    system_prompt = _text("system_prompt", fields.get("system_prompt"), MAX_PROMPT)
+    chosen = _tools(session, org, fields.get("tools"))
+    now = utcnow()
+    agent = Agent(
+        id=new_id(),
+        org_id=org.id,
+        name=name,
+        provider_id=provider.id,
+        model_id=model_id or None,
+        system_prompt=system_prompt,
+        created_by=ctx.actor.id,
+        updated_by=ctx.actor.id,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(agent)
+    session.flush()
+    _set_tools(session, agent, chosen)
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "agent.create",
+        org_id=org.id,
+        target_type="agent",
+        target_id=agent.id,
+        details={"name": name, "provider_id": provider.id, "tools": [list(t) for t in chosen]},
+    )
+    return agent
+
+
+def update_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str, fields: dict[str, Any]) -> Agent:
+    if not fields:
+        raise ValidationFailedError.single("body", "give at least one field to change")
+    agent = get_agent(session, org, agent_id)
+    changed: list[str] = []
+    if "name" in fields:
+        agent.name = _name(fields["name"])
+        changed.append("name")
+    if "provider_id" in fields:
+        agent.provider_id = _provider(session, org, fields["provider_id"]).id
+        changed.append("provider_id")
+    if "model_id" in fields:
+        agent.model_id = _text("model_id", fields["model_id"], 200) or None
+        changed.append("model_id")
+    if "system_prompt" in fields:
+        agent.system_prompt = _text("system_prompt", fields["system_prompt"], MAX_PROMPT)
+        changed.append("system_prompt")
+    if "tools" in fields:
+        _set_tools(session, agent, _tools(session, org, fields["tools"]))
+        changed.append("tools")
+    agent.updated_at = utcnow()
+    agent.updated_by = ctx.actor.id
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "agent.update",
+        org_id=org.id,
+        target_type="agent",
+        target_id=agent.id,
+        details={"changed": changed},
+    )
+    return agent
+
+
+def delete_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str) -> None:
+    agent = get_agent(session, org, agent_id)
+    session.execute(delete(AgentTool).where(AgentTool.agent_id == agent.id))
+    session.execute(delete(AgentRun).where(AgentRun.agent_id == agent.id))
+    session.delete(agent)
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "agent.delete",
+        org_id=org.id,
+        target_type="agent",
+        target_id=agent_id,
+        details={"name": agent.name},
+    )
+
+
+def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, text: Any) -> tuple[AgentRun, Job]:
+    """Queue a run of the agent on ``text`` (202: the worker does the rest)."""
+    agent = get_agent(session, org, agent_id)
+    prompt = _text("input", text, MAX_INPUT, required=True)
+    assert prompt is not None
+    run = AgentRun(
+        id=new_id(),
+        org_id=org.id,
+        agent_id=agent.id,
+        status="queued",
+        input=prompt,
+        events=[],
+        created_by=ctx.actor.id,
+        created_at=utcnow(),
+    )
+    session.add(run)
+    session.flush()
+    job = jobs.create_job(session, ctx, org_id=org.id, kind=RUN_TASK, params={"run_id": run.id})
+    run.job_id = job.id
+    audit.record(
+        session,
+        ctx,
+        "agent.run",
+        org_id=org.id,
+        target_type="agent_run",
+        target_id=run.id,
+        details={"agent_id": agent.id, "job_id": job.id},
+    )
+    return run, job
+
+
+def get_run(session: Session, org: Org, run_id: str) -> AgentRun:
+    run: AgentRun | None = session.scalar(select(AgentRun).where(AgentRun.org_id == org.id, AgentRun.id == run_id))
+    if run is None:
+        raise NotFoundError("run not found")
+    return run

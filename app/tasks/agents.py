@@ -1,0 +1,259 @@
+"""Agent runs: the model and tool loop, in the worker, with credentials only in request headers.
+
+The provider key and each MCP server's token are resolved here and go only into HTTP headers
+(model calls through the egress guard, tool calls through the MCP client). The model sees the
+system prompt, the user's input, and tool results, all passed through the value-based masker
+first; the stored output, events and errors are masked too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import select
+
+from app.agents.llm import Message, ModelTurn, ProviderError, ToolCall, ToolSpec, complete, endpoint_for
+from app.audit import service as audit
+from app.context import Actor, RequestContext
+from app.db import utcnow
+from app.egress import EgressError, EgressPolicy, guarded_async_client, guarded_client
+from app.jobs import service as jobs
+from app.mcp.client import McpError, call_tool
+from app.models import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
+from app.observability import redact
+from app.secrets.resolver import SecretNotFoundError
+from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task
+
+log = logging.getLogger("latchkey.agents")
+WORKER = RequestContext(Actor("worker"))
+MAX_STEPS = 10
+_TOOL_NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
+MAX_TOOL_RESULT = 20_000
+
+
+@dataclass(frozen=True)
+class BoundTool:
+    server_id: str
+    url: str
+    transport: str
+    secret_ref: str | None
+    status: str
+    spec: ToolSpec
+    tool_name: str
+
+
+@dataclass
+class RunState:
+    org_id: str
+    run_id: str
+    job_id: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    reads: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "steps": 0})
+
+    def event(self, kind: str, **data: Any) -> None:
+        # Masked on the way in: nothing that reaches the run row can carry a registered value.
+        self.events.append({"type": kind, "at": utcnow().isoformat(), **_mask(data)})
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact.redact(value)
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    return value
+
+
+def _load(ctx: WorkerContext, job: JobView) -> tuple[AgentRun, Agent, Provider, list[BoundTool]]:
+    run_id = str(job.params.get("run_id", ""))
+    with ctx.db.session() as s:
+        run = s.scalar(select(AgentRun).where(AgentRun.org_id == job.org_id, AgentRun.id == run_id))
+        if run is None:
+            raise JobFailedError("not_found", "the run no longer exists")
+        agent = s.scalar(select(Agent).where(Agent.org_id == run.org_id, Agent.id == run.agent_id))
+        provider = (
+            s.scalar(select(Provider).where(Provider.org_id == run.org_id, Provider.id == agent.provider_id))
+            if agent is not None
+            else None
+        )
+        if agent is None or provider is None:
+            raise JobFailedError("not_found", "the agent or its provider no longer exists")
+        rows = s.execute(
+            select(AgentTool, McpServer, McpTool)
+            .join(McpServer, (McpServer.id == AgentTool.mcp_server_id) & (McpServer.org_id == AgentTool.org_id))
+            .outerjoin(McpTool, (McpTool.mcp_server_id == McpServer.id) & (McpTool.name == AgentTool.tool_name))
+            .where(AgentTool.agent_id == agent.id)
+            .order_by(AgentTool.id)
+        ).all()
+        tools: list[BoundTool] = []
+        taken: set[str] = set()
+        for link, server, tool in rows:
+            # The name the model sees: in the character set model APIs accept, and made unique
+            # when two servers offer the same tool name.
+            exposed = _TOOL_NAME_BAD.sub("_", link.tool_name)[:56] or "tool"
+            if exposed in taken:
+                exposed = f"{exposed}__{server.id[-6:]}"
+            taken.add(exposed)
+            spec = ToolSpec(exposed, tool.description if tool else None, tool.input_schema if tool else {})
+            tools.append(
+                BoundTool(
+                    server.id, server.url, server.transport, server.secret_ref, server.status, spec, link.tool_name
+                )
+            )
+        run.status = "running"
+        s.flush()
+        s.expunge_all()
+    return run, agent, provider, tools
+
+
+def _resolve(ctx: WorkerContext, state: RunState, secret_id: str) -> Any:
+    resolved = ctx.resolver.resolve(state.org_id, secret_id)
+    state.reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
+    return resolved
+
+
+def _tool_result_text(content: list[dict[str, Any]], structured: Any) -> str:
+    parts = [c.get("text", "") for c in content if c.get("type") == "text"]
+    text = "\n".join(p for p in parts if p) or (json.dumps(structured) if structured is not None else "")
+    return text[:MAX_TOOL_RESULT]
+
+
+def _run_tool(ctx: WorkerContext, state: RunState, tool: BoundTool, arguments: dict[str, Any]) -> tuple[bool, str]:
+    """Call one tool on its MCP server with that server's secret; (is_error, text for the model)."""
+    token: str | None = None
+    hosts: tuple[str, ...] = ()
+    if tool.secret_ref is not None:
+        resolved = _resolve(ctx, state, tool.secret_ref)
+        token, hosts = resolved.value, resolved.allowed_hosts
+    factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), hosts)
+    result = call_tool(
+        tool.url,
+        tool.tool_name,
+        arguments,
+        transport=tool.transport,
+        token=token,
+        http_client_factory=factory,
+        timeout=ctx.settings.mcp_timeout_seconds,
+    )
+    return result.is_error, _tool_result_text(result.content, result.structured)
+
+
+def _loop(
+    ctx: WorkerContext, state: RunState, agent: Agent, provider: Provider, tools: list[BoundTool], text: str
+) -> str:
+    key = _resolve(ctx, state, provider.secret_ref)
+    gateway = ctx.settings.gateway_token.get_secret_value() if ctx.settings.gateway_token else None
+    if gateway:
+        redact.register(gateway)
+    endpoint = endpoint_for(
+        provider.provider_type,
+        provider.kind,
+        agent.model_id or provider.model_id,
+        provider.config,
+        api_key=key.value,
+        gateway_token=gateway,
+        gateway_base_url=ctx.settings.ai_gateway_base_url,
+    )
+    by_name = {t.spec.name: t for t in tools}
+    messages: list[Message] = []
+    if agent.system_prompt:
+        messages.append(Message("system", _mask(agent.system_prompt)))
+    messages.append(Message("user", _mask(text)))
+    with guarded_client(EgressPolicy.from_settings(ctx.settings), key.allowed_hosts, timeout=60.0) as client:
+        for _step in range(MAX_STEPS):
+            turn: ModelTurn = complete(endpoint, messages, [t.spec for t in tools], client=client)
+            state.usage["input_tokens"] += turn.usage.get("input_tokens", 0)
+            state.usage["output_tokens"] += turn.usage.get("output_tokens", 0)
+            state.usage["steps"] += 1
+            if not turn.tool_calls:
+                output: str = _mask(turn.text or "")
+                state.event("final", output=output)
+                return output
+            # Arguments are masked before they go anywhere: to the tool, back to the model, or the log.
+            calls = tuple(ToolCall(c.id, c.name, _mask(c.arguments)) for c in turn.tool_calls)
+            messages.append(Message("assistant", _mask(turn.text) if turn.text else None, tool_calls=calls))
+            for call in calls:
+                state.event("tool_call", id=call.id, name=call.name, arguments=call.arguments)
+                tool = by_name.get(call.name)
+                if tool is None:
+                    # Only selected tools are offered; anything else is refused, not forwarded.
+                    state.event(
+                        "tool_error",
+                        id=call.id,
+                        name=call.name,
+                        code="unknown_tool",
+                        message="the agent has no such tool",
+                    )
+                    messages.append(Message("tool", "error: no such tool", tool_call_id=call.id, name=call.name))
+                    continue
+                try:
+                    is_error, result = _run_tool(ctx, state, tool, call.arguments)
+                except (McpError, EgressError) as exc:
+                    state.event("tool_error", id=call.id, name=call.name, code=exc.code, message=exc.message)
+                    messages.append(Message("tool", f"error: {exc.code}", tool_call_id=call.id, name=call.name))
+                    continue
+                masked = _mask(result)
+                state.event("tool_error" if is_error else "tool_result", id=call.id, name=call.name, content=masked)
+                messages.append(Message("tool", masked, tool_call_id=call.id, name=call.name))
+    raise JobFailedError("max_steps", f"the agent did not finish within {MAX_STEPS} steps")
+
+
+@job_task("agents.run_agent", time_limit=300)
+def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
+    """Run an agent: resolve its provider's key, loop model turns and tool calls, store masked events."""
+    run, agent, provider, tools = _load(ctx, job)
+    state = RunState(run.org_id, run.id, job.id)
+    state.event("status", status="running")
+    output: str | None = None
+    code: str | None = None
+    message: str | None = None
+    invalid = [t for t in tools if t.status != "valid"]
+    try:
+        if invalid:
+            raise JobFailedError("mcp_server_invalid", f"MCP server {invalid[0].server_id} is {invalid[0].status}")
+        output = _loop(ctx, state, agent, provider, tools, run.input)
+    except SecretNotFoundError:
+        code, message = "secret_not_found", "a secret the run needs no longer exists"
+    except ProviderError as exc:
+        code, message = exc.code, exc.message
+    except EgressError as exc:
+        code, message = exc.code, exc.message
+    except JobFailedError as exc:
+        code, message = exc.code, exc.message
+    if code is not None:
+        state.event("error", code=code, message=message or "")
+    with ctx.db.session() as s:
+        row = s.scalar(select(AgentRun).where(AgentRun.id == run.id).with_for_update())
+        if row is not None:
+            row.status = "failed" if code else "succeeded"
+            row.output = output
+            row.events = state.events
+            row.usage = state.usage
+            row.error_code = code
+            row.error_message = _mask(message)[:1000] if message else None
+            row.finished_at = utcnow()
+        jobs.record_resolved(s, job.id, state.reads)
+        audit.record(
+            s,
+            WORKER,
+            "agent.run_finished",
+            org_id=run.org_id,
+            target_type="agent_run",
+            target_id=run.id,
+            details={
+                "job_id": job.id,
+                "status": "failed" if code else "succeeded",
+                "error_code": code,
+                "secrets": state.reads,
+            },
+        )
+    if code is not None:
+        raise JobFailedError(code, _mask(message or code))
+    return {"run_id": run.id, "status": "succeeded", "steps": state.usage["steps"]}
