@@ -273,3 +273,17 @@ def test_agent_validation(
         json={"name": "X", "provider_id": provider_id, "tools": [{"mcp_server_id": server_id, "tool_name": "nope"}]},
     )
     assert resp.status_code == 422 and resp.get_json()["errors"][0]["field"] == "tools.0.tool_name"
+
+
+def test_a_gateway_run_without_the_global_token_fails_with_gateway_token_missing(
+    llm: LlmTestServer, admin: Caller, org: str, factory: Factory, settings: Any
+) -> None:
+    from tests.workers.conftest import extra_worker
+
+    provider_id, _ = _provider(admin, org, factory, llm, "cloudflare_ai_gateway")
+    agent_id = _agent(admin, org, provider_id)
+    with extra_worker(settings, gateway_token=None) as (_celery, web):
+        untokened = Caller(web.test_client(), admin.token, admin.user_id, admin.email)
+        run = _run(untokened, org, agent_id)
+    assert (run["status"], run["error"]["code"]) == ("failed", "gateway_token_missing")
+    assert llm.requests == []  # nothing was sent without it
