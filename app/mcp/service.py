@@ -21,8 +21,9 @@ from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
 from app.identity.service import OrgAccess
 from app.jobs import service as jobs
 from app.mcp.client import TRANSPORTS, ToolInfo
-from app.models import Job, McpServer, McpTool, Org, Secret
+from app.models import Job, McpServer, McpTool, Org
 from app.pagination import Page, paginate
+from app.secrets.service import check_secret_ref
 
 VALIDATE_TASK = "mcp.validate_server"
 MAX_URL = 2000
@@ -55,18 +56,6 @@ def validate_transport(transport: Any) -> str:
     if transport not in TRANSPORTS:
         raise ValidationFailedError.single("transport", "must be 'streamable_http' or 'sse'")
     return str(transport)
-
-
-def _check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
-    if not isinstance(secret_ref, str) or not secret_ref:
-        raise ValidationFailedError.single("secret_ref", "must be the id of a secret of this org")
-    found = session.scalar(
-        select(Secret.id).where(Secret.org_id == org.id, Secret.id == secret_ref, Secret.ciphertext.is_not(None))
-    )
-    if found is None:
-        # Another org's secret looks exactly like a missing one.
-        raise ValidationFailedError.single("secret_ref", "no secret with this id in this org")
-    return secret_ref
 
 
 def list_servers(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[McpServer]:
@@ -113,7 +102,7 @@ def create_server(
     if secret_ref is not None:
         if not access.is_admin:
             raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
-        secret_ref = _check_secret_ref(session, access.org, secret_ref)
+        secret_ref = check_secret_ref(session, access.org, secret_ref)
     now = utcnow()
     server = McpServer(
         id=new_id(),
@@ -162,7 +151,7 @@ def update_server(
         if new_ref is not None:
             if not access.is_admin:
                 raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
-            new_ref = _check_secret_ref(session, access.org, new_ref)
+            new_ref = check_secret_ref(session, access.org, new_ref)
         elif server.secret_ref is not None and not access.is_admin:
             raise ForbiddenError("unbinding a secret from an MCP server needs the org admin role")
         server.secret_ref = new_ref

@@ -18,8 +18,9 @@ from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import ConflictError, NotFoundError, ValidationFailedError
-from app.models import Agent, Org, Provider, Secret
+from app.models import Agent, Org, Provider
 from app.pagination import Page, paginate
+from app.secrets.service import check_secret_ref
 
 PROVIDER_TYPES = ("openai", "anthropic", "openai_compatible", "cloudflare_ai_gateway")
 # Types whose kind is fixed by the vendor.
@@ -95,17 +96,6 @@ def validate_shape(provider_type: Any, kind: Any, config: Any) -> tuple[str, str
     return str(provider_type), str(kind), clean
 
 
-def _secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
-    if not isinstance(secret_ref, str) or not secret_ref:
-        raise ValidationFailedError.single("secret_ref", "is required: the id of a secret of this org")
-    found = session.scalar(
-        select(Secret.id).where(Secret.org_id == org.id, Secret.id == secret_ref, Secret.ciphertext.is_not(None))
-    )
-    if found is None:
-        raise ValidationFailedError.single("secret_ref", "no secret with this id in this org")
-    return secret_ref
-
-
 def list_providers(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[Provider]:
     return paginate(session, select(Provider).where(Provider.org_id == org.id), Provider.id, limit=limit, cursor=cursor)
 
@@ -133,7 +123,7 @@ def create_provider(session: Session, ctx: RequestContext, org: Org, fields: dic
     name = _name(fields.get("name"))
     provider_type, kind, config = validate_shape(fields.get("provider_type"), fields.get("kind"), fields.get("config"))
     model_id = _model_id(fields.get("model_id"))
-    secret_ref = _secret_ref(session, org, fields.get("secret_ref"))
+    secret_ref = check_secret_ref(session, org, fields.get("secret_ref"))
     if session.scalar(select(Provider.id).where(Provider.org_id == org.id, Provider.name == name)):
         raise ConflictError(f"a provider named {name!r} already exists in this org")
     now = utcnow()
@@ -194,7 +184,7 @@ def update_provider(
     if "model_id" in fields:
         changes["model_id"] = _model_id(fields["model_id"])
     if "secret_ref" in fields:
-        changes["secret_ref"] = _secret_ref(session, org, fields["secret_ref"])
+        changes["secret_ref"] = check_secret_ref(session, org, fields["secret_ref"])
     changed = [k for k, v in changes.items() if getattr(provider, k) != v]
     if not changed:
         return provider

@@ -136,6 +136,21 @@ def get_secret(session: Session, org: Org, secret_id: str, *, for_update: bool =
     return secret
 
 
+def check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
+    """A reference to a managed secret of ``org`` (422 on ``secret_ref`` otherwise).
+
+    Another org's secret looks exactly like a missing one.
+    """
+    if not isinstance(secret_ref, str) or not secret_ref:
+        raise ValidationFailedError.single("secret_ref", "must be the id of a secret of this org")
+    found = session.scalar(
+        select(Secret.id).where(Secret.org_id == org.id, Secret.id == secret_ref, Secret.ciphertext.is_not(None))
+    )
+    if found is None:
+        raise ValidationFailedError.single("secret_ref", "no secret with this id in this org")
+    return secret_ref
+
+
 def used_by(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, list[SecretUser]]:
     """Every provider and MCP server (and legacy agent) referencing each secret."""
     users: dict[str, list[SecretUser]] = defaultdict(list)
