@@ -120,6 +120,89 @@ def keys_generate(out: Path, dev: bool, force: bool) -> None:
     click.echo(ring.public_set().dumps())
 
 
+RESEAL_HINT = "queue the re-seal later with: POST /api/v1/admin/keys/reseal (operator token)"
+
+
+def _keyring_file() -> Path:
+    path = settings().private_keys_file
+    if path is None:
+        _fail("set LATCHKEY_PRIVATE_KEYS_FILE to the keyring file (the workers' keyring)")
+    assert path is not None
+    return Path(path)
+
+
+@keys.command("rotate")
+@click.option("--batch-size", type=click.IntRange(1, 5000), default=None, help="Rows per re-seal batch (default 500).")
+@one_line_errors
+def keys_rotate(batch_size: int | None) -> None:
+    """Add a new current key to the keyring file and queue the re-seal job.
+
+    Prints the new public key set (for LATCHKEY_PUBLIC_KEYS) on stdout; the job id on stderr.
+    """
+    from app.errors import BrokerUnavailableError
+    from app.jobs import service as jobs
+    from app.secrets.keyring import Keyring
+    from app.tasks import make_celery
+    from app.tasks.keys import RESEAL_TASK
+
+    path = _keyring_file()
+    ring = Keyring.load(path)
+    kid = ring.add_key()
+    ring.write(path, overwrite=True)
+    click.echo(ring.public_set().dumps())
+    click.echo(f"latchkey: added key {kid}; give the line above to the web tier as LATCHKEY_PUBLIC_KEYS", err=True)
+
+    cfg = settings()
+    database = Database()
+    database.configure(cfg.database_url)
+    try:
+        with database.session() as s:
+            job = jobs.create_job(
+                s,
+                cli_context(),
+                org_id=None,
+                kind=RESEAL_TASK,
+                params={"batch_size": batch_size} if batch_size else {},
+            )
+            job_id = job.id
+            pubs = jobs.take_publications(s)
+        try:
+            jobs.Publisher(make_celery(cfg), database).publish(pubs)
+        except BrokerUnavailableError:
+            _fail(f"key {kid} was added, but the job queue is unavailable; {RESEAL_HINT}")
+    finally:
+        database.dispose()
+    click.echo(f"latchkey: re-seal job {job_id} queued", err=True)
+
+
+@keys.command("retire")
+@click.argument("key_id")
+@one_line_errors
+def keys_retire(key_id: str) -> None:
+    """Remove KEY_ID from the keyring file once no ciphertext uses it; prints the new public set."""
+    from app.secrets import rotation
+    from app.secrets.keyring import Keyring, PublicKeySet
+
+    path = _keyring_file()
+    ring = Keyring.load(path)
+    ring.private_key(key_id)  # unknown kid: a one-line KeyringError
+    if key_id == ring.current_kid:
+        _fail(f"refusing to retire {key_id}: it is the current (newest) key; rotate first")
+    web_keys = settings().public_keys
+    if web_keys and PublicKeySet.parse(web_keys).current.kid == key_id:
+        _fail(f"refusing to retire {key_id}: LATCHKEY_PUBLIC_KEYS still seals new values to it")
+    with unit_of_work() as s:
+        using = rotation.count_using(s, key_id)
+    if using:
+        where = ", ".join(f"{n} in {col}" for col, n in using.items())
+        _fail(
+            f"refusing to retire {key_id}: {sum(using.values())} sealed value(s) still use it ({where}); {RESEAL_HINT}"
+        )
+    ring.remove_key(key_id)
+    ring.write(path, overwrite=True)
+    click.echo(ring.public_set().dumps())
+
+
 # orgs, users, members, tokens -------------------------------------------------------------
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from flask import request
+from pydantic import Field
+
 from app.api import bp
-from app.api.framework import Result, current_user, request_context, route, session
-from app.api.schemas import JobAccepted, JobError, JobOut, Progress
+from app.api.framework import Result, current_user, parse_json_body, request_context, route, session
+from app.api.schemas import JobAccepted, JobError, JobOut, Progress, Strict
 from app.identity import service as identity
 from app.jobs import service as jobs
 from app.models import Job
+from app.secrets import rotation
 
 
 def job_out(job: Job) -> JobOut:
@@ -56,3 +60,34 @@ def get_admin_job(job_id: str) -> JobOut:
 def ping_workers() -> Result:
     """Queue a no-op job: proves a worker is taking jobs, end to end."""
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind="system.ping"))
+
+
+class ResealRequest(Strict):
+    """Optional body of ``POST /admin/keys/reseal``."""
+
+    batch_size: int | None = Field(default=None, ge=1, le=5000)
+
+
+@route(
+    bp,
+    "/admin/keys/reseal",
+    "POST",
+    response=JobAccepted,
+    status=202,
+    auth="operator",
+    tags=["admin"],
+    errors=[401, 403, 415, 422, 503],
+)
+def reseal_keys() -> Result:
+    """Queue a re-seal of every sealed value to the workers' newest key (after a rotation).
+
+    The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
+    """
+    params: dict[str, int] = {}
+    if request.get_data(cache=True).strip():
+        body = parse_json_body(ResealRequest)
+        assert isinstance(body, ResealRequest)
+        if body.batch_size is not None:
+            params["batch_size"] = body.batch_size
+    kind = rotation.RESEAL_TASK
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))

@@ -23,9 +23,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import redis
 from cryptography.exceptions import InvalidTag
@@ -42,7 +41,7 @@ from app.models import Secret
 from app.observability import redact
 from app.secrets import cachekeys
 from app.secrets.keyring import Keyring, KeyringError
-from app.secrets.sealing import CiphertextError, open_sealed, secret_context
+from app.secrets.sealing import CiphertextError, UnknownKeyIdError, open_sealed, secret_context
 
 log = logging.getLogger("latchkey.resolver")
 
@@ -77,8 +76,9 @@ class ResolverUnavailableError(Exception):
     code = "keyring_unavailable"
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(NamedTuple):
+    """A resolved secret. A NamedTuple: building one is on every L2 hit, and it is immutable."""
+
     secret_id: str
     version: int
     value: str
@@ -138,8 +138,12 @@ class Resolver:
         l2_ttl: int = 600,
         listen: bool = True,
         namespace: str = "latchkey",
+        keyring_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.db = db
+        # Re-read on a kid the ring does not know: a rotation added a key after this process loaded it.
+        self.keyring_file = keyring_file
+        self._keyring_lock = threading.Lock()
         assert db.engine is not None
         self.reader = SecretReader(db.engine.url.render_as_string(hide_password=False))
         self.keyring = keyring
@@ -243,18 +247,18 @@ class Resolver:
         self._redis_retry_at = time.monotonic() + REDIS_RETRY_AFTER
 
     def _l2_get(self, org_id: str, secret_id: str) -> Resolved | None:
-        if not self._redis_usable():
+        client = self.redis
+        # Inlined _redis_usable(): this is the hot path of an L2 hit.
+        if client is None or time.monotonic() < self._redis_retry_at:
             return None
-        assert self.redis is not None
         try:
-            raw = self.redis.get(cachekeys.key(org_id, secret_id))
+            raw = client.get(f"{cachekeys.KEY_PREFIX}{org_id}:{secret_id}")
         except (redis.RedisError, OSError):
             self._redis_failed("get")
             return None
         if not raw:
             return None
-        assert isinstance(raw, bytes)
-        ptr_bytes, _, entry = raw.partition(b"\n")
+        ptr_bytes, _, entry = cast(bytes, raw).partition(b"\n")
         ptr = ptr_bytes.decode()
         if ptr == cachekeys.DELETED:
             RESOLVES.labels("tombstone").inc()
@@ -304,8 +308,14 @@ class Resolver:
             raise SecretNotFoundError("secret not found")
         version, updated_at, key_id, ciphertext, hosts = row
         assert ciphertext is not None
+        context = secret_context(org_id, secret_id, version)
         try:
-            plain = open_sealed(self.keyring, ciphertext, secret_context(org_id, secret_id, version), key_id)
+            try:
+                plain = open_sealed(self.keyring, ciphertext, context, key_id)
+            except UnknownKeyIdError:
+                if not self._reload_keyring():
+                    raise
+                plain = open_sealed(self.keyring, ciphertext, context, key_id)
         except CiphertextError:
             # Fail closed: a row that does not open is reported, never passed on.
             log.error("secret %s of org %s does not open with this keyring", secret_id, org_id)
@@ -314,6 +324,22 @@ class Resolver:
         value = plain.decode("utf-8")
         redact.register(value)  # from now on this process's logs mask it
         return Resolved(secret_id, version, value, tuple(hosts or ())), cachekeys.pointer(version, updated_at)
+
+    def _reload_keyring(self) -> bool:
+        """Load the keyring file again (after a rotation); False if there is none or it is unusable."""
+        if self.keyring_file is None:
+            return False
+        with self._keyring_lock:
+            try:
+                ring = Keyring.load(self.keyring_file)
+            except KeyringError as exc:
+                log.error("cannot reload the keyring: %s", exc)
+                return False
+            if ring.current_kid != self.keyring.current_kid:
+                # A new current key derives a new L2 key: entries sealed under the old one become misses.
+                self._aead = AESGCM(ring.derive_key("l2-cache"))
+            self.keyring = ring
+        return True
 
     # -- invalidations -------------------------------------------------------------------
 
@@ -410,4 +436,5 @@ def build_resolver(settings: Settings, db: Database, *, listen: bool = True) -> 
         l1_max_age=settings.secret_l1_max_age_seconds,
         l2_ttl=settings.secret_cache_ttl_seconds,
         namespace=settings.queue,
+        keyring_file=settings.private_keys_file,
     )

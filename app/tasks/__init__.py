@@ -19,7 +19,7 @@ from celery import Celery, signals
 from app.config import ConfigError, Settings, load_settings
 
 # Modules whose tasks every worker registers.
-TASK_MODULES = ["app.tasks.system", "app.tasks.secrets", "app.tasks.mcp", "app.tasks.agents"]
+TASK_MODULES = ["app.tasks.system", "app.tasks.secrets", "app.tasks.mcp", "app.tasks.agents", "app.tasks.keys"]
 
 
 def make_celery(settings: Settings | None = None) -> Celery:

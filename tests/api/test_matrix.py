@@ -81,7 +81,11 @@ ENDPOINTS = [
     Endpoint("POST", "orgs/{org}/agents/{agent}/runs", False, {"input": "hi"}),
     Endpoint("GET", "orgs/{org}/runs/{run}", False),
 ]
-OPERATOR_ONLY = [Endpoint("GET", "admin/jobs/{job}", True), Endpoint("POST", "admin/jobs/ping", True)]
+OPERATOR_ONLY = [
+    Endpoint("GET", "admin/jobs/{job}", True),
+    Endpoint("POST", "admin/jobs/ping", True),
+    Endpoint("POST", "admin/keys/reseal", True),
+]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
 
 
