@@ -157,6 +157,8 @@ class Resolver:
         # L1 is only trusted while the invalidation subscription is live.
         self._l1_enabled = False
         self._generation = 0
+        # Keys whose L2 entry an invalidation removed (trusted only while subscribed, like L1).
+        self._l2_gone: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
         self._fills: queue.SimpleQueue[tuple[str, str, str, Resolved] | None] = queue.SimpleQueue()
@@ -176,6 +178,7 @@ class Resolver:
     def resolve(self, org_id: str, secret_id: str) -> Resolved:
         """The current value and version of a secret of ``org_id``; SecretNotFoundError otherwise."""
         k = (org_id, secret_id)
+        l2_known_gone = False
         if self._l1_enabled:
             with self._l1_lock:
                 hit = self._l1.get(k)
@@ -183,15 +186,29 @@ class Resolver:
                     self._l1.move_to_end(k)
                     _L1_HITS.inc()
                     return hit[1]
+                gone = self._l2_gone.get(k)
+                if gone == cachekeys.DELETED:
+                    # Deletion is final (ids are never reused): answered without any I/O.
+                    RESOLVES.labels("tombstone").inc()
+                    raise SecretNotFoundError("secret not found")
+                l2_known_gone = gone is not None
         # An invalidation that arrives while we read must win over what we read (see _l1_put).
         generation = self._generation
-        cached = self._l2_get(org_id, secret_id)
-        if cached is not None:
-            self._l1_put(k, cached, generation)
-            _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
-            return cached
+        if not l2_known_gone:
+            cached = self._l2_get(org_id, secret_id)
+            if cached is not None:
+                self._l1_put(k, cached, generation)
+                _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
+                return cached
+        # After an invalidation the L2 entry is known to be gone (the web tier dropped it with
+        # the pointer move), so that miss skips the Redis round trip that would only say so.
         start = time.perf_counter()
-        resolved, ptr = self._from_database(org_id, secret_id)
+        try:
+            resolved, ptr = self._from_database(org_id, secret_id)
+        finally:
+            if l2_known_gone:
+                with self._l1_lock:
+                    self._l2_gone.pop(k, None)
         self._l1_put(k, resolved, generation)
         if self.redis is not None:
             self._fills_pending += 1
@@ -214,16 +231,21 @@ class Resolver:
             while len(self._l1) > self.l1_size:
                 self._l1.popitem(last=False)
 
-    def drop_local(self, org_id: str, secret_id: str) -> None:
+    def drop_local(self, org_id: str, secret_id: str, pointer: str = "") -> None:
+        """An invalidation: forget the value, and remember that the shared entry is gone too."""
         with self._l1_lock:
             self._generation += 1
             self._l1.pop((org_id, secret_id), None)
+            self._l2_gone[(org_id, secret_id)] = pointer or "moved"
+            while len(self._l2_gone) > self.l1_size:
+                self._l2_gone.popitem(last=False)
 
     def _set_l1_enabled(self, enabled: bool) -> None:
         with self._l1_lock:
             self._generation += 1
             self._l1_enabled = enabled
             self._l1.clear()
+            self._l2_gone.clear()
 
     # -- L2 ----------------------------------------------------------------------------
 
@@ -374,7 +396,7 @@ class Resolver:
     def _on_invalidation(self, data: bytes) -> None:
         try:
             msg = json.loads(data)
-            self.drop_local(msg["o"], msg["i"])
+            self.drop_local(msg["o"], msg["i"], str(msg.get("p", "")))
         except (ValueError, KeyError, TypeError):
             return
         nonce = msg.get("n")

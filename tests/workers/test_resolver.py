@@ -312,7 +312,7 @@ def test_an_edit_landing_during_a_resolve_is_not_cached_over(
         assert r.wait_until_listening()
         r.resolve(org_id, sid)
         r.flush_fills()
-        r.drop_local(org_id, sid)  # start the next resolve from L2, holding the old value
+        r._set_l1_enabled(True)  # empty L1 (as after a resubscribe): the next resolve reads L2
         r.edit_during_next_read = True
         assert r.resolve(org_id, sid).value == "before-edit"  # it started before the edit returned
         assert r.resolve(org_id, sid).value == "after-edit"  # ...but did not stay cached
@@ -331,3 +331,19 @@ def test_a_resolved_value_is_masked_in_this_processs_logs(
     assert redact.redact(f"oops {value}") == f"oops {value}"
     resolver.resolve(_org_id(db, org), sid)
     assert redact.redact(f"oops {value}") == "oops ***"
+
+
+def test_the_miss_after_an_invalidation_skips_the_redis_round_trip(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, queries: list[str]
+) -> None:
+    sid = factory.secret(admin, org, value="first")["id"]
+    org_id = _org_id(db, org)
+    resolver.resolve(org_id, sid)
+    resolver.flush_fills()
+    admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "second"})  # acknowledged invalidation
+    before_redis, before_db = CountingRedis.commands, len(queries)
+    assert resolver.resolve(org_id, sid).value == "second"
+    # One database read and no Redis command on the resolving path (the L2 fill is background).
+    assert len(queries) == before_db + 1
+    resolver.flush_fills()
+    assert CountingRedis.commands - before_redis == 1  # only the background fill
