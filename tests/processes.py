@@ -43,8 +43,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @contextmanager
-def worker_process(settings: Settings, log_path: Path, concurrency: int = 4) -> Iterator[Celery]:
-    """Start a worker process consuming ``settings.queue``; yields a producer app for that queue."""
+def spawned_worker(
+    settings: Settings, log_path: Path, concurrency: int = 4
+) -> Iterator[tuple[subprocess.Popen[bytes], Celery]]:
+    """Start a worker process consuming ``settings.queue``; yields it (tests may kill it) and a producer."""
     node = f"test-{uuid.uuid4().hex[:8]}@localhost"
     log = log_path.open("ab")
     proc = subprocess.Popen(
@@ -77,13 +79,21 @@ def worker_process(settings: Settings, log_path: Path, concurrency: int = 4) -> 
         while not producer.control.ping(destination=[node], timeout=0.5):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start; see {log_path}")
-        yield producer
+        yield proc, producer
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
         producer.close()
         log.close()
+
+
+@contextmanager
+def worker_process(settings: Settings, log_path: Path, concurrency: int = 4) -> Iterator[Celery]:
+    """Start a worker process consuming ``settings.queue``; yields a producer app for that queue."""
+    with spawned_worker(settings, log_path, concurrency) as (_proc, producer):
+        yield producer

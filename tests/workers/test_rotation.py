@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,9 +28,8 @@ from app.models import AuditEvent, Job, Secret
 from app.secrets.keyring import Keyring, PublicKeySet
 from app.secrets.resolver import Resolver
 from app.secrets.sealing import open_sealed, seal, secret_context
-from app.tasks import make_celery
 from tests.factories import Caller, Factory
-from tests.processes import settings_env
+from tests.processes import settings_env, spawned_worker
 from tests.workers.conftest import extra_worker, parked_app, wait_for, wait_job
 
 
@@ -153,47 +151,9 @@ def test_reseal_route_is_for_operators(worker: Any, factory: Factory, admin: Cal
 
 @contextmanager
 def own_worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker process this test may SIGKILL (tests/processes.py only stops workers politely)."""
-    node = f"rotation-{uuid.uuid4().hex[:8]}@localhost"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "app.tasks",
-                "worker",
-                "-P",
-                "threads",
-                "-c",
-                "2",
-                "-n",
-                node,
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-            ],
-            env=settings_env(settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    producer = make_celery(settings)
-    try:
-        wait_for(lambda: proc.poll() is not None or producer.control.ping(destination=[node], timeout=0.5), 30)
-        assert proc.poll() is None, f"worker did not start; see {log}"
+    """A worker process this test may SIGKILL."""
+    with spawned_worker(settings, log, concurrency=2) as (proc, _producer):
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        producer.close()
 
 
 def test_a_crashed_reseal_resumes_without_damage(
