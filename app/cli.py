@@ -203,6 +203,133 @@ def keys_retire(key_id: str) -> None:
     click.echo(ring.public_set().dumps())
 
 
+# backfill ----------------------------------------------------------------------------------
+
+
+@main.group()
+def backfill() -> None:
+    """Move legacy plaintext secrets, MCP tokens and agent keys into sealed secrets."""
+
+
+@backfill.command("run")
+@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option("--batch-size", type=click.IntRange(1, 5000), default=200, show_default=True, help="Rows per batch.")
+@click.option("--org", "org_slug", default=None, metavar="SLUG", help="Only this org.")
+@one_line_errors
+def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
+    """Run the backfill here (batched, resumable, idempotent); prints the summary as JSON.
+
+    Seals with LATCHKEY_PUBLIC_KEYS (no private key needed). A real run is recorded as a
+    ``backfill.run`` job, so ``latchkey backfill status`` shows it.
+    """
+    import json
+
+    from app.backfill import service as backfill_service
+    from app.jobs import service as jobs
+    from app.secrets.keyring import PublicKeySet
+
+    cfg = settings()
+    if not cfg.public_keys:
+        _fail("set LATCHKEY_PUBLIC_KEYS to the public key set (printed by `latchkey keys generate`)")
+    assert cfg.public_keys is not None
+    keys = PublicKeySet.parse(cfg.public_keys)
+    ctx = cli_context()
+    database = Database()
+    database.configure(cfg.database_url)
+    job_id: str | None = None
+    try:
+        if not dry_run:
+            # Recorded as a running job and never published: no worker picks it up.
+            with database.session() as s:
+                params: dict[str, Any] = {"batch_size": batch_size, "org": org_slug, "source": "cli"}
+                job_id = jobs.create_job(s, ctx, org_id=None, kind=backfill_service.BACKFILL_TASK, params=params).id
+                jobs.take_publications(s)
+                jobs.claim(s, job_id)
+
+        def record(done: int, total: int) -> None:
+            if job_id is not None:
+                with database.session() as s:
+                    jobs.set_progress(s, job_id, done, total)
+
+        try:
+            with _progress_bar() as bar:
+
+                def progress(done: int, total: int) -> None:
+                    record(done, total)
+                    bar(done, total)
+
+                summary = backfill_service.run_backfill(
+                    database, keys, ctx, dry_run=dry_run, batch_size=batch_size, org_slug=org_slug, progress=progress
+                )
+        except BaseException as exc:
+            if job_id is not None:
+                with database.session() as s:
+                    jobs.mark_failed(
+                        s, job_id, "interrupted", f"the backfill stopped: {type(exc).__name__}; run it again"
+                    )
+            raise
+        result = summary.as_dict()
+        if job_id is not None:
+            with database.session() as s:
+                jobs.mark_succeeded(s, job_id, result)
+    finally:
+        database.dispose()
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    if summary.failed:
+        click.echo(f'latchkey: {summary.failed} row(s) were not migrated; see "failures"', err=True)
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar when stdout is a terminal; otherwise nothing."""
+    if not sys.stdout.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("backfill", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+@backfill.command("status")
+@one_line_errors
+def backfill_status() -> None:
+    """The latest backfill job: status, progress and result (JSON)."""
+    import json
+
+    from sqlalchemy import select
+
+    from app.backfill.service import BACKFILL_TASK
+    from app.models import Job
+
+    with unit_of_work() as s:
+        job = s.scalar(
+            select(Job)
+            .where(Job.kind == BACKFILL_TASK, Job.org_id.is_(None))
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .limit(1)
+        )
+        if job is None:
+            _fail("no backfill has run yet; start one with `latchkey backfill run`")
+        assert job is not None
+        out = {
+            "id": job.id,
+            "status": job.status,
+            "params": job.params,
+            "progress": {"done": job.progress_done, "total": job.progress_total},
+            "result": job.result,
+            "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+            "created_at": job.created_at.isoformat() if job.created_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        }
+    click.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
 # orgs, users, members, tokens -------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from pydantic import Field
 from app.api import bp
 from app.api.framework import Result, current_user, parse_json_body, request_context, route, session
 from app.api.schemas import JobAccepted, JobError, JobOut, Progress, Strict
+from app.backfill.service import BACKFILL_TASK
 from app.identity import service as identity
 from app.jobs import service as jobs
 from app.models import Job
@@ -91,3 +92,37 @@ def reseal_keys() -> Result:
             params["batch_size"] = body.batch_size
     kind = rotation.RESEAL_TASK
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
+
+
+class BackfillRequest(Strict):
+    """Optional body of ``POST /admin/backfill``."""
+
+    dry_run: bool | None = None
+    batch_size: int | None = Field(default=None, ge=1, le=5000)
+
+
+@route(
+    bp,
+    "/admin/backfill",
+    "POST",
+    response=JobAccepted,
+    status=202,
+    auth="operator",
+    tags=["admin"],
+    errors=[401, 403, 415, 422, 503],
+)
+def start_backfill() -> Result:
+    """Queue the backfill: legacy plaintext secrets, MCP tokens and agent keys into sealed secrets.
+
+    The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
+    job's result is the summary (counts per kind, failures with reasons, never a value).
+    """
+    params: dict[str, int | bool] = {}
+    if request.get_data(cache=True).strip():
+        body = parse_json_body(BackfillRequest)
+        assert isinstance(body, BackfillRequest)
+        if body.dry_run is not None:
+            params["dry_run"] = body.dry_run
+        if body.batch_size is not None:
+            params["batch_size"] = body.batch_size
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=BACKFILL_TASK, params=params))

@@ -19,7 +19,14 @@ from celery import Celery, signals
 from app.config import ConfigError, Settings, load_settings
 
 # Modules whose tasks every worker registers.
-TASK_MODULES = ["app.tasks.system", "app.tasks.secrets", "app.tasks.mcp", "app.tasks.agents", "app.tasks.keys"]
+TASK_MODULES = [
+    "app.tasks.system",
+    "app.tasks.secrets",
+    "app.tasks.mcp",
+    "app.tasks.agents",
+    "app.tasks.keys",
+    "app.tasks.backfill",
+]
 
 
 def make_celery(settings: Settings | None = None) -> Celery:

@@ -85,6 +85,7 @@ OPERATOR_ONLY = [
     Endpoint("GET", "admin/jobs/{job}", True),
     Endpoint("POST", "admin/jobs/ping", True),
     Endpoint("POST", "admin/keys/reseal", True),
+    Endpoint("POST", "admin/backfill", True),
 ]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
 
