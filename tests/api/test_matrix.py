@@ -187,6 +187,21 @@ def _job(factory: Factory, slug: str) -> str:
         return jobs.create_job(s, CTX, org_id=org_id, kind="system.ping").id
 
 
+def _ids(world: World, *, own: bool, user: str) -> dict[str, str]:
+    """The ids of one org's resources (own=False: the other org's), for paths and bodies."""
+    w = world
+    return {
+        "secret": w.secret if own else w.other_secret,
+        "job": w.job if own else w.other_job,
+        "mcp": w.mcp if own else w.other_mcp,
+        "provider": w.provider if own else w.other_provider,
+        "agent": w.agent if own else w.other_agent,
+        "run": w.run if own else w.other_run,
+        "user": user,
+        "email": w.outsider_email,
+    }
+
+
 def _mcp(factory: Factory, slug: str, secret_id: str) -> str:
     from app.db import new_id
     from app.identity import service as identity
@@ -232,27 +247,12 @@ def _run(factory: Factory, slug: str, agent_id: str) -> str:
         return run.id
 
 
-def _call(
-    caller: Caller,
-    e: Endpoint,
-    *,
-    org: str,
-    secret: str,
-    user: str,
-    email: str,
-    job: str = "",
-    mcp: str = "",
-    provider: str = "",
-    agent: str = "",
-    run: str = "",
-) -> Any:
-    path = e.path.format(org=org, secret=secret, user=user, job=job, mcp=mcp, provider=provider, agent=agent, run=run)
+def _call(caller: Caller, e: Endpoint, org: str, ids: dict[str, str]) -> Any:
+    """Call ``e`` in ``org`` with resource ids (and body placeholders) taken from ``ids``."""
+    path = e.path.format(org=org, **ids)
     body = None
     if e.body is not None:
-        body = {
-            k: (v.format(email=email, secret=secret, provider=provider) if isinstance(v, str) else v)
-            for k, v in e.body.items()
-        }
+        body = {k: (v.format(**ids) if isinstance(v, str) else v) for k, v in e.body.items()}
     return caller.request(e.method, path, json=body)
 
 
@@ -274,37 +274,13 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
         before = _snapshot(db)
-        own_path = _call(
-            world.admin,
-            endpoint,
-            org=world.org,
-            secret=world.other_secret,
-            user=world.other_member_id,
-            email=world.outsider_email,
-            job=world.other_job,
-            mcp=world.other_mcp,
-            provider=world.other_provider,
-            agent=world.other_agent,
-            run=world.other_run,
-        )
+        own_path = _call(world.admin, endpoint, world.org, _ids(world, own=False, user=world.other_member_id))
         assert own_path.status_code == 404, own_path.get_json()
         assert own_path.get_json()["code"] == "not_found"
         assert _snapshot(db) == before
     # The other org's slug: not a member, so the org itself does not exist for this caller.
     before = _snapshot(db)
-    foreign = _call(
-        world.admin,
-        endpoint,
-        org=world.other_org,
-        secret=world.other_secret,
-        user=world.other_member_id,
-        email=world.outsider_email,
-        job=world.other_job,
-        mcp=world.other_mcp,
-        provider=world.other_provider,
-        agent=world.other_agent,
-        run=world.other_run,
-    )
+    foreign = _call(world.admin, endpoint, world.other_org, _ids(world, own=False, user=world.other_member_id))
     assert foreign.status_code == 404, foreign.get_json()
     assert foreign.content_type == "application/problem+json"
     assert _snapshot(db) == before
@@ -313,19 +289,7 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if e.admin_only], ids=lambda e: f"{e.method} {e.path}")
 def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World, endpoint: Endpoint, db: Any) -> None:
     before = _snapshot(db)
-    resp = _call(
-        world.member,
-        endpoint,
-        org=world.org,
-        secret=world.secret,
-        user=world.admin.user_id,
-        email=world.outsider_email,
-        job=world.job,
-        mcp=world.mcp,
-        provider=world.provider,
-        agent=world.agent,
-        run=world.run,
-    )
+    resp = _call(world.member, endpoint, world.org, _ids(world, own=True, user=world.admin.user_id))
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
     assert _snapshot(db) == before
@@ -333,19 +297,7 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World,
 
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.admin_only], ids=lambda e: f"{e.method} {e.path}")
 def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> None:
-    resp = _call(
-        world.member,
-        endpoint,
-        org=world.org,
-        secret=world.secret,
-        user=world.admin.user_id,
-        email=world.outsider_email,
-        job=world.job,
-        mcp=world.mcp,
-        provider=world.provider,
-        agent=world.agent,
-        run=world.run,
-    )
+    resp = _call(world.member, endpoint, world.org, _ids(world, own=True, user=world.admin.user_id))
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
 
@@ -354,35 +306,14 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: py
     if endpoint.path.endswith("/reveal"):
         request.getfixturevalue("worker")  # a reveal is answered by a worker
     target_user = world.member.user_id
-    resp = _call(
-        world.admin,
-        endpoint,
-        org=world.org,
-        secret=world.secret,
-        user=target_user,
-        email=world.outsider_email,
-        job=world.job,
-        mcp=world.mcp,
-        provider=world.provider,
-        agent=world.agent,
-        run=world.run,
-    )
+    resp = _call(world.admin, endpoint, world.org, _ids(world, own=True, user=target_user))
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
 
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 @pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
 def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth: str | None, client: Any) -> None:
-    path = "/api/v1/" + endpoint.path.format(
-        org=world.org,
-        secret=world.secret,
-        user=world.admin.user_id,
-        job=world.job,
-        mcp=world.mcp,
-        provider=world.provider,
-        agent=world.agent,
-        run=world.run,
-    )
+    path = "/api/v1/" + endpoint.path.format(org=world.org, **_ids(world, own=True, user=world.admin.user_id))
     headers = {"Authorization": auth} if auth is not None else {}
     resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)
     assert resp.status_code == 401
