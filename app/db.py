@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -127,6 +128,19 @@ class Database:
             raise
         finally:
             session.close()
+
+
+def flush_or_raise(session: Session, error: Exception) -> None:
+    """Flush inside a savepoint; a constraint violation raises ``error`` instead.
+
+    The savepoint keeps the outer transaction usable (PostgreSQL aborts it on an error), for
+    the race where a concurrent request took a name, or referenced a row, after our check.
+    """
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError:
+        raise error from None
 
 
 @event.listens_for(Session, "after_rollback")

@@ -11,12 +11,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.context import RequestContext
-from app.db import new_id, utcnow
+from app.db import flush_or_raise, new_id, utcnow
 from app.errors import ConflictError, NotFoundError, ValidationFailedError
 from app.models import Agent, Org, Provider
 from app.pagination import Page, paginate
@@ -111,11 +110,7 @@ def get_provider(session: Session, org: Org, provider_id: str, *, for_update: bo
 
 
 def _flush_unique(session: Session, name: str) -> None:
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:
-        raise ConflictError(f"a provider named {name!r} already exists in this org") from None
+    flush_or_raise(session, ConflictError(f"a provider named {name!r} already exists in this org"))
 
 
 def create_provider(session: Session, ctx: RequestContext, org: Org, fields: dict[str, Any]) -> Provider:
@@ -223,11 +218,7 @@ def delete_provider(session: Session, ctx: RequestContext, org: Org, provider_id
             used_by=[{"type": "agent", "id": aid, "name": name} for aid, name in agents],
         )
     session.delete(provider)
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:
-        raise ProviderInUseError("provider became in use", used_by=[]) from None
+    flush_or_raise(session, ProviderInUseError("provider became in use", used_by=[]))
     audit.record(
         session,
         ctx,

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.context import RequestContext
-from app.db import new_id, utcnow
+from app.db import flush_or_raise, new_id, utcnow
 from app.errors import (
     ConflictError,
     NotFoundError,
@@ -180,13 +179,7 @@ def _check_name_free(session: Session, org: Org, name: str, exclude_id: str | No
 
 
 def _flush_unique(session: Session, name: str) -> None:
-    # A savepoint keeps the outer transaction usable (PostgreSQL aborts it on an error)
-    # when a concurrent request took the name between our check and our insert.
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:
-        raise ConflictError(f"a secret named {name!r} already exists in this org") from None
+    flush_or_raise(session, ConflictError(f"a secret named {name!r} already exists in this org"))
 
 
 def create_secret(
@@ -334,12 +327,8 @@ def delete_secret(session: Session, ctx: RequestContext, org: Org, secret_id: st
         )
     name, version = secret.name, secret.version
     session.delete(secret)
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:
-        # A reference was added concurrently; the composite foreign key refused the delete.
-        raise SecretInUseError("secret became in use; unbind it first", used_by=[]) from None
+    # A reference added concurrently makes the composite foreign key refuse the delete.
+    flush_or_raise(session, SecretInUseError("secret became in use; unbind it first", used_by=[]))
     invalidation.stage(session, org.id, secret_id, cachekeys.DELETED)
     audit.record(
         session,
