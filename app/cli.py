@@ -280,7 +280,7 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
 
 
 @contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None]]:
+def _progress_bar(label: str = "backfill") -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar when stdout is a terminal; otherwise nothing."""
     if not sys.stdout.isatty():
         yield lambda done, total: None
@@ -288,7 +288,7 @@ def _progress_bar() -> Iterator[Callable[[int, int], None]]:
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task("backfill", total=None)
+        task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total or None)
@@ -296,36 +296,99 @@ def _progress_bar() -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+@backfill.command("verify")
+@click.option("--batch-size", type=click.IntRange(1, 5000), default=None, help="Rows per batch (default 1000).")
+@click.option("--no-wait", is_flag=True, help="Queue the job, print its id, and return.")
+@click.option("--timeout", type=click.IntRange(1), default=3600, show_default=True, help="Seconds to wait.")
+@one_line_errors
+def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None:
+    """Queue the verification on a worker and follow it; prints the verification record (JSON).
+
+    Exit 0 when it passed, 1 when it found a failure or an unmigrated row (see "failures").
+    Only workers can open sealed values, so this needs a running worker.
+    """
+    import json
+    import time
+
+    from app.backfill.verify import VERIFY_TASK
+    from app.errors import BrokerUnavailableError
+    from app.jobs import service as jobs
+    from app.models import Job
+    from app.tasks import make_celery
+
+    cfg = settings()
+    database = Database()
+    database.configure(cfg.database_url)
+    try:
+        with database.session() as s:
+            params = {"batch_size": batch_size} if batch_size else {}
+            job_id = jobs.create_job(s, cli_context(), org_id=None, kind=VERIFY_TASK, params=params).id
+            pubs = jobs.take_publications(s)
+        try:
+            jobs.Publisher(make_celery(cfg), database).publish(pubs)
+        except BrokerUnavailableError:
+            _fail("the job queue is unavailable; start the broker, or use POST /api/v1/admin/backfill/verify")
+        click.echo(f"latchkey: verification job {job_id} queued", err=True)
+        if no_wait:
+            click.echo(job_id)
+            return
+        deadline = time.monotonic() + timeout
+        with _progress_bar("verify") as bar:
+            while True:
+                with database.session() as s:
+                    job = s.get(Job, job_id)
+                    assert job is not None
+                    state, done, total = job.status, job.progress_done, job.progress_total
+                    result, error = job.result, (job.error_code, job.error_message)
+                bar(done, total or 0)
+                if state in ("succeeded", "failed"):
+                    break
+                if time.monotonic() > deadline:
+                    _fail(f"verification job {job_id} is still {state} after {timeout}s; is a worker running?")
+                time.sleep(0.25)
+    finally:
+        database.dispose()
+    if state == "failed" or result is None:
+        _fail(f"verification job {job_id} failed: {error[0]}: {error[1]}")
+    assert result is not None
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    if not result["passed"]:
+        _fail(
+            f"verification failed: {len(result['failures'])} failure(s), {result['unmigrated']} unmigrated row(s), "
+            f"cache check {'ok' if result['cache_check'].get('ok') else 'not ok'}"
+        )
+
+
 @backfill.command("status")
 @one_line_errors
 def backfill_status() -> None:
-    """The latest backfill job: status, progress and result (JSON)."""
+    """Rows left to migrate, the latest backfill run and the latest verification (JSON)."""
     import json
 
-    from sqlalchemy import select
-
-    from app.backfill.service import BACKFILL_TASK
-    from app.models import Job
+    from app.backfill import service as backfill_service
 
     with unit_of_work() as s:
-        job = s.scalar(
-            select(Job)
-            .where(Job.kind == BACKFILL_TASK, Job.org_id.is_(None))
-            .order_by(Job.created_at.desc(), Job.id.desc())
-            .limit(1)
-        )
-        if job is None:
-            _fail("no backfill has run yet; start one with `latchkey backfill run`")
-        assert job is not None
+        status = backfill_service.status(s)
+        if status.latest_run is None and status.latest_verification is None:
+            _fail(f"no backfill has run yet; start one with `latchkey backfill run` (remaining: {status.remaining})")
+        job = status.latest_run
+        run = None
+        if job is not None:
+            run = {
+                "id": job.id,
+                "status": job.status,
+                "params": job.params,
+                "progress": {"done": job.progress_done, "total": job.progress_total},
+                "result": job.result,
+                "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+                "created_at": job.created_at.isoformat() if job.created_at else None,
+                "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            }
         out = {
-            "id": job.id,
-            "status": job.status,
-            "params": job.params,
-            "progress": {"done": job.progress_done, "total": job.progress_total},
-            "result": job.result,
-            "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-            "created_at": job.created_at.isoformat() if job.created_at else None,
-            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "legacy_columns": status.legacy_columns,
+            "remaining": status.remaining,
+            "run": run,
+            "verification": status.latest_verification,
         }
     click.echo(json.dumps(out, indent=2, sort_keys=True))
 

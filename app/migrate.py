@@ -9,6 +9,9 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# The last revision that still has the legacy columns, and the one that drops them.
+PRE_CONTRACT = "0005"
+CONTRACT = "0006"
 
 
 def alembic_config(database_url: str) -> Config:

@@ -39,8 +39,8 @@ _seq = itertools.count(1)
 
 
 @contextmanager
-def throwaway_database(kind: str) -> Iterator[str]:
-    """Create ``latchkey_bench_<kind>_<pid>``, migrate it to head, yield its URL, drop it."""
+def throwaway_database(kind: str, revision: str = "head") -> Iterator[str]:
+    """Create ``latchkey_bench_<kind>_<pid>``, migrate it to ``revision``, yield its URL, drop it."""
     name = f"latchkey_bench_{kind}_{os.getpid()}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
@@ -48,7 +48,7 @@ def throwaway_database(kind: str) -> Iterator[str]:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         url = admin.url.set(database=name).render_as_string(hide_password=False)
-        migrate.upgrade(url, "head")
+        migrate.upgrade(url, revision)
         yield url
     finally:
         with admin.connect() as conn:

@@ -45,6 +45,12 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
         connection.execute(text("SET statement_timeout = '15min'"))
         # SET is session-wide; end the implicit transaction so Alembic owns the next one.
         connection.commit()
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch migrations recreate tables that others reference; SQLite checks foreign keys on
+        # the DROP unless they are off, and the pragma only works outside a transaction. They
+        # are checked in full (PRAGMA foreign_key_check) before the migration commits.
+        connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -55,8 +61,16 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
         # SQLite DDL is transactional too (our engine issues BEGIN IMMEDIATE itself).
         transactional_ddl=True,
     )
-    with context.begin_transaction():
-        context.run_migrations()
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"migration refused: {len(broken)} foreign key reference(s) would break")
+    finally:
+        if sqlite:
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

@@ -184,7 +184,7 @@ def test_legacy_rows_survive_the_upgrade_with_defaults_for_new_columns(blank_url
     migrate.upgrade(blank_url, "0001")
     _insert_legacy_rows(blank_url)
 
-    migrate.upgrade(blank_url, "head")
+    migrate.upgrade(blank_url, migrate.PRE_CONTRACT)
 
     _assert_legacy_rows_intact(blank_url)
     secrets = _query(
@@ -215,7 +215,7 @@ def test_downgrading_the_expand_revision_keeps_never_backfilled_legacy_rows(blan
 def test_downgrade_refuses_while_a_sealed_only_secret_exists(blank_url: str) -> None:
     migrate.upgrade(blank_url, "0001")
     _insert_legacy_rows(blank_url)
-    migrate.upgrade(blank_url, "head")
+    migrate.upgrade(blank_url, migrate.PRE_CONTRACT)
     head = _current_revision(blank_url)
     sealed_id = "00000000-0000-7000-8000-0000000000c1"
     _execute(
@@ -244,7 +244,7 @@ def test_downgrade_refuses_while_a_sealed_only_secret_exists(blank_url: str) -> 
 def test_an_mcp_server_cannot_reference_a_secret_of_another_org(blank_url: str) -> None:
     migrate.upgrade(blank_url, "0001")
     _insert_legacy_rows(blank_url)
-    migrate.upgrade(blank_url, "head")
+    migrate.upgrade(blank_url, migrate.PRE_CONTRACT)
     insert = "INSERT INTO mcp_servers (id, org_id, name, url, secret_ref) VALUES (:id, :org, :name, :url, :ref)"
 
     # Control: a reference to a secret of the same org is accepted.
@@ -263,6 +263,45 @@ def test_an_mcp_server_cannot_reference_a_secret_of_another_org(blank_url: str) 
         )
     names = [r[0] for r in _query(blank_url, "SELECT name FROM mcp_servers ORDER BY name")]
     assert names == ["docs", "same-org"]
+
+
+# Contract -----------------------------------------------------------------------------------
+
+
+def test_upgrading_legacy_data_straight_to_head_is_refused_as_one_transaction(blank_url: str) -> None:
+    migrate.upgrade(blank_url, "0001")
+    _insert_legacy_rows(blank_url)
+
+    with pytest.raises(RuntimeError, match="no backfill verification has run"):
+        migrate.upgrade(blank_url, "head")
+
+    # The whole run was one transaction: nothing of 0002-0005 stayed behind either.
+    assert _current_revision(blank_url) == "0001"
+    assert _tables(blank_url) == {"orgs", "secrets", "mcp_servers", "agents"}
+    _assert_legacy_rows_intact(blank_url)
+
+
+def test_a_fresh_install_contracts_without_a_verification_and_downgrades_back(blank_url: str) -> None:
+    migrate.upgrade(blank_url, "head")
+    assert "value" not in _columns(blank_url, "secrets") and "token" not in _columns(blank_url, "mcp_servers")
+    assert not {"model", "secret_ref"} & _columns(blank_url, "agents")
+
+    migrate.downgrade(blank_url, migrate.PRE_CONTRACT)
+    assert "value" in _columns(blank_url, "secrets") and "token" in _columns(blank_url, "mcp_servers")
+    assert {"model", "secret_ref"} <= _columns(blank_url, "agents")
+
+
+def test_a_sealed_secret_without_ciphertext_cannot_exist_after_the_contract(blank_url: str) -> None:
+    migrate.upgrade(blank_url, "head")
+    _execute(blank_url, ("INSERT INTO orgs (id, slug, name) VALUES (:id, 'acme', 'Acme')", {"id": ORG_A}))
+    with pytest.raises(IntegrityError):
+        _execute(
+            blank_url,
+            (
+                "INSERT INTO secrets (id, org_id, name, key_id) VALUES (:id, :org, 'N', 'k')",
+                {"id": SECRET_A, "org": ORG_A},
+            ),
+        )
 
 
 # CLI ----------------------------------------------------------------------------------------
@@ -291,7 +330,7 @@ def test_cli_db_downgrade_refusal_is_one_line_and_non_zero(tmp_path: Path) -> No
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     migrate.upgrade(url, "0001")
     _insert_legacy_rows(url)
-    migrate.upgrade(url, "head")
+    migrate.upgrade(url, migrate.PRE_CONTRACT)
     _execute(
         url,
         (
@@ -305,4 +344,4 @@ def test_cli_db_downgrade_refusal_is_one_line_and_non_zero(tmp_path: Path) -> No
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("latchkey: ") and "1 secret(s)" in lines[0]
-    assert _current_revision(url) == migrate.heads()[0]
+    assert _current_revision(url) == migrate.PRE_CONTRACT

@@ -92,10 +92,16 @@ def list_agents(session: Session, org: Org, *, limit: int, cursor: str | None) -
     return paginate(session, stmt, Agent.id, limit=limit, cursor=cursor)
 
 
-def get_agent(session: Session, org: Org, agent_id: str) -> Agent:
-    agent: Agent | None = session.scalar(
-        select(Agent).where(Agent.org_id == org.id, Agent.id == agent_id, Agent.provider_id.is_not(None))
-    )
+def get_agent(session: Session, org: Org, agent_id: str, *, legacy: bool = False) -> Agent:
+    """An agent of the org; ``legacy`` also finds one the backfill could not give a provider.
+
+    Such an agent can only be given a provider (PATCH) or deleted: that is how an operator
+    settles the rows ``backfill run`` reports as failed before the contract migration.
+    """
+    stmt = select(Agent).where(Agent.org_id == org.id, Agent.id == agent_id)
+    if not legacy:
+        stmt = stmt.where(Agent.provider_id.is_not(None))
+    agent: Agent | None = session.scalar(stmt)
     if agent is None:
         raise NotFoundError("agent not found")
     return agent
@@ -146,7 +152,9 @@ def create_agent(session: Session, ctx: RequestContext, org: Org, fields: dict[s
 def update_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str, fields: dict[str, Any]) -> Agent:
     if not fields:
         raise ValidationFailedError.single("body", "give at least one field to change")
-    agent = get_agent(session, org, agent_id)
+    agent = get_agent(session, org, agent_id, legacy=True)
+    if agent.provider_id is None and "provider_id" not in fields:
+        raise ValidationFailedError.single("provider_id", "this legacy agent has no provider yet: give it one")
     changed: list[str] = []
     if "name" in fields:
         agent.name = _name(fields["name"])
@@ -179,7 +187,7 @@ def update_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str,
 
 
 def delete_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str) -> None:
-    agent = get_agent(session, org, agent_id)
+    agent = get_agent(session, org, agent_id, legacy=True)
     session.execute(delete(AgentTool).where(AgentTool.agent_id == agent.id))
     session.execute(delete(AgentRun).where(AgentRun.agent_id == agent.id))
     session.delete(agent)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import request
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from app.api import bp
 from app.api.framework import Result, current_user, parse_json_body, request_context, route, session
 from app.api.schemas import JobAccepted, JobError, JobOut, Progress, Strict
+from app.backfill import service as backfill_service
 from app.backfill.service import BACKFILL_TASK
+from app.backfill.verify import VERIFY_TASK
 from app.identity import service as identity
 from app.jobs import service as jobs
 from app.models import Job
@@ -126,3 +130,57 @@ def start_backfill() -> Result:
         if body.batch_size is not None:
             params["batch_size"] = body.batch_size
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=BACKFILL_TASK, params=params))
+
+
+class VerifyRequest(Strict):
+    """Optional body of ``POST /admin/backfill/verify``."""
+
+    batch_size: int | None = Field(default=None, ge=1, le=5000)
+
+
+@route(
+    bp,
+    "/admin/backfill/verify",
+    "POST",
+    response=JobAccepted,
+    status=202,
+    auth="operator",
+    tags=["admin"],
+    errors=[401, 403, 415, 422, 503],
+)
+def start_verify() -> Result:
+    """Queue the backfill verification (in a worker: every backfilled value against the legacy one).
+
+    The body is optional: ``{"batch_size": N}`` (1..5000, default 1000). The job's result is
+    the verification record, also shown by ``GET /admin/backfill``; the contract migration
+    runs only after one passes.
+    """
+    params: dict[str, int] = {}
+    if request.get_data(cache=True).strip():
+        body = parse_json_body(VerifyRequest)
+        assert isinstance(body, VerifyRequest)
+        if body.batch_size is not None:
+            params["batch_size"] = body.batch_size
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=VERIFY_TASK, params=params))
+
+
+class BackfillStatus(BaseModel):
+    legacy_columns: bool = Field(description="false once the contract migration has dropped them")
+    remaining: dict[str, int] = Field(description="legacy rows not yet migrated, per kind")
+    latest_run: JobOut | None
+    latest_verification: dict[str, Any] | None = Field(
+        description="counts, failures (never a value), unmigrated rows, cache check, times"
+    )
+
+
+@route(bp, "/admin/backfill", "GET", response=BackfillStatus, auth="operator", tags=["admin"], errors=[401, 403])
+def backfill_status() -> BackfillStatus:
+    """Where the legacy migration stands: rows left, the latest backfill run and verification."""
+    s = session()
+    status = backfill_service.status(s)
+    return BackfillStatus(
+        legacy_columns=status.legacy_columns,
+        remaining=status.remaining,
+        latest_run=job_out(status.latest_run) if status.latest_run else None,
+        latest_verification=status.latest_verification,
+    )

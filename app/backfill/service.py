@@ -30,21 +30,20 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections.abc import Callable, Generator
-from contextlib import closing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.backfill import legacy
 from app.context import RequestContext
-from app.db import Database, new_id, utcnow
+from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
 from app.errors import NotFoundError
-from app.models import Agent, McpServer, Org, Provider, Secret
-from app.observability import redact
+from app.models import Agent, Job, McpServer, Org, Provider, Secret
 from app.providers.service import KIND_RE
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal, secret_context
@@ -60,6 +59,8 @@ MAX_FAILURES_LISTED = 100
 PROVIDER_TYPE_FOR_KIND = {"openai": "openai", "anthropic": "anthropic"}
 
 Progress = Callable[[int, int], None]
+SECRETS, PROVIDERS = cast(Table, Secret.__table__), cast(Table, Provider.__table__)
+MCP_SERVERS, AGENTS = cast(Table, McpServer.__table__), cast(Table, Agent.__table__)
 
 
 @dataclass
@@ -120,48 +121,44 @@ class Summary:
         }
 
 
-# Which rows each step migrates, and which it counts as already migrated ----------------------
+@dataclass
+class Status:
+    legacy_columns: bool
+    remaining: dict[str, int]
+    latest_run: Job | None
+    latest_verification: dict[str, Any] | None
 
 
-def _secret_pending() -> Any:
-    return (Secret.value.is_not(None)) & (Secret.ciphertext.is_(None))
+def status(session: Session) -> Status:
+    """Where the migration stands (the CLI's ``backfill status`` and the operator API)."""
+    from app.backfill import verify
 
-
-def _secret_done() -> Any:
-    return (Secret.value.is_not(None)) & (Secret.ciphertext.is_not(None))
-
-
-def _mcp_pending() -> Any:
-    return (McpServer.token.is_not(None)) & (McpServer.secret_ref.is_(None))
-
-
-def _mcp_done() -> Any:
-    return (McpServer.token.is_not(None)) & (McpServer.secret_ref.is_not(None))
-
-
-def _agent_pending() -> Any:
-    return (Agent.model.is_not(None)) & (Agent.secret_ref.is_not(None)) & (Agent.provider_id.is_(None))
-
-
-def _agent_done() -> Any:
-    return (Agent.model.is_not(None)) & (Agent.secret_ref.is_not(None)) & (Agent.provider_id.is_not(None))
-
-
-def _count(session: Session, model: Any, condition: Any, org_id: str | None) -> int:
-    stmt = select(func.count()).select_from(model).where(condition)
-    if org_id is not None:
-        stmt = stmt.where(model.org_id == org_id)
-    return int(session.scalar(stmt) or 0)
+    run = session.scalar(
+        select(Job)
+        .where(Job.kind == BACKFILL_TASK, Job.org_id.is_(None))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(1)
+    )
+    record = verify.latest(session)
+    return Status(
+        legacy_columns=legacy.present(session, refresh=True),
+        remaining=legacy.pending_counts(session),
+        latest_run=run,
+        latest_verification=verify.as_dict(record) if record else None,
+    )
 
 
 def remaining(db: Database, org_id: str | None = None) -> dict[str, int]:
-    """Rows still to migrate, per kind."""
+    """Rows still to migrate, per kind (all zero once the legacy columns are dropped)."""
     with db.session() as s:
-        return {
-            "secrets": _count(s, Secret, _secret_pending(), org_id),
-            "mcp_servers": _count(s, McpServer, _mcp_pending(), org_id),
-            "agents": _count(s, Agent, _agent_pending(), org_id),
-        }
+        return legacy.pending_counts(s, org_id)
+
+
+def _count(session: Session, table: Any, condition: Any, org_id: str | None) -> int:
+    stmt = select(func.count()).select_from(table).where(condition)
+    if org_id is not None:
+        stmt = stmt.where(table.c.org_id == org_id)
+    return int(session.scalar(stmt) or 0)
 
 
 # Names ----------------------------------------------------------------------------------------
@@ -174,31 +171,47 @@ def slugify(text: str, max_len: int = 80) -> str:
     return slug or "server"
 
 
-def _secret_name_free(session: Session, org_id: str, name: str) -> bool:
-    return session.scalar(select(Secret.id).where(Secret.org_id == org_id, Secret.name == name)) is None
+class Namer:
+    """Hands out names unique per org: ``base``, then ``base<sep>2``, ``base<sep>3``...
 
+    A whole batch is named with one query per round (usually one round), and every name
+    handed out in this run is remembered, so a dry run (which writes nothing) and a batch
+    retried row by row never hand out one name twice.
+    """
 
-def unique_secret_name(session: Session, org_id: str, base: str, taken: set[tuple[str, str]]) -> str:
-    """``base``, or ``base_2``, ``base_3``... : the first name free in the org (and in ``taken``)."""
-    candidate, n = base, 1
-    while (org_id, candidate) in taken or not _secret_name_free(session, org_id, candidate):
-        n += 1
-        suffix = f"_{n}"
-        candidate = base[: 128 - len(suffix)] + suffix
-    assert NAME_RE.match(candidate), candidate
-    taken.add((org_id, candidate))
-    return candidate
+    def __init__(self, model: Any, sep: str, max_len: int) -> None:
+        self.model, self.sep, self.max_len = model, sep, max_len
+        self.taken: set[tuple[str, str]] = set()
 
+    def _candidate(self, base: str, n: int) -> str:
+        if n == 1:
+            return base[: self.max_len]
+        suffix = f"{self.sep}{n}"
+        return base[: self.max_len - len(suffix)] + suffix
 
-def unique_provider_name(session: Session, org_id: str, base: str, taken: set[tuple[str, str]]) -> str:
-    candidate, n = base, 1
-    while (org_id, candidate) in taken or session.scalar(
-        select(Provider.id).where(Provider.org_id == org_id, Provider.name == candidate)
-    ):
-        n += 1
-        candidate = f"{base} {n}"
-    taken.add((org_id, candidate))
-    return candidate
+    def assign(self, session: Session, wants: list[tuple[str, str]]) -> list[str]:
+        """One free name per (org_id, base), in order."""
+        out: list[str] = [""] * len(wants)
+        todo = dict.fromkeys(range(len(wants)), 1)
+        while todo:
+            cands = {i: (wants[i][0], self._candidate(wants[i][1], n)) for i, n in todo.items()}
+            in_db = set(
+                session.execute(
+                    select(self.model.org_id, self.model.name).where(
+                        self.model.org_id.in_({org for org, _ in cands.values()}),
+                        self.model.name.in_({name for _, name in cands.values()}),
+                    )
+                )
+            )
+            retry: dict[int, int] = {}
+            for i, key in cands.items():
+                if key in in_db or key in self.taken:
+                    retry[i] = todo[i] + 1
+                else:
+                    self.taken.add(key)
+                    out[i] = key[1]
+            todo = retry
+        return out
 
 
 def parse_model(model: str) -> tuple[str, str] | None:
@@ -211,6 +224,27 @@ def parse_model(model: str) -> tuple[str, str] | None:
 
 
 # The run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What applying one batch (or one row of it) did; merged into the run once committed."""
+
+    migrated: int = 0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (id, org_id, reason)
+    created: int = 0
+    # Map entries (token or provider key -> id) that later batches may reuse once committed.
+    entries: dict[Any, str] = field(default_factory=dict)
+
+    def merge(self, other: Outcome) -> None:
+        self.migrated += other.migrated
+        self.failures += other.failures
+        self.created += other.created
+        self.entries.update(other.entries)
+
+
+Apply = Callable[[Session, list[Any], dict[Any, str]], Outcome]
+CONFLICT = "conflict (a concurrent change); run the backfill again"
 
 
 class _Run:
@@ -227,276 +261,270 @@ class _Run:
         self.org_id, self.progress = org_id, progress
         self.dry_run = summary.dry_run
         # (org_id, token) -> secret id, for servers sharing a token; committed batches only.
-        self.token_secrets: dict[tuple[str, str], str] = {}
-        # (org_id, legacy secret id, kind) -> provider id; committed batches only.
-        self.providers: dict[tuple[str, str, str], str] = {}
-        # Names handed out in a dry run (nothing is written, so the database cannot tell).
-        self.names: set[tuple[str, str]] = set()
-        self.provider_names: set[tuple[str, str]] = set()
+        self.token_secrets: dict[Any, str] = {}
+        # (org_id, legacy secret id, kind) -> (provider id); committed batches only.
+        self.providers: dict[Any, str] = {}
+        # Model id of each provider this run created or found (a dry run's are nowhere else).
+        self.provider_models: dict[str, str | None] = {}
+        self.secret_names = Namer(Secret, "_", 128)
+        self.provider_names = Namer(Provider, " ", 200)
         # Legacy secrets a dry run would have sealed (agents may point at them).
         self.would_seal: set[str] = set()
 
-    def audit(
-        self, session: Session, action: str, org_id: str, target_type: str, target_id: str, **details: Any
+    def audit(self, session: Session, entries: list[audit.Entry]) -> None:
+        if not self.dry_run and entries:
+            audit.record_many(session, self.ctx, entries)
+
+    def walk(
+        self, table: Any, columns: list[Any], condition: Any, apply: Apply, kind: KindSummary, known: dict[Any, str]
     ) -> None:
-        if not self.dry_run:
-            audit.record(
-                session,
-                self.ctx,
-                action,
-                org_id=org_id,
-                target_type=target_type,
-                target_id=target_id,
-                details={"source": "backfill", **details},
-            )
+        """Walk the pending rows by id, one transaction per batch; see the module doc.
 
-    def batches(self, model: Any, condition: Any) -> Generator[tuple[Session, list[Any]], None, None]:
-        """Yield (session, rows) per batch; commits after each (rolls back in a dry run).
-
-        Callers close the generator (``closing``), so an error ends the batch's transaction
-        (rolled back) at once instead of when the generator is collected.
+        A batch is applied in bulk inside a savepoint; if that hits a constraint (a
+        concurrent change), it is applied again row by row, each in its own savepoint,
+        so only the conflicting rows fail. Map entries join ``known`` after the commit.
         """
         last: str | None = None
-        batch_size = self.summary.batch_size
         while True:
-            stmt = select(model).where(condition)
+            stmt = select(*columns).where(condition)
             if self.org_id is not None:
-                stmt = stmt.where(model.org_id == self.org_id)
+                stmt = stmt.where(table.c.org_id == self.org_id)
             if last is not None:
-                stmt = stmt.where(model.id > last)
-            stmt = stmt.order_by(model.id).limit(batch_size).with_for_update()
+                stmt = stmt.where(table.c.id > last)
+            stmt = stmt.order_by(table.c.id).limit(self.summary.batch_size).with_for_update()
             with self.db.session() as s:
-                rows = list(s.scalars(stmt))
+                rows = list(s.execute(stmt))
                 if not rows:
                     return
                 last = rows[-1].id
-                yield s, rows
+                outcome = Outcome()
+                try:
+                    with s.begin_nested():
+                        outcome = apply(s, rows, dict(known))
+                except IntegrityError:
+                    seen = dict(known)
+                    outcome = Outcome()
+                    for row in rows:
+                        try:
+                            with s.begin_nested():
+                                one = apply(s, [row], seen)
+                        except IntegrityError:
+                            outcome.failures.append((row.id, row.org_id, CONFLICT))
+                            continue
+                        seen.update(one.entries)
+                        outcome.merge(one)
                 if self.dry_run:
                     s.rollback()
+            known.update(outcome.entries)
+            kind.migrated += outcome.migrated
+            for row_id, org_id, reason in outcome.failures:
+                kind.fail(row_id, org_id, reason)
+            if kind is self.summary.mcp_servers:
+                self.summary.secrets_created += outcome.created
+            elif kind is self.summary.agents:
+                self.summary.providers_created += outcome.created
             if self.progress is not None:
                 self.progress(self.summary.done, max(self.summary.total, self.summary.done))
+
+    def actor_fields(self, now: Any) -> dict[str, Any]:
+        return {"updated_at": now, "updated_by": self.ctx.actor.id}
 
     # 1. legacy secrets -------------------------------------------------------------------------
 
     def secrets(self) -> None:
-        kind = self.summary.secrets
-        with closing(self.batches(Secret, _secret_pending())) as batches:
-            for s, rows in batches:
-                for secret in rows:
-                    try:
-                        with s.begin_nested():
-                            self._seal_legacy(s, secret)
-                    except IntegrityError:
-                        kind.fail(secret.id, secret.org_id, "conflict (a concurrent change); run the backfill again")
-                        continue
-                    kind.migrated += 1
+        t = legacy.secrets
+        columns = [t.c.id, t.c.org_id, t.c.value, t.c.name]
+        self.walk(t, columns, legacy.secret_pending(), self._seal_legacy, self.summary.secrets, {})
 
-    def _seal_legacy(self, s: Session, secret: Secret) -> None:
-        value = secret.value
-        assert value is not None
-        redact.register(value)
-        name = secret.name if secret.name and NAME_RE.match(secret.name) else None
-        if name is None:
-            name = unique_secret_name(s, secret.org_id, f"legacy_{secret.id[:8]}", self.names)
-        self.would_seal.add(secret.id)
-        if self.dry_run:
-            return
-        sealed = seal(self.keys, value.encode("utf-8"), secret_context(secret.org_id, secret.id, 1))
+    def _seal_legacy(self, s: Session, rows: list[Any], _known: dict[Any, str]) -> Outcome:
+        unnamed = [r for r in rows if not (r.name and NAME_RE.match(r.name))]
+        given = dict(
+            zip(
+                [r.id for r in unnamed],
+                self.secret_names.assign(s, [(r.org_id, f"legacy_{r.id[:8]}") for r in unnamed]),
+                strict=True,
+            )
+        )
+        updates, entries = [], []
         now = utcnow()
-        secret.name = name
-        secret.version = 1
-        secret.ciphertext = sealed.ciphertext
-        secret.key_id = sealed.key_id
-        secret.value_hint = value_hint(value)
-        secret.updated_at = now
-        secret.updated_by = self.ctx.actor.id
-        s.flush()
-        self.audit(s, "secret.backfill", secret.org_id, "secret", secret.id, name=name, version=1, key_id=sealed.key_id)
+        for r in rows:
+            self.would_seal.add(r.id)
+            if self.dry_run:
+                continue
+            name = given.get(r.id, r.name)
+            sealed = seal(self.keys, r.value.encode("utf-8"), secret_context(r.org_id, r.id, 1))
+            updates.append(
+                {
+                    "id": r.id,
+                    "name": name,
+                    "version": 1,
+                    "ciphertext": sealed.ciphertext,
+                    "key_id": sealed.key_id,
+                    "value_hint": value_hint(r.value),
+                    **self.actor_fields(now),
+                }
+            )
+            details = {"source": "backfill", "name": name, "version": 1, "key_id": sealed.key_id}
+            entries.append(audit.Entry("secret.backfill", r.org_id, "secret", r.id, details))
+        bulk_update(s, SECRETS, updates)
+        self.audit(s, entries)
+        return Outcome(migrated=len(rows))
 
     # 2. MCP tokens ---------------------------------------------------------------------------
 
     def mcp_servers(self) -> None:
-        kind = self.summary.mcp_servers
-        with closing(self.batches(McpServer, _mcp_pending())) as batches:
-            for s, rows in batches:
-                batch_map: dict[tuple[str, str], str] = {}
-                created = 0
-                for server in rows:
-                    try:
-                        with s.begin_nested():
-                            new = self._move_token(s, server, batch_map)
-                    except IntegrityError:
-                        kind.fail(server.id, server.org_id, "conflict (a concurrent change); run the backfill again")
-                        continue
-                    created += 1 if new else 0
-                    kind.migrated += 1
-                # Only now may later batches reuse these secrets (a failed batch rolled them back).
-                self.token_secrets.update(batch_map)
-                self.summary.secrets_created += created
+        t = legacy.mcp_servers
+        columns = [t.c.id, t.c.org_id, t.c.name, t.c.token]
+        self.walk(t, columns, legacy.mcp_pending(), self._move_tokens, self.summary.mcp_servers, self.token_secrets)
 
-    def _move_token(self, s: Session, server: McpServer, batch_map: dict[tuple[str, str], str]) -> bool:
-        token = server.token
-        assert token is not None
-        redact.register(token)
-        key = (server.org_id, token)
-        existing = batch_map.get(key) or self.token_secrets.get(key)
-        created = existing is None
-        if existing is None:
-            name = unique_secret_name(s, server.org_id, f"mcp_{slugify(server.name)}_{server.id[:6]}", self.names)
+    def _move_tokens(self, s: Session, rows: list[Any], known: dict[Any, str]) -> Outcome:
+        outcome = Outcome()
+        # Servers of one org with the same token share one secret (compared in memory only).
+        new_for: dict[tuple[str, str], Any] = {}
+        for r in rows:
+            key = (r.org_id, r.token)
+            if key not in known and key not in new_for:
+                new_for[key] = r
+        names = self.secret_names.assign(s, [(r.org_id, f"mcp_{slugify(r.name)}_{r.id[:6]}") for r in new_for.values()])
+        now = utcnow()
+        inserts, entries = [], []
+        for (key, r), name in zip(new_for.items(), names, strict=True):
             secret_id = new_id()
-            existing = secret_id
+            outcome.entries[key] = secret_id
+            outcome.created += 1
             if self.dry_run:
-                batch_map[key] = existing
-                return True
-            sealed = seal(self.keys, token.encode("utf-8"), secret_context(server.org_id, secret_id, 1))
-            now = utcnow()
-            s.add(
-                Secret(
-                    id=secret_id,
-                    org_id=server.org_id,
-                    name=name,
-                    description=f"MCP token of {server.name}"[:1000],
-                    ciphertext=sealed.ciphertext,
-                    key_id=sealed.key_id,
-                    version=1,
-                    value_hint=value_hint(token),
-                    allowed_hosts=[],
-                    created_by=self.ctx.actor.id,
-                    updated_by=self.ctx.actor.id,
-                    created_at=now,
-                    updated_at=now,
-                )
+                continue
+            sealed = seal(self.keys, r.token.encode("utf-8"), secret_context(r.org_id, secret_id, 1))
+            inserts.append(
+                {
+                    "id": secret_id,
+                    "org_id": r.org_id,
+                    "name": name,
+                    "description": f"MCP token of {r.name}"[:1000],
+                    "ciphertext": sealed.ciphertext,
+                    "key_id": sealed.key_id,
+                    "version": 1,
+                    "value_hint": value_hint(r.token),
+                    "allowed_hosts": [],
+                    "created_by": self.ctx.actor.id,
+                    "created_at": now,
+                    **self.actor_fields(now),
+                }
             )
-            s.flush()
-            self.audit(
-                s,
-                "secret.create",
-                server.org_id,
-                "secret",
-                secret_id,
-                name=name,
-                version=1,
-                key_id=sealed.key_id,
-                mcp_server_id=server.id,
+            details = {"source": "backfill", "name": name, "version": 1, "key_id": sealed.key_id}
+            entries.append(
+                audit.Entry("secret.create", r.org_id, "secret", secret_id, {**details, "mcp_server_id": r.id})
             )
-        if self.dry_run:
-            batch_map[key] = existing
-            return created
-        server.secret_ref = existing
-        server.updated_at = utcnow()
-        server.updated_by = self.ctx.actor.id
-        s.flush()
-        batch_map[key] = existing
-        self.audit(
-            s, "mcp_server.update", server.org_id, "mcp_server", server.id, changed=["secret_ref"], secret_ref=existing
-        )
-        return created
+        updates = []
+        for r in rows:
+            secret_id = outcome.entries.get((r.org_id, r.token)) or known[(r.org_id, r.token)]
+            updates.append({"id": r.id, "secret_ref": secret_id, **self.actor_fields(now)})
+            details = {"source": "backfill", "changed": ["secret_ref"], "secret_ref": secret_id}
+            entries.append(audit.Entry("mcp_server.update", r.org_id, "mcp_server", r.id, details))
+        outcome.migrated = len(rows)
+        if not self.dry_run:
+            bulk_insert(s, SECRETS, inserts)
+            bulk_update(s, MCP_SERVERS, updates)
+            self.audit(s, entries)
+        return outcome
 
     # 3. agents -> providers ------------------------------------------------------------------
 
     def agents(self) -> None:
-        kind = self.summary.agents
-        with closing(self.batches(Agent, _agent_pending())) as batches:
-            for s, rows in batches:
-                batch_map: dict[tuple[str, str, str], str] = {}
-                created = 0
-                for agent in rows:
-                    try:
-                        with s.begin_nested():
-                            outcome = self._link_agent(s, agent, batch_map)
-                    except IntegrityError:
-                        kind.fail(agent.id, agent.org_id, "conflict (a concurrent change); run the backfill again")
-                        continue
-                    if isinstance(outcome, str):
-                        kind.fail(agent.id, agent.org_id, outcome)
-                        continue
-                    created += 1 if outcome else 0
-                    kind.migrated += 1
-                self.providers.update(batch_map)
-                self.summary.providers_created += created
+        t = legacy.agents
+        columns = [t.c.id, t.c.org_id, t.c.model, t.c.secret_ref, t.c.model_id]
+        self.walk(t, columns, legacy.agent_pending(), self._link_agents, self.summary.agents, self.providers)
 
-    def _link_agent(self, s: Session, agent: Agent, batch_map: dict[tuple[str, str, str], str]) -> bool | str:
-        """True: provider created; False: existing provider reused; str: why not migrated."""
-        assert agent.model is not None and agent.secret_ref is not None
-        parsed = parse_model(agent.model)
-        if parsed is None:
-            return "invalid_model: legacy model is not '{kind}/{model_id}'"
-        kind, model_id = parsed
-        provider_type = PROVIDER_TYPE_FOR_KIND.get(kind)
-        if provider_type is None:
-            return f"unsupported_kind: no provider type for kind {kind!r}; create a provider by hand"
+    def _link_agents(self, s: Session, rows: list[Any], known: dict[Any, str]) -> Outcome:
+        outcome = Outcome()
+        refs = {r.secret_ref for r in rows}
         # Same org only: a reference into another org is simply not found.
-        secret = s.scalar(select(Secret).where(Secret.org_id == agent.org_id, Secret.id == agent.secret_ref))
-        if secret is None:
-            return "secret_not_found: the legacy secret_ref points at no secret of this org"
-        if secret.ciphertext is None and secret.id not in self.would_seal:
-            return "secret_not_sealed: the legacy secret was not backfilled"
-        key = (agent.org_id, secret.id, kind)
-        provider_id = batch_map.get(key) or self.providers.get(key)
-        provider_model = None
-        if provider_id is None:
-            found = s.scalar(
-                select(Provider)
-                .where(Provider.org_id == agent.org_id, Provider.secret_ref == secret.id, Provider.kind == kind)
-                .order_by(Provider.created_at, Provider.id)
-                .limit(1)
+        sealed_of = {
+            (org, sid): sealed
+            for sid, org, sealed in s.execute(
+                select(Secret.id, Secret.org_id, Secret.ciphertext.is_not(None)).where(Secret.id.in_(refs))
             )
-            if found is not None:
-                provider_id, provider_model = found.id, found.model_id
-        else:
-            provider_model = s.scalar(select(Provider.model_id).where(Provider.id == provider_id))
-        created = provider_id is None
-        if provider_id is None:
-            name = unique_provider_name(s, agent.org_id, f"legacy {kind} {secret.id[:6]}", self.provider_names)
-            provider_id, provider_model = new_id(), model_id
-            if self.dry_run:
-                batch_map[key] = provider_id
-                return True
-            now = utcnow()
-            s.add(
-                Provider(
-                    id=provider_id,
-                    org_id=agent.org_id,
-                    name=name,
-                    provider_type=provider_type,
-                    kind=kind,
-                    model_id=model_id,
-                    config={},
-                    secret_ref=secret.id,
-                    created_by=self.ctx.actor.id,
-                    updated_by=self.ctx.actor.id,
-                    created_at=now,
-                    updated_at=now,
-                )
+        }
+        found: dict[tuple[str, str, str], str] = {}
+        for pid, org, ref, kind, model_id in s.execute(
+            select(Provider.id, Provider.org_id, Provider.secret_ref, Provider.kind, Provider.model_id)
+            .where(Provider.secret_ref.in_(refs))
+            .order_by(Provider.created_at, Provider.id)
+        ):
+            found.setdefault((org, ref, kind), pid)
+            self.provider_models.setdefault(pid, model_id)
+        links: list[tuple[Any, tuple[str, str, str], str]] = []  # (row, provider key, model id)
+        new_keys: dict[tuple[str, str, str], tuple[str, str]] = {}  # key -> (provider type, model id)
+        for r in rows:
+            parsed = parse_model(r.model)
+            if parsed is None:
+                outcome.failures.append((r.id, r.org_id, "invalid_model: legacy model is not '{kind}/{model_id}'"))
+                continue
+            kind, model_id = parsed
+            provider_type = PROVIDER_TYPE_FOR_KIND.get(kind)
+            if provider_type is None:
+                reason = f"unsupported_kind: no provider type for kind {kind!r}; create a provider by hand"
+                outcome.failures.append((r.id, r.org_id, reason))
+                continue
+            sealed = sealed_of.get((r.org_id, r.secret_ref))
+            if sealed is None:
+                reason = "secret_not_found: the legacy secret_ref points at no secret of this org"
+                outcome.failures.append((r.id, r.org_id, reason))
+                continue
+            if not sealed and r.secret_ref not in self.would_seal:
+                outcome.failures.append((r.id, r.org_id, "secret_not_sealed: the legacy secret was not backfilled"))
+                continue
+            key = (r.org_id, r.secret_ref, kind)
+            if key not in known and key not in found and key not in new_keys:
+                new_keys[key] = (provider_type, model_id)
+            links.append((r, key, model_id))
+        names = self.provider_names.assign(s, [(org, f"legacy {kind} {ref[:6]}") for org, ref, kind in new_keys])
+        now = utcnow()
+        inserts, entries = [], []
+        for (key, (provider_type, model_id)), name in zip(new_keys.items(), names, strict=True):
+            org, ref, kind = key
+            details: dict[str, Any]
+            provider_id = new_id()
+            outcome.entries[key] = provider_id
+            self.provider_models[provider_id] = model_id
+            outcome.created += 1
+            inserts.append(
+                {
+                    "id": provider_id,
+                    "org_id": org,
+                    "name": name,
+                    "provider_type": provider_type,
+                    "kind": kind,
+                    "model_id": model_id,
+                    "config": {},
+                    "secret_ref": ref,
+                    "created_by": self.ctx.actor.id,
+                    "created_at": now,
+                    **self.actor_fields(now),
+                }
             )
-            s.flush()
-            self.audit(
-                s,
-                "provider.create",
-                agent.org_id,
-                "provider",
-                provider_id,
-                name=name,
-                provider_type=provider_type,
-                kind=kind,
-                model_id=model_id,
-                secret_ref=secret.id,
-            )
-        elif provider_model is None:
-            # A dry run's provider is not in the database: remember its model from the map.
-            provider_model = model_id
-        if self.dry_run:
-            batch_map[key] = provider_id
-            return created
-        agent.provider_id = provider_id
-        if model_id != provider_model:
-            agent.model_id = model_id
-        agent.updated_at = utcnow()
-        agent.updated_by = self.ctx.actor.id
-        s.flush()
-        batch_map[key] = provider_id
-        self.audit(s, "agent.update", agent.org_id, "agent", agent.id, changed=["provider_id"], provider_id=provider_id)
-        return created
+            details = {
+                "source": "backfill",
+                "name": name,
+                "provider_type": provider_type,
+                "kind": kind,
+                "model_id": model_id,
+                "secret_ref": ref,
+            }
+            entries.append(audit.Entry("provider.create", org, "provider", provider_id, details))
+        updates = []
+        for r, key, model_id in links:
+            provider_id = outcome.entries.get(key) or found.get(key) or known[key]
+            own_model = model_id if model_id != self.provider_models.get(provider_id) else r.model_id
+            updates.append({"id": r.id, "provider_id": provider_id, "model_id": own_model, **self.actor_fields(now)})
+            link = {"source": "backfill", "changed": ["provider_id"], "provider_id": provider_id}
+            entries.append(audit.Entry("agent.update", r.org_id, "agent", r.id, link))
+        outcome.migrated = len(links)
+        if not self.dry_run:
+            bulk_insert(s, PROVIDERS, inserts)
+            bulk_update(s, AGENTS, updates)
+            self.audit(s, entries)
+        return outcome
 
 
 def run_backfill(
@@ -523,12 +551,16 @@ def run_backfill(
             org_id = s.scalar(select(Org.id).where(Org.slug == org_slug))
             if org_id is None:
                 raise NotFoundError(f"org {org_slug!r} not found")
-        summary.secrets.pending = _count(s, Secret, _secret_pending(), org_id)
-        summary.secrets.skipped = _count(s, Secret, _secret_done(), org_id)
-        summary.mcp_servers.pending = _count(s, McpServer, _mcp_pending(), org_id)
-        summary.mcp_servers.skipped = _count(s, McpServer, _mcp_done(), org_id)
-        summary.agents.pending = _count(s, Agent, _agent_pending(), org_id)
-        summary.agents.skipped = _count(s, Agent, _agent_done(), org_id)
+        if not legacy.present(s, refresh=True):
+            log.info("backfill: the legacy columns are gone (contract migration applied); nothing to do")
+            return summary
+        for kind, table, pending, done in (
+            (summary.secrets, legacy.secrets, legacy.secret_pending(), legacy.secret_done()),
+            (summary.mcp_servers, legacy.mcp_servers, legacy.mcp_pending(), legacy.mcp_done()),
+            (summary.agents, legacy.agents, legacy.agent_pending(), legacy.agent_done()),
+        ):
+            kind.pending = _count(s, table, pending, org_id)
+            kind.skipped = _count(s, table, done, org_id)
     if progress is not None:
         progress(0, summary.total)
     run = _Run(db, keys, ctx, summary, org_id, progress)

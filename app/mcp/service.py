@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.backfill import legacy
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
@@ -157,7 +158,7 @@ def update_server(
         server.secret_ref = new_ref
         changed.append("secret_ref")
     if url is not None and url != server.url:
-        if (server.secret_ref is not None or server.token is not None) and not access.is_admin:
+        if _holds_credential(session, server) and not access.is_admin:
             raise ForbiddenError("changing the URL of a server with a bound secret needs the org admin role")
         server.url = url
         changed.append("url")
@@ -185,9 +186,16 @@ def update_server(
     return server, job
 
 
+def _holds_credential(session: Session, server: McpServer) -> bool:
+    """A bound secret, or (before the contract migration) a legacy raw token not yet backfilled."""
+    if server.secret_ref is not None:
+        return True
+    return legacy.mcp_token(session, server.org_id, server.id) is not None
+
+
 def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> None:
     server = get_server(session, access.org, server_id, for_update=True)
-    if (server.secret_ref is not None or server.token is not None) and not access.is_admin:
+    if _holds_credential(session, server) and not access.is_admin:
         raise ForbiddenError("deleting a server with a bound secret needs the org admin role")
     session.execute(delete(McpTool).where(McpTool.mcp_server_id == server.id))
     session.delete(server)

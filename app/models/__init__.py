@@ -1,6 +1,7 @@
 """ORM models. Importing this package registers every table on ``Base.metadata``."""
 
 from app.models.audit import AuditEvent, AuditHead
+from app.models.backfill import BackfillVerification
 from app.models.identity import ApiToken, IdempotencyKey, Membership, Org, Role, User
 from app.models.jobs import Job, JobStatus
 from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
@@ -13,6 +14,7 @@ __all__ = [
     "ApiToken",
     "AuditEvent",
     "AuditHead",
+    "BackfillVerification",
     "CacheInvalidation",
     "IdempotencyKey",
     "Job",

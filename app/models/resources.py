@@ -67,8 +67,7 @@ class McpServer(Base):
     updated_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
-    # Legacy raw bearer token (revision 0001); moved into a secret by the backfill.
-    token: Mapped[str | None] = mapped_column(Text)
+    # The legacy raw ``token`` (revision 0001) is not mapped; see app/backfill/legacy.py.
 
 
 class Agent(Base):
@@ -89,9 +88,7 @@ class Agent(Base):
     updated_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
-    # Legacy (revision 0001): "{kind}/{model_id}" and a legacy secret holding the provider key.
-    model: Mapped[str | None] = mapped_column(String(200))
-    secret_ref: Mapped[str | None] = mapped_column(String(36))
+    # The legacy ``model`` and ``secret_ref`` (revision 0001) are not mapped; see app/backfill/legacy.py.
 
 
 class McpTool(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, CheckConstraint, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, func
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, UTCDateTime, new_id
@@ -17,19 +17,15 @@ class Secret(Base):
         # The target of every composite foreign key (org_id, secret_ref): a reference
         # can only point at a secret of its own org.
         UniqueConstraint("org_id", "id"),
-        CheckConstraint(
-            "(ciphertext IS NOT NULL AND key_id IS NOT NULL AND name IS NOT NULL) OR value IS NOT NULL",
-            name="sealed_or_legacy",
-        ),
         CheckConstraint("version >= 1", name="version_positive"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
-    name: Mapped[str | None] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
     description: Mapped[str | None] = mapped_column(String(1000))
-    ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
-    key_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    key_id: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     value_hint: Mapped[str | None] = mapped_column(String(8))
     allowed_hosts: Mapped[list[str] | None] = mapped_column(JSON)
@@ -38,8 +34,8 @@ class Secret(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Legacy plaintext (revision 0001). Emptied by the backfill, dropped by the contract migration.
-    value: Mapped[str | None] = mapped_column(Text)
+    # The legacy plaintext column (revision 0001) is not mapped: only app/backfill/legacy.py
+    # reads it, until the contract migration (0006) drops it.
 
 
 class CacheInvalidation(Base):

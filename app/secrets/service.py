@@ -24,7 +24,7 @@ from app.errors import (
     ValidationFailedError,
     VersionMismatchError,
 )
-from app.models import Agent, McpServer, Org, Provider, Secret
+from app.models import McpServer, Org, Provider, Secret
 from app.observability import redact
 from app.pagination import Page, paginate
 from app.secrets import cachekeys, invalidation
@@ -151,11 +151,11 @@ def check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
 
 
 def used_by(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, list[SecretUser]]:
-    """Every provider and MCP server (and legacy agent) referencing each secret."""
+    """Every provider and MCP server referencing each secret."""
     users: dict[str, list[SecretUser]] = defaultdict(list)
     if not secret_ids:
         return users
-    for model, kind in ((Provider, "provider"), (McpServer, "mcp_server"), (Agent, "agent")):
+    for model, kind in ((Provider, "provider"), (McpServer, "mcp_server")):
         rows = session.execute(
             select(model.secret_ref, model.id, model.name)
             .where(model.org_id == org_id, model.secret_ref.in_(secret_ids))

@@ -11,6 +11,7 @@ from celery import Task, shared_task
 from sqlalchemy import select
 
 from app.audit import service as audit
+from app.backfill import legacy
 from app.context import Actor, RequestContext
 from app.egress import EgressError, EgressPolicy, guarded_async_client
 from app.jobs import service as jobs
@@ -49,7 +50,9 @@ def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
         if server is None:
             raise JobFailedError("not_found", "the MCP server no longer exists")
         secret_ref = job.params.get("secret_ref", server.secret_ref)
-        snap = Snapshot(server.org_id, server.id, server.url, server.transport, secret_ref, server.token)
+        # Before the contract migration, a server not yet backfilled may still carry a raw token.
+        token = legacy.mcp_token(s, server.org_id, server.id) if secret_ref is None else None
+        snap = Snapshot(server.org_id, server.id, server.url, server.transport, secret_ref, token)
         if snap.matches(server):
             server.status = "validating"
         return snap

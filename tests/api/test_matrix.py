@@ -86,6 +86,8 @@ OPERATOR_ONLY = [
     Endpoint("POST", "admin/jobs/ping", True),
     Endpoint("POST", "admin/keys/reseal", True),
     Endpoint("POST", "admin/backfill", True),
+    Endpoint("GET", "admin/backfill", True),
+    Endpoint("POST", "admin/backfill/verify", True),
 ]
 ORG_SCOPED = [e for e in ENDPOINTS if "{org}" in e.path]
 

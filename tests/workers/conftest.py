@@ -10,13 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from celery import Celery
 from flask import Flask
 
+from app import migrate
 from app.config import Settings
+from app.db import Database
 from app.factory import create_app
+from tests import backends
 from tests.processes import worker_process
+from tests.workers.legacy_data import insert_legacy
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -72,3 +77,27 @@ def parked_app(settings: Settings) -> Iterator[tuple[Flask, str]]:
                 client.delete(*leftovers)
         finally:
             client.close()
+
+
+@pytest.fixture
+def legacy_url(tmp_path: Path) -> Iterator[str]:
+    """A database built at revision 0001 with legacy rows, then expanded (not contracted)."""
+    name = f"latchkey_backfill_{backends.worker_suffix()}_{uuid.uuid4().hex[:10]}"
+    pg = backends.fresh_postgres_database(name)
+    url = pg or f"sqlite:///{tmp_path / 'legacy.db'}"
+    try:
+        migrate.upgrade(url, "0001")
+        insert_legacy(url)
+        migrate.upgrade(url, migrate.PRE_CONTRACT)
+        yield url
+    finally:
+        if pg:
+            backends.drop_postgres_database(name)
+
+
+@pytest.fixture
+def legacy_db(legacy_url: str) -> Iterator[Database]:
+    database = Database()
+    database.configure(legacy_url)
+    yield database
+    database.dispose()

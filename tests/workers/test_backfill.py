@@ -3,200 +3,34 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from app import migrate
 from app.backfill.service import run_backfill, slugify
 from app.cli import main
 from app.config import Settings
-from app.context import Actor, RequestContext
 from app.db import Database
-from app.models import Agent, AuditEvent, McpServer, Provider, Secret
+from app.models import AuditEvent, Provider, Secret
 from app.secrets.keyring import Keyring
-from app.secrets.sealing import open_sealed, secret_context
-from tests import backends
 from tests.factories import Factory
 from tests.processes import settings_env
-from tests.workers.conftest import wait_job
-
-CTX = RequestContext(Actor("cli", "test"))
-ORG_A, ORG_B, ORG_C = (f"00000000-0000-7000-8000-00000000000{c}" for c in "abc")
-
-
-def _id(prefix: str, n: int) -> str:
-    return f"{prefix}-0000-7000-8000-{n:012d}"
-
-
-# Two ids sharing their first 8 characters: their `legacy_<8>` names collide.
-SA1, SA1B, SA2, SA3 = _id("a1a1a1a1", 1), _id("a1a1a1a1", 2), _id("a2a2a2a2", 3), _id("a3a3a3a3", 4)
-SB1, SC1 = _id("b1b1b1b1", 5), _id("c1c1c1c1", 6)
-UNICODE_VALUE = "pässwörd 🔑 秘密 'quoted' \"double\"\nsecond line"
-TOKEN_SHARED, TOKEN_OTHER = "mcp-shared-token-0123456789abcdef", "mcp-ünïcode-token-🔑-0123456789"
-
-LEGACY_SECRETS = {
-    SA1: (ORG_A, UNICODE_VALUE),
-    SA1B: (ORG_A, "x"),
-    SA2: (ORG_A, "sk-openai-and-anthropic-key-0123456789"),
-    SA3: (ORG_A, " leading and trailing spaces "),
-    SB1: (ORG_B, "sk-org-b-key-0123456789abcdefghij"),
-    SC1: (ORG_C, "sk-org-c"),
-}
-MCP = {
-    _id("d0000000", 1): (ORG_A, "Docs Server ü", TOKEN_SHARED),
-    _id("d0000000", 2): (ORG_A, "docs / beta!!", TOKEN_SHARED),
-    _id("d0000000", 3): (ORG_A, "日本語", TOKEN_OTHER),
-    _id("d0000000", 4): (ORG_B, "Docs Server ü", TOKEN_SHARED),
-    _id("d0000000", 5): (ORG_C, "x" * 200, "tok-c"),
-}
-# agent id -> (org, model, secret_ref)
-AGENTS = {
-    _id("e0000000", 1): (ORG_A, "openai/gpt-4o", SA2),
-    _id("e0000000", 2): (ORG_A, "openai/gpt-4o-mini", SA2),
-    _id("e0000000", 3): (ORG_A, "anthropic/claude-3-5-sonnet", SA2),
-    _id("e0000000", 4): (ORG_A, "openai/gpt-4o", SA3),
-    _id("e0000000", 5): (ORG_B, "openai/gpt-4o", SB1),
-    _id("e0000000", 6): (ORG_C, "anthropic/claude-3-opus", SC1),
-    _id("e0000000", 7): (ORG_C, "openai/o1", SC1),
-}
-# Agents the backfill must refuse, and why.
-BAD_AGENTS = {
-    _id("f0000000", 1): (ORG_A, "openai/gpt-4o", _id("99999999", 9), "secret_not_found"),
-    _id("f0000000", 2): (ORG_A, "openai/gpt-4o", SB1, "secret_not_found"),  # another org's secret
-    _id("f0000000", 3): (ORG_A, "mistral/large", SA2, "unsupported_kind"),
-    _id("f0000000", 4): (ORG_B, "no-slash", SB1, "invalid_model"),
-}
-EXPECTED_PROVIDERS = 6  # (A,SA2,openai) (A,SA2,anthropic) (A,SA3,openai) (B,SB1,openai) (C,SC1,anthropic|openai)
-
-
-def _insert_legacy(url: str) -> None:
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for org, slug in ((ORG_A, "acme"), (ORG_B, "bravo"), (ORG_C, "charlie")):
-                conn.execute(
-                    sa.text("INSERT INTO orgs (id, slug, name) VALUES (:id, :slug, :name)"),
-                    {"id": org, "slug": slug, "name": slug.title()},
-                )
-            for sid, (org, value) in LEGACY_SECRETS.items():
-                conn.execute(
-                    sa.text("INSERT INTO secrets (id, org_id, value) VALUES (:id, :org, :v)"),
-                    {"id": sid, "org": org, "v": value},
-                )
-            for mid, (org, name, token) in MCP.items():
-                conn.execute(
-                    sa.text("INSERT INTO mcp_servers (id, org_id, name, url, token) VALUES (:id, :org, :n, :u, :t)"),
-                    {"id": mid, "org": org, "n": name, "u": "https://mcp.example.com/mcp", "t": token},
-                )
-            for aid, (org, model, ref) in AGENTS.items():
-                conn.execute(
-                    sa.text("INSERT INTO agents (id, org_id, name, model, secret_ref) VALUES (:id, :org, :n, :m, :r)"),
-                    {"id": aid, "org": org, "n": f"agent {aid[:4]}", "m": model, "r": ref},
-                )
-            for aid, (org, model, ref, _reason) in BAD_AGENTS.items():
-                conn.execute(
-                    sa.text("INSERT INTO agents (id, org_id, name, model, secret_ref) VALUES (:id, :org, :n, :m, :r)"),
-                    {"id": aid, "org": org, "n": "bad", "m": model, "r": ref},
-                )
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def legacy_url(tmp_path: Path) -> Iterator[str]:
-    """A database built at revision 0001 with legacy rows, then upgraded to head."""
-    name = f"latchkey_backfill_{backends.worker_suffix()}_{uuid.uuid4().hex[:10]}"
-    pg = backends.fresh_postgres_database(name)
-    url = pg or f"sqlite:///{tmp_path / 'legacy.db'}"
-    try:
-        migrate.upgrade(url, "0001")
-        _insert_legacy(url)
-        migrate.upgrade(url, "head")
-        yield url
-    finally:
-        if pg:
-            backends.drop_postgres_database(name)
-
-
-@pytest.fixture
-def legacy_db(legacy_url: str) -> Iterator[Database]:
-    database = Database()
-    database.configure(legacy_url)
-    yield database
-    database.dispose()
-
-
-def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
-    out: dict[str, list[tuple[Any, ...]]] = {}
-    with db.session() as s:
-        for model in (Secret, McpServer, Agent, Provider):
-            table = model.__table__
-            rows = s.execute(select(table).order_by(table.c.id)).all()  # type: ignore[attr-defined]
-            out[model.__tablename__] = [tuple(r) for r in rows]
-    return out
-
-
-def opens(keyring: Keyring, secret: Secret) -> str:
-    assert secret.ciphertext is not None
-    plain = open_sealed(keyring, secret.ciphertext, secret_context(secret.org_id, secret.id, secret.version))
-    return plain.decode("utf-8")
-
-
-def assert_complete(db: Database, keyring: Keyring) -> None:
-    """Everything migrated, every reference opens to its legacy value, tenancy, no duplicates."""
-    with db.session() as s:
-        secrets = {x.id: x for x in s.scalars(select(Secret))}
-        for sid, (org, value) in LEGACY_SECRETS.items():
-            secret = secrets[sid]
-            assert secret.org_id == org and secret.version == 1 and secret.key_id == keyring.current_kid
-            assert secret.name and secret.name.startswith(f"legacy_{sid[:8]}")
-            assert opens(keyring, secret) == value
-            assert secret.value == value  # kept for verify; the contract migration drops it
-        names = [(x.org_id, x.name) for x in secrets.values()]
-        assert len(names) == len(set(names))
-
-        servers = {m.id: m for m in s.scalars(select(McpServer))}
-        for mid, (org, _name, token) in MCP.items():
-            ref = servers[mid].secret_ref
-            assert ref is not None and secrets[ref].org_id == org
-            assert opens(keyring, secrets[ref]) == token
-            assert secrets[ref].name and secrets[ref].name.startswith("mcp_")
-
-        # No orphan: every sealed secret is a legacy one or held by a server.
-        held = {m.secret_ref for m in servers.values()}
-        assert set(secrets) == set(LEGACY_SECRETS) | held
-
-        providers = {p.id: p for p in s.scalars(select(Provider))}
-        assert len(providers) == EXPECTED_PROVIDERS
-        triples = [(p.org_id, p.secret_ref, p.kind) for p in providers.values()]
-        assert len(triples) == len(set(triples))
-        agents = {a.id: a for a in s.scalars(select(Agent))}
-        for aid, (org, model, ref) in AGENTS.items():
-            agent = agents[aid]
-            assert agent.provider_id is not None
-            provider = providers[agent.provider_id]
-            kind, model_id = model.split("/", 1)
-            assert provider.org_id == org and provider.secret_ref == ref and provider.kind == kind
-            assert provider.provider_type == kind and provider.config == {}
-            assert (agent.model_id or provider.model_id) == model_id
-        for aid in BAD_AGENTS:
-            assert agents[aid].provider_id is None
-
-
-def counts(db: Database) -> tuple[int, int, int]:
-    with db.session() as s:
-        return (
-            int(s.scalar(select(func.count()).select_from(Secret)) or 0),
-            int(s.scalar(select(func.count()).select_from(Provider)) or 0),
-            int(s.scalar(select(func.count()).select_from(AuditEvent)) or 0),
-        )
+from tests.workers.conftest import extra_worker, wait_job
+from tests.workers.legacy_data import (
+    AGENTS,
+    BAD_AGENTS,
+    CTX,
+    EXPECTED_PROVIDERS,
+    LEGACY_SECRETS,
+    MCP,
+    ORG_B,
+    TOKEN_OTHER,
+    TOKEN_SHARED,
+    assert_complete,
+    counts,
+    snapshot,
+)
 
 
 def test_backfill_dry_run_run_and_rerun(legacy_db: Database, keyring: Keyring) -> None:
@@ -319,46 +153,39 @@ def test_cli_backfill_run_and_status(settings: Settings, legacy_url: str, keyrin
 
     status = runner.invoke(main, ["backfill", "status"], env=env)
     assert status.exit_code == 0, status.stderr
-    job = json.loads(status.stdout)
+    shown = json.loads(status.stdout)
+    assert shown["legacy_columns"] is True and shown["verification"] is None
+    assert shown["remaining"] == {"secrets": 0, "mcp_servers": 0, "agents": len(BAD_AGENTS)}
+    job = shown["run"]
     assert job["status"] == "succeeded" and job["result"] == summary
     assert job["progress"]["done"] == job["progress"]["total"] > 0
 
 
-def test_operator_route_runs_backfill_on_a_worker(
-    worker: Any, db: Database, factory: Factory, keyring: Keyring, settings: Settings
-) -> None:
-    org = factory.org()
-    with db.session() as s:
-        org_id = s.scalar(sa.text("SELECT id FROM orgs WHERE slug = :s"), {"s": org})
-        s.execute(
-            sa.text("INSERT INTO secrets (id, org_id, value, version) VALUES (:id, :o, :v, 1)"),
-            {"id": SA2, "o": org_id, "v": "sk-legacy-value-0123456789abc"},
-        )
-        s.execute(
-            sa.text("INSERT INTO agents (id, org_id, name, model, secret_ref) VALUES (:id, :o, 'a', :m, :r)"),
-            {"id": _id("e0000000", 1), "o": org_id, "m": "openai/gpt-4o", "r": SA2},
-        )
-    admin = factory.user(org, "admin")
-    assert admin.post("admin/backfill").status_code == 403
-    op = factory.user(operator=True)
-    bad = op.post("admin/backfill", json={"batch_size": 0})
-    assert bad.status_code == 422
+def test_operator_route_runs_backfill_on_a_worker(settings: Settings, legacy_url: str, keyring: Keyring) -> None:
+    with extra_worker(settings, database_url=legacy_url) as (_producer, web):
+        db = web.extensions["latchkey.db"]
+        factory = Factory(db, web.test_client())
+        admin = factory.user("acme", "admin")
+        assert admin.post("admin/backfill").status_code == 403
+        op = factory.user(operator=True)
+        assert op.post("admin/backfill", json={"batch_size": 0}).status_code == 422
+        before = snapshot(db)
 
-    dry = op.post("admin/backfill", json={"dry_run": True})
-    assert dry.status_code == 202, dry.get_json()
-    done = wait_job(op.get, f"admin/jobs/{dry.get_json()['job']['id']}")
-    assert done["status"] == "succeeded" and done["result"]["agents"]["migrated"] == 1
-    with db.session() as s:
-        assert s.scalar(select(Secret.ciphertext).where(Secret.id == SA2)) is None
+        dry = op.post("admin/backfill", json={"dry_run": True})
+        assert dry.status_code == 202, dry.get_json()
+        done = wait_job(op.get, f"admin/jobs/{dry.get_json()['job']['id']}")
+        assert done["status"] == "succeeded" and done["result"]["agents"]["migrated"] == len(AGENTS)
+        assert snapshot(db) == before
 
-    resp = op.post("admin/backfill")  # an empty POST works
-    assert resp.status_code == 202, resp.get_json()
-    done = wait_job(op.get, f"admin/jobs/{resp.get_json()['job']['id']}")
-    assert done["status"] == "succeeded", done
-    assert done["result"]["secrets"]["migrated"] == 1 and done["result"]["created"]["providers"] == 1
-    assert done["progress"]["done"] == done["progress"]["total"] == 2
-    with db.session() as s:
-        secret = s.scalar(select(Secret).where(Secret.id == SA2))
-        assert secret is not None and opens(keyring, secret) == "sk-legacy-value-0123456789abc"
-        agent = s.scalar(select(Agent).where(Agent.id == _id("e0000000", 1)))
-        assert agent is not None and agent.provider_id is not None
+        resp = op.post("admin/backfill")  # an empty POST works
+        assert resp.status_code == 202, resp.get_json()
+        done = wait_job(op.get, f"admin/jobs/{resp.get_json()['job']['id']}")
+        assert done["status"] == "succeeded", done
+        assert done["result"]["secrets"]["migrated"] == len(LEGACY_SECRETS)
+        assert done["result"]["created"]["providers"] == EXPECTED_PROVIDERS
+        total = len(LEGACY_SECRETS) + len(MCP) + len(AGENTS) + len(BAD_AGENTS)
+        assert done["progress"]["done"] == done["progress"]["total"] == total
+        assert_complete(db, keyring)
+        status = op.get("admin/backfill").get_json()
+        assert status["latest_run"]["id"] == done["id"] and status["legacy_columns"] is True
+        assert status["remaining"] == {"secrets": 0, "mcp_servers": 0, "agents": len(BAD_AGENTS)}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from tests.factories import Caller, Factory
 from tests.leaks import dump_database, dump_redis, find_leaks
 from tests.mcp_server import McpTestServer
 from tests.workers.conftest import extra_worker, parked_app, wait_for, wait_job
+from tests.workers.legacy_data import MCP
 
 TOKEN = "mcp-bearer-" + "t" * 24
 
@@ -287,35 +290,34 @@ def test_no_token_in_broker_messages_redis_job_rows_logs_or_responses(
     assert leaks == []
 
 
-def test_a_legacy_raw_token_is_still_used_but_logged_as_deprecated(
-    worker: Celery, mcp_server: McpTestServer, admin: Caller, org: str, factory: Factory, db: Any, worker_log: Any
-) -> None:
-    from app.db import new_id
-    from app.identity import service as identity
-
-    legacy = "legacy-raw-token-" + "l" * 16
-    mcp_server.set_token(legacy)
-    with db.session() as s:
-        server = McpServer(
-            id=new_id(), org_id=identity.get_org(s, org).id, name="Legacy", url=mcp_server.url, token=legacy
-        )
-        s.add(server)
-        server_id = server.id
-    job = admin.post(f"orgs/{org}/mcp-servers/{server_id}/validate").get_json()["job"]
-    assert wait_job(admin.get, f"orgs/{org}/jobs/{job['id']}")["result"]["status"] == "valid"
-    assert mcp_server.seen_tokens[-1] == legacy
-    # Counted in latchkey_legacy_token_reads_total (worker metrics) and logged by the worker.
-    assert wait_for(lambda: f"MCP server {server_id} still uses a legacy raw token" in worker_log.read_text())
-    assert legacy not in worker_log.read_text()
-    # Worker log lines are JSON and carry the id of the job that wrote them.
+def test_a_legacy_raw_token_is_still_used_but_logged_as_deprecated(settings: Settings, legacy_url: str) -> None:
+    """Before the backfill (schema expanded, not contracted), a raw token still works, counted and logged."""
     import json
 
-    line = next(
-        json.loads(raw) for raw in worker_log.read_text().splitlines() if f"MCP server {server_id} still uses" in raw
-    )
-    assert line["job_id"] == job["id"] and line["level"] == "WARNING"
-    # The API never shows the legacy token.
-    assert legacy not in admin.get(f"orgs/{org}/mcp-servers/{server_id}").get_data(as_text=True)
+    server_id, (_org, _name, legacy) = next(iter(MCP.items()))
+    with McpTestServer(token=legacy) as mcp, extra_worker(settings, database_url=legacy_url) as (_p, web):
+        admin = Factory(web.extensions["latchkey.db"], web.test_client()).user("acme", "admin")
+        # Changing the URL of a server holding a (legacy) credential is an admin's call.
+        assert admin.patch(f"orgs/acme/mcp-servers/{server_id}", json={"url": mcp.url}).status_code == 200
+
+        def settled() -> dict[str, Any] | None:
+            server: dict[str, Any] = admin.get(f"orgs/acme/mcp-servers/{server_id}").get_json()
+            return server if server["status"] in ("valid", "invalid") else None
+
+        assert wait_for(settled, timeout=30)["status"] == "valid"
+        assert mcp.seen_tokens and set(mcp.seen_tokens) == {legacy}
+        worker_log = Path(tempfile.gettempdir()) / f"{web.config['LATCHKEY_SETTINGS'].queue}.log"
+        assert wait_for(lambda: f"MCP server {server_id} still uses a legacy raw token" in worker_log.read_text())
+        assert legacy not in worker_log.read_text()
+        # Worker log lines are JSON and carry the id of the job that wrote them.
+        line = next(
+            json.loads(raw)
+            for raw in worker_log.read_text().splitlines()
+            if f"MCP server {server_id} still uses" in raw
+        )
+        assert line["level"] == "WARNING" and line["job_id"]
+        # The API never shows the legacy token.
+        assert legacy not in admin.get(f"orgs/acme/mcp-servers/{server_id}").get_data(as_text=True)
 
 
 def test_beat_refreshes_the_tool_lists_of_valid_servers(

@@ -1,0 +1,157 @@
+"""The legacy columns (revision 0001), read and written only here, through SQLAlchemy Core.
+
+The ORM models map the schema as it is after the contract migration, so no code path can
+read a legacy field by accident. The backfill, the verify job and the deprecated MCP token
+fallback use these lightweight table clauses instead, and ask :func:`present` first: after
+the contract migration the columns are gone and every legacy read answers "nothing".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+log = logging.getLogger("latchkey.legacy")
+
+# Only the columns the legacy code paths touch (plus the ids they join on).
+secrets = sa.table(
+    "secrets",
+    sa.column("id", sa.String),
+    sa.column("org_id", sa.String),
+    sa.column("value", sa.Text),
+    sa.column("name", sa.String),
+    sa.column("ciphertext", sa.LargeBinary),
+    sa.column("key_id", sa.String),
+    sa.column("version", sa.Integer),
+)
+mcp_servers = sa.table(
+    "mcp_servers",
+    sa.column("id", sa.String),
+    sa.column("org_id", sa.String),
+    sa.column("name", sa.String),
+    sa.column("token", sa.Text),
+    sa.column("secret_ref", sa.String),
+)
+agents = sa.table(
+    "agents",
+    sa.column("id", sa.String),
+    sa.column("org_id", sa.String),
+    sa.column("model", sa.String),
+    sa.column("secret_ref", sa.String),
+    sa.column("provider_id", sa.String),
+    sa.column("model_id", sa.String),
+)
+
+# (table, column) pairs the contract migration drops.
+LEGACY_COLUMNS = (("secrets", "value"), ("mcp_servers", "token"), ("agents", "model"), ("agents", "secret_ref"))
+
+_present: dict[str, bool] = {}
+_lock = threading.Lock()
+
+
+def _url_key(session: Session) -> str:
+    return session.get_bind().engine.url.render_as_string(hide_password=True)
+
+
+def present(session: Session, *, refresh: bool = False) -> bool:
+    """Whether the legacy columns still exist (the contract migration has not run)."""
+    key = _url_key(session)
+    with _lock:
+        known = None if refresh else _present.get(key)
+    if known is not None:
+        return known
+    inspector = sa.inspect(session.connection())
+    found = {c["name"] for c in inspector.get_columns("secrets")}
+    value = "value" in found
+    with _lock:
+        _present[key] = value
+    return value
+
+
+def forget(session: Session) -> None:
+    """Drop what :func:`present` remembers (after a migration in this process)."""
+    with _lock:
+        _present.pop(_url_key(session), None)
+
+
+def mcp_token(session: Session, org_id: str, server_id: str) -> str | None:
+    """The raw legacy token of a server not yet backfilled; None once contracted.
+
+    The read runs in a savepoint: a worker started before the contract migration finds
+    the column gone, remembers that, and answers None without spoiling the transaction.
+    """
+    if not present(session):
+        return None
+    try:
+        with session.begin_nested():
+            return session.execute(
+                sa.select(mcp_servers.c.token).where(mcp_servers.c.org_id == org_id, mcp_servers.c.id == server_id)
+            ).scalar_one_or_none()
+    except DBAPIError:
+        if present(session, refresh=True):
+            raise
+        log.info("legacy columns are gone (contract migration applied); no legacy token fallback")
+        return None
+
+
+def pending_counts(session: Session, org_id: str | None = None) -> dict[str, int]:
+    """Legacy rows not yet migrated, per kind (all zero once contracted)."""
+    if not present(session):
+        return {"secrets": 0, "mcp_servers": 0, "agents": 0}
+    out = {}
+    for kind, table, cond in (
+        ("secrets", secrets, secret_pending()),
+        ("mcp_servers", mcp_servers, mcp_pending()),
+        ("agents", agents, agent_pending()),
+    ):
+        stmt = sa.select(sa.func.count()).select_from(table).where(cond)
+        if org_id is not None:
+            stmt = stmt.where(table.c.org_id == org_id)
+        out[kind] = int(session.scalar(stmt) or 0)
+    return out
+
+
+def legacy_counts(session: Session) -> dict[str, int]:
+    """Rows that carry legacy data at all (migrated or not), per kind."""
+    if not present(session):
+        return {"secrets": 0, "mcp_servers": 0, "agents": 0}
+    out = {}
+    for kind, table, cond in (
+        ("secrets", secrets, secrets.c.value.is_not(None)),
+        ("mcp_servers", mcp_servers, mcp_servers.c.token.is_not(None)),
+        ("agents", agents, agents.c.model.is_not(None) | agents.c.secret_ref.is_not(None)),
+    ):
+        out[kind] = int(session.scalar(sa.select(sa.func.count()).select_from(table).where(cond)) or 0)
+    return out
+
+
+# Which rows each backfill step migrates, and which it counts as already migrated -----------
+
+
+def secret_pending() -> Any:
+    return secrets.c.value.is_not(None) & secrets.c.ciphertext.is_(None)
+
+
+def secret_done() -> Any:
+    return secrets.c.value.is_not(None) & secrets.c.ciphertext.is_not(None)
+
+
+def mcp_pending() -> Any:
+    return mcp_servers.c.token.is_not(None) & mcp_servers.c.secret_ref.is_(None)
+
+
+def mcp_done() -> Any:
+    return mcp_servers.c.token.is_not(None) & mcp_servers.c.secret_ref.is_not(None)
+
+
+def agent_pending() -> Any:
+    return agents.c.model.is_not(None) & agents.c.secret_ref.is_not(None) & agents.c.provider_id.is_(None)
+
+
+def agent_done() -> Any:
+    return agents.c.model.is_not(None) & agents.c.secret_ref.is_not(None) & agents.c.provider_id.is_not(None)
