@@ -1,4 +1,4 @@
-"""``create_app()``: builds the web process (API and, later, UI) from settings."""
+"""``create_app()``: builds the web process (API and UI) from settings."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     settings.check_web()
     configure_logging(settings.log_level, fmt=settings.log_format)
 
-    app = Flask(__name__, instance_path=os.path.abspath("instance"))
+    # Static files are the UI blueprint's (app/web/static), served at /static/.
+    app = Flask(__name__, instance_path=os.path.abspath("instance"), static_folder=None)
     app.config["LATCHKEY_SETTINGS"] = settings
     secret_key = settings.secret_key.get_secret_value() if settings.secret_key else random_token()
     app.config["SECRET_KEY"] = secret_key
@@ -63,6 +64,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(api_bp)
     app.register_blueprint(health_bp)
+    from app import web
+
+    web.register(app)
     from app.observability import metrics as obs_metrics
 
     obs_metrics.init_app(app)
@@ -82,6 +86,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         if request.path.startswith("/api/"):
             # API answers may describe secrets; no shared or browser cache should keep them.
             resp.headers.setdefault("Cache-Control", "no-store")
+        else:
+            # UI pages: strict CSP (no inline script or style), no framing, no caching of pages.
+            web.security_headers(resp)
         return resp
 
     return app

@@ -302,8 +302,7 @@ def route(
                     if idem_key:
                         _remember(s, idem_key, digest, code, payload)
                     resp = json_response(payload, code, result.headers)
-                s.commit()
-                after_commit(s)
+                commit(s)
                 return resp
             except IntegrityError:
                 s.rollback()
@@ -322,6 +321,12 @@ def route(
         return view
 
     return decorator
+
+
+def commit(s: Session) -> None:
+    """End a request's unit of work: commit, then publish what it queued (API and UI alike)."""
+    s.commit()
+    after_commit(s)
 
 
 def after_commit(s: Session) -> None:

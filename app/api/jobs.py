@@ -67,6 +67,15 @@ def ping_workers() -> Result:
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind="system.ping"))
 
 
+def _instance_job(kind: str, model: type[Strict]) -> Result:
+    """Queue an instance job whose params are the optional JSON body's fields that were given."""
+    params: dict[str, Any] = {}
+    if request.get_data(cache=True).strip():
+        body = parse_json_body(model)
+        params = {k: v for k, v in body.model_dump().items() if v is not None}
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
+
+
 class ResealRequest(Strict):
     """Optional body of ``POST /admin/keys/reseal``."""
 
@@ -88,14 +97,7 @@ def reseal_keys() -> Result:
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
     """
-    params: dict[str, int] = {}
-    if request.get_data(cache=True).strip():
-        body = parse_json_body(ResealRequest)
-        assert isinstance(body, ResealRequest)
-        if body.batch_size is not None:
-            params["batch_size"] = body.batch_size
-    kind = rotation.RESEAL_TASK
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
+    return _instance_job(rotation.RESEAL_TASK, ResealRequest)
 
 
 class BackfillRequest(Strict):
@@ -121,15 +123,7 @@ def start_backfill() -> Result:
     The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
     job's result is the summary (counts per kind, failures with reasons, never a value).
     """
-    params: dict[str, int | bool] = {}
-    if request.get_data(cache=True).strip():
-        body = parse_json_body(BackfillRequest)
-        assert isinstance(body, BackfillRequest)
-        if body.dry_run is not None:
-            params["dry_run"] = body.dry_run
-        if body.batch_size is not None:
-            params["batch_size"] = body.batch_size
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=BACKFILL_TASK, params=params))
+    return _instance_job(BACKFILL_TASK, BackfillRequest)
 
 
 class VerifyRequest(Strict):
@@ -155,13 +149,7 @@ def start_verify() -> Result:
     the verification record, also shown by ``GET /admin/backfill``; the contract migration
     runs only after one passes.
     """
-    params: dict[str, int] = {}
-    if request.get_data(cache=True).strip():
-        body = parse_json_body(VerifyRequest)
-        assert isinstance(body, VerifyRequest)
-        if body.batch_size is not None:
-            params["batch_size"] = body.batch_size
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=VERIFY_TASK, params=params))
+    return _instance_job(VERIFY_TASK, VerifyRequest)
 
 
 class BackfillStatus(BaseModel):

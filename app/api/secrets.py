@@ -17,7 +17,7 @@ from app.api.schemas import (
 )
 from app.errors import RateLimitedError, ServiceUnavailableError
 from app.identity import service as identity
-from app.models import Secret
+from app.models import Org, Secret
 from app.secrets import reveal as reveals
 from app.secrets import service as secrets
 from app.secrets.keyring import PublicKeySet
@@ -148,6 +148,21 @@ def _retry_after(seconds: int) -> None:
         return resp
 
 
+def reveal_now(org: Org, secret_id: str) -> reveals.RevealResult:
+    """Reveal for this request (API and UI): the worker round trip with this app's settings."""
+    settings = current_app.config["LATCHKEY_SETTINGS"]
+    return reveals.reveal(
+        session(),
+        request_context(),
+        org,
+        secret_id,
+        publisher=current_app.extensions["latchkey.publisher"],
+        redis=current_app.extensions["latchkey.redis"],
+        timeout=settings.reveal_timeout_seconds,
+        rate_limit=settings.reveal_rate_limit,
+    )
+
+
 @route(
     bp,
     "/orgs/<org>/secrets/<secret_id>/reveal",
@@ -165,18 +180,8 @@ def reveal_secret(org: str, secret_id: str) -> Result:
     """
     access = identity.org_access(session(), current_user(), org)
     access.require_admin()
-    settings = current_app.config["LATCHKEY_SETTINGS"]
     try:
-        revealed = reveals.reveal(
-            session(),
-            request_context(),
-            access.org,
-            secret_id,
-            publisher=current_app.extensions["latchkey.publisher"],
-            redis=current_app.extensions["latchkey.redis"],
-            timeout=settings.reveal_timeout_seconds,
-            rate_limit=settings.reveal_rate_limit,
-        )
+        revealed = reveal_now(access.org, secret_id)
     except RateLimitedError as exc:
         _retry_after(int(exc.extra.get("retry_after", reveals.RATE_WINDOW_SECONDS)))
         raise

@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.audit.service import Entry as AuditEntry
 from app.backfill import legacy
 from app.context import RequestContext
 from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
@@ -326,6 +327,21 @@ class _Run:
             if self.progress is not None:
                 self.progress(self.summary.done, max(self.summary.total, self.summary.done))
 
+    def write(
+        self,
+        s: Session,
+        new_table: Table,
+        inserts: list[dict[str, Any]],
+        linked_table: Table,
+        updates: list[dict[str, Any]],
+        entries: list[AuditEntry],
+    ) -> None:
+        """A batch's writes: new rows, the rows now pointing at them, the audit events."""
+        if not self.dry_run:
+            bulk_insert(s, new_table, inserts)
+            bulk_update(s, linked_table, updates)
+            self.audit(s, entries)
+
     def actor_fields(self, now: Any) -> dict[str, Any]:
         return {"updated_at": now, "updated_by": self.ctx.actor.id}
 
@@ -422,10 +438,7 @@ class _Run:
             details = {"source": "backfill", "changed": ["secret_ref"], "secret_ref": secret_id}
             entries.append(audit.Entry("mcp_server.update", r.org_id, "mcp_server", r.id, details))
         outcome.migrated = len(rows)
-        if not self.dry_run:
-            bulk_insert(s, SECRETS, inserts)
-            bulk_update(s, MCP_SERVERS, updates)
-            self.audit(s, entries)
+        self.write(s, SECRETS, inserts, MCP_SERVERS, updates, entries)
         return outcome
 
     # 3. agents -> providers ------------------------------------------------------------------
@@ -520,10 +533,7 @@ class _Run:
             link = {"source": "backfill", "changed": ["provider_id"], "provider_id": provider_id}
             entries.append(audit.Entry("agent.update", r.org_id, "agent", r.id, link))
         outcome.migrated = len(links)
-        if not self.dry_run:
-            bulk_insert(s, PROVIDERS, inserts)
-            bulk_update(s, AGENTS, updates)
-            self.audit(s, entries)
+        self.write(s, PROVIDERS, inserts, AGENTS, updates, entries)
         return outcome
 
 

@@ -123,6 +123,13 @@ def get_job(session: Session, org_id: str | None, job_id: str) -> Job:
     return job
 
 
+def list_jobs(session: Session, org_id: str | None, kinds: list[str], *, limit: int = 50) -> list[Job]:
+    """The newest jobs of these kinds, of this org (or instance jobs when ``org_id`` is None)."""
+    stmt = select(Job).where(Job.kind.in_(kinds))
+    stmt = stmt.where(Job.org_id.is_(None)) if org_id is None else stmt.where(Job.org_id == org_id)
+    return list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
 # Worker-side transitions -------------------------------------------------------------------
 
 

@@ -16,8 +16,7 @@ from app.db import new_id
 from app.errors import NotFoundError
 from app.jobs import service as jobs
 from app.models import Org
-from app.secrets.keyring import Keyring, KeyringError
-from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task
+from app.tasks.runtime import JobFailedError, JobView, WorkerContext, batch_size_param, job_task, worker_keyring
 
 BACKFILL_TASK = backfill.BACKFILL_TASK
 WORKER = RequestContext(Actor("worker"))
@@ -33,23 +32,14 @@ def run_backfill(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     migrated are skipped.
     """
     params = job.params
-    batch_size = params.get("batch_size", backfill.DEFAULT_BATCH_SIZE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise JobFailedError("invalid_params", "batch_size must be an integer")
-    if not 1 <= batch_size <= backfill.MAX_BATCH_SIZE:
-        raise JobFailedError("invalid_params", f"batch_size must be in 1..{backfill.MAX_BATCH_SIZE}")
+    batch_size = batch_size_param(job, backfill.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
     dry_run = params.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise JobFailedError("invalid_params", "dry_run must be a boolean")
     org = params.get("org")
     if org is not None and not isinstance(org, str):
         raise JobFailedError("invalid_params", "org must be an org slug")
-    if ctx.settings.private_keys_file is None:
-        raise JobFailedError("keyring_unavailable", "this worker has no keyring (LATCHKEY_PRIVATE_KEYS_FILE)")
-    try:
-        keys = Keyring.load(ctx.settings.private_keys_file).public_set()
-    except KeyringError as exc:
-        raise JobFailedError("keyring_unavailable", str(exc)) from None
+    keys = worker_keyring(ctx).public_set()
 
     def progress(done: int, total: int) -> None:
         with ctx.db.session() as s:
@@ -95,8 +85,7 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
     from app.secrets import service as secrets_service
     from app.secrets.resolver import build_resolver
 
-    keyring = Keyring.load(ctx.settings.private_keys_file or "")
-    keys = keyring.public_set()
+    keys = worker_keyring(ctx).public_set()
     client = Redis.from_url(ctx.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     invalidator = invalidation.Invalidator(
         client, ctx.db, ttl=ctx.settings.secret_cache_ttl_seconds, namespace=ctx.settings.queue
@@ -168,15 +157,8 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
 @job_task(verify.VERIFY_TASK, time_limit=3000, max_retries=3)
 def run_verify(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Verify the backfill (see app/backfill/verify.py); the verification record is the result."""
-    batch_size = job.params.get("batch_size", verify.DEFAULT_BATCH_SIZE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 5000:
-        raise JobFailedError("invalid_params", "batch_size must be an integer in 1..5000")
-    if ctx.settings.private_keys_file is None:
-        raise JobFailedError("keyring_unavailable", "this worker has no keyring (LATCHKEY_PRIVATE_KEYS_FILE)")
-    try:
-        keyring = Keyring.load(ctx.settings.private_keys_file)
-    except KeyringError as exc:
-        raise JobFailedError("keyring_unavailable", str(exc)) from None
+    batch_size = batch_size_param(job, verify.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
+    keyring = worker_keyring(ctx)
 
     def progress(done: int, total: int) -> None:
         with ctx.db.session() as s:

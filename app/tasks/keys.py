@@ -11,8 +11,7 @@ from app.context import Actor, RequestContext
 from app.jobs import service as jobs
 from app.models import Job
 from app.secrets import rotation
-from app.secrets.keyring import Keyring, KeyringError
-from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task
+from app.tasks.runtime import JobFailedError, JobView, WorkerContext, batch_size_param, job_task, worker_keyring
 
 RESEAL_TASK = rotation.RESEAL_TASK
 WORKER = RequestContext(Actor("worker"))
@@ -26,17 +25,8 @@ def reseal_secrets(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     before ``latchkey keys rotate`` must see the new key. Each batch commits on its own and
     reports progress; a redelivered job carries on from the rows still on old keys.
     """
-    batch_size = job.params.get("batch_size", rotation.DEFAULT_BATCH_SIZE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise JobFailedError("invalid_params", "batch_size must be an integer")
-    if not 1 <= batch_size <= rotation.MAX_BATCH_SIZE:
-        raise JobFailedError("invalid_params", f"batch_size must be in 1..{rotation.MAX_BATCH_SIZE}")
-    if ctx.settings.private_keys_file is None:
-        raise JobFailedError("keyring_unavailable", "this worker has no keyring (LATCHKEY_PRIVATE_KEYS_FILE)")
-    try:
-        keyring = Keyring.load(ctx.settings.private_keys_file)
-    except KeyringError as exc:
-        raise JobFailedError("keyring_unavailable", str(exc)) from None
+    batch_size = batch_size_param(job, rotation.DEFAULT_BATCH_SIZE, rotation.MAX_BATCH_SIZE)
+    keyring = worker_keyring(ctx)
 
     # A redelivered job keeps the progress its earlier attempt committed.
     with ctx.db.session() as s:

@@ -144,6 +144,26 @@ def _fail(wc: WorkerContext, job_id: str, code: str, message: str) -> None:
         jobs.mark_failed(s, job_id, code, message)
 
 
+def batch_size_param(job: JobView, default: int, maximum: int) -> int:
+    """The job's ``batch_size`` param (1..maximum), or ``default``; invalid_params otherwise."""
+    batch_size = job.params.get("batch_size", default)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= maximum:
+        raise JobFailedError("invalid_params", f"batch_size must be an integer in 1..{maximum}")
+    return batch_size
+
+
+def worker_keyring(ctx: WorkerContext) -> Any:
+    """The worker's private keyring, read from its file now (a rotated key is seen at once)."""
+    from app.secrets.keyring import Keyring, KeyringError
+
+    if ctx.settings.private_keys_file is None:
+        raise JobFailedError("keyring_unavailable", "this worker has no keyring (LATCHKEY_PRIVATE_KEYS_FILE)")
+    try:
+        return Keyring.load(ctx.settings.private_keys_file)
+    except KeyringError as exc:
+        raise JobFailedError("keyring_unavailable", str(exc)) from None
+
+
 def job_task(name: str, *, time_limit: int = 120, max_retries: int = 3) -> Callable[[JobFn], Any]:
     """Declare a job task: ``@job_task("mcp.validate_server")`` over ``fn(ctx, job)``."""
 

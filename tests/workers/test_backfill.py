@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import uuid
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy import select
 
@@ -12,11 +16,12 @@ from app.backfill.service import run_backfill, slugify
 from app.cli import main
 from app.config import Settings
 from app.db import Database
-from app.models import AuditEvent, Provider, Secret
+from app.factory import create_app
+from app.models import AuditEvent, Job, Provider, Secret
 from app.secrets.keyring import Keyring
 from tests.factories import Factory
-from tests.processes import settings_env
-from tests.workers.conftest import extra_worker, wait_job
+from tests.processes import settings_env, spawned_worker
+from tests.workers.conftest import extra_worker, wait_for, wait_job
 from tests.workers.legacy_data import (
     AGENTS,
     BAD_AGENTS,
@@ -27,6 +32,7 @@ from tests.workers.legacy_data import (
     ORG_B,
     TOKEN_OTHER,
     TOKEN_SHARED,
+    _id,
     assert_complete,
     counts,
     snapshot,
@@ -189,3 +195,51 @@ def test_operator_route_runs_backfill_on_a_worker(settings: Settings, legacy_url
         status = op.get("admin/backfill").get_json()
         assert status["latest_run"]["id"] == done["id"] and status["legacy_columns"] is True
         assert status["remaining"] == {"secrets": 0, "mcp_servers": 0, "agents": len(BAD_AGENTS)}
+
+
+def test_a_backfill_worker_killed_mid_run_then_rerun_completes_without_duplicates(
+    settings: Settings, legacy_url: str, keyring: Keyring, tmp_path: Path
+) -> None:
+    """kill -9 the worker process in the middle of the backfill job; a rerun finishes the job."""
+    extra = {_id("d1000000", n): f"extra-token-{n:04d}-{'x' * 16}" for n in range(300)}
+    engine = sa.create_engine(legacy_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO mcp_servers (id, org_id, name, url, token) VALUES (:id, :o, :n, :u, :t)"),
+                [
+                    {"id": i, "o": ORG_B, "n": f"extra {i[-4:]}", "u": "https://x.test", "t": t}
+                    for i, t in extra.items()
+                ],
+            )
+    finally:
+        engine.dispose()
+    custom = settings.model_copy(update={"queue": f"latchkey-kill-{uuid.uuid4().hex[:10]}", "database_url": legacy_url})
+    web = create_app(custom)
+    db = web.extensions["latchkey.db"]
+    op = Factory(db, web.test_client()).user(operator=True)
+    try:
+        with spawned_worker(custom, tmp_path / "w1.log", concurrency=1) as (proc, _producer):
+            job_id = op.post("admin/backfill", json={"batch_size": 1}).get_json()["job"]["id"]
+
+            def progressing() -> bool:
+                with db.session() as s:
+                    job = s.get(Job, job_id)
+                    return job is not None and (job.progress_done or 0) > len(LEGACY_SECRETS) + 3
+
+            wait_for(progressing, 30, interval=0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and job.status == "running"
+            assert 0 < job.progress_done < (job.progress_total or 0), "the backfill finished too fast"
+        with spawned_worker(custom, tmp_path / "w2.log", concurrency=1):
+            rerun = op.post("admin/backfill", json={"batch_size": 50}).get_json()["job"]["id"]
+            done = wait_job(op.get, f"admin/jobs/{rerun}", timeout=60)
+        assert done["status"] == "succeeded", done
+        assert 0 < done["result"]["mcp_servers"]["migrated"] < len(MCP) + len(extra)
+        assert done["result"]["mcp_servers"]["skipped"] > 0
+        assert_complete(db, keyring, extra_servers=extra)
+    finally:
+        db.dispose()

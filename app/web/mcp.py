@@ -1,0 +1,159 @@
+"""MCP server pages: list, add and edit (with a secret picker or a new secret), live status, tools."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import flash, redirect, render_template, request, url_for
+
+from app.api.framework import request_context
+from app.errors import ConflictError, FieldError, ValidationFailedError
+from app.identity.service import OrgAccess
+from app.mcp import service as mcp
+from app.models import McpServer
+from app.secrets import service as secrets
+from app.web.core import db, form_errors, page
+from app.web.secrets import public_keys
+
+FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
+NEW_SECRET = "__new__"  # noqa: S105 - the picker option for "create a new secret", not a secret
+# Statuses that will change on their own: the status fragment keeps polling while in one.
+PENDING = ("pending", "validating")
+TRANSPORTS = ("streamable_http", "sse")
+
+
+def _form() -> dict[str, str]:
+    # The new secret's value is never echoed back into a page.
+    return {name: request.form.get(name, "").strip() for name in FIELDS if name != "new_secret_value"}
+
+
+def _render(
+    access: OrgAccess, server: McpServer | None, form: dict[str, str], errors: dict[str, str], template: str
+) -> str:
+    tools = mcp.list_tools(db(), access.org, server.id) if server is not None else []
+    return render_template(
+        template,
+        server=server,
+        tools=tools,
+        form=form,
+        errors=errors,
+        secret_options=secrets.list_secrets(db(), access.org, limit=200, cursor=None).items,
+        transports=TRANSPORTS,
+        new_secret=NEW_SECRET,
+        pending=PENDING,
+    )
+
+
+def _secret_ref(access: OrgAccess, form: dict[str, str]) -> str | None:
+    """The chosen secret, or a new one created in the same unit of work (org admin)."""
+    choice = form.get("secret_ref") or None
+    if choice != NEW_SECRET:
+        return choice
+    access.require_admin()
+    try:
+        secret = secrets.create_secret(
+            db(),
+            request_context(),
+            access.org,
+            public_keys(),
+            name=form.get("new_secret_name", ""),
+            value=request.form.get("new_secret_value", ""),
+        )
+    except ValidationFailedError as exc:
+        # The new secret's fields are named new_secret_* on this form.
+        raise ValidationFailedError(
+            [
+                FieldError(f"new_secret_{e.field}" if e.field in ("name", "value") else e.field, e.message)
+                for e in exc.errors
+            ]
+        ) from None
+    except ConflictError as exc:
+        raise ValidationFailedError.single("new_secret_name", exc.detail) from None
+    return secret.id
+
+
+def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
+    if isinstance(exc, ConflictError):
+        return {"_general": exc.detail}
+    return form_errors(exc, FIELDS)
+
+
+@page("/orgs/<org>/mcp-servers")
+def list_mcp_servers(access: OrgAccess) -> str:
+    """The org's MCP servers with their validation status."""
+    items = mcp.list_servers(db(), access.org, limit=200, cursor=None).items
+    return render_template("mcp/list.html", items=items)
+
+
+@page("/orgs/<org>/mcp-servers/new", ["GET", "POST"])
+def new_mcp_server(access: OrgAccess) -> Any:
+    """Add an MCP server (binding a secret needs an org admin) and queue its validation."""
+    if request.method == "GET":
+        return _render(access, None, {"transport": "streamable_http"}, {}, "mcp/form.html")
+    form = _form()
+    try:
+        fields: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
+        ref = _secret_ref(access, form)
+        if ref is not None:
+            fields["secret_ref"] = ref
+        server, _job = mcp.create_server(db(), request_context(), access, fields)
+    except (ValidationFailedError, ConflictError) as exc:
+        db().rollback()
+        return _render(access, None, form, _refused(exc), "mcp/form.html"), (exc.status)
+    flash(f"MCP server {server.name} added; validating it now.", "success")
+    return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server.id))
+
+
+def _form_of(server: McpServer) -> dict[str, str]:
+    return {
+        "name": server.name,
+        "url": server.url,
+        "transport": server.transport,
+        "secret_ref": server.secret_ref or "",
+    }
+
+
+@page("/orgs/<org>/mcp-servers/<server_id>", ["GET", "POST"])
+def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
+    """A server: live status, its tools, and the edit form."""
+    server = mcp.get_server(db(), access.org, server_id)
+    if request.method == "GET":
+        return _render(access, server, _form_of(server), {}, "mcp/detail.html")
+    form = _form()
+    try:
+        fields: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
+        if access.is_admin:  # members cannot bind secrets; their form has no picker
+            fields["secret_ref"] = _secret_ref(access, form)
+        server, job = mcp.update_server(db(), request_context(), access, server_id, fields)
+    except (ValidationFailedError, ConflictError) as exc:
+        db().rollback()
+        server = mcp.get_server(db(), access.org, server_id)
+        errors = _refused(exc)
+        return _render(access, server, form, errors, "mcp/detail.html"), exc.status
+    flash("Saved; validating it again." if job else "Saved.", "success")
+    return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server.id))
+
+
+@page("/orgs/<org>/mcp-servers/<server_id>/status")
+def mcp_server_status(access: OrgAccess, server_id: str) -> str:
+    """The status badge and tool list (a fragment the page polls while validation runs)."""
+    server = mcp.get_server(db(), access.org, server_id)
+    return render_template(
+        "mcp/_status.html", server=server, tools=mcp.list_tools(db(), access.org, server.id), pending=PENDING
+    )
+
+
+@page("/orgs/<org>/mcp-servers/<server_id>/validate", ["POST"])
+def validate_mcp_server(access: OrgAccess, server_id: str) -> Any:
+    """Queue a validation (any member)."""
+    mcp.request_validation(db(), request_context(), access, server_id)
+    flash("Validation queued.", "info")
+    return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server_id))
+
+
+@page("/orgs/<org>/mcp-servers/<server_id>/delete", ["POST"])
+def delete_mcp_server(access: OrgAccess, server_id: str) -> Any:
+    """Delete a server (org admin when a secret is bound)."""
+    mcp.delete_server(db(), request_context(), access, server_id)
+    flash("MCP server deleted.", "success")
+    return redirect(url_for("web.list_mcp_servers", org=access.org.slug))

@@ -1,0 +1,101 @@
+"""Operator page: instance jobs (backfill, verification, re-seal) and the buttons that start them.
+
+Launching creates the same job the operator API creates (``POST /api/v1/admin/backfill``,
+``/admin/backfill/verify``, ``/admin/keys/reseal``): ``jobs.create_job`` with the task name as
+kind and the same params. The page also shows where the migration stands (rows left, the
+latest verification), from the same ``backfill.status`` the CLI and the API use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import abort, flash, redirect, render_template, url_for
+
+from app.api.framework import request_context
+from app.backfill import service as backfill_service
+from app.backfill.service import BACKFILL_TASK
+from app.backfill.verify import VERIFY_TASK
+from app.jobs import service as jobs
+from app.secrets.rotation import RESEAL_TASK
+from app.web.core import db, page
+
+# The job kinds this page lists, newest first.
+LISTED_KINDS = [BACKFILL_TASK, VERIFY_TASK, RESEAL_TASK]
+UNFINISHED = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One button on the operator page: which job it starts, with which params."""
+
+    label: str
+    kind: str
+    help: str
+    params: dict[str, Any] = field(default_factory=dict)
+    danger: bool = False
+
+
+# Everything an operator can launch from the UI, by the name used in its URL.
+LAUNCHABLE: dict[str, Operation] = {
+    "backfill_dry_run": Operation(
+        "Backfill: dry run",
+        BACKFILL_TASK,
+        "Counts what the backfill would seal and link, and changes nothing.",
+        {"dry_run": True},
+    ),
+    "backfill_run": Operation(
+        "Backfill: run",
+        BACKFILL_TASK,
+        "Seals legacy plaintext values and links MCP servers and agents to the new secrets and providers.",
+        {"dry_run": False},
+        danger=True,
+    ),
+    "backfill_verify": Operation(
+        "Verify the backfill",
+        VERIFY_TASK,
+        "In a worker: every backfilled value against its legacy value, and a live cache check."
+        " The contract migration runs only after a verification passed.",
+    ),
+    "reseal": Operation(
+        "Re-seal all secrets",
+        RESEAL_TASK,
+        "Re-seals every sealed value under the workers' newest key (after a key rotation).",
+    ),
+}
+
+
+def _jobs() -> list[Any]:
+    return jobs.list_jobs(db(), None, LISTED_KINDS, limit=50)
+
+
+@page("/operator", operator=True)
+def operator_home() -> str:
+    """Instance jobs and the operations that start them (instance operators only)."""
+    listed = _jobs()
+    return render_template(
+        "operator/index.html",
+        jobs=listed,
+        operations=LAUNCHABLE,
+        unfinished=UNFINISHED,
+        kinds=LISTED_KINDS,
+        migration=backfill_service.status(db()),
+    )
+
+
+@page("/operator/jobs", operator=True)
+def operator_jobs() -> str:
+    """The jobs table (a fragment the page polls while a job is unfinished)."""
+    return render_template("operator/_jobs.html", jobs=_jobs(), unfinished=UNFINISHED)
+
+
+@page("/operator/launch/<operation>", ["POST"], operator=True)
+def launch(operation: str) -> Any:
+    """Start one of :data:`LAUNCHABLE` as an instance job."""
+    op = LAUNCHABLE.get(operation)
+    if op is None:
+        abort(404)
+    job = jobs.create_job(db(), request_context(), org_id=None, kind=op.kind, params=dict(op.params))
+    flash(f"{op.label}: job {job.id} queued.", "success")
+    return redirect(url_for("web.operator_home"))
