@@ -45,7 +45,7 @@ def test_stored_ciphertext_opens_only_under_its_binding(admin: Caller, org: str,
         assert row is not None and row.ciphertext is not None
         assert b"the-plain-value" not in row.ciphertext
         # After the contract migration there is no plaintext column at all.
-        assert "value" not in {c["name"] for c in sa.inspect(db.engine).get_columns("secrets")}
+        assert "value" not in {c["name"] for c in sa.inspect(s.connection()).get_columns("secrets")}
         opened = open_sealed(keyring, row.ciphertext, secret_context(row.org_id, row.id, 1))
     assert opened == b"the-plain-value"
 
