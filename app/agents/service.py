@@ -234,6 +234,17 @@ def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, te
     return run, job
 
 
+def recent_runs(session: Session, org: Org, agent_id: str, *, limit: int = 10) -> list[AgentRun]:
+    """The agent's newest runs, newest first (ids are time-ordered)."""
+    stmt = (
+        select(AgentRun)
+        .where(AgentRun.org_id == org.id, AgentRun.agent_id == agent_id)
+        .order_by(AgentRun.id.desc())
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
 def get_run(session: Session, org: Org, run_id: str) -> AgentRun:
     run: AgentRun | None = session.scalar(select(AgentRun).where(AgentRun.org_id == org.id, AgentRun.id == run_id))
     if run is None:

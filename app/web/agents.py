@@ -115,6 +115,7 @@ def agent_detail(access: OrgAccess, agent_id: str) -> str:
         provider=provider,
         tools=agents.tools_of(db(), [agent.id])[agent.id],
         run=run,
+        runs=agents.recent_runs(db(), access.org, agent.id),
         running=RUNNING,
         errors={},
         form={},

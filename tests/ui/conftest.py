@@ -7,6 +7,7 @@ stand-in. Chromium must be installed (``.ci/run`` installs it): without it these
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -39,7 +40,12 @@ PASSWORD = "correct-horse-battery-staple"
 MCP_TOKEN = "mcp-ui-token-" + "u" * 24
 # Short enough that the reveal test does not wait long; the default is 30 s.
 HIDE_SECONDS = 2
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
+# One folder per backend, so the two CI runs (side by side) never write the same file.
+ARTIFACTS = (
+    Path(__file__).resolve().parents[2]
+    / "test-artifacts"
+    / ("ui-sqlite" if os.environ.get("LATCHKEY_TEST_BACKEND") == "sqlite" else "ui")
+)
 
 _CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 

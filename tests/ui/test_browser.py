@@ -254,6 +254,12 @@ def test_provider_agent_and_a_run_to_its_final_event(
     expect(events).to_have_count(4)
     assert [e.get_attribute("data-event-type") for e in events.all()] == ["status", "tool_call", "tool_result", "final"]
     expect(page.locator("[data-run-status]")).to_have_attribute("data-run-status", "succeeded")
+    # The run is in the agent's history once the page is loaded again.
+    page.reload()
+    history = page.locator("#recent-runs tbody tr")
+    expect(history).to_have_count(1)
+    expect(history.first).to_contain_text("succeeded")
+    expect(history.first).to_contain_text("What is 2 + 3?")
     shot(page, "16-agent-run")
 
 
