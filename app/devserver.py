@@ -73,7 +73,11 @@ def dev_settings(instance: Path, redis_url: str) -> Settings:
 
 
 def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
-    """Ensure the demo org and its admin; reset the admin password and mint a fresh token."""
+    """Ensure the demo org and its admin; reset the admin password and mint a fresh token.
+
+    The demo admin is also an instance operator, so the operator page (backfill, verify,
+    re-seal) can be tried too; that is for this embedded default only.
+    """
     from app.identity import service as identity
     from app.models import ApiToken, Org, User
 
@@ -82,9 +86,10 @@ def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
         org = s.scalar(select(Org).where(Org.slug == DEMO_ORG)) or identity.create_org(s, ctx, DEMO_ORG, "Demo")
         user = s.scalar(select(User).where(User.email == DEMO_ADMIN))
         if user is None:
-            user = identity.create_user(s, ctx, DEMO_ADMIN, password)
+            user = identity.create_user(s, ctx, DEMO_ADMIN, password, operator=True)
         else:
             identity.set_password(s, ctx, user, password)
+            user.is_operator = True
         identity.add_member(s, ctx, org, user, "admin")
         # One live dev token at a time: earlier ones printed by previous runs are revoked.
         for old in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == "dev")):
@@ -122,7 +127,7 @@ def run(host: str = "127.0.0.1", port: int = 5080, instance_dir: Path = Path("in
         f"  API:     {base}/api/v1   (OpenAPI: {base}/api/v1/openapi.json)\n"
         f"  Login:   {DEMO_ADMIN}  password: {password}\n"
         f"  Token:   {token}\n"
-        f"  Org:     {DEMO_ORG} (you are its admin)\n"
+        f"  Org:     {DEMO_ORG} (you are its admin, and an instance operator: {base}/operator)\n"
         f"  Data:    {instance_dir.resolve()} (SQLite database, development keys)\n\n"
         f"  Try:     curl -H 'Authorization: Bearer {token}' {base}/api/v1/orgs/{DEMO_ORG}/secrets\n",
         flush=True,

@@ -155,6 +155,11 @@ def test_latchkey_dev_runs_everything_and_prints_a_working_login(tmp_path: Path)
         assert status == 201, body
         status, _h, body = _request(port, "GET", "/readyz")
         assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "broker": "ok"}
+        # The demo admin is an instance operator too (the operator page can be tried).
+        status, _h, body = _request(port, "POST", "/api/v1/admin/jobs/ping", None, auth)
+        assert status == 202, body
+        status, _h, body = _request(port, "GET", "/login")
+        assert status == 200 and b"Sign in" in body
         keyring = tmp_path / "instance" / "dev-keyring.json"
         assert keyring.stat().st_mode & 0o777 == 0o600
         assert Keyring.load(keyring).has_dev_keys
