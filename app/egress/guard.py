@@ -20,7 +20,7 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio.to_thread
 import httpx2
@@ -299,6 +299,9 @@ def _pinned_request(request: httpx2.Request, destination: Destination, address: 
     return httpx2.Request(request.method, url, headers=headers, stream=request.stream, extensions=extensions)
 
 
+PoolT = TypeVar("PoolT")
+
+
 def _inner_transport_kwargs(ssl_context: ssl.SSLContext) -> dict[str, Any]:
     # trust_env=False: a proxy from the environment must not reroute a secret-carrying call (it
     # would also connect by name, reopening the DNS gap). retries=0: the guard owns retrying.
@@ -311,7 +314,43 @@ def _default_ssl_context(ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
     return ssl_context if ssl_context is not None else httpx2.create_ssl_context()
 
 
-class GuardedTransport(httpx2.BaseTransport):
+class _PerHostPools(Generic[PoolT]):
+    """The policy and the per-host connection pools both guarded transports keep.
+
+    Pools are per (scheme, host, port), not one shared pool: httpcore pools by URL origin,
+    which after pinning is the IP, so two names on one IP would share a TLS connection whose
+    certificate was only verified for the first name. The lock never spans an await.
+    """
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        allowed_hosts: Sequence[str] | None,
+        ssl_context: ssl.SSLContext | None,
+        make_pool: Callable[..., PoolT],
+    ) -> None:
+        self._policy = policy
+        self._allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
+        self._ssl_context = _default_ssl_context(ssl_context)
+        self._make_pool = make_pool
+        self._pools: dict[tuple[str, str, int], PoolT] = {}
+        self._lock = threading.Lock()
+
+    def _pool(self, destination: Destination) -> PoolT:
+        key = (destination.scheme, destination.host, destination.port)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = self._make_pool(**_inner_transport_kwargs(self._ssl_context))
+            return pool
+
+    def _take_pools(self) -> list[PoolT]:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        return pools
+
+
+class GuardedTransport(_PerHostPools[httpx2.HTTPTransport], httpx2.BaseTransport):
     """Sync transport: checks every request, then connects to the checked address only."""
 
     def __init__(
@@ -321,22 +360,7 @@ class GuardedTransport(httpx2.BaseTransport):
         *,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._policy = policy
-        self._allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
-        self._ssl_context = _default_ssl_context(ssl_context)
-        # Pools per (scheme, host, port), not one shared pool: httpcore pools by URL origin, which
-        # after pinning is the IP, so two names on one IP would share a TLS connection whose
-        # certificate was only verified for the first name.
-        self._pools: dict[tuple[str, str, int], httpx2.HTTPTransport] = {}
-        self._lock = threading.Lock()
-
-    def _pool(self, destination: Destination) -> httpx2.HTTPTransport:
-        key = (destination.scheme, destination.host, destination.port)
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = httpx2.HTTPTransport(**_inner_transport_kwargs(self._ssl_context))
-            return pool
+        super().__init__(policy, allowed_hosts, ssl_context, httpx2.HTTPTransport)
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         """Check ``request``; send it to the first checked address that accepts a connection."""
@@ -355,13 +379,11 @@ class GuardedTransport(httpx2.BaseTransport):
 
     def close(self) -> None:
         """Close every per-host pool."""
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
+        for pool in self._take_pools():
             pool.close()
 
 
-class AsyncGuardedTransport(httpx2.AsyncBaseTransport):
+class AsyncGuardedTransport(_PerHostPools[httpx2.AsyncHTTPTransport], httpx2.AsyncBaseTransport):
     """Async transport: checks every request, then connects to the checked address only."""
 
     def __init__(
@@ -371,20 +393,7 @@ class AsyncGuardedTransport(httpx2.AsyncBaseTransport):
         *,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._policy = policy
-        self._allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
-        self._ssl_context = _default_ssl_context(ssl_context)
-        # Per-host pools for the same reason as GuardedTransport; the lock never spans an await.
-        self._pools: dict[tuple[str, str, int], httpx2.AsyncHTTPTransport] = {}
-        self._lock = threading.Lock()
-
-    def _pool(self, destination: Destination) -> httpx2.AsyncHTTPTransport:
-        key = (destination.scheme, destination.host, destination.port)
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = httpx2.AsyncHTTPTransport(**_inner_transport_kwargs(self._ssl_context))
-            return pool
+        super().__init__(policy, allowed_hosts, ssl_context, httpx2.AsyncHTTPTransport)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         """Check ``request`` (DNS in a worker thread); send it to the first checked address that accepts."""
@@ -402,9 +411,7 @@ class AsyncGuardedTransport(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         """Close every per-host pool."""
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
+        for pool in self._take_pools():
             await pool.aclose()
 
 
