@@ -76,8 +76,8 @@ def _instance_job(kind: str, model: type[Strict]) -> Result:
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
 
 
-class ResealRequest(Strict):
-    """Optional body of ``POST /admin/keys/reseal``."""
+class BatchRequest(Strict):
+    """Optional body of the batched operator jobs (``/admin/keys/reseal``, ``/admin/backfill/verify``)."""
 
     batch_size: int | None = Field(default=None, ge=1, le=5000)
 
@@ -97,14 +97,13 @@ def reseal_keys() -> Result:
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
     """
-    return _instance_job(rotation.RESEAL_TASK, ResealRequest)
+    return _instance_job(rotation.RESEAL_TASK, BatchRequest)
 
 
-class BackfillRequest(Strict):
+class BackfillRequest(BatchRequest):
     """Optional body of ``POST /admin/backfill``."""
 
     dry_run: bool | None = None
-    batch_size: int | None = Field(default=None, ge=1, le=5000)
 
 
 @route(
@@ -126,12 +125,6 @@ def start_backfill() -> Result:
     return _instance_job(BACKFILL_TASK, BackfillRequest)
 
 
-class VerifyRequest(Strict):
-    """Optional body of ``POST /admin/backfill/verify``."""
-
-    batch_size: int | None = Field(default=None, ge=1, le=5000)
-
-
 @route(
     bp,
     "/admin/backfill/verify",
@@ -149,7 +142,7 @@ def start_verify() -> Result:
     the verification record, also shown by ``GET /admin/backfill``; the contract migration
     runs only after one passes.
     """
-    return _instance_job(VERIFY_TASK, VerifyRequest)
+    return _instance_job(VERIFY_TASK, BatchRequest)
 
 
 class BackfillStatus(BaseModel):
