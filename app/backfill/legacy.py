@@ -73,12 +73,6 @@ def present(session: Session, *, refresh: bool = False) -> bool:
     return value
 
 
-def forget(session: Session) -> None:
-    """Drop what :func:`present` remembers (after a migration in this process)."""
-    with _lock:
-        _present.pop(_url_key(session), None)
-
-
 def mcp_token(session: Session, org_id: str, server_id: str) -> str | None:
     """The raw legacy token of a server not yet backfilled; None once contracted.
 
@@ -99,35 +93,28 @@ def mcp_token(session: Session, org_id: str, server_id: str) -> str | None:
         return None
 
 
+def count(session: Session, table: Any, condition: Any, org_id: str | None = None) -> int:
+    """Rows of ``table`` matching ``condition`` (of one org with ``org_id``)."""
+    stmt = sa.select(sa.func.count()).select_from(table).where(condition)
+    if org_id is not None:
+        stmt = stmt.where(table.c.org_id == org_id)
+    return int(session.scalar(stmt) or 0)
+
+
+def _counts(session: Session, which: int, org_id: str | None = None) -> dict[str, int]:
+    if not present(session):
+        return dict.fromkeys(KINDS, 0)
+    return {kind: count(session, conds[0], conds[which], org_id) for kind, conds in KINDS.items()}
+
+
 def pending_counts(session: Session, org_id: str | None = None) -> dict[str, int]:
     """Legacy rows not yet migrated, per kind (all zero once contracted)."""
-    if not present(session):
-        return {"secrets": 0, "mcp_servers": 0, "agents": 0}
-    out = {}
-    for kind, table, cond in (
-        ("secrets", secrets, secret_pending()),
-        ("mcp_servers", mcp_servers, mcp_pending()),
-        ("agents", agents, agent_pending()),
-    ):
-        stmt = sa.select(sa.func.count()).select_from(table).where(cond)
-        if org_id is not None:
-            stmt = stmt.where(table.c.org_id == org_id)
-        out[kind] = int(session.scalar(stmt) or 0)
-    return out
+    return _counts(session, PENDING, org_id)
 
 
 def legacy_counts(session: Session) -> dict[str, int]:
     """Rows that carry legacy data at all (migrated or not), per kind."""
-    if not present(session):
-        return {"secrets": 0, "mcp_servers": 0, "agents": 0}
-    out = {}
-    for kind, table, cond in (
-        ("secrets", secrets, secrets.c.value.is_not(None)),
-        ("mcp_servers", mcp_servers, mcp_servers.c.token.is_not(None)),
-        ("agents", agents, agents.c.model.is_not(None) | agents.c.secret_ref.is_not(None)),
-    ):
-        out[kind] = int(session.scalar(sa.select(sa.func.count()).select_from(table).where(cond)) or 0)
-    return out
+    return _counts(session, CARRYING)
 
 
 # Which rows each backfill step migrates, and which it counts as already migrated -----------
@@ -155,3 +142,17 @@ def agent_pending() -> Any:
 
 def agent_done() -> Any:
     return agents.c.model.is_not(None) & agents.c.secret_ref.is_not(None) & agents.c.provider_id.is_not(None)
+
+
+# kind -> (table, rows carrying legacy data, pending, already migrated)
+CARRYING, PENDING, DONE = 1, 2, 3
+KINDS: dict[str, tuple[Any, Any, Any, Any]] = {
+    "secrets": (secrets, secrets.c.value.is_not(None), secret_pending(), secret_done()),
+    "mcp_servers": (mcp_servers, mcp_servers.c.token.is_not(None), mcp_pending(), mcp_done()),
+    "agents": (
+        agents,
+        agents.c.model.is_not(None) | agents.c.secret_ref.is_not(None),
+        agent_pending(),
+        agent_done(),
+    ),
+}

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -147,19 +147,6 @@ def status(session: Session) -> Status:
         latest_run=run,
         latest_verification=verify.as_dict(record) if record else None,
     )
-
-
-def remaining(db: Database, org_id: str | None = None) -> dict[str, int]:
-    """Rows still to migrate, per kind (all zero once the legacy columns are dropped)."""
-    with db.session() as s:
-        return legacy.pending_counts(s, org_id)
-
-
-def _count(session: Session, table: Any, condition: Any, org_id: str | None) -> int:
-    stmt = select(func.count()).select_from(table).where(condition)
-    if org_id is not None:
-        stmt = stmt.where(table.c.org_id == org_id)
-    return int(session.scalar(stmt) or 0)
 
 
 # Names ----------------------------------------------------------------------------------------
@@ -564,13 +551,11 @@ def run_backfill(
         if not legacy.present(s, refresh=True):
             log.info("backfill: the legacy columns are gone (contract migration applied); nothing to do")
             return summary
-        for kind, table, pending, done in (
-            (summary.secrets, legacy.secrets, legacy.secret_pending(), legacy.secret_done()),
-            (summary.mcp_servers, legacy.mcp_servers, legacy.mcp_pending(), legacy.mcp_done()),
-            (summary.agents, legacy.agents, legacy.agent_pending(), legacy.agent_done()),
+        for kind, (table, _carrying, pending, done) in zip(
+            (summary.secrets, summary.mcp_servers, summary.agents), legacy.KINDS.values(), strict=True
         ):
-            kind.pending = _count(s, table, pending, org_id)
-            kind.skipped = _count(s, table, done, org_id)
+            kind.pending = legacy.count(s, table, pending, org_id)
+            kind.skipped = legacy.count(s, table, done, org_id)
     if progress is not None:
         progress(0, summary.total)
     run = _Run(db, keys, ctx, summary, org_id, progress)

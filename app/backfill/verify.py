@@ -102,14 +102,6 @@ class Report:
         return self.failed == 0 and self.unmigrated == 0 and cache_ok
 
 
-def _opens(keyring: Keyring, org_id: str, secret_id: str, version: int, ciphertext: bytes) -> bytes | str:
-    """The plaintext, or why it does not open (never the value)."""
-    try:
-        return open_sealed(keyring, bytes(ciphertext), secret_context(org_id, secret_id, version))
-    except SealingError as exc:
-        return f"does_not_open: {type(exc).__name__}"
-
-
 def _compare(
     report: Report, kind: str, row_id: str, org_id: str, expected: str, version: int, opened: bytes | str
 ) -> None:
@@ -160,7 +152,11 @@ class _Verify:
                 )
 
     def _open(self, org_id: str, secret_id: str, version: int, ciphertext: bytes) -> bytes | str:
-        return _opens(self.keyring, org_id, secret_id, version, ciphertext)
+        """The plaintext, or why it does not open (never the value)."""
+        try:
+            return open_sealed(self.keyring, bytes(ciphertext), secret_context(org_id, secret_id, version))
+        except SealingError as exc:
+            return f"does_not_open: {type(exc).__name__}"
 
     def mcp_servers(self) -> None:
         m = legacy.mcp_servers
