@@ -161,35 +161,21 @@ def set_progress(session: Session, job_id: str, done: int, total: int | None) ->
 _UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None) -> None:
+def _finish(session: Session, job_id: str, status: JobStatus, **values: Any) -> None:
     now = utcnow()
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
-        .values(
-            status=JobStatus.SUCCEEDED.value,
-            result=result,
-            error_code=None,
-            error_message=None,
-            finished_at=now,
-            updated_at=now,
-        )
+        .values(status=status.value, finished_at=now, updated_at=now, **values)
     )
+
+
+def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None) -> None:
+    _finish(session, job_id, JobStatus.SUCCEEDED, result=result, error_code=None, error_message=None)
 
 
 def mark_failed(session: Session, job_id: str, code: str, message: str) -> None:
-    now = utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
-        .values(
-            status=JobStatus.FAILED.value,
-            error_code=code,
-            error_message=message[:1000],
-            finished_at=now,
-            updated_at=now,
-        )
-    )
+    _finish(session, job_id, JobStatus.FAILED, error_code=code, error_message=message[:1000])
 
 
 def record_resolved(session: Session, job_id: str, reads: list[dict[str, Any]]) -> None:
