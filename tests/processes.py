@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
+import redis
 from celery import Celery
 from pydantic import SecretStr
 
@@ -97,3 +98,14 @@ def worker_process(settings: Settings, log_path: Path, concurrency: int = 4) -> 
     """Start a worker process consuming ``settings.queue``; yields a producer app for that queue."""
     with spawned_worker(settings, log_path, concurrency) as (_proc, producer):
         yield producer
+
+
+def drop_queue_keys(redis_url: str, queue: str) -> None:
+    """Delete the broker keys of a test's own queue (SCAN, never KEYS or FLUSHDB)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        leftovers = list(client.scan_iter(match=f"*{queue}*"))
+        if leftovers:
+            client.delete(*leftovers)
+    finally:
+        client.close()

@@ -38,6 +38,7 @@ from app.observability import metrics, redact
 from app.observability.redact import MASK, MIN_LENGTH, RedactingFilter
 from app.tasks import _adopt_log_handlers, make_celery
 from tests.leaks import find_leaks
+from tests.processes import drop_queue_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -555,15 +556,7 @@ def test_a_celery_worker_gets_the_filter_and_format_on_its_handlers(settings: Se
             timeout=120,
         )
     finally:
-        import redis
-
-        client = redis.Redis.from_url(redis_url)
-        try:
-            leftovers = list(client.scan_iter(match=f"*{queue}*"))
-            if leftovers:
-                client.delete(*leftovers)
-        finally:
-            client.close()
+        drop_queue_keys(redis_url, queue)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["result"] == "done"

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import celery.contrib.testing.tasks  # noqa: F401  (registers `celery.ping`, which start_worker's check runs)
 import pytest
-import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from app.config import Environment, Settings
 from app.tasks import make_celery
+from tests.processes import drop_queue_keys
 
 
 @pytest.fixture
@@ -65,13 +65,7 @@ def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, r
             replies = celery_app.control.ping(destination=[hostname], timeout=5)
             assert replies == [{hostname: {"ok": "pong"}}]
     finally:
-        client = redis.Redis.from_url(redis_url)
-        try:
-            leftovers = list(client.scan_iter(match=f"*{queue}*"))
-            if leftovers:
-                client.delete(*leftovers)
-        finally:
-            client.close()
+        drop_queue_keys(redis_url, queue)
 
 
 def test_worker_refuses_to_boot_in_production_without_a_keyring(settings: Settings) -> None:

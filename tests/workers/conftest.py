@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 from flask import Flask
 
@@ -20,7 +19,7 @@ from app.config import Settings
 from app.db import Database
 from app.factory import create_app
 from tests import backends
-from tests.processes import worker_process
+from tests.processes import drop_queue_keys, worker_process
 from tests.workers.legacy_data import insert_legacy
 
 
@@ -70,13 +69,7 @@ def parked_app(settings: Settings) -> Iterator[tuple[Flask, str]]:
         yield web, queue
     finally:
         web.extensions["latchkey.db"].dispose()
-        client = redis.Redis.from_url(settings.redis_url)
-        try:
-            leftovers = list(client.scan_iter(match=f"*{queue}*"))
-            if leftovers:
-                client.delete(*leftovers)
-        finally:
-            client.close()
+        drop_queue_keys(settings.redis_url, queue)
 
 
 @pytest.fixture

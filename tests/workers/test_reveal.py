@@ -26,6 +26,7 @@ from app.secrets import reveal
 from app.secrets.sealing import CiphertextError, generate_ephemeral
 from tests.factories import CTX, Caller, Factory
 from tests.leaks import dump_database, dump_redis, find_leaks
+from tests.processes import drop_queue_keys
 from tests.workers.conftest import wait_for
 
 CANARY = "lk-canary-reveal-7c1f0e9b2d4a-ünïcødé"
@@ -196,9 +197,7 @@ def test_no_worker_answers_503_worker_unavailable_within_the_timeout(
             assert s.scalar(select(func.count()).where(AuditEvent.action == "secret.reveal")) == 0
     finally:
         _drop_side_app(side)
-        leftovers = list(rclient.scan_iter(match=f"*{queue}*"))
-        if leftovers:
-            rclient.delete(*leftovers)
+        drop_queue_keys(settings.redis_url, queue)
 
 
 def test_over_the_rate_limit_is_429_with_retry_after(
