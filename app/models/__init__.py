@@ -2,7 +2,7 @@
 
 from app.models.audit import AuditEvent, AuditHead
 from app.models.backfill import BackfillVerification
-from app.models.identity import ApiToken, IdempotencyKey, Membership, Org, Role, User
+from app.models.identity import ApiToken, IdempotencyKey, Invitation, Membership, Org, Role, User, WebSession
 from app.models.jobs import Job, JobStatus
 from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
 from app.models.secrets import CacheInvalidation, Secret
@@ -17,6 +17,7 @@ __all__ = [
     "BackfillVerification",
     "CacheInvalidation",
     "IdempotencyKey",
+    "Invitation",
     "Job",
     "JobStatus",
     "McpServer",
@@ -27,4 +28,5 @@ __all__ = [
     "Role",
     "Secret",
     "User",
+    "WebSession",
 ]

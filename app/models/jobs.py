@@ -24,6 +24,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_org_id_id", "org_id", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -41,6 +42,9 @@ class Job(Base):
     # [{"secret_id": ..., "version": ...}] for every secret the job resolved.
     resolved_secrets: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # While running: the worker holding the job and until when (renewed as it runs).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    leased_by: Mapped[str | None] = mapped_column(String(200))
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())

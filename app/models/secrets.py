@@ -27,6 +27,9 @@ class Secret(Base):
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     key_id: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Bumped on every committed change (value, hosts, name...): the cache pointer's order,
+    # a database counter rather than a web host's clock.
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     value_hint: Mapped[str | None] = mapped_column(String(8))
     allowed_hosts: Mapped[list[str] | None] = mapped_column(JSON)
     created_by: Mapped[str | None] = mapped_column(String(64))
