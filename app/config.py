@@ -77,6 +77,12 @@ class Settings(BaseModel):
     # How long a reveal request waits for a worker's sealed reply before answering 503.
     # At most 50 s: a reply lives 60 s in Redis and the worker's time limit is 30 s.
     reveal_timeout_seconds: float = Field(default=10.0, gt=0, le=50)
+    # Job leases (docs/workers.md): a running job is held this long and renewed every third of
+    # it; beat's sweep re-queues (or fails with worker_lost) jobs whose lease ran out, every
+    # LATCHKEY_JOB_SWEEP_SECONDS; a job is tried at most LATCHKEY_JOB_MAX_ATTEMPTS times.
+    job_lease_seconds: float = Field(default=30.0, ge=0.5, le=600)
+    job_max_attempts: int = Field(default=5, ge=1, le=100)
+    job_sweep_seconds: float = Field(default=10.0, ge=0.1, le=3600)
 
     @field_validator("egress_allow_http_hosts", mode="before")
     @classmethod

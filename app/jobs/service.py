@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.context import RequestContext
-from app.db import Database, new_id, utcnow
+from app.db import Database, UTCDateTime, new_id, utcnow
 from app.errors import BrokerUnavailableError, NotFoundError
 from app.models import Job, JobStatus
 
@@ -26,7 +26,6 @@ log = logging.getLogger("latchkey.jobs")
 
 # Jobs still queued after this long were probably never delivered: beat re-publishes them.
 STUCK_AFTER = timedelta(minutes=2)
-MAX_REQUEUES = 5
 
 
 @dataclass(frozen=True)
@@ -131,19 +130,74 @@ def list_jobs(session: Session, org_id: str | None, kinds: list[str], *, limit: 
 
 
 # Worker-side transitions -------------------------------------------------------------------
+#
+# A worker holds a running job through a lease: ``leased_by`` names the holder (one id per
+# claim) and ``lease_expires_at`` says until when. Every transition a worker makes is one
+# conditional UPDATE, so two workers can never both believe they hold a job.
 
 
-def claim(session: Session, job_id: str) -> Job | None:
-    """Move a job to running; None when it is already finished (a redelivery: do nothing)."""
-    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-    if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        return None
+def claim(
+    session: Session,
+    job_id: str,
+    worker_id: str = "local",
+    lease_seconds: float | None = None,
+    *,
+    max_attempts: int | None = None,
+) -> Job | None:
+    """Take a job: ``queued``, or ``running`` with an expired lease, and under the attempts cap.
+
+    One conditional UPDATE: the job becomes ``running``, held by ``worker_id`` until
+    ``lease_seconds`` from now (``None``: no expiry, for a job run in-process such as the CLI's
+    backfill, which no sweep may take away), with ``attempts + 1``. None when nothing matched:
+    the job is finished, running under a live lease elsewhere, or out of attempts.
+    """
     now = utcnow()
-    job.status = JobStatus.RUNNING.value
-    job.attempts += 1
-    job.started_at = job.started_at or now
-    job.updated_at = now
-    return job
+    takeable = or_(
+        Job.status == JobStatus.QUEUED.value,
+        and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+    )
+    stmt = update(Job).where(Job.id == job_id, takeable)
+    if max_attempts is not None:
+        stmt = stmt.where(Job.attempts < max_attempts)
+    expires = None if lease_seconds is None else now + timedelta(seconds=lease_seconds)
+    claimed = session.scalars(
+        stmt.values(
+            status=JobStatus.RUNNING.value,
+            attempts=Job.attempts + 1,
+            leased_by=worker_id,
+            lease_expires_at=expires,
+            started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+            updated_at=now,
+        )
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).one_or_none()
+    return claimed
+
+
+def _held(job_id: str, worker_id: str) -> Any:
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.leased_by == worker_id)
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
+    """Extend the lease while ``worker_id`` still holds the running job; False once it does not."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(_held(job_id, worker_id))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def release(session: Session, job_id: str, worker_id: str) -> bool:
+    """Give a held job back to ``queued`` (a retry is coming); False when it was not held."""
+    result = session.execute(
+        update(Job)
+        .where(_held(job_id, worker_id))
+        .values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=utcnow())
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def touch(session: Session, job_id: str) -> None:
@@ -158,24 +212,30 @@ def set_progress(session: Session, job_id: str, done: int, total: int | None) ->
 
 # Only an unfinished job can finish: a late worker cannot overwrite a job the web tier has
 # already failed (for instance a reveal that timed out), and a failure cannot undo a success.
+# A worker passes its lease: then only the current holder of the running job can finish it,
+# so a worker whose lease was taken over (it stalled past the lease) cannot finish it too.
 _UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-def _finish(session: Session, job_id: str, status: JobStatus, **values: Any) -> None:
+def _finish(session: Session, job_id: str, status: JobStatus, lease: str | None, **values: Any) -> bool:
     now = utcnow()
-    session.execute(
+    where = _held(job_id, lease) if lease is not None else and_(Job.id == job_id, Job.status.in_(_UNFINISHED))
+    result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
-        .values(status=status.value, finished_at=now, updated_at=now, **values)
+        .where(where)
+        .values(status=status.value, finished_at=now, updated_at=now, lease_expires_at=None, **values)
     )
+    return bool(getattr(result, "rowcount", 0))
 
 
-def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None) -> None:
-    _finish(session, job_id, JobStatus.SUCCEEDED, result=result, error_code=None, error_message=None)
+def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None, *, lease: str | None = None) -> bool:
+    """Finish a job as succeeded; False when it was already finished (or, given ``lease``, not held)."""
+    return _finish(session, job_id, JobStatus.SUCCEEDED, lease, result=result, error_code=None, error_message=None)
 
 
-def mark_failed(session: Session, job_id: str, code: str, message: str) -> None:
-    _finish(session, job_id, JobStatus.FAILED, error_code=code, error_message=message[:1000])
+def mark_failed(session: Session, job_id: str, code: str, message: str, *, lease: str | None = None) -> bool:
+    """Finish a job as failed with a stable code; False as for ``mark_succeeded``."""
+    return _finish(session, job_id, JobStatus.FAILED, lease, error_code=code, error_message=message[:1000])
 
 
 def record_resolved(session: Session, job_id: str, reads: list[dict[str, Any]]) -> None:
@@ -193,3 +253,60 @@ def stuck_jobs(session: Session, limit: int = 100) -> list[Job]:
             .limit(limit)
         )
     )
+
+
+@dataclass(frozen=True)
+class Sweep:
+    requeued: list[Publication]
+    lost: list[str]
+
+
+def _lapsed(now: datetime, legacy_after: timedelta) -> Any:
+    """Running jobs whose holder stopped renewing: the lease ran out, or (rows claimed before
+    leases existed: no lease, no holder) nothing touched them for longer than any task may run."""
+    return and_(
+        Job.status == JobStatus.RUNNING.value,
+        or_(
+            Job.lease_expires_at < now,
+            and_(Job.lease_expires_at.is_(None), Job.leased_by.is_(None), Job.updated_at < now - legacy_after),
+        ),
+    )
+
+
+def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta, limit: int = 100) -> Sweep:
+    """Recover jobs whose worker died: back to ``queued`` (to be re-published after the commit)
+    while attempts remain, else ``failed`` with ``worker_lost``.
+
+    Each row moves with a conditional UPDATE that re-checks the lapse, so a worker that claims
+    or renews the job meanwhile wins, and two sweeps never both re-queue one job.
+    """
+    now = utcnow()
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.attempts).where(_lapsed(now, legacy_after)).order_by(Job.created_at).limit(limit)
+    ).all()
+    requeued: list[Publication] = []
+    lost: list[str] = []
+    for job_id, kind, attempts in rows:
+        base = update(Job).where(Job.id == job_id, _lapsed(now, legacy_after), Job.attempts == attempts)
+        if attempts < max_attempts:
+            result = session.execute(
+                base.values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=now)
+            )
+            if getattr(result, "rowcount", 0):
+                requeued.append(Publication(job_id, kind))
+        else:
+            result = session.execute(
+                base.values(
+                    status=JobStatus.FAILED.value,
+                    lease_expires_at=None,
+                    error_code="worker_lost",
+                    error_message=f"the worker running this job stopped responding ({attempts} attempts)",
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            if getattr(result, "rowcount", 0):
+                lost.append(job_id)
+    for job_id in lost:
+        log.error("job %s failed: its worker was lost on every attempt", job_id)
+    return Sweep(requeued, lost)

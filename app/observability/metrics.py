@@ -67,7 +67,7 @@ WORKER_TASK_DURATION = Histogram(
     ["task"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
-_JOB_OUTCOMES = frozenset({"succeeded", "failed", "skipped"})
+_JOB_OUTCOMES = frozenset({"succeeded", "failed", "skipped", "lost"})
 
 # Jobs read at scrape time -----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Task messages carry ids only (JSON serializer, never pickle), are acknowledged after the
 task finishes (``acks_late``) so a crashed worker's job is redelivered, and are bounded
-by time limits.
+by time limits that every task declares (soft and hard together, app/tasks/runtime.py).
 
 Monitoring: task events are on, so ``celery -A app.tasks flower`` works (see
 docs/observability.md). Celery's logging signals hand the worker's handlers to
@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery, signals
 
 from app.config import ConfigError, Settings, load_settings
+from app.tasks.runtime import VISIBILITY_TIMEOUT
 
 # Modules whose tasks every worker registers.
 TASK_MODULES = [
@@ -42,11 +43,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_time_limit=300,
-        task_soft_time_limit=270,
+        # No app-wide time limits: every task declares its soft and hard limit together
+        # (app.tasks.runtime.time_limits), so a default can never undercut a task's own.
         result_expires=3600,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
+        # An unacknowledged message is delivered again after this: just above the longest hard
+        # time limit, so a message is never redelivered while its task may still be running.
+        # Recovering a dead worker's job is the lease sweep's business, not this timeout's.
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         # Celery keeps handlers already on the root logger; the ones it adds are adopted by
         # the after_setup_* signals below (our format and the redacting filter).
         worker_hijack_root_logger=False,
@@ -57,6 +61,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_timeout=3,
         beat_schedule={
             "requeue-stuck-jobs": {"task": "jobs.requeue_stuck", "schedule": 60.0},
+            "sweep-job-leases": {"task": "jobs.sweep_leases", "schedule": settings.job_sweep_seconds},
             "replay-cache-invalidations": {"task": "secrets.replay_invalidations", "schedule": 10.0},
             "refresh-mcp-tools": {"task": "mcp.refresh_tools", "schedule": settings.mcp_refresh_seconds},
         },

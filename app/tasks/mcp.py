@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Task
 from sqlalchemy import select
 
 from app.audit import service as audit
@@ -21,7 +21,7 @@ from app.models import McpServer
 from app.observability import redact
 from app.observability.metrics import LEGACY_TOKEN_READS
 from app.secrets.resolver import SecretNotFoundError
-from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, worker_context
+from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, periodic_task, worker_context
 
 log = logging.getLogger("latchkey.mcp")
 
@@ -135,7 +135,7 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     return {"status": "invalid", "error": {"code": code, "message": message}}
 
 
-@shared_task(name="mcp.refresh_tools", bind=True, acks_late=True, time_limit=120)  # type: ignore[untyped-decorator]
+@periodic_task("mcp.refresh_tools", time_limit=120)
 def refresh_tools(self: Task) -> int:
     """Queue a validation of every valid server, so tool lists follow their servers (beat)."""
     wc = worker_context(self.app)

@@ -1,16 +1,20 @@
 """What every job task shares: the worker's resources and the job life cycle.
 
-A task receives only a job id. It claims the row (queued -> running; a finished job is
-left alone, so a redelivered message changes nothing), runs, and records succeeded or
-failed with a stable error code. Transient errors are retried with exponential backoff;
-everything else fails the job at once with a message that carries no secret.
+A task receives only a job id. It claims the row under a lease (queued -> running, or a
+running job whose lease lapsed; a finished job or one held by a live lease is left alone,
+so a redelivered or duplicated message changes nothing), renews the lease while it runs,
+and records succeeded or failed with a stable error code, only while it still holds the
+lease. Transient errors are retried with exponential backoff (the job goes back to queued
+for the retry); everything else fails the job at once with a message that carries no secret.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,44 +108,98 @@ def run_job(task: Task, job_id: str, fn: JobFn) -> str:
         reset_job_id(token)
 
 
+def lease_holder(task: Task, wc: WorkerContext) -> str:
+    """A holder id for one claim: the worker node and process (for people) and a random part,
+    so a second delivery to the same process is a different holder."""
+    node = getattr(task.request, "hostname", None) or wc.hostname
+    return f"{node}:{os.getpid()}:{uuid.uuid4().hex[:12]}"[:200]
+
+
+class Heartbeat:
+    """Renews a job's lease every third of its length until stopped, or until the renewal
+    finds the job no longer held (taken over after a stall, or failed by the web tier)."""
+
+    def __init__(self, wc: WorkerContext, job_id: str, holder: str) -> None:
+        self.wc = wc
+        self.job_id = job_id
+        self.holder = holder
+        self.lease_seconds = wc.settings.job_lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                with self.wc.db.session() as s:
+                    held = jobs.renew_lease(s, self.job_id, self.holder, self.lease_seconds)
+            except Exception as exc:  # the database blipped: try again next beat; the lease may lapse
+                log.warning("job %s: lease renewal failed: %s", self.job_id, type(exc).__name__)
+                continue
+            if not held:
+                log.warning("job %s: lease lost; this worker will not finish the job", self.job_id)
+                self.lost.set()
+                return
+
+
 def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
     wc = worker_context(task.app)
+    settings = wc.settings
+    holder = lease_holder(task, wc)
     with wc.db.session() as s:
-        job = jobs.claim(s, job_id)
+        job = jobs.claim(s, job_id, holder, settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
         if job is None:
-            return "skipped"
+            return "skipped"  # finished, held by a live lease elsewhere, or out of attempts
         view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts)
-    try:
+    with Heartbeat(wc, job_id, holder):
         try:
-            result = fn(wc, view)
-        except (OperationalError, InterfaceError) as exc:
-            # The database went away under the job: worth another try once it is back.
-            raise TransientError("database_unavailable", "the database was unavailable") from exc
-    except TransientError as exc:
-        if task.request.retries < (task.max_retries or 0):
-            log.warning("job %s (%s): transient %s, retrying", job_id, view.kind, exc.code)
-            raise task.retry(countdown=min(2**task.request.retries, 30), exc=None) from None
-        _fail(wc, job_id, exc.code, exc.message)
-        return "failed"
-    except JobFailedError as exc:
-        _fail(wc, job_id, exc.code, exc.message)
-        return "failed"
-    except SoftTimeLimitExceeded:
-        _fail(wc, job_id, "timeout", "the job ran out of time")
-        return "failed"
-    except Exception as exc:
-        # The type name only: messages of unexpected errors may quote data.
-        log.error("job %s (%s) crashed: %s", job_id, view.kind, type(exc).__name__)
-        _fail(wc, job_id, "internal_error", "the job failed unexpectedly")
-        return "failed"
-    with wc.db.session() as s:
-        jobs.mark_succeeded(s, job_id, result)
-    return "succeeded"
+            try:
+                result = fn(wc, view)
+            except (OperationalError, InterfaceError) as exc:
+                # The database went away under the job: worth another try once it is back.
+                raise TransientError("database_unavailable", "the database was unavailable") from exc
+        except TransientError as exc:
+            retries_left = task.request.retries < (task.max_retries or 0)
+            if retries_left and view.attempts < settings.job_max_attempts:
+                with wc.db.session() as s:
+                    released = jobs.release(s, job_id, holder)
+                if not released:
+                    return "lost"
+                log.warning("job %s (%s): transient %s, retrying", job_id, view.kind, exc.code)
+                raise task.retry(countdown=min(2**task.request.retries, 30), exc=None) from None
+            return _fail(wc, job_id, holder, exc.code, exc.message)
+        except JobFailedError as exc:
+            return _fail(wc, job_id, holder, exc.code, exc.message)
+        except SoftTimeLimitExceeded:
+            return _fail(wc, job_id, holder, "timeout", "the job ran out of time")
+        except Exception as exc:
+            # The type name only: messages of unexpected errors may quote data.
+            log.error("job %s (%s) crashed: %s", job_id, view.kind, type(exc).__name__)
+            return _fail(wc, job_id, holder, "internal_error", "the job failed unexpectedly")
+        with wc.db.session() as s:
+            finished = jobs.mark_succeeded(s, job_id, result, lease=holder)
+    return "succeeded" if finished else _not_finished(job_id)
 
 
-def _fail(wc: WorkerContext, job_id: str, code: str, message: str) -> None:
+def _fail(wc: WorkerContext, job_id: str, holder: str, code: str, message: str) -> str:
     with wc.db.session() as s:
-        jobs.mark_failed(s, job_id, code, message)
+        finished = jobs.mark_failed(s, job_id, code, message, lease=holder)
+    return "failed" if finished else _not_finished(job_id)
+
+
+def _not_finished(job_id: str) -> str:
+    # The job was no longer ours: the web tier failed it (a reveal that timed out), or our
+    # lease lapsed and another worker holds it now. Its outcome is not ours to record.
+    log.warning("job %s: not held by this worker any more; outcome discarded", job_id)
+    return "lost"
 
 
 def batch_size_param(job: JobView, default: int, maximum: int) -> int:
@@ -164,6 +222,34 @@ def worker_keyring(ctx: WorkerContext) -> Any:
         raise JobFailedError("keyring_unavailable", str(exc)) from None
 
 
+# Time limits ---------------------------------------------------------------------------------
+#
+# Every task declares its limits here, soft and hard together (a soft limit above the hard
+# one makes Celery refuse to send the task, which is how beat broke: issue #14). The soft
+# limit raises SoftTimeLimitExceeded in the task; the hard limit kills it HARD_GRACE_SECONDS
+# later. No task may run longer than LONGEST_TIME_LIMIT: the broker's visibility timeout
+# (when an unacknowledged message is delivered again) sits just above the longest hard limit.
+
+HARD_GRACE_SECONDS = 10
+LONGEST_TIME_LIMIT = 3000
+VISIBILITY_TIMEOUT = LONGEST_TIME_LIMIT + HARD_GRACE_SECONDS + 60
+
+
+def time_limits(soft_seconds: int) -> dict[str, int]:
+    """Celery options for a task that should finish within ``soft_seconds``."""
+    if not 0 < soft_seconds <= LONGEST_TIME_LIMIT:
+        raise ValueError(f"a task's time limit must be in 1..{LONGEST_TIME_LIMIT} s")
+    return {"soft_time_limit": soft_seconds, "time_limit": soft_seconds + HARD_GRACE_SECONDS}
+
+
+def periodic_task(name: str, *, time_limit: int) -> Callable[[Callable[..., Any]], Any]:
+    """Declare a beat task (bound, ``acks_late``) over ``fn(self)``, with its time limits."""
+    decorator: Callable[[Callable[..., Any]], Any] = shared_task(
+        name=name, bind=True, acks_late=True, **time_limits(time_limit)
+    )
+    return decorator
+
+
 def job_task(name: str, *, time_limit: int = 120, max_retries: int = 3) -> Callable[[JobFn], Any]:
     """Declare a job task: ``@job_task("mcp.validate_server")`` over ``fn(ctx, job)``."""
 
@@ -174,8 +260,7 @@ def job_task(name: str, *, time_limit: int = 120, max_retries: int = 3) -> Calla
             acks_late=True,
             reject_on_worker_lost=True,
             max_retries=max_retries,
-            time_limit=time_limit + 10,
-            soft_time_limit=time_limit,
+            **time_limits(time_limit),
         )
         def task(self: Task, job_id: str) -> str:
             return run_job(self, job_id, fn)

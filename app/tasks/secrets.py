@@ -5,16 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from celery import Task, shared_task
+from celery import Task
 
 from app.jobs import service as jobs
 from app.secrets import reveal
 from app.secrets.invalidation import Invalidator
 from app.secrets.resolver import ResolverUnavailableError, SecretNotFoundError
-from app.tasks.runtime import JobFailedError, JobView, TransientError, WorkerContext, job_task, worker_context
+from app.tasks.runtime import (
+    JobFailedError,
+    JobView,
+    TransientError,
+    WorkerContext,
+    job_task,
+    periodic_task,
+    worker_context,
+)
 
 
-@shared_task(name="secrets.replay_invalidations", bind=True, acks_late=True, time_limit=60)  # type: ignore[untyped-decorator]
+@periodic_task("secrets.replay_invalidations", time_limit=60)
 def replay_invalidations(self: Task) -> int:
     """Apply cache invalidations that Redis could not take when their change committed (beat)."""
     wc = worker_context(self.app)
