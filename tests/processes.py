@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -45,9 +45,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @contextmanager
 def spawned_worker(
-    settings: Settings, log_path: Path, concurrency: int = 4
+    settings: Settings, log_path: Path, concurrency: int = 4, include: Sequence[str] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], Celery]]:
-    """Start a worker process consuming ``settings.queue``; yields it (tests may kill it) and a producer."""
+    """Start a worker process consuming ``settings.queue``; yields it (tests may kill it) and a producer.
+
+    ``include`` names extra modules the worker imports (test-only tasks, e.g. tests.workers.lease_tasks).
+    """
     node = f"test-{uuid.uuid4().hex[:8]}@localhost"
     log = log_path.open("ab")
     proc = subprocess.Popen(
@@ -69,6 +72,7 @@ def spawned_worker(
             "--without-mingle",
             "--without-gossip",
             "--without-heartbeat",
+            *(["--include", ",".join(include)] if include else []),
         ],
         env=settings_env(settings),
         stdout=log,
