@@ -43,8 +43,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # No app-wide time limits: every task declares its soft and hard limit together
-        # (app.tasks.runtime.time_limits), so a default can never undercut a task's own.
+        # Every Latchkey task declares its soft and hard limit together
+        # (app.tasks.runtime.time_limits); these defaults only bound Celery's built-in tasks.
+        task_time_limit=300,
+        task_soft_time_limit=270,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
         # An unacknowledged message is delivered again after this: just above the longest hard

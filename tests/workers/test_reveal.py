@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from flask import Flask
 from sqlalchemy import func, select, update
 
 from app.config import Settings
-from app.db import Database
+from app.db import Database, utcnow
 from app.factory import create_app
 from app.jobs import service as jobs
 from app.models import AuditEvent, Job
@@ -312,9 +313,10 @@ def test_running_the_task_twice_for_one_job_is_harmless(
         # A redelivery of a finished job does nothing.
         assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "skipped"
         assert rclient.llen(key) == 1
-        # A redelivery while it was still running (lost ack): runs again, pushes a second sealed reply.
+        # A redelivery after its worker died mid-run (lease lapsed): runs again, pushes a second sealed reply.
         with db.session() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(status="running"))
+            lapsed = utcnow() - timedelta(seconds=1)
+            s.execute(update(Job).where(Job.id == job_id).values(status="running", lease_expires_at=lapsed))
         assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "succeeded"
         replies = rclient.lrange(key, 0, -1)
         assert len(replies) == 2
