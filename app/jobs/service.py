@@ -275,7 +275,8 @@ def _lapsed(now: datetime, legacy_after: timedelta) -> Any:
 
 def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta, limit: int = 100) -> Sweep:
     """Recover jobs whose worker died: back to ``queued`` (to be re-published after the commit)
-    while attempts remain, else ``failed`` with ``worker_lost``.
+    while attempts remain, else ``failed`` with ``worker_lost``; ``queued`` jobs already at the
+    cap fail with ``attempts_exhausted``.
 
     Each row moves with a conditional UPDATE that re-checks the lapse, so a worker that claims
     or renews the job meanwhile wins, and two sweeps never both re-queue one job.
@@ -307,6 +308,21 @@ def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta
             )
             if getattr(result, "rowcount", 0):
                 lost.append(job_id)
+    # Queued jobs that can never be claimed again (the cap was lowered under them) end here
+    # too, instead of being re-sent by requeue_stuck forever.
+    exhausted = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.QUEUED.value, Job.attempts >= max_attempts)
+        .values(
+            status=JobStatus.FAILED.value,
+            error_code="attempts_exhausted",
+            error_message=f"the job was already tried {max_attempts} times or more",
+            finished_at=now,
+            updated_at=now,
+        )
+        .returning(Job.id)
+    )
+    lost.extend(exhausted.scalars())
     for job_id in lost:
-        log.error("job %s failed: its worker was lost on every attempt", job_id)
+        log.error("job %s failed: out of attempts (its worker was lost each time)", job_id)
     return Sweep(requeued, lost)

@@ -160,3 +160,12 @@ def test_a_transient_error_that_outlasts_the_retries_fails_with_its_code(setting
         row = s.get(Job, job_id)
         assert row is not None and (row.status, row.error_code) == ("failed", "upstream_unavailable")
         assert row.attempts == 3  # the first run and two retries
+
+
+def test_retries_stop_at_the_attempts_cap_and_the_job_fails_instead_of_waiting_queued(settings: Any, db: Any) -> None:
+    # always_down would retry twice (3 attempts); a cap of 2 attempts ends it after the first retry.
+    job_id, _ = _eager(settings.model_copy(update={"job_max_attempts": 2}), "tests.always_down", db)
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and (row.status, row.error_code, row.attempts) == ("failed", "upstream_unavailable", 2)
+        assert row.lease_expires_at is None

@@ -168,6 +168,23 @@ def test_the_sweep_requeues_lapsed_jobs_fails_them_at_the_cap_and_leaves_live_on
     assert (again.requeued, again.lost) == ([], [])
 
 
+def test_the_sweep_recovers_pre_lease_rows_but_never_an_in_process_cli_job(db: Database) -> None:
+    legacy, cli, capped = (new_job(db, "system.ping") for _ in range(3))
+    long_ago = utcnow() - timedelta(hours=2)
+    with db.session() as s:
+        # Claimed by a worker from before leases: running, no holder, no lease, untouched for 2 h.
+        s.query(Job).filter(Job.id == legacy).update({Job.status: "running", Job.attempts: 1, Job.updated_at: long_ago})
+        assert jobs.claim(s, cli, "cli:host:1", None) is not None  # `latchkey backfill run`: held, no expiry
+        s.query(Job).filter(Job.id == cli).update({Job.updated_at: long_ago})
+        s.query(Job).filter(Job.id == capped).update({Job.attempts: 5})  # queued, but can never be claimed
+    with db.session() as s:
+        swept = jobs.sweep_leases(s, max_attempts=5, legacy_after=timedelta(hours=1))
+    assert [p.job_id for p in swept.requeued] == [legacy] and swept.lost == [capped]
+    assert job_row(db, legacy).status == "queued"
+    assert (job_row(db, cli).status, job_row(db, cli).leased_by) == ("running", "cli:host:1")
+    assert (job_row(db, capped).status, job_row(db, capped).error_code) == ("failed", "attempts_exhausted")
+
+
 # Real workers --------------------------------------------------------------------------------
 
 
@@ -198,6 +215,27 @@ def test_a_sigkilled_workers_job_is_finished_by_a_fresh_worker_within_two_lease_
     assert done.finished_at is not None and done.finished_at - killed_at <= timedelta(seconds=2 * LEASE)
     # Attempt 1 never left the body (killed); attempt 2 ran it once.
     assert [(e["event"], e["attempt"]) for e in events] == [("enter", 1), ("enter", 2), ("exit", 2)]
+
+
+def test_a_worker_whose_lease_was_taken_over_cannot_finish_the_job(
+    settings: Settings, db: Database, redis_url: str, tmp_path: Path
+) -> None:
+    with lease_queue(settings, job_lease_seconds=1.0) as custom, probe_key(redis_url) as key:
+        job_id = new_job(db, "tests.lease_probe", {"key": key, "first_seconds": 3})
+        with spawned_worker(custom, tmp_path / "w.log", concurrency=1, include=INCLUDE) as (_w, producer):
+            outcome = producer.send_task("tests.lease_probe", args=[job_id])
+            wait_for(lambda: probe_events(redis_url, key))
+            # The holder looks dead to the rest of the system: another worker took the job over.
+            with db.session() as s:
+                s.query(Job).filter(Job.id == job_id).update(
+                    {Job.leased_by: "other-worker", Job.lease_expires_at: utcnow() + timedelta(seconds=60)}
+                )
+            assert outcome.get(timeout=30) == "lost"
+        events = probe_events(redis_url, key)
+    assert [e["event"] for e in events] == ["enter", "exit"]  # the body ran to its end...
+    row = job_row(db, job_id)
+    # ...but its outcome was not recorded: the job is still the new holder's.
+    assert (row.status, row.leased_by, row.result, row.finished_at) == ("running", "other-worker", None, None)
 
 
 def test_a_backlog_of_duplicate_messages_never_runs_one_job_twice_at_once(
