@@ -500,7 +500,7 @@ class Bench:
             assert row is not None
             open_sealed(self.keyring, row.ciphertext, secret_context(org, sid, row.version), row.key_id)
             marks.append(pc())
-            resolver._seal_entry(org, sid, ptr, resolved)
+            resolver._seal_entry(org, sid, ptr, resolved, time.time())
             marks.append(pc())
             RESOLVES.labels("db").inc()
             LATENCY.labels("db").observe(0.0)

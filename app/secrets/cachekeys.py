@@ -41,17 +41,6 @@ def pointer(version: int, revision: int) -> str:
     return f"{version}:{revision}"
 
 
-def order(ptr: str) -> tuple[int, int] | None:
-    """A pointer as a comparable (version, revision); None for ``deleted`` or anything else.
-
-    The same order as the Lua ``parse`` below, for the resolver's high-water marks.
-    """
-    v, sep, r = ptr.partition(":")
-    if not sep or not v.isdigit() or not r.isdigit() or int(r) > MAX_REVISION:
-        return None
-    return int(v), int(r)
-
-
 # Both scripts compare pointers as (version, revision); "deleted" is newer than everything,
 # a pre-revision (wall-clock) or unparsable pointer older than everything.
 _NEWER = (

@@ -115,7 +115,7 @@ class Resolved(NamedTuple):
 
 
 SecretRow = Row[int, int, str | None, bytes | None, list[str] | None]
-# A pointer's place in the (version, revision) order (``cachekeys.order``).
+# A pointer's place in the (version, revision) order, as the cache's Lua scripts compare them.
 Mark = tuple[int, int]
 
 
@@ -165,7 +165,7 @@ class Resolver:
         l1_max_age: float = 30.0,
         l2_ttl: int = 600,
         l2_max_age: float = 60.0,
-        marks_size: int = 65536,
+        marks_size: int = 16384,
         listen: bool = True,
         namespace: str = "latchkey",
         keyring_file: str | os.PathLike[str] | None = None,
@@ -182,6 +182,7 @@ class Resolver:
         self.l1_max_age = l1_max_age
         self.l2_ttl = l2_ttl
         self.l2_max_age = l2_max_age
+        # ~400 bytes a key: 16,384 marks are ~6.5 MB, four times L1's default reach.
         self.marks_size = marks_size
         self.channel = cachekeys.channel(namespace)
         # (org, id) -> (monotonic deadline, value)
@@ -356,8 +357,10 @@ class Resolver:
         if left <= 0 or left > self.l2_max_age + CLOCK_TOLERANCE:
             _EXPIRED.inc()
             return None
-        mark = cachekeys.order(ptr)
-        if mark is None or not self._raise_mark((org_id, secret_id), mark):
+        # An authenticated pointer is one a worker wrote from a database read: "<int>:<int>".
+        version, _, revision = ptr.partition(":")
+        mark = (int(version), int(revision))
+        if not self._raise_mark((org_id, secret_id), mark):
             _ROLLED_BACK.inc()
             return None
         hosts, _, value = rest.partition("\n")

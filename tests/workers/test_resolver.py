@@ -549,3 +549,18 @@ def test_only_trusted_sources_raise_the_high_water_mark(
         assert len(queries) == before  # the genuine current entry is still an L2 hit
     finally:
         client.close()
+
+
+def test_high_water_marks_are_bounded(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str
+) -> None:
+    ids = [factory.secret(admin, org)["id"] for _ in range(3)]
+    org_id = _org_id(db, org)
+    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False, marks_size=2)
+    try:
+        for sid in ids:
+            r.resolve(org_id, sid)
+        # The least recently seen key is forgotten (for it, only the max age still applies).
+        assert list(r._marks) == [(org_id, ids[1]), (org_id, ids[2])]
+    finally:
+        r.close()
