@@ -62,7 +62,7 @@ def key_ids(db: Database) -> set[str | None]:
 
 def revisions(db: Database) -> dict[str, int]:
     with db.session() as s:
-        return dict(s.execute(select(Secret.id, Secret.revision)).tuples().all())
+        return dict(s.execute(select(Secret.id, Secret.revision)).all())
 
 
 def test_rotate_reseal_retire(
