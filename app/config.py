@@ -55,6 +55,9 @@ class Settings(BaseModel):
     # the bound on staleness when an invalidation could not be delivered.
     secret_l1_max_age_seconds: float = Field(default=30.0, gt=0, le=3600)
     secret_cache_ttl_seconds: int = Field(default=600, ge=1, le=86400)
+    # How old (since its state was read from the database) an L2 entry may be and still be used:
+    # the longest a Redis writer can roll a worker that never saw the newer state back.
+    secret_l2_max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Bound on one MCP exchange (handshake + tools/list or a tool call).
     mcp_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     # How often beat re-validates valid MCP servers to refresh their tool lists.

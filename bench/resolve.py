@@ -175,7 +175,7 @@ def served_delta(before: dict[str, float]) -> dict[str, int]:
 
 def secret_select(org_id: str, secret_id: str) -> Any:
     """The resolver's miss query, built the same way (per call)."""
-    return select(Secret.version, Secret.updated_at, Secret.key_id, Secret.ciphertext, Secret.allowed_hosts).where(
+    return select(Secret.version, Secret.revision, Secret.key_id, Secret.ciphertext, Secret.allowed_hosts).where(
         Secret.org_id == org_id, Secret.id == secret_id, Secret.ciphertext.is_not(None)
     )
 
@@ -191,7 +191,7 @@ class RawPointLookup:
     """One round trip: an autocommit psycopg connection, a prepared SELECT (informational floor)."""
 
     SQL = (
-        "SELECT version, updated_at, key_id, ciphertext, allowed_hosts FROM secrets "
+        "SELECT version, revision, key_id, ciphertext, allowed_hosts FROM secrets "
         "WHERE org_id = %s AND id = %s AND ciphertext IS NOT NULL"
     )
 
@@ -500,7 +500,7 @@ class Bench:
             assert row is not None
             open_sealed(self.keyring, row.ciphertext, secret_context(org, sid, row.version), row.key_id)
             marks.append(pc())
-            resolver._seal_entry(org, sid, ptr, resolved)
+            resolver._seal_entry(org, sid, ptr, resolved, time.time())
             marks.append(pc())
             RESOLVES.labels("db").inc()
             LATENCY.labels("db").observe(0.0)

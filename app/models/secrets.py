@@ -53,7 +53,7 @@ class CacheInvalidation(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     org_id: Mapped[str] = mapped_column(String(36))
     secret_id: Mapped[str] = mapped_column(String(36))
-    # "<version>:<stamp>" of the committed row, or "deleted".
+    # "<version>:<revision>" of the committed row, or "deleted".
     pointer: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now(), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -1,20 +1,30 @@
 """The shared Redis cache layout, used by the web tier (to invalidate) and workers (to read).
 
 One key per secret, ``lk:s:{org}:{id}``, holds ``<pointer>\\n<entry>``: the pointer names the
-committed state (``<version>:<stamp>``, or ``deleted``) and the entry is that state's value,
+committed state (``<version>:<revision>``, or ``deleted``) and the entry is that state's value,
 AES-GCM encrypted under a worker-only key. A hit is therefore one GET. The web tier moves the
 pointer forward after every committed change (dropping the entry); a worker fills the entry
 only if the pointer still names the state it read, so a slow worker can never roll it back.
+
+``revision`` is a database counter (``secrets.revision``, bumped in SQL by every committed
+change), so the order of pointers never depends on a web host's clock. Pointers written
+before it (``<version>:<microseconds since the epoch>``) are recognised by their stamp, which
+no 32-bit revision can reach, and order before every current pointer, so an upgrade never
+leaves a key stuck behind a wall-clock stamp.
+
+The pointer order only keeps honest writers in step: whoever can write Redis can set any
+pointer and any old entry. What a worker trusts of an entry is decided by the resolver (its
+high-water marks and the entry's sealed age), see ``docs/secrets.md``.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 KEY_PREFIX = "lk:s:"
 ACK_PREFIX = "lk:invalidate:ack:"
 DELETED = "deleted"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The largest revision a pointer can carry (``secrets.revision`` is a 32-bit INTEGER); a larger
+# stamp is a pre-revision wall-clock stamp (microseconds), older than every current pointer.
+MAX_REVISION = 2**31 - 1
 
 
 def channel(namespace: str) -> str:
@@ -26,19 +36,24 @@ def key(org_id: str, secret_id: str) -> str:
     return f"{KEY_PREFIX}{org_id}:{secret_id}"
 
 
-def pointer(version: int, updated_at: datetime) -> str:
+def pointer(version: int, revision: int) -> str:
     """The committed state of a secret: any change (value, hosts, name) gives a newer pointer."""
-    stamp = (updated_at.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
-    return f"{version}:{stamp}"
+    return f"{version}:{revision}"
 
 
-# Both scripts compare pointers as (version, stamp); "deleted" is newer than everything.
-_NEWER = """
+# Both scripts compare pointers as (version, revision); "deleted" is newer than everything,
+# a pre-revision (wall-clock) or unparsable pointer older than everything.
+_NEWER = (
+    """
 local function parse(p)
   if p == 'deleted' then return math.huge, math.huge end
   local c = string.find(p, ':', 1, true)
   if not c then return -1, -1 end
-  return tonumber(string.sub(p, 1, c - 1)) or -1, tonumber(string.sub(p, c + 1)) or -1
+  local v, s = tonumber(string.sub(p, 1, c - 1)), tonumber(string.sub(p, c + 1))
+  if not v or not s or s > """
+    + str(MAX_REVISION)
+    + """ then return -1, -1 end
+  return v, s
 end
 local function newer(a, b)
   local av, as = parse(a)
@@ -54,6 +69,7 @@ local function current(k)
   return cur
 end
 """
+)
 
 # Web tier: move the pointer forward (never back), dropping any entry.
 MOVE_POINTER = (

@@ -8,8 +8,24 @@ Three levels, measured so that round trips, not crypto, are the cost:
   the subscription is down (L1 is then bypassed until it is back).
 * **L2**: Redis, one GET of ``lk:s:{org}:{id}`` holding the pointer and the AES-GCM entry
   (see ``cachekeys``); a hit costs one round trip and no database query.
-* **Miss**: one database query (version, stamp, key id, ciphertext, allowed hosts), one HPKE
-  open, then L2 is filled in the background (never rolling the pointer back) and L1 directly.
+* **Miss**: one database query (version, revision, key id, ciphertext, allowed hosts), one
+  HPKE open, then L2 is filled in the background (never rolling the pointer back) and L1
+  directly.
+
+Whoever can write Redis can put back an old entry that is genuine (it authenticates: the
+AEAD binds org, id and pointer, not time). So an entry is used only if it passes two checks
+that need nothing a Redis writer controls (see "What the cache protects against" in
+docs/secrets.md):
+
+* **High-water mark**: per (org, id), the newest pointer this process has seen from a
+  trusted source, a database read or an entry that authenticated (never a pub/sub message or
+  a bare pointer). An entry older than it is refused (a miss, counted as ``rolled_back``).
+  Bounded like L1 (LRU); a key that fell out is protected by the age check alone.
+* **Sealed age**: the entry carries, inside the AEAD, the time its state was read from the
+  database; an entry older than ``l2_max_age`` is refused (counted as ``expired``), and an L1
+  copy of an L2 hit expires no later than the entry would. A worker that never saw the newer
+  state (a fresh one, or a key evicted from the marks) can thus be handed a rolled-back state
+  that was current at most ``l2_max_age`` (plus clock skew between workers) ago.
 
 Redis down means every resolve reads the database (counted); it stays correct.
 """
@@ -23,7 +39,6 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime
 from typing import Any, NamedTuple, cast
 
 import redis
@@ -62,6 +77,17 @@ _DB_READS = RESOLVES.labels("db")
 _DB_LATENCY = LATENCY.labels("db")
 
 CACHE_ERRORS = Counter("latchkey_resolver_cache_errors_total", "Redis failures seen by the resolver", ["op"])
+REFUSED = Counter(
+    "latchkey_resolver_refused_entries_total",
+    "Authenticated L2 entries not used: older than this process's high-water mark, or past the max age",
+    ["reason"],
+)
+_ROLLED_BACK = REFUSED.labels("rolled_back")
+_EXPIRED = REFUSED.labels("expired")
+# The L2 entry format (and AAD) version. v3 added the sealed time; a v2 entry is a miss.
+ENTRY_FORMAT = "latchkey/l2/v3"
+# An entry stamped further in the future than this (a worker's clock ahead) is refused.
+CLOCK_TOLERANCE = 5.0
 
 
 class SecretNotFoundError(Exception):
@@ -88,7 +114,9 @@ class Resolved(NamedTuple):
         return f"Resolved(secret_id={self.secret_id!r}, version={self.version})"
 
 
-SecretRow = Row[int, datetime, str | None, bytes | None, list[str] | None]
+SecretRow = Row[int, int, str | None, bytes | None, list[str] | None]
+# A pointer's place in the (version, revision) order, as the cache's Lua scripts compare them.
+Mark = tuple[int, int]
 
 
 class SecretReader:
@@ -103,7 +131,7 @@ class SecretReader:
         self.engine = make_engine(database_url, pool_pre_ping=False, pool_size=4, max_overflow=8)
         self.autocommit = self.engine.dialect.name == "postgresql"
         self.stmt = select(
-            Secret.version, Secret.updated_at, Secret.key_id, Secret.ciphertext, Secret.allowed_hosts
+            Secret.version, Secret.revision, Secret.key_id, Secret.ciphertext, Secret.allowed_hosts
         ).where(
             Secret.org_id == bindparam("org_id"), Secret.id == bindparam("secret_id"), Secret.ciphertext.is_not(None)
         )
@@ -136,6 +164,8 @@ class Resolver:
         l1_size: int = 4096,
         l1_max_age: float = 30.0,
         l2_ttl: int = 600,
+        l2_max_age: float = 60.0,
+        marks_size: int = 16384,
         listen: bool = True,
         namespace: str = "latchkey",
         keyring_file: str | os.PathLike[str] | None = None,
@@ -151,7 +181,11 @@ class Resolver:
         self.l1_size = l1_size
         self.l1_max_age = l1_max_age
         self.l2_ttl = l2_ttl
+        self.l2_max_age = l2_max_age
+        # ~400 bytes a key: 16,384 marks are ~6.5 MB, four times L1's default reach.
+        self.marks_size = marks_size
         self.channel = cachekeys.channel(namespace)
+        # (org, id) -> (monotonic deadline, value)
         self._l1: OrderedDict[tuple[str, str], tuple[float, Resolved]] = OrderedDict()
         self._l1_lock = threading.Lock()
         # L1 is only trusted while the invalidation subscription is live.
@@ -159,9 +193,12 @@ class Resolver:
         self._generation = 0
         # Keys whose L2 entry an invalidation removed (trusted only while subscribed, like L1).
         self._l2_gone: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # (org, id) -> the newest pointer seen from a trusted source (see the module doc).
+        # Kept whether or not L1 is on: it needs no invalidation to stay true.
+        self._marks: OrderedDict[tuple[str, str], Mark] = OrderedDict()
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
-        self._fills: queue.SimpleQueue[tuple[str, str, str, Resolved] | None] = queue.SimpleQueue()
+        self._fills: queue.SimpleQueue[tuple[str, str, str, Resolved, float] | None] = queue.SimpleQueue()
         self._redis_retry_at = 0.0
         self._pubsub: Any = None
         self._fills_pending = 0  # approximate under races; only used to wait for quiescence
@@ -182,7 +219,7 @@ class Resolver:
         if self._l1_enabled:
             with self._l1_lock:
                 hit = self._l1.get(k)
-                if hit is not None and time.monotonic() - hit[0] < self.l1_max_age:
+                if hit is not None and time.monotonic() < hit[0]:
                     self._l1.move_to_end(k)
                     _L1_HITS.inc()
                     return hit[1]
@@ -197,12 +234,14 @@ class Resolver:
         if not l2_known_gone:
             cached = self._l2_get(org_id, secret_id)
             if cached is not None:
-                self._l1_put(k, cached, generation)
+                # The L1 copy expires no later than the entry's own max age would.
+                self._l1_put(k, cached[0], generation, cached[1])
                 _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
-                return cached
+                return cached[0]
         # After an invalidation the L2 entry is known to be gone (the web tier dropped it with
         # the pointer move), so that miss skips the Redis round trip that would only say so.
         start = time.perf_counter()
+        read_at = time.time()  # before the read: the state read was current at this time or later
         try:
             resolved, ptr = self._from_database(org_id, secret_id)
         finally:
@@ -212,21 +251,22 @@ class Resolver:
         self._l1_put(k, resolved, generation)
         if self.redis is not None:
             self._fills_pending += 1
-            self._fills.put((org_id, secret_id, ptr, resolved))
+            self._fills.put((org_id, secret_id, ptr, resolved, read_at))
         _DB_LATENCY.observe(time.perf_counter() - start)
         return resolved
 
     # -- L1 ----------------------------------------------------------------------------
 
-    def _l1_put(self, k: tuple[str, str], resolved: Resolved, generation: int) -> None:
+    def _l1_put(self, k: tuple[str, str], resolved: Resolved, generation: int, max_age: float | None = None) -> None:
         if not self._l1_enabled:
             return
+        ttl = self.l1_max_age if max_age is None else min(max_age, self.l1_max_age)
         with self._l1_lock:
             # Any invalidation since this resolve started may concern what it read: do not
             # cache it (the next resolve reads again) rather than re-insert a stale value.
             if generation != self._generation:
                 return
-            self._l1[k] = (time.monotonic(), resolved)
+            self._l1[k] = (time.monotonic() + ttl, resolved)
             self._l1.move_to_end(k)
             while len(self._l1) > self.l1_size:
                 self._l1.popitem(last=False)
@@ -247,16 +287,31 @@ class Resolver:
             self._l1.clear()
             self._l2_gone.clear()
 
+    # -- high-water marks ------------------------------------------------------------------
+
+    def _raise_mark(self, k: tuple[str, str], mark: Mark) -> bool:
+        """Record a pointer from a trusted source; False if it is older than one already seen."""
+        with self._l1_lock:
+            seen = self._marks.get(k)
+            if seen is not None and mark < seen:
+                return False
+            self._marks[k] = mark
+            self._marks.move_to_end(k)
+            while len(self._marks) > self.marks_size:
+                # Forgetting a key only loses the rollback check for it; the age check remains.
+                self._marks.popitem(last=False)
+        return True
+
     # -- L2 ----------------------------------------------------------------------------
 
     def _aad(self, org_id: str, secret_id: str, ptr: str) -> bytes:
-        return f"latchkey/l2/v2|{org_id}|{secret_id}|{ptr}".encode()
+        return f"{ENTRY_FORMAT}|{org_id}|{secret_id}|{ptr}".encode()
 
-    def _seal_entry(self, org_id: str, secret_id: str, ptr: str, r: Resolved) -> bytes:
+    def _seal_entry(self, org_id: str, secret_id: str, ptr: str, r: Resolved, read_at: float) -> bytes:
         nonce = os.urandom(12)
-        # "<host>,<host>\n<value>": host names hold neither ',' nor a newline (validated),
-        # and this parses faster than JSON on the hot path.
-        body = (",".join(r.allowed_hosts) + "\n" + r.value).encode("utf-8")
+        # "<read at, ms>\n<host>,<host>\n<value>": host names hold neither ',' nor a newline
+        # (validated), and this parses faster than JSON on the hot path.
+        body = (f"{int(read_at * 1000)}\n" + ",".join(r.allowed_hosts) + "\n" + r.value).encode("utf-8")
         return nonce + self._aead.encrypt(nonce, body, self._aad(org_id, secret_id, ptr))
 
     def _redis_usable(self) -> bool:
@@ -268,7 +323,8 @@ class Resolver:
         CACHE_ERRORS.labels(op).inc()
         self._redis_retry_at = time.monotonic() + REDIS_RETRY_AFTER
 
-    def _l2_get(self, org_id: str, secret_id: str) -> Resolved | None:
+    def _l2_get(self, org_id: str, secret_id: str) -> tuple[Resolved, float] | None:
+        """The L2 entry and how much longer it may be used (seconds), or None for a miss."""
         client = self.redis
         # Inlined _redis_usable(): this is the hot path of an L2 hit.
         if client is None or time.monotonic() < self._redis_retry_at:
@@ -290,12 +346,26 @@ class Resolver:
         try:
             body = self._aead.decrypt(entry[:12], entry[12:], self._aad(org_id, secret_id, ptr)).decode("utf-8")
         except (InvalidTag, ValueError):
-            # Another worker key (mid-rotation) or a corrupt entry: a miss, never an error.
+            # Another worker key (mid-rotation), an entry of an older format or a corrupt
+            # entry: a miss, never an error.
             CACHE_ERRORS.labels("entry").inc()
             return None
-        hosts, _, value = body.partition("\n")
+        # Authenticated: the pointer and the body are what some worker sealed (not necessarily
+        # the current state; a Redis writer can replay any genuine entry).
+        stamp, _, rest = body.partition("\n")
+        left = self.l2_max_age - (time.time() - int(stamp) / 1000)
+        if left <= 0 or left > self.l2_max_age + CLOCK_TOLERANCE:
+            _EXPIRED.inc()
+            return None
+        # An authenticated pointer is one a worker wrote from a database read: "<int>:<int>".
+        version, _, revision = ptr.partition(":")
+        mark = (int(version), int(revision))
+        if not self._raise_mark((org_id, secret_id), mark):
+            _ROLLED_BACK.inc()
+            return None
+        hosts, _, value = rest.partition("\n")
         redact.register(value)  # from now on this process's logs mask it
-        return Resolved(secret_id, int(ptr.split(":", 1)[0]), value, tuple(hosts.split(",")) if hosts else ())
+        return Resolved(secret_id, mark[0], value, tuple(hosts.split(",")) if hosts else ()), left
 
     def _fill_loop(self) -> None:
         # Fills run here, off the resolve path: a miss costs the database, not an extra round trip.
@@ -303,11 +373,11 @@ class Resolver:
             item = self._fills.get()
             if item is None:
                 return
-            org_id, secret_id, ptr, resolved = item
+            org_id, secret_id, ptr, resolved, read_at = item
             try:
-                if self._redis_usable():
+                if self._redis_usable() and time.time() - read_at < self.l2_max_age:
                     # Sealed here, not on the resolve path: a miss should cost only its read.
-                    blob = self._seal_entry(org_id, secret_id, ptr, resolved)
+                    blob = self._seal_entry(org_id, secret_id, ptr, resolved, read_at)
                     self._fill_script(keys=[cachekeys.key(org_id, secret_id)], args=[ptr, blob, self.l2_ttl])
             except (redis.RedisError, OSError):
                 self._redis_failed("fill")
@@ -328,7 +398,7 @@ class Resolver:
         if row is None:
             RESOLVES.labels("not_found").inc()
             raise SecretNotFoundError("secret not found")
-        version, updated_at, key_id, ciphertext, hosts = row
+        version, revision, key_id, ciphertext, hosts = row
         assert ciphertext is not None
         context = secret_context(org_id, secret_id, version)
         try:
@@ -345,7 +415,9 @@ class Resolver:
         _DB_READS.inc()
         value = plain.decode("utf-8")
         redact.register(value)  # from now on this process's logs mask it
-        return Resolved(secret_id, version, value, tuple(hosts or ())), cachekeys.pointer(version, updated_at)
+        # The database is the trusted source: from now on an older entry is a rollback.
+        self._raise_mark((org_id, secret_id), (version, revision))
+        return Resolved(secret_id, version, value, tuple(hosts or ())), cachekeys.pointer(version, revision)
 
     def _reload_keyring(self) -> bool:
         """Load the keyring file again (after a rotation); False if there is none or it is unusable."""
@@ -457,6 +529,7 @@ def build_resolver(settings: Settings, db: Database, *, listen: bool = True) -> 
         listen=listen,
         l1_max_age=settings.secret_l1_max_age_seconds,
         l2_ttl=settings.secret_cache_ttl_seconds,
+        l2_max_age=settings.secret_l2_max_age_seconds,
         namespace=settings.queue,
         keyring_file=settings.private_keys_file,
     )

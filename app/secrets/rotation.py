@@ -11,7 +11,11 @@ The reseal opens each row still sealed to an old key with the ring, seals the sa
 to the current key with the SAME context (the value and version do not change), and writes
 it back with a guarded ``UPDATE ... WHERE id = :id AND key_id = :old AND <guards>``: a
 concurrent edit wins (its row is either already on the new key or is picked up by a
-rerun). ``updated_at`` is not touched, so cache pointers and cached values stay valid.
+rerun). Neither ``revision`` nor ``updated_at`` is touched: the value, version, hosts and
+name are unchanged, so the cache pointer (``<version>:<revision>``) and every cached entry
+still describe the row exactly; bumping the revision would only turn every entry of the
+fleet into a database read at once. (Entries sealed under the old L2 key, derived from the
+old current key, become misses on their own when workers load the new ring.)
 
 It walks each table by primary key (keyset pagination) in batches, one transaction per
 batch: a crash loses at most the batch in flight, and a rerun (the same job redelivered,

@@ -297,8 +297,11 @@ def update_secret(
         return secret
     secret.updated_at = now
     secret.updated_by = ctx.actor.id
+    # In SQL, not from the loaded value: concurrent writers can never reuse a number, and the
+    # cache pointer's order never depends on this host's clock.
+    secret.revision = Secret.revision + 1
     _flush_unique(session, secret.name or "")
-    invalidation.stage(session, org.id, secret.id, cachekeys.pointer(secret.version, now))
+    invalidation.stage(session, org.id, secret.id, cachekeys.pointer(secret.version, secret.revision))
     audit.record(
         session,
         ctx,

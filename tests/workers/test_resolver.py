@@ -35,7 +35,7 @@ def queries(db: Database) -> Iterator[list[str]]:
 
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         # The resolver's read (and nothing the web tier or the test does).
-        if statement.startswith("SELECT secrets.version, secrets.updated_at, secrets.key_id, secrets.ciphertext"):
+        if statement.startswith("SELECT secrets.version, secrets.revision, secrets.key_id, secrets.ciphertext"):
             seen.append(statement)
 
     # Every engine: the resolver reads through a pool of its own.
@@ -137,7 +137,7 @@ def test_a_slow_worker_cannot_roll_the_pointer_back(
     with db.session() as s:
         row = s.get(Secret, sid)
         assert row is not None
-        old_ptr = cachekeys.pointer(row.version, row.updated_at)
+        old_ptr = cachekeys.pointer(row.version, row.revision)
     admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "v2-value"})
     client = redis.Redis.from_url(redis_url)
     try:
@@ -347,3 +347,220 @@ def test_the_miss_after_an_invalidation_skips_the_redis_round_trip(
     assert len(queries) == before_db + 1
     resolver.flush_fills()
     assert CountingRedis.commands - before_redis == 1  # only the background fill
+
+
+# -- rollback: a Redis writer puts back an old, genuine entry (issue #10 item 4) ---------------
+
+
+def _refused(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("latchkey_resolver_refused_entries_total", {"reason": reason}) or 0.0
+
+
+def _pointer_of(raw: bytes | None) -> tuple[int, int]:
+    assert raw is not None
+    version, stamp = raw.partition(b"\n")[0].decode().split(":")
+    return int(version), int(stamp)
+
+
+def test_an_old_entry_set_back_is_refused_after_the_l1_max_age(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str, settings: Settings
+) -> None:
+    """The reproduced attack: narrow the hosts, SET the old entry back, wait out L1: new hosts only."""
+    import time
+
+    sid = factory.secret(admin, org, allowed_hosts=["api.example.com", "removed.example.com"])["id"]
+    org_id = _org_id(db, org)
+    key = cachekeys.key(org_id, sid)
+    attacker = redis.Redis.from_url(redis_url)
+    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), l1_max_age=0.2, namespace=settings.queue)
+    try:
+        assert r.wait_until_listening()
+        assert r.resolve(org_id, sid).allowed_hosts == ("api.example.com", "removed.example.com")
+        assert r.flush_fills()
+        old_raw = attacker.get(key)
+        assert old_raw and len(old_raw.partition(b"\n")[2]) > 28  # the entry was filled
+
+        resp = admin.patch(f"orgs/{org}/secrets/{sid}", json={"allowed_hosts": ["api.example.com"]})
+        assert resp.status_code == 200
+        assert r.resolve(org_id, sid).allowed_hosts == ("api.example.com",)
+        assert r.flush_fills()
+        new_raw = attacker.get(key)
+        assert new_raw and _pointer_of(new_raw) > _pointer_of(old_raw)  # moved, then refilled
+        assert len(new_raw.partition(b"\n")[2]) > 28
+
+        attacker.set(key, old_raw)  # the old entry is genuine: it authenticates
+        refused = _refused("rolled_back")
+        time.sleep(0.3)  # past the L1 max age: the next resolve reads L2
+        assert r.resolve(org_id, sid).allowed_hosts == ("api.example.com",)
+        assert _refused("rolled_back") == refused + 1
+    finally:
+        r.close()
+        attacker.close()
+
+
+def test_a_fresh_resolver_refuses_an_entry_older_than_the_l2_max_age(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str, settings: Settings
+) -> None:
+    """A worker with no high-water mark can be rolled back only as far as the max age."""
+    import time
+
+    sid = factory.secret(admin, org, allowed_hosts=["api.example.com", "removed.example.com"])["id"]
+    org_id = _org_id(db, org)
+    key = cachekeys.key(org_id, sid)
+    attacker = redis.Redis.from_url(redis_url)
+    filler = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False)
+    try:
+        filler.resolve(org_id, sid)
+        assert filler.flush_fills()
+        old_raw = attacker.get(key)
+        assert old_raw
+        assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"allowed_hosts": ["api.example.com"]}).status_code == 200
+        attacker.set(key, old_raw)
+    finally:
+        filler.close()
+        attacker.close()
+
+    # Within the max age a worker that never saw the newer state takes the old one: the window.
+    within = build_resolver(settings, db, listen=False)
+    try:
+        assert within.resolve(org_id, sid).allowed_hosts == ("api.example.com", "removed.example.com")
+    finally:
+        within.close()
+
+    time.sleep(0.6)
+    expired = _refused("expired")
+    fresh = build_resolver(settings.model_copy(update={"secret_l2_max_age_seconds": 0.5}), db, listen=False)
+    try:
+        assert fresh.resolve(org_id, sid).allowed_hosts == ("api.example.com",)
+        assert _refused("expired") == expired + 1
+    finally:
+        fresh.close()
+
+
+def test_pointers_move_forward_when_the_web_hosts_clock_goes_back(
+    resolver: Resolver,
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.secrets import service
+
+    sid = factory.secret(admin, org, allowed_hosts=["a.example.com"])["id"]
+    org_id = _org_id(db, org)
+    key = cachekeys.key(org_id, sid)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        now = utcnow()
+        monkeypatch.setattr(service, "utcnow", lambda: now)
+        assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"allowed_hosts": ["b.example.com"]}).status_code == 200
+        assert resolver.resolve(org_id, sid).allowed_hosts == ("b.example.com",)
+        assert resolver.flush_fills()  # the entry for the first edit is in L2
+        first = _pointer_of(client.get(key))
+
+        # The next edit is served by a web host whose clock is an hour behind.
+        monkeypatch.setattr(service, "utcnow", lambda: now - timedelta(hours=1))
+        assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"allowed_hosts": ["c.example.com"]}).status_code == 200
+        assert _pointer_of(client.get(key)) > first
+    finally:
+        client.close()
+    assert resolver.resolve(org_id, sid).allowed_hosts == ("c.example.com",)
+    fresh = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False)  # served by L2 or the database
+    try:
+        assert fresh.resolve(org_id, sid).allowed_hosts == ("c.example.com",)
+    finally:
+        fresh.close()
+
+
+def test_an_entry_from_before_the_upgrade_is_a_miss_and_is_replaced(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str, queries: list[str]
+) -> None:
+    """A v2 entry under a wall-clock pointer (written before revisions) is never preferred."""
+    import os
+    import time
+
+    sid = factory.secret(admin, org, value="current-value", allowed_hosts=["new.example.com"])["id"]
+    org_id = _org_id(db, org)
+    key = cachekeys.key(org_id, sid)
+    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Exactly what the previous release wrote: "<version>:<microseconds>" and a v2 entry.
+        legacy_ptr = f"1:{int(time.time() * 1_000_000)}"
+        nonce = os.urandom(12)
+        body = b"old.example.com\nolder-value"
+        aad = f"latchkey/l2/v2|{org_id}|{sid}|{legacy_ptr}".encode()
+        client.set(key, legacy_ptr.encode() + b"\n" + nonce + r._aead.encrypt(nonce, body, aad), ex=600)
+
+        got = r.resolve(org_id, sid)
+        assert (got.value, got.allowed_hosts) == ("current-value", ("new.example.com",))
+        assert len(queries) == 1
+        assert r.flush_fills()
+        assert _pointer_of(client.get(key)) == (1, 1)  # the fill replaced the wall-clock pointer
+        assert r.resolve(org_id, sid).value == "current-value"
+        assert len(queries) == 1  # and that entry serves L2 hits
+    finally:
+        r.close()
+        client.close()
+
+
+def test_only_trusted_sources_raise_the_high_water_mark(
+    resolver: Resolver,
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    settings: Settings,
+    queries: list[str],
+) -> None:
+    """A bare pointer or an invalidation message claiming a newer state does not poison the cache."""
+    import json
+
+    sid = factory.secret(admin, org, value="genuine")["id"]
+    org_id = _org_id(db, org)
+    key = cachekeys.key(org_id, sid)
+    resolver.resolve(org_id, sid)
+    assert resolver.flush_fills()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        genuine = client.get(key)
+        assert genuine
+        client.set(key, b"999:999\n")  # a bare pointer: a miss, read from the database
+        message = {"o": org_id, "i": sid, "p": "999:999", "n": "forged-" + sid}
+        assert client.publish(cachekeys.channel(settings.queue), json.dumps(message)) >= 1
+        assert client.blpop([cachekeys.ACK_PREFIX + message["n"]], timeout=5) is not None  # it was handled
+        resolver._set_l1_enabled(True)  # empty L1: the next resolve goes to Redis
+        assert resolver.resolve(org_id, sid).value == "genuine"
+        assert resolver.flush_fills()
+        before = len(queries)
+        client.set(key, genuine)
+        resolver._set_l1_enabled(True)
+        assert resolver.resolve(org_id, sid).value == "genuine"
+        assert len(queries) == before  # the genuine current entry is still an L2 hit
+    finally:
+        client.close()
+
+
+def test_high_water_marks_are_bounded(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str
+) -> None:
+    ids = [factory.secret(admin, org)["id"] for _ in range(3)]
+    org_id = _org_id(db, org)
+    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), listen=False, marks_size=2)
+    try:
+        for sid in ids:
+            r.resolve(org_id, sid)
+        # The least recently seen key is forgotten (for it, only the max age still applies).
+        assert list(r._marks) == [(org_id, ids[1]), (org_id, ids[2])]
+    finally:
+        r.close()

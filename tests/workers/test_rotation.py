@@ -60,6 +60,11 @@ def key_ids(db: Database) -> set[str | None]:
         return set(s.scalars(select(Secret.key_id)))
 
 
+def revisions(db: Database) -> dict[str, int]:
+    with db.session() as s:
+        return dict(s.execute(select(Secret.id, Secret.revision)).all())
+
+
 def test_rotate_reseal_retire(
     settings: Settings, db: Database, factory: Factory, admin: Caller, org: str, ring_copy: Path
 ) -> None:
@@ -67,6 +72,7 @@ def test_rotate_reseal_retire(
     ids = {name: factory.secret(admin, org, name=name, value=v)["id"] for name, v in values.items()}
     old_kid = Keyring.load(ring_copy).current_kid
     assert key_ids(db) == {old_kid}
+    before_revisions = revisions(db)
     # A resolver that loaded the ring before the rotation: it must pick up the new key by itself.
     resolver = Resolver(db, Keyring.load(ring_copy), None, listen=False, keyring_file=ring_copy)
 
@@ -108,6 +114,8 @@ def test_rotate_reseal_retire(
         assert done["progress"] == {"done": 5, "total": 5}
         assert done["result"]["resealed"] == 5 and done["result"]["key_id"] == new_kid
         assert key_ids(db) == {new_kid}
+        # The same state, so the same cache pointers: a reseal does not bump the revision.
+        assert revisions(db) == before_revisions
 
         for name, secret_id in ids.items():
             got = resolver.resolve(factory_org_id(db, org), secret_id)
