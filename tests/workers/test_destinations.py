@@ -87,6 +87,8 @@ def _server(caller: Caller, org: str, url: str, secret_ref: str | None) -> str:
     assert resp.status_code == 201, resp.get_json()
     server_id: str = resp.get_json()["id"]
     assert _settle(caller, org, server_id)["status"] == "valid"
+    # Until the job itself is finished, the worker may be inside a write (held, it would keep the lock).
+    wait_job(caller.get, f"orgs/{org}/jobs/{resp.get_json()['job']['id']}")
     return server_id
 
 
