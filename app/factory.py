@@ -73,6 +73,19 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     problems.register(app)
     app.teardown_appcontext(close_session)
 
+    from app.observability import redact
+
+    @app.before_request
+    def _redaction_scope() -> None:
+        # Values submitted in this request are masked in its log lines, and forgotten at teardown.
+        g.redaction_scope = redact.push_scope()
+
+    @app.teardown_request
+    def _end_redaction_scope(_exc: BaseException | None) -> None:
+        token = g.pop("redaction_scope", None)
+        if token is not None:
+            redact.pop_scope(token)
+
     @app.before_request
     def _request_id() -> None:
         incoming = request.headers.get("X-Request-ID", "")

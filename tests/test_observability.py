@@ -253,7 +253,7 @@ def test_registry_is_bounded_least_recently_registered_first() -> None:
     assert redact.redact(values[-1]) == MASK
     assert redact.redact("one-value-too-many") == MASK
     # Evicted values leave nothing behind in the index.
-    assert set(redact._refs) == {text for forms in redact._values.values() for text, _l, _t in forms}
+    assert set(redact.PROCESS._refs) == {text for forms in redact.PROCESS._values.values() for text, _l, _t in forms}
 
 
 def test_registry_is_also_bounded_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,7 +262,7 @@ def test_registry_is_also_bounded_by_size(monkeypatch: pytest.MonkeyPatch) -> No
     for v in big:
         redact.register(v)
     assert 1 <= redact.size() < 20
-    assert redact._chars <= 200_000
+    assert redact.PROCESS._chars <= 200_000
     assert redact.redact(big[-1]) == MASK and redact.redact(big[0]) == big[0]
     huge = secrets.token_urlsafe(300_000)  # alone over the budget: still kept, the newest always is
     redact.register(huge)
@@ -306,15 +306,15 @@ def test_registry_is_thread_safe(monkeypatch: pytest.MonkeyPatch) -> None:
         t.join(60)
     assert not errors, errors
     assert redact.size() == 300
-    kept = list(redact._values)
+    kept = list(redact.PROCESS._values)
     assert all(redact.redact(v) == MASK for v in kept)
-    evicted = [v for v in registered if v not in redact._values]
+    evicted = [v for v in registered if v not in redact.PROCESS._values]
     assert len(evicted) > 1000 and all(redact.redact(v) == v for v in evicted[:200])
     # The index holds exactly the forms of the kept values, each under its grams.
-    assert set(redact._refs) == {text for forms in redact._values.values() for text, _l, _t in forms}
-    assert all(count > 0 for count, _l, _t in redact._refs.values())
-    indexed = {(text, offset) for entries in redact._index.values() for text, offset, _l, _t in entries}
-    assert indexed == {(text, o) for text in redact._refs for _g, o in redact._grams(text)}
+    assert set(redact.PROCESS._refs) == {text for forms in redact.PROCESS._values.values() for text, _l, _t in forms}
+    assert all(count > 0 for count, _l, _t in redact.PROCESS._refs.values())
+    indexed = {(text, offset) for entries in redact.PROCESS._index.values() for text, offset, _l, _t in entries}
+    assert indexed == {(text, o) for text in redact.PROCESS._refs for _g, o in redact._grams(text)}
 
 
 _ALPHABET = 'abcAB01+/=%- "é\\\n'
@@ -759,3 +759,27 @@ def test_legacy_token_reads_counter_is_importable_and_exported(metrics_client: F
 def test_metrics_needs_no_auth_and_is_not_in_the_api(metrics_client: FlaskClient, app: Flask) -> None:
     assert metrics_client.get("/metrics", headers={"Authorization": "Bearer lk_bogus"}).status_code == 200
     assert not any(r.rule.startswith("/api/") and "metrics" in r.rule for r in app.url_map.iter_rules())
+
+
+def test_a_scoped_value_is_masked_in_its_scope_only_and_never_registered_process_wide() -> None:
+    value = "scoped-" + secrets.token_hex(12)
+    redact.register_scoped(value)  # outside any scope: nothing happens
+    assert redact.redact(value) == value
+    token = redact.push_scope()
+    try:
+        redact.register_scoped(value)
+        assert redact.redact(f"x {value} y") == f"x {MASK} y"
+        assert redact.active()
+        assert value not in redact.PROCESS._values
+    finally:
+        redact.pop_scope(token)
+    assert redact.redact(value) == value
+
+
+def test_a_run_registry_masks_only_its_own_values() -> None:
+    mine, theirs = "mine-" + secrets.token_hex(10), "theirs-" + secrets.token_hex(10)
+    redact.register(theirs)  # process-wide: what log handlers mask
+    run = redact.Registry()
+    run.register(mine)
+    assert run.redact(f"{mine} {theirs}") == f"{MASK} {theirs}"
+    assert redact.redact(f"{mine} {theirs}") == f"{mine} {MASK}"

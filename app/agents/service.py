@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -12,6 +13,7 @@ from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import NotFoundError, ValidationFailedError
 from app.jobs import service as jobs
+from app.mcp.service import destination as mcp_destination
 from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider
 from app.pagination import Page, paginate
 
@@ -203,11 +205,51 @@ def delete_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str)
     )
 
 
+def provider_destination(provider: Provider) -> dict[str, Any]:
+    """Where a run sends the provider's key: the fields that define the endpoint, never a value."""
+    return {
+        "provider_id": provider.id,
+        "secret_ref": provider.secret_ref,
+        "provider_type": provider.provider_type,
+        "kind": provider.kind,
+        "config": dict(provider.config or {}),  # base_url / account_id / gateway_id only
+    }
+
+
+def run_destinations(provider: Provider, servers: Iterable[McpServer]) -> dict[str, Any]:
+    """Every destination a run may send a credential to: its provider and each selected tool's server.
+
+    Recorded in the run's job params; the worker compares the rows with it before resolving any
+    secret, and a run whose destinations changed since it was queued ends ``stale`` unsent.
+    """
+    unique = {server.id: server for server in servers}
+    return {
+        "provider": provider_destination(provider),
+        "mcp_servers": [mcp_destination(unique[sid]) for sid in sorted(unique)],
+    }
+
+
+def load_destinations(session: Session, agent: Agent) -> tuple[Provider | None, list[McpServer]]:
+    """The agent's provider and the servers of its selected tools, as they are now."""
+    provider = session.scalar(select(Provider).where(Provider.org_id == agent.org_id, Provider.id == agent.provider_id))
+    servers = session.scalars(
+        select(McpServer)
+        .join(AgentTool, (AgentTool.mcp_server_id == McpServer.id) & (AgentTool.org_id == McpServer.org_id))
+        .where(AgentTool.agent_id == agent.id)
+    ).all()
+    return provider, list(servers)
+
+
 def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, text: Any) -> tuple[AgentRun, Job]:
     """Queue a run of the agent on ``text`` (202: the worker does the rest)."""
     agent = get_agent(session, org, agent_id)
     prompt = _text("input", text, MAX_INPUT, required=True)
     assert prompt is not None
+    provider, servers = load_destinations(session, agent)
+    if provider is None:
+        raise NotFoundError("the agent's provider no longer exists")
+    # Where the run may send credentials, as allowed now: the worker sends nowhere else.
+    destinations = run_destinations(provider, servers)
     run = AgentRun(
         id=new_id(),
         org_id=org.id,
@@ -220,7 +262,8 @@ def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, te
     )
     session.add(run)
     session.flush()
-    job = jobs.create_job(session, ctx, org_id=org.id, kind=RUN_TASK, params={"run_id": run.id})
+    params = {"run_id": run.id, **destinations}
+    job = jobs.create_job(session, ctx, org_id=org.id, kind=RUN_TASK, params=params)
     run.job_id = job.id
     audit.record(
         session,

@@ -93,6 +93,28 @@ def mcp_token(session: Session, org_id: str, server_id: str) -> str | None:
         return None
 
 
+def has_mcp_token(session: Session, org_id: str, server_id: str) -> bool:
+    """Whether a server not yet backfilled still carries a raw legacy token; False once contracted.
+
+    For the web tier's permission checks: a ``token IS NOT NULL`` predicate, so the token itself
+    is never selected (the web tier must not read a raw credential to learn that one exists).
+    """
+    if not present(session):
+        return False
+    try:
+        with session.begin_nested():
+            found = session.execute(
+                sa.select(sa.literal(1))
+                .select_from(mcp_servers)
+                .where(mcp_servers.c.org_id == org_id, mcp_servers.c.id == server_id, mcp_servers.c.token.is_not(None))
+            ).first()
+            return found is not None
+    except DBAPIError:
+        if present(session, refresh=True):
+            raise
+        return False
+
+
 def count(session: Session, table: Any, condition: Any, org_id: str | None = None) -> int:
     """Rows of ``table`` matching ``condition`` (of one org with ``org_id``)."""
     stmt = sa.select(sa.func.count()).select_from(table).where(condition)

@@ -75,19 +75,22 @@ def get_server(session: Session, org: Org, server_id: str, *, for_update: bool =
     return server
 
 
-def _queue_validation(session: Session, ctx: RequestContext, server: McpServer) -> Job:
+def destination(server: McpServer) -> dict[str, Any]:
+    """Where a job would send this server's credential: ids, URL and transport, never a value.
+
+    Recorded in the params of every job that will connect to the server (validation, agent runs),
+    and compared with the row by the worker before it resolves the secret: a job whose server
+    was unbound, re-bound or re-pointed since it was queued ends ``stale`` without connecting.
+    """
+    return {"server_id": server.id, "url": server.url, "transport": server.transport, "secret_ref": server.secret_ref}
+
+
+def queue_validation(session: Session, ctx: RequestContext, server: McpServer) -> Job:
+    """Queue a validation of the server as it is now (its destination is recorded in the job)."""
     server.status = "pending"
     server.status_error_code = None
     server.status_error_message = None
-    # The binding is part of the request: a job that runs after the binding changed reports on
-    # what it was asked to check, and its outcome is not stored on the (changed) server.
-    return jobs.create_job(
-        session,
-        ctx,
-        org_id=server.org_id,
-        kind=VALIDATE_TASK,
-        params={"server_id": server.id, "secret_ref": server.secret_ref},
-    )
+    return jobs.create_job(session, ctx, org_id=server.org_id, kind=VALIDATE_TASK, params=destination(server))
 
 
 def create_server(
@@ -130,7 +133,7 @@ def create_server(
         target_id=server.id,
         details={"name": name, "url": url, "transport": transport, "secret_ref": secret_ref},
     )
-    return server, _queue_validation(session, ctx, server)
+    return server, queue_validation(session, ctx, server)
 
 
 def update_server(
@@ -182,7 +185,7 @@ def update_server(
         target_id=server.id,
         details={"changed": changed, "url": server.url, "secret_ref": server.secret_ref},
     )
-    job = _queue_validation(session, ctx, server) if {"url", "transport", "secret_ref"} & set(changed) else None
+    job = queue_validation(session, ctx, server) if {"url", "transport", "secret_ref"} & set(changed) else None
     return server, job
 
 
@@ -190,7 +193,7 @@ def _holds_credential(session: Session, server: McpServer) -> bool:
     """A bound secret, or (before the contract migration) a legacy raw token not yet backfilled."""
     if server.secret_ref is not None:
         return True
-    return legacy.mcp_token(session, server.org_id, server.id) is not None
+    return legacy.has_mcp_token(session, server.org_id, server.id)
 
 
 def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> None:
@@ -215,7 +218,7 @@ def request_validation(session: Session, ctx: RequestContext, access: OrgAccess,
     """Queue a validation (any member: it sends the secret only where an admin allowed it)."""
     server = get_server(session, access.org, server_id, for_update=True)
     server.updated_at = utcnow()
-    return _queue_validation(session, ctx, server)
+    return queue_validation(session, ctx, server)
 
 
 def list_tools(session: Session, org: Org, server_id: str) -> list[McpTool]:

@@ -13,8 +13,12 @@ Lessons taken from Airflow's SecretsMasker (see docs/observability.md):
 * the registry is bounded, by count and by size (least recently registered values are
   forgotten first), and thread-safe; reads take no lock.
 
-The registry is process-wide. A worker registers each value it resolves
-(``register(value)``); handlers get :class:`RedactingFilter` (``app.logs`` installs it).
+Values live in a :class:`Registry`. The module keeps one process-wide instance for log
+handlers: a worker registers each value it resolves (``register(value)``); handlers get
+:class:`RedactingFilter` (``app.logs`` installs it). The web tier registers nothing
+process-wide: a web request runs in a scope (``push_scope`` / ``pop_scope``) whose own registry
+(``register_scoped``) the filter also consults, and which is dropped at teardown. An agent run
+masks what its user reads back with a registry of its own (the values resolved in that run).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import string
 import threading
 import urllib.parse
 from collections import OrderedDict
+from contextvars import ContextVar, Token
 from typing import Final
 
 MIN_LENGTH: Final = 8
@@ -49,18 +54,6 @@ assert MIN_LENGTH >= _SHORTEST, "shorter values would have forms the index canno
 _Form = tuple[str, int, int]
 # (text, offset of the gram in it, lead, tail)
 _Entry = tuple[str, int, int, int]
-
-_lock = threading.Lock()
-# value -> its forms; insertion order is recency (the first entry is evicted first).
-_values: OrderedDict[str, tuple[_Form, ...]] = OrderedDict()
-_chars = 0  # total length of the forms in _values
-# form text -> [reference count, lead, tail] (two values can share a form).
-_refs: dict[str, list[int]] = {}
-# gram -> {(form text, offset)} (writer side).
-_buckets: dict[str, set[tuple[str, int]]] = {}
-# gram -> entries. Read without the lock: entries are immutable tuples, replaced (never
-# mutated) under the lock, and a dict lookup is atomic.
-_index: dict[str, tuple[_Entry, ...]] = {}
 
 
 def _forms(value: str) -> dict[str, tuple[int, int]]:
@@ -107,40 +100,150 @@ def _grams(text: str) -> list[tuple[str, int]]:
     return [(text[o : o + _GRAM], o) for o in range(base, base + _STRIDE)]
 
 
-def _publish(gram: str) -> None:
-    keys = _buckets.get(gram)
-    if not keys:
-        _buckets.pop(gram, None)
-        _index.pop(gram, None)
-        return
-    _index[gram] = tuple((t, o, _refs[t][1], _refs[t][2]) for t, o in keys)
+class Registry:
+    """A bounded, thread-safe set of values to mask, with an index that makes :meth:`redact` cheap.
 
+    The module keeps one process-wide instance (:data:`PROCESS`) for log handlers; a scope
+    (:func:`push_scope`, a web request) or an agent run holds its own, dropped with it.
+    ``max_values`` / ``max_chars`` default to the module's ``MAX_VALUES`` / ``MAX_CHARS``.
+    """
 
-def _add_form(text: str, lead: int, tail: int) -> None:
-    ref = _refs.get(text)
-    if ref is None:
-        _refs[text] = [1, lead, tail]
-        for gram, offset in _grams(text):
-            _buckets.setdefault(gram, set()).add((text, offset))
-    else:
-        ref[0] += 1
-        if lead <= ref[1] and tail <= ref[2]:
+    __slots__ = ("_buckets", "_chars", "_index", "_lock", "_max_chars", "_max_values", "_refs", "_values")
+
+    def __init__(self, *, max_values: int | None = None, max_chars: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self._max_values = max_values
+        self._max_chars = max_chars
+        # value -> its forms; insertion order is recency (the first entry is evicted first).
+        self._values: OrderedDict[str, tuple[_Form, ...]] = OrderedDict()
+        self._chars = 0  # total length of the forms in _values
+        # form text -> [reference count, lead, tail] (two values can share a form).
+        self._refs: dict[str, list[int]] = {}
+        # gram -> {(form text, offset)} (writer side).
+        self._buckets: dict[str, set[tuple[str, int]]] = {}
+        # gram -> entries. Read without the lock: entries are immutable tuples, replaced (never
+        # mutated) under the lock, and a dict lookup is atomic.
+        self._index: dict[str, tuple[_Entry, ...]] = {}
+
+    def _publish(self, gram: str) -> None:
+        keys = self._buckets.get(gram)
+        if not keys:
+            self._buckets.pop(gram, None)
+            self._index.pop(gram, None)
             return
-        ref[1], ref[2] = max(ref[1], lead), max(ref[2], tail)
-    for gram in {g for g, _o in _grams(text)}:
-        _publish(gram)
+        self._index[gram] = tuple((t, o, self._refs[t][1], self._refs[t][2]) for t, o in keys)
+
+    def _add_form(self, text: str, lead: int, tail: int) -> None:
+        ref = self._refs.get(text)
+        if ref is None:
+            self._refs[text] = [1, lead, tail]
+            for gram, offset in _grams(text):
+                self._buckets.setdefault(gram, set()).add((text, offset))
+        else:
+            ref[0] += 1
+            if lead <= ref[1] and tail <= ref[2]:
+                return
+            ref[1], ref[2] = max(ref[1], lead), max(ref[2], tail)
+        for gram in {g for g, _o in _grams(text)}:
+            self._publish(gram)
+
+    def _remove_form(self, text: str) -> None:
+        ref = self._refs[text]
+        ref[0] -= 1
+        if ref[0] > 0:
+            return
+        del self._refs[text]
+        for gram, offset in _grams(text):
+            self._buckets[gram].discard((text, offset))
+        for gram in {g for g, _o in _grams(text)}:
+            self._publish(gram)
+
+    def register(self, value: str) -> None:
+        """Mask ``value`` (and its encodings) from now on; see the module function :func:`register`."""
+        if not isinstance(value, str) or len(value) < MIN_LENGTH or not value.strip():
+            return
+        with self._lock:
+            if value in self._values:
+                self._values.move_to_end(value)
+                return
+        forms = tuple((text, lead, tail) for text, (lead, tail) in _forms(value).items())
+        max_values = self._max_values or MAX_VALUES
+        max_chars = self._max_chars or MAX_CHARS
+        with self._lock:
+            if value in self._values:
+                self._values.move_to_end(value)
+                return
+            self._values[value] = forms
+            self._chars += sum(len(text) for text, _lead, _tail in forms)
+            for text, lead, tail in forms:
+                self._add_form(text, lead, tail)
+            while len(self._values) > max_values or (self._chars > max_chars and len(self._values) > 1):
+                _old, old_forms = self._values.popitem(last=False)
+                self._chars -= sum(len(text) for text, _lead, _tail in old_forms)
+                for text, _lead, _tail in old_forms:
+                    self._remove_form(text)
+
+    def clear(self) -> None:
+        """Forget every registered value."""
+        with self._lock:
+            self._chars = 0
+            self._values.clear()
+            self._refs.clear()
+            self._buckets.clear()
+            self._index.clear()
+
+    def size(self) -> int:
+        """How many values are registered."""
+        return len(self._values)
+
+    def active(self) -> bool:
+        """Whether anything is registered (when not, :meth:`redact` returns its input unchanged)."""
+        return bool(self._index)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every value of this registry, in every form, replaced by ``***``."""
+        index = self._index
+        if not index or not isinstance(text, str) or len(text) < _SHORTEST:
+            return text
+        n = len(text)
+        hits = [j for j in range(0, n - _GRAM + 1, _STRIDE) if text[j : j + _GRAM] in index]
+        if not hits:
+            return text
+        spans: list[tuple[int, int]] = []
+        for j in hits:
+            for form, offset, lead, tail in index.get(text[j : j + _GRAM], ()):
+                start = j - offset
+                if start >= 0 and text.startswith(form, start):
+                    end = start + len(form)
+                    while lead and start > 0 and text[start - 1] in _B64_CHARS:
+                        start, lead = start - 1, lead - 1
+                    while tail and end < n and text[end] in _B64_CHARS:
+                        end, tail = end + 1, tail - 1
+                    spans.append((start, end))
+        if not spans:
+            return text
+        # Overlapping or touching matches become one mask.
+        spans.sort()
+        out: list[str] = []
+        pos = 0
+        cur_start, cur_end = spans[0]
+        for start, end in spans[1:]:
+            if start <= cur_end:
+                cur_end = max(cur_end, end)
+                continue
+            out += (text[pos:cur_start], MASK)
+            pos, cur_start, cur_end = cur_end, start, end
+        out += (text[pos:cur_start], MASK, text[cur_end:])
+        return "".join(out)
 
 
-def _remove_form(text: str) -> None:
-    ref = _refs[text]
-    ref[0] -= 1
-    if ref[0] > 0:
-        return
-    del _refs[text]
-    for gram, offset in _grams(text):
-        _buckets[gram].discard((text, offset))
-    for gram in {g for g, _o in _grams(text)}:
-        _publish(gram)
+# The process-wide registry: what this process's log handlers mask. Workers register every
+# value they resolve here. The web tier registers nothing here (it would keep every value
+# ever submitted for the life of the process): it uses a scope, below.
+PROCESS: Final = Registry()
+
+# The registry of the current scope (a web request), consulted by the log filter with PROCESS.
+_scope: ContextVar[Registry | None] = ContextVar("latchkey_redact_scope", default=None)
 
 
 def register(value: str) -> None:
@@ -150,85 +253,57 @@ def register(value: str) -> None:
     ``MAX_VALUES`` values (and ``MAX_CHARS`` characters of their forms) are kept, the most
     recently registered; registering a known value again marks it recently used.
     """
-    if not isinstance(value, str) or len(value) < MIN_LENGTH or not value.strip():
-        return
-    with _lock:
-        if value in _values:
-            _values.move_to_end(value)
-            return
-    global _chars
-    forms = tuple((text, lead, tail) for text, (lead, tail) in _forms(value).items())
-    with _lock:
-        if value in _values:
-            _values.move_to_end(value)
-            return
-        _values[value] = forms
-        _chars += sum(len(text) for text, _lead, _tail in forms)
-        for text, lead, tail in forms:
-            _add_form(text, lead, tail)
-        while len(_values) > MAX_VALUES or (_chars > MAX_CHARS and len(_values) > 1):
-            _old, old_forms = _values.popitem(last=False)
-            _chars -= sum(len(text) for text, _lead, _tail in old_forms)
-            for text, _lead, _tail in old_forms:
-                _remove_form(text)
+    PROCESS.register(value)
+
+
+def push_scope() -> Token[Registry | None]:
+    """Start a scope with an empty registry of its own (a web request); returns the token for :func:`pop_scope`."""
+    return _scope.set(Registry())
+
+
+def pop_scope(token: Token[Registry | None]) -> None:
+    """End the scope: its registry, and every value in it, is dropped."""
+    scope = _scope.get()
+    try:
+        _scope.reset(token)
+    except ValueError:  # the token belongs to another context: end whatever scope this one has
+        _scope.set(None)
+    if scope is not None:
+        scope.clear()
+
+
+def register_scoped(value: str) -> None:
+    """Mask ``value`` in log lines of the current scope only (nothing happens outside a scope).
+
+    The web tier uses this for submitted values: masked while the request runs, forgotten at
+    its teardown, never added to the process-wide registry.
+    """
+    scope = _scope.get()
+    if scope is not None:
+        scope.register(value)
 
 
 def clear() -> None:
-    """Forget every registered value (tests)."""
-    global _chars
-    with _lock:
-        _chars = 0
-        _values.clear()
-        _refs.clear()
-        _buckets.clear()
-        _index.clear()
+    """Forget every value registered process-wide (tests)."""
+    PROCESS.clear()
 
 
 def size() -> int:
-    """How many values are registered."""
-    return len(_values)
+    """How many values are registered process-wide."""
+    return PROCESS.size()
 
 
 def active() -> bool:
-    """Whether anything is registered (when not, :func:`redact` returns its input unchanged)."""
-    return bool(_index)
+    """Whether anything is registered, process-wide or in the current scope."""
+    scope = _scope.get()
+    return PROCESS.active() or (scope is not None and scope.active())
 
 
 def redact(text: str) -> str:
-    """``text`` with every registered value, in every form, replaced by ``***``."""
-    index = _index
-    if not index or not isinstance(text, str) or len(text) < _SHORTEST:
-        return text
-    n = len(text)
-    hits = [j for j in range(0, n - _GRAM + 1, _STRIDE) if text[j : j + _GRAM] in index]
-    if not hits:
-        return text
-    spans: list[tuple[int, int]] = []
-    for j in hits:
-        for form, offset, lead, tail in index.get(text[j : j + _GRAM], ()):
-            start = j - offset
-            if start >= 0 and text.startswith(form, start):
-                end = start + len(form)
-                while lead and start > 0 and text[start - 1] in _B64_CHARS:
-                    start, lead = start - 1, lead - 1
-                while tail and end < n and text[end] in _B64_CHARS:
-                    end, tail = end + 1, tail - 1
-                spans.append((start, end))
-    if not spans:
-        return text
-    # Overlapping or touching matches become one mask.
-    spans.sort()
-    out: list[str] = []
-    pos = 0
-    cur_start, cur_end = spans[0]
-    for start, end in spans[1:]:
-        if start <= cur_end:
-            cur_end = max(cur_end, end)
-            continue
-        out += (text[pos:cur_start], MASK)
-        pos, cur_start, cur_end = cur_end, start, end
-    out += (text[pos:cur_start], MASK, text[cur_end:])
-    return "".join(out)
+    """``text`` with every value registered process-wide or in the current scope replaced by ``***``."""
+    text = PROCESS.redact(text)
+    scope = _scope.get()
+    return scope.redact(text) if scope is not None else text
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
@@ -256,7 +331,7 @@ def format_message(record: logging.LogRecord) -> str:
 
 def redact_record(record: logging.LogRecord) -> None:
     """Rewrite ``record`` in place: message, arguments, exception and stack text, string extras."""
-    if not _index or getattr(record, _MARK, False):
+    if not active() or getattr(record, _MARK, False):
         return
     record.msg = redact(format_message(record))
     record.args = ()

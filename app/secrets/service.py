@@ -66,8 +66,9 @@ def validate_name(name: Any) -> str:
 def validate_value(value: Any) -> str:
     if not isinstance(value, str) or value == "":
         raise ValidationFailedError.single("value", "must be a non-empty string")
-    # Before anything can log it: this process's log lines mask the value from here on.
-    redact.register(value)
+    # Before anything can log it: the request's log lines mask the value from here on. Only the
+    # request's own registry holds it (dropped at teardown): a web process keeps no value.
+    redact.register_scoped(value)
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:

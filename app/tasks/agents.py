@@ -1,9 +1,14 @@
 """Agent runs: the model and tool loop, in the worker, with credentials only in request headers.
 
-The provider key and each MCP server's token are resolved here and go only into HTTP headers
-(model calls through the egress guard, tool calls through the MCP client). The model sees the
-system prompt, the user's input, and tool results, all passed through the value-based masker
-first; the stored output, events and errors are masked too.
+Before anything is resolved, the rows are compared with the destinations recorded when the run
+was queued (provider endpoint and key, each tool server's URL and secret): a run whose
+destinations changed since ends ``stale`` and sends nothing. The provider key and each MCP
+server's token are then resolved here and go only into HTTP headers (model calls through the
+egress guard, tool calls through the MCP client). The model sees the system prompt, the user's
+input, and tool results, all passed through the run's own masker first; the stored output,
+events and errors are masked too. That masker holds only the values resolved in this run (and
+the worker's gateway token), never the process-wide registry of every org's values: masking
+must not tell one org that a string it typed is another org's secret.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from app.agents import service as agents_service
 from app.agents.llm import Message, ModelTurn, ProviderError, ToolCall, ToolSpec, complete, endpoint_for
 from app.audit import service as audit
 from app.context import Actor, RequestContext
@@ -27,6 +33,7 @@ from app.mcp.client import McpError, call_tool
 from app.models import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
 from app.observability import redact
 from app.secrets.resolver import SecretNotFoundError
+from app.tasks import egress_audit
 from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task
 
 log = logging.getLogger("latchkey.agents")
@@ -51,27 +58,31 @@ class BoundTool:
 class RunState:
     org_id: str
     run_id: str
-    job_id: str
+    job: JobView
     events: list[dict[str, Any]] = field(default_factory=list)
     reads: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "steps": 0})
+    # The values resolved in this run (and the gateway token): all that its readable output is masked with.
+    masker: redact.Registry = field(default_factory=redact.Registry)
+    # secret id -> what it resolved to, for the tool calls.
+    resolved: dict[str, Any] = field(default_factory=dict)
 
     def event(self, kind: str, **data: Any) -> None:
-        # Masked on the way in: nothing that reaches the run row can carry a registered value.
-        self.events.append({"type": kind, "at": utcnow().isoformat(), **_mask(data)})
+        # Masked on the way in: nothing that reaches the run row can carry a value of this run.
+        self.events.append({"type": kind, "at": utcnow().isoformat(), **self.mask(data)})
+
+    def mask(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.masker.redact(value)
+        if isinstance(value, dict):
+            return {k: self.mask(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.mask(v) for v in value]
+        return value
 
 
-def _mask(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact.redact(value)
-    if isinstance(value, dict):
-        return {k: _mask(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_mask(v) for v in value]
-    return value
-
-
-def _load(ctx: WorkerContext, job: JobView) -> tuple[AgentRun, Agent, Provider, list[BoundTool]]:
+def _load(ctx: WorkerContext, job: JobView) -> tuple[AgentRun, Agent, Provider, list[BoundTool], list[str]]:
+    """The run and what it uses, and the destinations that changed since it was queued (if any)."""
     run_id = str(job.params.get("run_id", ""))
     with ctx.db.session() as s:
         run = s.scalar(select(AgentRun).where(AgentRun.org_id == job.org_id, AgentRun.id == run_id))
@@ -107,15 +118,22 @@ def _load(ctx: WorkerContext, job: JobView) -> tuple[AgentRun, Agent, Provider, 
                     server.id, server.url, server.transport, server.secret_ref, server.status, spec, link.tool_name
                 )
             )
+        current = agents_service.run_destinations(provider, [server for _link, server, _tool in rows])
+        recorded = {key: job.params.get(key) for key in current}
+        changed = egress_audit.changed_fields(recorded, current)
         run.status = "running"
         s.flush()
         s.expunge_all()
-    return run, agent, provider, tools
+    return run, agent, provider, tools, changed
 
 
 def _resolve(ctx: WorkerContext, state: RunState, secret_id: str) -> Any:
-    resolved = ctx.resolver.resolve(state.org_id, secret_id)
-    state.reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
+    """Resolve once per run; the value joins the run's masker (the resolver adds it to the logs' one)."""
+    resolved = state.resolved.get(secret_id)
+    if resolved is None:
+        resolved = state.resolved[secret_id] = ctx.resolver.resolve(state.org_id, secret_id)
+        state.reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
+        state.masker.register(resolved.value)
     return resolved
 
 
@@ -149,9 +167,15 @@ def _loop(
     ctx: WorkerContext, state: RunState, agent: Agent, provider: Provider, tools: list[BoundTool], text: str
 ) -> str:
     key = _resolve(ctx, state, provider.secret_ref)
+    # Every secret the run may send is resolved up front, so that the run's masker knows each of
+    # them from the first model turn on (and a missing one fails the run before the model is called).
+    for bound in tools:
+        if bound.secret_ref is not None:
+            _resolve(ctx, state, bound.secret_ref)
     gateway = ctx.settings.gateway_token.get_secret_value() if ctx.settings.gateway_token else None
     if gateway:
         redact.register(gateway)
+        state.masker.register(gateway)
     endpoint = endpoint_for(
         provider.provider_type,
         provider.kind,
@@ -164,8 +188,8 @@ def _loop(
     by_name = {t.spec.name: t for t in tools}
     messages: list[Message] = []
     if agent.system_prompt:
-        messages.append(Message("system", _mask(agent.system_prompt)))
-    messages.append(Message("user", _mask(text)))
+        messages.append(Message("system", state.mask(agent.system_prompt)))
+    messages.append(Message("user", state.mask(text)))
     with guarded_client(EgressPolicy.from_settings(ctx.settings), key.allowed_hosts, timeout=60.0) as client:
         for _step in range(MAX_STEPS):
             turn: ModelTurn = complete(endpoint, messages, [t.spec for t in tools], client=client)
@@ -173,12 +197,12 @@ def _loop(
             state.usage["output_tokens"] += turn.usage.get("output_tokens", 0)
             state.usage["steps"] += 1
             if not turn.tool_calls:
-                output: str = _mask(turn.text or "")
+                output: str = state.mask(turn.text or "")
                 state.event("final", output=output)
                 return output
             # Arguments are masked before they go anywhere: to the tool, back to the model, or the log.
-            calls = tuple(ToolCall(c.id, c.name, _mask(c.arguments)) for c in turn.tool_calls)
-            messages.append(Message("assistant", _mask(turn.text) if turn.text else None, tool_calls=calls))
+            calls = tuple(ToolCall(c.id, c.name, state.mask(c.arguments)) for c in turn.tool_calls)
+            messages.append(Message("assistant", state.mask(turn.text) if turn.text else None, tool_calls=calls))
             for call in calls:
                 state.event("tool_call", id=call.id, name=call.name, arguments=call.arguments)
                 tool = by_name.get(call.name)
@@ -196,10 +220,21 @@ def _loop(
                 try:
                     is_error, result = _run_tool(ctx, state, tool, call.arguments)
                 except (McpError, EgressError) as exc:
+                    if isinstance(exc, EgressError):
+                        egress_audit.denied(
+                            ctx,
+                            state.job,
+                            exc,
+                            org_id=state.org_id,
+                            target_type="agent_run",
+                            target_id=state.run_id,
+                            destination="mcp_server",
+                            server_id=tool.server_id,
+                        )
                     state.event("tool_error", id=call.id, name=call.name, code=exc.code, message=exc.message)
                     messages.append(Message("tool", f"error: {exc.code}", tool_call_id=call.id, name=call.name))
                     continue
-                masked = _mask(result)
+                masked = state.mask(result)
                 state.event("tool_error" if is_error else "tool_result", id=call.id, name=call.name, content=masked)
                 messages.append(Message("tool", masked, tool_call_id=call.id, name=call.name))
     raise JobFailedError("max_steps", f"the agent did not finish within {MAX_STEPS} steps")
@@ -208,14 +243,19 @@ def _loop(
 @job_task("agents.run_agent", time_limit=300)
 def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Run an agent: resolve its provider's key, loop model turns and tool calls, store masked events."""
-    run, agent, provider, tools = _load(ctx, job)
-    state = RunState(run.org_id, run.id, job.id)
+    run, agent, provider, tools, changed = _load(ctx, job)
+    state = RunState(run.org_id, run.id, job)
     state.event("status", status="running")
     output: str | None = None
     code: str | None = None
     message: str | None = None
     invalid = [t for t in tools if t.status != "valid"]
     try:
+        if changed:
+            # Checked before anything is resolved: nothing is sent to a destination set after queueing.
+            raise egress_audit.stale(
+                ctx, job, changed, org_id=run.org_id, target_type="agent_run", target_id=run.id, what="this run's agent"
+            )
         if invalid:
             raise JobFailedError("mcp_server_invalid", f"MCP server {invalid[0].server_id} is {invalid[0].status}")
         output = _loop(ctx, state, agent, provider, tools, run.input)
@@ -225,6 +265,16 @@ def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
         code, message = exc.code, exc.message
     except EgressError as exc:
         code, message = exc.code, exc.message
+        egress_audit.denied(
+            ctx,
+            job,
+            exc,
+            org_id=run.org_id,
+            target_type="agent_run",
+            target_id=run.id,
+            destination="provider",
+            provider_id=provider.id,
+        )
     except JobFailedError as exc:
         code, message = exc.code, exc.message
     if code is not None:
@@ -237,7 +287,7 @@ def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
             row.events = state.events
             row.usage = state.usage
             row.error_code = code
-            row.error_message = _mask(message)[:1000] if message else None
+            row.error_message = state.mask(message)[:1000] if message else None
             row.finished_at = utcnow()
         jobs.record_resolved(s, job.id, state.reads)
         audit.record(
@@ -255,5 +305,5 @@ def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
             },
         )
     if code is not None:
-        raise JobFailedError(code, _mask(message or code))
+        raise JobFailedError(code, state.mask(message or code))
     return {"run_id": run.id, "status": "succeeded", "steps": state.usage["steps"]}

@@ -21,6 +21,7 @@ from app.models import McpServer
 from app.observability import redact
 from app.observability.metrics import LEGACY_TOKEN_READS
 from app.secrets.resolver import SecretNotFoundError
+from app.tasks import egress_audit
 from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, periodic_task, worker_context
 
 log = logging.getLogger("latchkey.mcp")
@@ -44,18 +45,25 @@ class Snapshot:
 
 
 def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
-    server_id = str(job.params.get("server_id", ""))
+    """The server the job was queued for, checked against its recorded destination first."""
+    recorded = {key: job.params.get(key) for key in ("server_id", "url", "transport", "secret_ref")}
+    server_id = str(recorded["server_id"] or "")
     with ctx.db.session() as s:
         server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
         if server is None:
             raise JobFailedError("not_found", "the MCP server no longer exists")
-        secret_ref = job.params.get("secret_ref", server.secret_ref)
-        # Before the contract migration, a server not yet backfilled may still carry a raw token.
-        token = legacy.mcp_token(s, server.org_id, server.id) if secret_ref is None else None
-        snap = Snapshot(server.org_id, server.id, server.url, server.transport, secret_ref, token)
-        if snap.matches(server):
+        org_id = server.org_id
+        changed = egress_audit.changed_fields(recorded, mcp_service.destination(server))
+        if not changed:
+            # Before the contract migration, a server not yet backfilled may still carry a raw token.
+            token = legacy.mcp_token(s, server.org_id, server.id) if server.secret_ref is None else None
             server.status = "validating"
-        return snap
+            return Snapshot(server.org_id, server.id, server.url, server.transport, server.secret_ref, token)
+    # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and
+    # the server's status is left to the validation its change queued.
+    raise egress_audit.stale(
+        ctx, job, changed, org_id=org_id, target_type="mcp_server", target_id=server_id, what="the MCP server"
+    )
 
 
 def _credential(ctx: WorkerContext, snap: Snapshot, reads: list[dict[str, Any]]) -> tuple[str | None, tuple[str, ...]]:
@@ -97,16 +105,7 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
         code, message = exc.code, exc.message
     except EgressError as exc:
         code, message = exc.code, exc.message
-        with ctx.db.session() as s:
-            audit.record(
-                s,
-                WORKER,
-                "egress.denied",
-                org_id=snap.org_id,
-                target_type="mcp_server",
-                target_id=snap.server_id,
-                details={"code": exc.code, "host": exc.host, "job_id": job.id},
-            )
+        egress_audit.denied(ctx, job, exc, org_id=snap.org_id, target_type="mcp_server", target_id=snap.server_id)
     with ctx.db.session() as s:
         server = s.scalar(
             select(McpServer).where(McpServer.org_id == snap.org_id, McpServer.id == snap.server_id).with_for_update()
@@ -147,7 +146,8 @@ def refresh_tools(self: Task) -> int:
                 WORKER,
                 org_id=srv.org_id,
                 kind=mcp_service.VALIDATE_TASK,
-                params={"server_id": srv.id, "secret_ref": srv.secret_ref},
+                # The server as it is now: a refresh that runs after a change ends stale, unsent.
+                params=mcp_service.destination(srv),
             )
             for srv in servers
         ]

@@ -287,3 +287,58 @@ def test_a_gateway_run_without_the_global_token_fails_with_gateway_token_missing
         run = _run(untokened, org, agent_id)
     assert (run["status"], run["error"]["code"]) == ("failed", "gateway_token_missing")
     assert llm.requests == []  # nothing was sent without it
+
+
+def test_masking_is_per_run_so_another_orgs_value_is_no_oracle(
+    worker: Celery, llm: LlmTestServer, admin: Caller, org: str, factory: Factory
+) -> None:
+    # Org A's provider key: resolved by the worker in A's run, so its process-wide log registry holds it.
+    a_value = "Winter2025!Pass-" + "w" * 12
+    a_provider, _ = _provider(admin, org, factory, llm, key=a_value)
+    llm.script([{"text": f"your key is {a_value}"}])
+    a_run = _run(admin, org, _agent(admin, org, a_provider), f"cand2={a_value}")
+    assert a_run["status"] == "succeeded", a_run
+    assert a_run["output"] == "your key is ***"
+    assert a_value not in str(a_run["events"])
+    # Org B types the same string: it is B's own text, and B's run never resolved it.
+    other = factory.org()
+    b_admin = factory.user(other, "admin")
+    b_provider, _ = _provider(b_admin, other, factory, llm)
+    llm.reset()
+    llm.script([{"echo": True}])
+    b_run = _run(b_admin, other, _agent(b_admin, other, b_provider), f"cand2={a_value}")
+    assert b_run["status"] == "succeeded", b_run
+    assert f"cand2={a_value}" in b_run["output"]
+    assert f"cand2={a_value}" in b_run["events"][-1]["output"]
+    assert f"cand2={a_value}" in llm.requests[0].raw  # the model got B's input as typed
+    # B's own key is still masked in B's run.
+    assert PROVIDER_KEY not in str(b_run)
+
+
+def test_a_denied_model_call_fails_the_run_and_writes_an_egress_denied_event(
+    worker: Celery, llm: LlmTestServer, admin: Caller, org: str, factory: Factory, db: Any
+) -> None:
+    from app.models import AuditEvent
+
+    secret = factory.secret(admin, org, value=PROVIDER_KEY, allowed_hosts=["api.example.com"])["id"]
+    resp = admin.post(
+        f"orgs/{org}/providers",
+        json={
+            "name": "Pinned",
+            "provider_type": "openai_compatible",
+            "kind": "openai",
+            "model_id": "test-model",
+            "secret_ref": secret,
+            "config": {"base_url": llm.url + "/v1"},
+        },
+    )
+    assert resp.status_code == 201, resp.get_json()
+    run = _run(admin, org, _agent(admin, org, resp.get_json()["id"]))
+    assert (run["status"], run["error"]["code"]) == ("failed", "secret_destination_denied")
+    assert llm.requests == []
+    with db.session() as s:
+        (denial,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "egress.denied")).all()
+    assert (denial.target_type, denial.target_id) == ("agent_run", run["id"])
+    assert denial.details["code"] == "secret_destination_denied" and denial.details["host"] == "127.0.0.1"
+    assert denial.details["destination"] == "provider"
+    assert PROVIDER_KEY not in str(denial.details)

@@ -131,7 +131,7 @@ def test_an_edited_secret_is_sent_at_the_next_validation_and_the_old_one_never_a
     assert sent_after_edit and set(sent_after_edit) == {new}
 
 
-def test_a_deleted_secret_is_secret_not_found(
+def test_a_validation_queued_before_its_secret_was_unbound_and_deleted_ends_stale(
     worker: Celery, mcp_server: McpTestServer, admin: Caller, org: str, factory: Factory, settings: Settings
 ) -> None:
     mcp_server.set_token(TOKEN)
@@ -147,7 +147,8 @@ def test_a_deleted_secret_is_secret_not_found(
         assert admin.delete(f"orgs/{org}/secrets/{secret['id']}").status_code == 204
         with extra_worker(settings, queue=queue):
             done = wait_job(admin.get, f"orgs/{org}/jobs/{job['id']}")
-    assert done["result"]["error"]["code"] == "secret_not_found"
+    # The binding changed after the job was queued: it ends before resolving anything.
+    assert (done["status"], done["error"]["code"]) == ("failed", "stale")
 
 
 def test_binding_rules(worker: Celery, admin: Caller, member: Caller, org: str, factory: Factory, db: Any) -> None:
@@ -337,3 +338,41 @@ def test_beat_refreshes_the_tool_lists_of_valid_servers(
     with db.session() as s:
         kinds = s.scalars(select(Job.kind).where(Job.org_id.is_not(None))).all()
         assert kinds.count("mcp.validate_server") >= 2
+
+
+def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legacy_db: Any) -> None:
+    """Before the contract migration, moving or deleting a server with a raw token is an admin's call,
+    decided with a ``token IS NOT NULL`` predicate: no statement selects the token itself."""
+    import re
+
+    from sqlalchemy import event
+
+    from app.errors import ForbiddenError
+    from app.identity import service as identity
+    from app.identity.service import OrgAccess
+    from app.mcp import service as mcp_service
+    from app.models.identity import Role
+    from tests.factories import CTX
+    from tests.workers.legacy_data import ORG_A
+
+    server_id = next(mid for mid, (org, _name, _token) in MCP.items() if org == ORG_A)
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(legacy_db.engine, "before_cursor_execute", record)
+    try:
+        with legacy_db.session() as s:
+            member = OrgAccess(identity.get_org(s, "acme"), Role.MEMBER)
+            with pytest.raises(ForbiddenError):
+                mcp_service.update_server(s, CTX, member, server_id, {"url": "https://evil.example/mcp"})
+            with pytest.raises(ForbiddenError):
+                mcp_service.delete_server(s, CTX, member, server_id)
+    finally:
+        event.remove(legacy_db.engine, "before_cursor_execute", record)
+    selects_token = re.compile(
+        r"SELECT\s+(?:(?!\bFROM\b).)*\bmcp_servers\.token\b(?:(?!\bFROM\b).)*\bFROM\b", re.S | re.I
+    )
+    assert [q for q in statements if selects_token.search(q)] == []
+    assert sum("mcp_servers.token IS NOT NULL" in q for q in statements) == 2
