@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 ENV_PREFIX = "LATCHKEY_"
 
 # Settings that may carry secret material: each also has a ``_FILE`` variant.
-SECRET_SETTINGS = frozenset({"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url"})
+SECRET_SETTINGS = frozenset(
+    {"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url", "worker_redis_url"}
+)
 
 # The session key `latchkey dev` writes; production refuses it.
 DEV_SECRET_KEY_PREFIX = "dev-insecure-"  # noqa: S105 - a marker, not a key
@@ -86,6 +88,19 @@ class Settings(BaseModel):
     job_lease_seconds: float = Field(default=30.0, ge=0.5, le=600)
     job_max_attempts: int = Field(default=5, ge=1, le=100)
     job_sweep_seconds: float = Field(default=10.0, ge=0.1, le=3600)
+    # Worker-side reveal controls (docs/reveal.md): read by the worker only, so a compromised web
+    # tier cannot switch them off. Counted per fixed window of reveal_limit_window_seconds.
+    reveal_disabled: bool = False
+    # Org ids (not slugs: the web tier can rename a slug) whose reveals the worker refuses.
+    reveal_disabled_orgs: tuple[str, ...] = ()
+    reveal_limit_per_user: int = Field(default=30, ge=1, le=1_000_000)
+    reveal_limit_per_org: int = Field(default=100, ge=1, le=1_000_000)
+    reveal_limit_instance: int = Field(default=500, ge=1, le=1_000_000)
+    reveal_limit_window_seconds: int = Field(default=900, ge=10, le=86400)
+    # Where the worker counts reveals; unset = redis_url (then only as strong as Redis access control).
+    worker_redis_url: str | None = Field(default=None, repr=False)
+    # Cap on the bytes read from one MCP or model-API response (one SSE event for MCP streams).
+    max_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
     @field_validator("egress_allow_http_hosts", mode="before")
     @classmethod
@@ -93,6 +108,17 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return tuple(h.strip().lower() for h in value.split(",") if h.strip())
         return value
+
+    @field_validator("reveal_disabled_orgs", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @property
+    def effective_worker_redis_url(self) -> str:
+        return self.worker_redis_url or self.redis_url
 
     @property
     def effective_broker_url(self) -> str:

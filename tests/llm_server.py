@@ -17,6 +17,9 @@ answers from a SCRIPT of turns consumed in order, rendered in the wire format of
   system prompt (message contents, tool calls, tool results): proves what did (not) reach the model;
 - `{"status": 401, "body": "..."}`: an HTTP error whose JSON error body carries the given text;
 - `{"raw": "..."}`: a 200 whose body is exactly this text (e.g. malformed JSON);
+- `{"stream_bytes": n}`: a 200 OpenAI-style reply whose text is n bytes of "x", streamed in 64 KiB
+  chunks without a Content-Length (n = 0: endless, until the client hangs up); `streamed` records
+  the bytes each such answer got out (oversized-response tests);
 - `"delay_seconds": s` in any turn sleeps first; `"usage": {"input_tokens": i, "output_tokens": o}`
   overrides the reported usage (default: derived from the sizes of request and reply).
 
@@ -268,6 +271,7 @@ class LlmTestServer:
         self._turns: deque[Turn] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self.streamed: list[int] = []
         self._httpd = _HttpServer(("127.0.0.1", port), self)
         self.port: int = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -369,6 +373,9 @@ class LlmTestServer:
         delay = self.delay_seconds + float(turn.get("delay_seconds", 0.0))
         if delay > 0 and self.stopping.wait(delay):
             return  # stopping: drop the answer, the connection just closes
+        if "stream_bytes" in turn:
+            self._stream(handler, int(turn["stream_bytes"]))
+            return
         if "status" in turn:
             status = int(turn["status"])
             self._send(handler, status, self._error_body(route, status, str(turn.get("body", "error"))))
@@ -469,6 +476,28 @@ class LlmTestServer:
             "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
         }
+
+    # An endless stream stops here anyway, so a client that never stops reading cannot hang a test.
+    STREAM_SAFETY_BYTES = 512 * 1024 * 1024
+
+    def _stream(self, handler: _Handler, total: int) -> None:
+        chunk = b"x" * 65536
+        sent = 0
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.end_headers()  # HTTP/1.0 and no Content-Length: the body ends when the connection does
+            handler.wfile.write(b'{"choices": [{"message": {"role": "assistant", "content": "')
+            while (total == 0 or sent < total) and sent < self.STREAM_SAFETY_BYTES and not self.stopping.is_set():
+                piece = chunk if total == 0 else chunk[: total - sent]
+                handler.wfile.write(piece)
+                sent += len(piece)
+            handler.wfile.write(b'"}, "finish_reason": "stop"}]}')
+        except OSError:
+            pass  # the client hung up (e.g. its size cap stopped the read)
+        finally:
+            with self._lock:
+                self.streamed.append(sent)
 
     def _send(self, handler: _Handler, status: int, payload: Any) -> None:
         self._send_bytes(handler, status, json.dumps(payload).encode(), "application/json")

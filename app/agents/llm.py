@@ -28,6 +28,8 @@ from typing import Any, Final, Literal
 
 import httpx2
 
+from app.egress.urls import UrlError, check_http_url
+
 log = logging.getLogger("latchkey.agents")
 
 Style = Literal["openai", "anthropic"]
@@ -50,6 +52,7 @@ MESSAGES: Final = {
     "provider_error": "the model provider returned an error",
     "gateway_token_missing": "the AI gateway token is not configured",
     "provider_config_invalid": "the provider configuration is invalid",
+    "response_too_large": "the model provider's response was too large",
 }
 
 # Header values we send: visible ASCII only. Anything else would make httpx2/h11 raise an error whose
@@ -137,7 +140,8 @@ class ProviderError(Exception):
     """A failed model call or an unusable provider entry.
 
     ``code``: provider_auth_failed (401/403), provider_unreachable, provider_timeout, provider_error
-    (any other HTTP error status, or a response that is not the expected JSON), gateway_token_missing,
+    (any other HTTP error status, or a response that is not the expected JSON), response_too_large
+    (over the egress guard's ``max_response_bytes``; the read stopped there), gateway_token_missing,
     provider_config_invalid (raised by ``endpoint_for`` only). ``message`` is safe to show and to log.
     """
 
@@ -172,15 +176,10 @@ def _base_url(value: Any, what: str) -> str:
     """A validated base URL without its trailing slash (the message never quotes the value)."""
     if not isinstance(value, str) or not value.strip():
         raise _config_error(f"{what} is required")
-    text = value.strip()
     try:
-        url = httpx2.URL(text)
-    except (httpx2.InvalidURL, TypeError, ValueError):
-        raise _config_error(f"{what} is not a valid URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise _config_error(f"{what} must be an http(s) URL with a host")
-    if url.userinfo or url.query or url.fragment or "?" in text or "#" in text:
-        raise _config_error(f"{what} must not contain credentials, a query or a fragment")
+        text = check_http_url(value, allow_query=False)
+    except UrlError as exc:
+        raise _config_error(f"{what} {exc}") from None
     return text.rstrip("/")
 
 
@@ -502,6 +501,8 @@ def _host(url: str) -> str:
 
 def _transport_error(exc: Exception) -> ProviderError | None:
     """The ProviderError for an exception out of ``client.post``, or None if it is not a transport failure."""
+    if getattr(exc, "code", None) == "response_too_large":  # the guard's cap stopped the read
+        return ProviderError.for_code("response_too_large")
     if isinstance(exc, httpx2.TimeoutException):
         return ProviderError.for_code("provider_timeout")
     if isinstance(exc, (httpx2.NetworkError, httpx2.ProxyError, httpx2.UnsupportedProtocol, httpx2.InvalidURL)):

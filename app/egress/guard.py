@@ -18,12 +18,14 @@ import ipaddress
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio.to_thread
 import httpx2
+
+from app.egress.urls import DEFAULT_PORTS, UrlError, credential_query_names, split_host_pattern
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -56,7 +58,9 @@ _NAT64_NETWORKS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network(
 # Deprecated IPv4-compatible form (::a.b.c.d); some stacks still route it as IPv4.
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
-_DEFAULT_PORTS = {"https": 443, "http": 80}
+_DEFAULT_PORTS = DEFAULT_PORTS
+# What one response may hold unless the policy says otherwise (LATCHKEY_MAX_RESPONSE_BYTES).
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
 class EgressError(Exception):
@@ -89,12 +93,30 @@ class EgressResolutionError(EgressError):
     code = "egress_unresolvable"
 
 
+class ResponseTooLargeError(Exception):
+    """A response went over the policy's ``max_response_bytes`` while it was read (the read stopped).
+
+    Not an ``EgressError``: nothing was refused before sending. Clients map it to their own
+    ``response_too_large`` error; ``message`` is safe to show (the host at most, never the URL).
+    """
+
+    code = "response_too_large"
+
+    def __init__(self, limit: int, host: str | None = None, *, message: str | None = None) -> None:
+        self.message = message or f"the response was larger than {limit} bytes"
+        super().__init__(self.message)
+        self.limit = limit
+        self.host = host
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """Operator policy for outbound calls (both relaxations are for dev and tests only)."""
 
     allow_private: bool = False
     allow_http_hosts: frozenset[str] = frozenset()
+    # Bytes one response may carry on the wire; reading stops (ResponseTooLargeError) past it.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __post_init__(self) -> None:
         # A bare string would be iterated character by character and silently allow nothing sensible.
@@ -110,6 +132,7 @@ class EgressPolicy:
         return cls(
             allow_private=settings.egress_allow_private,
             allow_http_hosts=frozenset(settings.egress_allow_http_hosts),
+            max_response_bytes=settings.max_response_bytes,
         )
 
 
@@ -139,14 +162,24 @@ def _normalize_host(host: str) -> str:
     return h
 
 
-def host_matches(host: str, patterns: Sequence[str]) -> bool:
-    """True if ``host`` equals a pattern or is a subdomain (any depth) of a ``*.suffix`` pattern."""
+def host_matches(host: str, patterns: Sequence[str], *, port: int | None = None, scheme: str = "https") -> bool:
+    """True if ``host`` equals a pattern or is a subdomain (any depth) of a ``*.suffix`` pattern,
+    and the port matches: a pattern's own ``:port``, or for a pattern without one, only the
+    scheme's default port (``port=None`` means the default port)."""
     if isinstance(patterns, str):
         raise TypeError("patterns must be a sequence of host patterns, not a string")
     name = _normalize_host(host)
     if not name:
         return False
-    for raw in patterns:
+    default_port = _DEFAULT_PORTS.get(scheme)
+    actual_port = default_port if port is None else port
+    for entry in patterns:
+        try:
+            raw, pinned = split_host_pattern(entry)
+        except UrlError:
+            continue  # an unreadable entry allows nothing
+        if actual_port != (default_port if pinned is None else pinned):
+            continue
         pattern = _normalize_host(raw)
         if pattern.startswith("*."):
             suffix = pattern[1:]  # ".example.com": the bare suffix itself is not a subdomain of itself
@@ -260,11 +293,14 @@ def check_destination(
         raise EgressDeniedError(f"scheme {scheme[:16]!r} is not allowed; use https", host=host)
     if parsed.userinfo:
         raise EgressDeniedError("credentials in the destination URL are not allowed", host=host)
-    # Before DNS: a secret must not even cause a lookup of a name it may not be sent to.
-    if allowed_hosts and not host_matches(host, allowed_hosts):
-        raise DestinationDeniedError(f"host {host} is not in the secret's allowed hosts", host=host)
-
+    if parsed.query and credential_query_names(parsed.query.decode("ascii", "replace")):
+        raise EgressDeniedError("a credential in the destination URL's query is not allowed", host=host)
     port = parsed.port or _DEFAULT_PORTS[scheme]
+    # Before DNS: a secret must not even cause a lookup of a name it may not be sent to.
+    if allowed_hosts and not host_matches(host, allowed_hosts, port=port, scheme=scheme):
+        where = host if port == _DEFAULT_PORTS[scheme] else f"{host} port {port}"
+        raise DestinationDeniedError(f"host {where} is not in the secret's allowed hosts", host=host)
+
     addresses = _resolve(host, port)
     # Every address, not just the first: a resolver may hand them out in any order.
     for ip in addresses:
@@ -297,6 +333,58 @@ def _pinned_request(request: httpx2.Request, destination: Destination, address: 
     url = request.url.copy_with(host=address)
     # A new Request (not a mutation) so the caller's request, response.request and logs keep the real URL.
     return httpx2.Request(request.method, url, headers=headers, stream=request.stream, extensions=extensions)
+
+
+def _check_declared(response: httpx2.Response, limit: int, host: str) -> None:
+    """Refuse before reading: a declared length over the cap, or a body the cap cannot bound.
+
+    Guarded clients ask for ``Accept-Encoding: identity``; a compressed answer could inflate far
+    past the cap after the bytes were counted, so one is refused rather than decoded.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ResponseTooLargeError(limit, host)
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ResponseTooLargeError(
+            limit, host, message="the response is compressed although it was asked for uncompressed; refused"
+        )
+
+
+class _CappedStream(httpx2.SyncByteStream):
+    """The response body as it arrives, stopped with ResponseTooLargeError once it passes ``limit``."""
+
+    def __init__(self, inner: httpx2.SyncByteStream, limit: int, host: str) -> None:
+        self._inner, self._limit, self._host = inner, limit, host
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen = 0
+        for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise ResponseTooLargeError(self._limit, self._host)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncCappedStream(httpx2.AsyncByteStream):
+    """Async twin of ``_CappedStream`` (the MCP SDK's streams, SSE included)."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int, host: str) -> None:
+        self._inner, self._limit, self._host = inner, limit, host
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise ResponseTooLargeError(self._limit, self._host)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 PoolT = TypeVar("PoolT")
@@ -369,13 +457,27 @@ class GuardedTransport(_PerHostPools[httpx2.HTTPTransport], httpx2.BaseTransport
         last_error: httpx2.ConnectError | None = None
         for address in destination.addresses:
             try:
-                return pool.handle_request(_pinned_request(request, destination, address))
+                response = pool.handle_request(_pinned_request(request, destination, address))
             except httpx2.ConnectError as exc:
                 # Nothing was sent yet, so trying the next checked address is safe: the fallback a
                 # name-based connect does across addresses, without a second lookup.
                 last_error = exc
+                continue
+            return self._capped(response, destination)
         assert last_error is not None  # _resolve never returns an empty list
         raise last_error
+
+    def _capped(self, response: httpx2.Response, destination: Destination) -> httpx2.Response:
+        """The response with its body read through the size cap (refused at once if it declares more)."""
+        limit = self._policy.max_response_bytes
+        try:
+            _check_declared(response, limit, destination.host)
+        except ResponseTooLargeError:
+            response.close()
+            raise
+        assert isinstance(response.stream, httpx2.SyncByteStream)
+        response.stream = _CappedStream(response.stream, limit, destination.host)
+        return response
 
     def close(self) -> None:
         """Close every per-host pool."""
@@ -403,11 +505,24 @@ class AsyncGuardedTransport(_PerHostPools[httpx2.AsyncHTTPTransport], httpx2.Asy
         last_error: httpx2.ConnectError | None = None
         for address in destination.addresses:
             try:
-                return await pool.handle_async_request(_pinned_request(request, destination, address))
+                response = await pool.handle_async_request(_pinned_request(request, destination, address))
             except httpx2.ConnectError as exc:
                 last_error = exc
+                continue
+            return await self._capped(response, destination)
         assert last_error is not None
         raise last_error
+
+    async def _capped(self, response: httpx2.Response, destination: Destination) -> httpx2.Response:
+        limit = self._policy.max_response_bytes
+        try:
+            _check_declared(response, limit, destination.host)
+        except ResponseTooLargeError:
+            await response.aclose()
+            raise
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        response.stream = _AsyncCappedStream(response.stream, limit, destination.host)
+        return response
 
     async def aclose(self) -> None:
         """Close every per-host pool."""
@@ -421,7 +536,8 @@ def _client_kwargs(
     event_hooks: EventHooks | None,
 ) -> dict[str, Any]:
     return {
-        "headers": headers,
+        # Uncompressed: the size cap counts what arrives, and that is what is parsed.
+        "headers": {"Accept-Encoding": "identity", **(headers or {})},
         "timeout": timeout,
         "event_hooks": event_hooks,
         "follow_redirects": False,

@@ -56,6 +56,7 @@ MESSAGES: Final = {
     "unreachable": "the MCP server could not be reached",
     "timeout": "the MCP server did not answer in time",
     "protocol_error": "the server did not answer as an MCP server",
+    "response_too_large": "the MCP server's response was too large",
 }
 
 _T = TypeVar("_T")
@@ -76,7 +77,7 @@ class ToolResult:
 
 
 class McpError(Exception):
-    """A failed MCP exchange. `code` is one of auth_failed, unreachable, timeout, protocol_error."""
+    """A failed MCP exchange. `code`: auth_failed, unreachable, timeout, protocol_error, response_too_large."""
 
     def __init__(self, code: str, message: str | None = None) -> None:
         message = message if message is not None else MESSAGES.get(code, "MCP request failed")
@@ -107,6 +108,30 @@ class _AuthRejected(Exception):
         self.status = status
 
 
+class _WatchedStream(httpx2.AsyncByteStream):
+    """A response body that tells the exchange when the guard's size cap stopped reading it.
+
+    The SDK's SSE reader swallows errors of its stream (it logs them and the request then
+    fails as a generic error), so the exchange learns of the cap here, not from the exception.
+    """
+
+    def __init__(self, inner: httpx2.AsyncByteStream, exchange: _Exchange) -> None:
+        self._inner = inner
+        self._exchange = exchange
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except Exception as exc:
+            if getattr(exc, "code", None) == "response_too_large":
+                self._exchange.too_large = True
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class _Exchange:
     """One connection's settings and what the response hook saw."""
 
@@ -115,9 +140,12 @@ class _Exchange:
         self.timeout = timeout
         self.factory = factory
         self.error_status: int | None = None
+        self.too_large = False
 
     async def on_response(self, response: httpx2.Response) -> None:
         status = response.status_code
+        if isinstance(response.stream, httpx2.AsyncByteStream):
+            response.stream = _WatchedStream(response.stream, self)
         if status in (401, 403):
             raise _AuthRejected(status)
         # The latest status of a message POST, if it was an error: reported with a protocol_error (e.g. a 404
@@ -170,10 +198,15 @@ def _is_guard_error(exc: BaseException) -> bool:
     return getattr(exc, "code", None) in GUARD_CODES and not isinstance(exc, McpError)
 
 
-def _classify(leaves: list[BaseException], *, deadline_hit: bool, error_status: int | None) -> McpError:
+def _classify(
+    leaves: list[BaseException], *, deadline_hit: bool, error_status: int | None, too_large: bool = False
+) -> McpError:
     for leaf in leaves:
         if isinstance(leaf, _AuthRejected):
             return McpError.for_code("auth_failed", leaf.status)
+    # The guard's size cap stopped a read (the SDK may then also time out waiting for the answer).
+    if too_large or any(getattr(leaf, "code", None) == "response_too_large" for leaf in leaves):
+        return McpError.for_code("response_too_large")
     if deadline_hit or any(isinstance(leaf, (TimeoutError, httpx2.TimeoutException)) for leaf in leaves):
         return McpError.for_code("timeout")
     for leaf in leaves:
@@ -201,13 +234,21 @@ async def _guarded(operation: Callable[[_Exchange], Awaitable[_T]], exchange: _E
         leaves = _leaves(exc)
         guard_error = next((leaf for leaf in leaves if _is_guard_error(leaf)), None)
         if guard_error is None:
-            error = _classify(leaves, deadline_hit=scope.cancel_called, error_status=exchange.error_status)
+            error = _classify(
+                leaves,
+                deadline_hit=scope.cancel_called,
+                error_status=exchange.error_status,
+                too_large=exchange.too_large,
+            )
             names = ", ".join(sorted({type(leaf).__name__ for leaf in leaves}))
             log.info("MCP %s failed: %s (%s)", what, error.code, names)
             raise error from None
     if guard_error is not None:
         # Raised outside the except block, so it reaches the caller exactly as the factory raised it.
         raise guard_error
+    if exchange.too_large:
+        log.info("MCP %s failed: response_too_large", what)
+        raise McpError.for_code("response_too_large")
     log.info("MCP %s failed: timeout after %ss", what, exchange.timeout)
     raise McpError.for_code("timeout")
 

@@ -9,7 +9,6 @@ carry no secret, read everything and ask for a validation.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -18,6 +17,7 @@ from app.audit import service as audit
 from app.backfill import legacy
 from app.context import RequestContext
 from app.db import new_id, utcnow
+from app.egress.urls import UrlError, check_http_url
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
 from app.identity.service import OrgAccess
 from app.jobs import service as jobs
@@ -35,16 +35,12 @@ RAW_CREDENTIAL_REFUSAL = (
 
 
 def validate_url(url: Any) -> str:
-    if not isinstance(url, str) or not 0 < len(url) <= MAX_URL:
-        raise ValidationFailedError.single("url", f"must be a URL of at most {MAX_URL} characters")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailedError.single("url", "must be an http(s) URL with a host")
-    if parts.username or parts.password:
-        raise ValidationFailedError.single("url", "must not carry credentials; bind a secret instead")
-    if parts.fragment:
-        raise ValidationFailedError.single("url", "must not have a #fragment")
-    return url.strip()
+    """An http(s) URL with a host; no userinfo, #fragment or credential-named query parameter
+    (``app.egress.urls``; the egress guard refuses those again at send time)."""
+    try:
+        return check_http_url(url, max_length=MAX_URL)
+    except UrlError as exc:
+        raise ValidationFailedError.single("url", str(exc)) from None
 
 
 def validate_name(name: Any) -> str:

@@ -68,6 +68,14 @@ WORKER_TASK_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 _JOB_OUTCOMES = frozenset({"succeeded", "failed", "skipped", "lost"})
+# Every reveal job a worker answers: served, or refused with the job's stable error code
+# (reveal_disabled, rate_limited, limiter_unavailable, secret_not_found, ...). Counted by the
+# worker, so a compromised web tier cannot hide reveals from it. No org, user or secret label.
+WORKER_REVEALS = Counter(
+    "latchkey_worker_reveals",
+    "Reveal jobs answered by this worker, by outcome (served/refused) and error code (empty when served)",
+    ["outcome", "code"],
+)
 
 # Jobs read at scrape time -----------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import flush_or_raise, new_id, utcnow
+from app.egress.urls import UrlError, check_http_url
 from app.errors import ConflictError, NotFoundError, ValidationFailedError
 from app.models import Agent, Org, Provider
 from app.pagination import Page, paginate
@@ -54,14 +54,11 @@ def _model_id(value: Any) -> str:
 
 
 def _base_url(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > 2000:
-        raise ValidationFailedError.single("config.base_url", "must be an http(s) URL")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailedError.single("config.base_url", "must be an http(s) URL with a host")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValidationFailedError.single("config.base_url", "must not carry credentials, a query or a fragment")
-    return value.rstrip("/")
+    """An http(s) URL with a host and no userinfo, query or fragment (``app.egress.urls``)."""
+    try:
+        return check_http_url(value, allow_query=False).rstrip("/")
+    except UrlError as exc:
+        raise ValidationFailedError.single("config.base_url", str(exc)) from None
 
 
 def validate_shape(provider_type: Any, kind: Any, config: Any) -> tuple[str, str, dict[str, Any]]:

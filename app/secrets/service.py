@@ -89,20 +89,38 @@ def validate_description(description: Any) -> str | None:
 
 
 def validate_allowed_hosts(hosts: Any) -> list[str]:
-    """Exact host names or ``*.suffix`` patterns, lowercased and de-duplicated."""
+    """Exact host names, ``*.suffix`` patterns or IP literals (IPv6 in brackets), each optionally
+    pinned to a ``:port``; lowercased, canonical and de-duplicated. An entry without a port
+    allows only the scheme's default port (``app.egress.guard.host_matches``)."""
+    import ipaddress
+
+    from app.egress.urls import UrlError, split_host_pattern
+
     if hosts is None:
         return []
     if not isinstance(hosts, list) or len(hosts) > MAX_ALLOWED_HOSTS:
         raise ValidationFailedError.single("allowed_hosts", f"must be a list of at most {MAX_ALLOWED_HOSTS} hosts")
     out: list[str] = []
+    shape = "must be a host like 'api.example.com', a pattern like '*.example.com', or either with ':port'"
     for i, host in enumerate(hosts):
         if not isinstance(host, str):
             raise ValidationFailedError.single(f"allowed_hosts.{i}", "must be a host name")
-        norm = host.strip().lower().rstrip(".")
-        if len(norm) > 253 or not HOST_RE.match(norm):
-            raise ValidationFailedError.single(
-                f"allowed_hosts.{i}", "must be a host name like 'api.example.com' or a pattern like '*.example.com'"
-            )
+        try:
+            name, port = split_host_pattern(host.strip().lower())
+        except UrlError as exc:
+            raise ValidationFailedError.single(f"allowed_hosts.{i}", str(exc)) from None
+        if name.startswith("[") or ":" in name:
+            try:
+                address = ipaddress.IPv6Address(name.removeprefix("[").removesuffix("]"))
+            except ValueError:
+                raise ValidationFailedError.single(f"allowed_hosts.{i}", shape) from None
+            norm = f"[{address.compressed}]"
+        else:
+            norm = name.rstrip(".")
+            if len(norm) > 253 or not HOST_RE.match(norm):
+                raise ValidationFailedError.single(f"allowed_hosts.{i}", shape)
+        if port is not None:
+            norm = f"{norm}:{port}"
         if norm not in out:
             out.append(norm)
     return out

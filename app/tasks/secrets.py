@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 import redis
 from celery import Task
+from sqlalchemy import select
 
+from app.audit import service as audit
+from app.context import Actor, RequestContext
 from app.jobs import service as jobs
+from app.models import Job
+from app.observability.metrics import WORKER_REVEALS
 from app.secrets import reveal
 from app.secrets.invalidation import Invalidator
 from app.secrets.resolver import ResolverUnavailableError, SecretNotFoundError
@@ -20,6 +27,21 @@ from app.tasks.runtime import (
     periodic_task,
     worker_context,
 )
+
+log = logging.getLogger("latchkey.reveal")
+WORKER = RequestContext(Actor("worker"))
+
+# One gate per worker context (per process and Celery app): its in-process counts live as long as it.
+_gates: dict[int, reveal.RevealGate] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(ctx: WorkerContext) -> reveal.RevealGate:
+    with _gates_lock:
+        gate = _gates.get(id(ctx))
+        if gate is None:
+            gate = _gates[id(ctx)] = reveal.RevealGate.from_settings(ctx.settings)
+        return gate
 
 
 @periodic_task("secrets.replay_invalidations", time_limit=60)
@@ -48,6 +70,50 @@ def _reply(ctx: WorkerContext, job: JobView, secret_id: str, reply_public_key: s
         client.close()
 
 
+def _requested_by(ctx: WorkerContext, job_id: str) -> str | None:
+    """The job row's ``created_by``: whom the per-user limit counts (advisory: the web tier writes it)."""
+    with ctx.db.session() as s:
+        return s.scalar(select(Job.created_by).where(Job.id == job_id))
+
+
+def _admit(ctx: WorkerContext, org_id: str, user_id: str | None) -> None:
+    client = redis.Redis.from_url(
+        ctx.settings.effective_worker_redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+    )
+    try:
+        _gate(ctx).admit(client, org_id, user_id)
+    finally:
+        client.close()
+
+
+def _refuse(
+    ctx: WorkerContext,
+    job: JobView,
+    secret_id: str,
+    reply_public_key: str,
+    user_id: str | None,
+    code: str,
+    message: str,
+    reply: dict[str, Any] | None = None,
+) -> JobFailedError:
+    """Audit and count a reveal the worker did not serve, tell the waiting request; the job's error."""
+    assert job.org_id is not None
+    WORKER_REVEALS.labels("refused", code).inc()
+    log.warning("reveal job %s refused: %s (org %s, secret %s)", job.id, code, job.org_id, secret_id)
+    with ctx.db.session() as s:
+        audit.record(
+            s,
+            WORKER,
+            "secret.reveal_refused",
+            org_id=job.org_id,
+            target_type="secret",
+            target_id=secret_id,
+            details={"job_id": job.id, "code": code, "requested_by": user_id},
+        )
+    _reply(ctx, job, secret_id, reply_public_key, reply or {"error": code})
+    return JobFailedError(code, message)
+
+
 @job_task(reveal.REVEAL_TASK, time_limit=30)
 def reveal_value(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Resolve a secret and seal it to the requesting web request's one-request public key.
@@ -55,27 +121,60 @@ def reveal_value(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     The job row gets the version only; the value exists in clear only in this frame. Running
     twice is harmless: each run pushes a sealed reply that only the waiting request can open,
     and an unclaimed reply expires.
+
+    Before anything is resolved the worker applies its own controls (``reveal.RevealGate``:
+    the reveal switch and the per-user, per-org and instance limits), which the web tier can
+    neither see nor reset. Every answered reveal is audited by the worker on the org's chain
+    (``secret.reveal_served`` / ``secret.reveal_refused``) and counted in ``latchkey_worker_reveals``.
     """
     secret_id = job.params.get("secret_id")
     reply_public_key = job.params.get("reply_public_key")
     if job.org_id is None or not isinstance(secret_id, str) or not isinstance(reply_public_key, str):
+        WORKER_REVEALS.labels("refused", "invalid_params").inc()
         raise JobFailedError("invalid_params", "a reveal job needs an org, a secret id and a reply key")
     try:
         reveal.decode_public_key(reply_public_key)
     except ValueError as exc:
+        WORKER_REVEALS.labels("refused", "invalid_params").inc()
         raise JobFailedError("invalid_params", str(exc)) from None
+
+    user_id = _requested_by(ctx, job.id)
+    try:
+        _admit(ctx, job.org_id, user_id)
+    except reveal.RevealRefusedError as exc:
+        raise _refuse(ctx, job, secret_id, reply_public_key, user_id, exc.code, exc.message, exc.reply()) from None
 
     try:
         resolved = ctx.resolver.resolve(job.org_id, secret_id)
     except SecretNotFoundError:
         # Deleted since the request checked: tell it at once instead of letting it time out.
-        _reply(ctx, job, secret_id, reply_public_key, {"error": "secret_not_found"})
-        raise JobFailedError("secret_not_found", "the secret does not exist") from None
+        raise _refuse(
+            ctx, job, secret_id, reply_public_key, user_id, "secret_not_found", "the secret does not exist"
+        ) from None
     except ResolverUnavailableError:
-        _reply(ctx, job, secret_id, reply_public_key, {"error": "keyring_unavailable"})
-        raise JobFailedError("keyring_unavailable", "the worker cannot open secrets (no keyring)") from None
+        raise _refuse(
+            ctx,
+            job,
+            secret_id,
+            reply_public_key,
+            user_id,
+            "keyring_unavailable",
+            "the worker cannot open secrets (no keyring)",
+        ) from None
 
+    # Audited before the value leaves this frame: nothing is served without the worker's record.
     with ctx.db.session() as s:
         jobs.record_resolved(s, job.id, [{"secret_id": resolved.secret_id, "version": resolved.version}])
+        audit.record(
+            s,
+            WORKER,
+            "secret.reveal_served",
+            org_id=job.org_id,
+            target_type="secret",
+            target_id=secret_id,
+            details={"job_id": job.id, "version": resolved.version, "requested_by": user_id},
+        )
+    WORKER_REVEALS.labels("served", "").inc()
+    log.info("reveal job %s served (org %s, secret %s, version %s)", job.id, job.org_id, secret_id, resolved.version)
     _reply(ctx, job, secret_id, reply_public_key, {"value": resolved.value, "version": resolved.version})
     return {"version": resolved.version}

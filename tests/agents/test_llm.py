@@ -13,6 +13,7 @@ import logging
 import pickle
 import secrets
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -598,7 +599,7 @@ def test_malformed_conversation_is_a_value_error(server: LlmTestServer, client: 
 def test_through_the_egress_guard(server: LlmTestServer, flavour: str) -> None:
     server.script([{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}, {"text": "3"}])
     ep = endpoint(server, flavour)
-    with guarded_client(LOCAL, ["127.0.0.1"], timeout=5.0) as guarded:
+    with guarded_client(LOCAL, [f"127.0.0.1:{server.port}"], timeout=5.0) as guarded:
         first = complete(ep, conversation(), [ADD], client=guarded)
         messages = [
             *conversation(),
@@ -616,6 +617,51 @@ def test_egress_guard_refusal_propagates(server: LlmTestServer, flavour: str) ->
         complete(endpoint(server, flavour), conversation(), [ADD], client=guarded)
     assert info.value.code == "egress_denied"
     assert server.requests == []
+
+
+# --- oversized responses ----------------------------------------------------------------------------
+
+CAP = 256 * 1024
+
+
+def _capped(server: LlmTestServer) -> httpx2.Client:
+    policy = EgressPolicy(allow_private=True, allow_http_hosts=frozenset({"127.0.0.1"}), max_response_bytes=CAP)
+    return guarded_client(policy, [f"127.0.0.1:{server.port}"], timeout=10.0)
+
+
+def test_an_endless_model_reply_stops_at_the_size_cap(server: LlmTestServer) -> None:
+    server.script([{"stream_bytes": 0}])  # never ends by itself
+    tracemalloc.start()
+    try:
+        with _capped(server) as guarded, pytest.raises(ProviderError) as info:
+            complete(endpoint(server, "openai"), conversation(), [ADD], client=guarded)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == "response_too_large"
+    assert_clean(info.value, KEY)
+    # The read stopped at the cap: the worker held about one cap's worth, never the stream.
+    assert peak < 8 * CAP, peak
+    # ... and the server could write little more than what fits in the socket buffers before it noticed.
+    deadline = time.monotonic() + 10
+    while not server.streamed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [sent] = server.streamed
+    assert sent < 64 * 1024 * 1024, sent
+
+
+def test_a_reply_under_the_size_cap_is_read_whole(server: LlmTestServer) -> None:
+    server.script([{"stream_bytes": CAP // 2}])
+    with _capped(server) as guarded:
+        turn = complete(endpoint(server, "openai"), conversation(), [ADD], client=guarded)
+    assert turn.text == "x" * (CAP // 2)
+
+
+def test_a_declared_oversized_reply_is_refused_before_reading(server: LlmTestServer) -> None:
+    server.script([{"text": "y" * (CAP + 1)}])  # sent with a Content-Length over the cap
+    with _capped(server) as guarded, pytest.raises(ProviderError) as info:
+        complete(endpoint(server, "openai"), conversation(), [ADD], client=guarded)
+    assert info.value.code == "response_too_large"
 
 
 class _GuardLike(Exception):

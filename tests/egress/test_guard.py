@@ -8,6 +8,7 @@ is only ever checked, never connected to.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ipaddress
 import shutil
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import threading
 import time
 import traceback
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from app.egress import (
     EgressError,
     EgressPolicy,
     EgressResolutionError,
+    ResponseTooLargeError,
     check_destination,
     guarded_async_client,
     guarded_client,
@@ -99,6 +102,7 @@ class Seen:
     host: str | None
     authorization: str | None
     client_port: int
+    accept_encoding: str | None = None
 
 
 class LocalServer:
@@ -108,6 +112,9 @@ class LocalServer:
         self.seen: list[Seen] = []
         self.sse_second_event_released = threading.Event()
         self.sse_waited_for_client = False
+        # /endless: bytes written before the client hung up (set when the handler is done).
+        self.endless_written = 0
+        self.endless_done = threading.Event()
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -115,9 +122,30 @@ class LocalServer:
 
             def do_GET(self) -> None:
                 state.seen.append(
-                    Seen(self.path, self.headers.get("Host"), self.headers.get("Authorization"), self.client_address[1])
+                    Seen(
+                        self.path,
+                        self.headers.get("Host"),
+                        self.headers.get("Authorization"),
+                        self.client_address[1],
+                        self.headers.get("Accept-Encoding"),
+                    )
                 )
-                if self.path == "/redirect":
+                if self.path == "/endless":
+                    self._endless()
+                elif self.path == "/declared-huge":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 40))
+                    self.end_headers()
+                    self.wfile.write(b"x" * 1024)
+                    self.close_connection = True
+                elif self.path == "/gzip":
+                    body = gzip.compress(b"x" * (1 << 20))  # 1 MiB inflated from about 1 KiB
+                    self.send_response(200)
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif self.path == "/redirect":
                     self._reply(302, b"", location="/target")
                 elif self.path == "/same-origin":
                     self._reply(307, b"", location="/target")
@@ -133,6 +161,23 @@ class LocalServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _endless(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                chunk = b"x" * 65536
+                try:
+                    # A safety stop far above any cap, so a client that never stops cannot hang the run.
+                    while state.endless_written < (512 << 20):
+                        self.wfile.write(chunk)
+                        state.endless_written += len(chunk)
+                except OSError:
+                    pass  # the client hung up
+                finally:
+                    self.close_connection = True
+                    state.endless_done.set()
 
             def _sse(self) -> None:
                 self.send_response(200)
@@ -217,6 +262,33 @@ def test_host_matches(host: str, patterns: list[str], expected: bool) -> None:
     assert host_matches(host, patterns) is expected
 
 
+@pytest.mark.parametrize(
+    ("host", "patterns", "port", "scheme", "expected"),
+    [
+        ("api.example.com", ["api.example.com"], None, "https", True),  # no port: the default
+        ("api.example.com", ["api.example.com"], 443, "https", True),
+        ("api.example.com", ["api.example.com"], 8443, "https", False),  # a bare host: default port only
+        ("api.example.com", ["api.example.com"], 80, "http", True),
+        ("api.example.com", ["api.example.com"], 443, "http", False),  # 443 is not http's default
+        ("api.example.com", ["api.example.com:8443"], 8443, "https", True),
+        ("api.example.com", ["api.example.com:8443"], None, "https", False),  # pinned: only that port
+        ("api.example.com", ["api.example.com:8443"], 9443, "https", False),
+        ("api.example.com", ["api.example.com:443"], None, "https", True),
+        ("eu.api.example.com", ["*.example.com:8443"], 8443, "https", True),  # wildcards pin too
+        ("eu.api.example.com", ["*.example.com:8443"], 443, "https", False),
+        ("eu.api.example.com", ["*.example.com"], 8443, "https", False),
+        ("::1", ["[::1]:8443"], 8443, "https", True),
+        ("::1", ["[::1]:8443"], 443, "https", False),
+        ("::1", ["[::1]"], 8443, "https", False),
+        ("::1", ["::1"], None, "https", True),  # an unbracketed IPv6 literal has no port
+        ("10.0.0.1", ["10.0.0.1:8080"], 8080, "http", True),
+        ("api.example.com", ["api.example.com:0", "api.example.com:99999", "[::1"], 443, "https", False),
+    ],
+)
+def test_host_matches_with_ports(host: str, patterns: list[str], port: int | None, scheme: str, expected: bool) -> None:
+    assert host_matches(host, patterns, port=port, scheme=scheme) is expected
+
+
 def test_host_matches_rejects_a_bare_string_instead_of_a_list() -> None:
     with pytest.raises(TypeError):
         host_matches("e.com", "e.com")
@@ -288,6 +360,41 @@ def test_userinfo_in_the_url_is_refused(dns: FakeDNS, url: str) -> None:
     dns.add("api.example.com", PUBLIC_V4)
     with pytest.raises(EgressDeniedError, match="credentials"):
         check_destination(url, EgressPolicy())
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access_token=abc",
+        "ACCESS_TOKEN=abc",
+        "x=1&token=abc",
+        "Api-Key=abc",
+        "apikey=abc",
+        "key=abc",
+        "secret=abc",
+        "password=abc",
+        "auth=abc",
+        "sig=abc",
+        "X-Amz-Signature=abc",
+        "github_token=abc",
+        "client_secret=abc",
+        "%61ccess_token=abc",  # percent-encoded name: a server decodes it to access_token
+        "token",  # a bare name still names a credential
+    ],
+)
+def test_a_credential_in_the_query_is_refused_before_any_lookup(dns: FakeDNS, query: str) -> None:
+    dns.add("mcp.example.com", PUBLIC_V4)
+    with pytest.raises(EgressDeniedError) as info:
+        check_destination(f"https://mcp.example.com/mcp?{query}", EgressPolicy())
+    assert "abc" not in info.value.message and "?" not in info.value.message
+    assert dns.calls["mcp.example.com"] == 0
+
+
+def test_a_query_without_credentials_passes(dns: FakeDNS) -> None:
+    # e.g. the SSE transport's message endpoint (?session_id=...)
+    dns.add("mcp.example.com", PUBLIC_V4)
+    url = "https://mcp.example.com/messages/?session_id=0f1e&cursor=2&q=monkey&keyboard=1&tokens=3"
+    assert check_destination(url, EgressPolicy()).host == "mcp.example.com"
 
 
 @pytest.mark.parametrize("url", ["https:///path", "https://", "https:/path", "/relative/only"])
@@ -426,6 +533,20 @@ def test_allowed_hosts_do_not_relax_the_address_policy(dns: FakeDNS) -> None:
         check_destination("https://api.example.com/", EgressPolicy(), ["api.example.com"])
 
 
+def test_allowed_hosts_pin_ports_before_any_lookup(dns: FakeDNS) -> None:
+    dns.add("api.example.com", PUBLIC_V4)
+    with pytest.raises(DestinationDeniedError) as info:
+        check_destination("https://api.example.com:8443/", EgressPolicy(), ["api.example.com"])
+    assert "port 8443" in info.value.message
+    with pytest.raises(DestinationDeniedError):
+        check_destination("https://api.example.com/", EgressPolicy(), ["api.example.com:8443"])
+    with pytest.raises(DestinationDeniedError):
+        check_destination("https://api.example.com:444/", EgressPolicy(), ["api.example.com:8443"])
+    assert dns.calls["api.example.com"] == 0
+    assert check_destination("https://api.example.com:8443/", EgressPolicy(), ["api.example.com:8443"]).port == 8443
+    assert check_destination("https://api.example.com:443/", EgressPolicy(), ["api.example.com"]).port == 443
+
+
 @pytest.mark.parametrize("allowed", [None, []])
 def test_no_allowed_hosts_means_no_host_restriction(dns: FakeDNS, allowed: list[str] | None) -> None:
     dns.add("anywhere.example.org", PUBLIC_V4)
@@ -440,14 +561,16 @@ TOKEN = "tok-SEKRIT-123"
 @pytest.mark.parametrize(
     ("url", "allowed", "error"),
     [
-        (f"https://10.0.0.1/x?token={TOKEN}", None, EgressDeniedError),
-        (f"http://api.example.com/x?token={TOKEN}", None, EgressDeniedError),
-        (f"ftp://api.example.com/x?token={TOKEN}", None, EgressDeniedError),
+        (f"https://10.0.0.1/x?q={TOKEN}", None, EgressDeniedError),
+        (f"http://api.example.com/x?q={TOKEN}", None, EgressDeniedError),
+        (f"ftp://api.example.com/x?q={TOKEN}", None, EgressDeniedError),
         (f"https://user:{TOKEN}@api.example.com/x", None, EgressDeniedError),
-        (f"https://evil.example.net/x?token={TOKEN}", ["api.example.com"], DestinationDeniedError),
-        (f"https://no-such.invalid/x?token={TOKEN}", None, EgressResolutionError),
+        (f"https://api.example.com/x?access_token={TOKEN}", None, EgressDeniedError),
+        (f"https://evil.example.net/x?q={TOKEN}", ["api.example.com"], DestinationDeniedError),
+        (f"https://api.example.com:8443/x?q={TOKEN}", ["api.example.com"], DestinationDeniedError),
+        (f"https://no-such.invalid/x?q={TOKEN}", None, EgressResolutionError),
         (f"https://[::1/x?token={TOKEN}", None, EgressDeniedError),
-        (f"https://169.254.169.254/x?token={TOKEN}#{TOKEN}", None, EgressDeniedError),
+        (f"https://169.254.169.254/x?q={TOKEN}#{TOKEN}", None, EgressDeniedError),
     ],
 )
 def test_errors_carry_a_code_and_never_the_query_or_credentials(
@@ -517,10 +640,12 @@ def test_async_client_refuses_loopback_when_private_is_not_allowed(server: Local
 
 def test_every_request_is_checked_not_just_the_first(server: LocalServer) -> None:
     # A later URL (e.g. one a tool call hands back) gets the same allowed_hosts check.
-    with guarded_client(LOCAL, allowed_hosts=["127.0.0.1"]) as client:
+    with guarded_client(LOCAL, allowed_hosts=[f"127.0.0.1:{server.port}"]) as client:
         assert client.get(f"http://127.0.0.1:{server.port}/first").status_code == 200
         with pytest.raises(DestinationDeniedError):
             client.get(f"http://localhost:{server.port}/second")
+        with pytest.raises(DestinationDeniedError):  # the right host on another port
+            client.get(f"http://127.0.0.1:{server.port + 1}/second")
         with pytest.raises(EgressDeniedError):
             client.get(f"ftp://127.0.0.1:{server.port}/third")
     assert server.paths() == ["/first"]
@@ -627,6 +752,72 @@ def test_async_client_streams_server_sent_events_incrementally(server: LocalServ
 
     assert asyncio.run(run()) == ["data: first", "data: second"]
     assert server.sse_waited_for_client  # the first event arrived while the response was still open
+
+
+# --- response size cap ----------------------------------------------------------------------------
+
+CAP = 256 * 1024
+CAPPED = EgressPolicy(allow_private=True, allow_http_hosts=frozenset({"127.0.0.1"}), max_response_bytes=CAP)
+
+
+def _assert_the_read_stopped(server: LocalServer, peak: int) -> None:
+    # The client held about one cap's worth of the body, never the stream ...
+    assert peak < 8 * CAP, peak
+    # ... and hung up: the server wrote little more than the socket buffers hold, not the 512 MiB it had.
+    assert server.endless_done.wait(10)
+    assert server.endless_written < 64 << 20, server.endless_written
+
+
+def test_sync_client_stops_reading_an_endless_body_at_the_cap(server: LocalServer) -> None:
+    tracemalloc.start()
+    try:
+        with guarded_client(CAPPED) as client, pytest.raises(ResponseTooLargeError) as info:
+            client.get(f"http://127.0.0.1:{server.port}/endless")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (info.value.code, info.value.limit, info.value.host) == ("response_too_large", CAP, "127.0.0.1")
+    _assert_the_read_stopped(server, peak)
+
+
+def test_async_client_stops_reading_an_endless_stream_at_the_cap(server: LocalServer) -> None:
+    async def run() -> int:
+        got = 0
+        async with (
+            guarded_async_client(CAPPED) as client,
+            client.stream("GET", f"http://127.0.0.1:{server.port}/endless") as response,
+        ):
+            async for chunk in response.aiter_bytes():
+                got += len(chunk)
+        return got
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResponseTooLargeError):
+            asyncio.run(run())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    _assert_the_read_stopped(server, peak)
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading(server: LocalServer) -> None:
+    with guarded_client(CAPPED) as client, pytest.raises(ResponseTooLargeError):
+        client.get(f"http://127.0.0.1:{server.port}/declared-huge")
+
+
+def test_guarded_clients_ask_for_identity_and_refuse_a_compressed_body(server: LocalServer) -> None:
+    # A compressed body could inflate far past the cap after its bytes were counted.
+    with guarded_client(CAPPED) as client:
+        assert client.get(f"http://127.0.0.1:{server.port}/plain").text == "ok"
+        with pytest.raises(ResponseTooLargeError, match="compressed"):
+            client.get(f"http://127.0.0.1:{server.port}/gzip")
+    assert [s.accept_encoding for s in server.seen] == ["identity", "identity"]
+
+
+def test_the_cap_comes_from_settings() -> None:
+    assert EgressPolicy().max_response_bytes == 4 * 1024 * 1024
+    assert EgressPolicy.from_settings(Settings(max_response_bytes=65536)).max_response_bytes == 65536
 
 
 # --- DNS rebinding --------------------------------------------------------------------------------
@@ -811,7 +1002,7 @@ def test_an_mcp_session_works_end_to_end_through_the_guard(mcp_server: int, dns:
 
     async def run() -> tuple[list[str], Any]:
         async with (
-            guarded_async_client(policy, ["mcp.test"]) as http,
+            guarded_async_client(policy, [f"mcp.test:{mcp_server}"]) as http,
             Client(streamable_http_client(f"http://mcp.test:{mcp_server}/mcp", http_client=http)) as client,
         ):
             tools = [t.name for t in (await client.list_tools()).tools]

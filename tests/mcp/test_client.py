@@ -426,7 +426,7 @@ def test_unresolvable_guard_error_is_unreachable(server: McpTestServer) -> None:
 
 def test_real_guard_allowing_loopback_works(server: McpTestServer) -> None:
     policy = EgressPolicy(allow_private=True, allow_http_hosts=frozenset({"127.0.0.1"}))
-    factory = functools.partial(guarded_async_client, policy, ["127.0.0.1"])
+    factory = functools.partial(guarded_async_client, policy, [f"127.0.0.1:{server.port}"])
     assert "add" in tools_of(server, http_client_factory=factory)
     assert call(server, "add", {"a": 2, "b": 3}, http_client_factory=factory).structured == {"result": 5}
     wrong = "wrong-" + secrets.token_hex(8)
@@ -446,3 +446,25 @@ def test_real_guard_denials_propagate_unchanged(server: McpTestServer) -> None:
         call(server, "add", {"a": 1, "b": 1}, http_client_factory=elsewhere)
     assert outside.value.code == "secret_destination_denied"
     assert server.seen_tokens == []  # refused before any connection
+
+
+# --- oversized responses ---------------------------------------------------------------------------
+
+CAP = 128 * 1024
+
+
+def capped_factory(server: McpTestServer) -> Callable[..., httpx2.AsyncClient]:
+    policy = EgressPolicy(allow_private=True, allow_http_hosts=frozenset({"127.0.0.1"}), max_response_bytes=CAP)
+    return functools.partial(guarded_async_client, policy, [f"127.0.0.1:{server.port}"])
+
+
+def test_an_oversized_tool_result_is_response_too_large(server: McpTestServer) -> None:
+    # The real server's echo tool answers as much as it is sent: over the cap (an SSE event or a JSON body).
+    factory = capped_factory(server)
+    error = expect_error(
+        lambda: call(server, "echo", {"text": "x" * (4 * CAP)}, http_client_factory=factory), "response_too_large"
+    )
+    assert_clean(error, server.token)
+    # Under the cap the same connection settings work.
+    small = call(server, "echo", {"text": "x" * (CAP // 4)}, http_client_factory=factory)
+    assert small.content[0]["text"] == "x" * (CAP // 4)

@@ -6,7 +6,9 @@ only in the request, and neither the jobs table nor Redis ever holds it in clear
 
 from __future__ import annotations
 
+import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,6 +21,7 @@ from flask import Flask
 from sqlalchemy import func, select, update
 
 from app.config import Settings
+from app.context import Actor, RequestContext
 from app.db import Database, utcnow
 from app.factory import create_app
 from app.jobs import service as jobs
@@ -28,7 +31,7 @@ from app.secrets.sealing import CiphertextError, generate_ephemeral
 from tests.factories import CTX, Caller, Factory
 from tests.leaks import dump_database, dump_redis, find_leaks
 from tests.processes import drop_queue_keys
-from tests.workers.conftest import wait_for
+from tests.workers.conftest import extra_worker, wait_for
 
 CANARY = "lk-canary-reveal-7c1f0e9b2d4a-ünïcødé"
 
@@ -404,3 +407,239 @@ def test_a_reply_opens_only_for_its_own_request() -> None:
         reveal.open_reply(private_key, bytes(tampered), "org-1", "sec-1", "job-1")
     with pytest.raises(ValueError, match="32 bytes"):
         reveal.decode_public_key(reveal.encode_public_key(b"short"))
+
+
+# The worker's own controls, against a compromised web tier ------------------------------------------
+#
+# A compromised web tier holds the database and broker credentials: it can write reveal job rows
+# and publish them, skipping every check of the API. These tests do exactly that (no API call,
+# no web-side limiter) and show what the worker still enforces on its own.
+
+
+def _forged_reveal(db: Database, org_id: str, secret_id: str, created_by: str | None) -> tuple[str, Any]:
+    """A reveal job written straight into the jobs table, as a compromised web tier would."""
+    private_key, public_raw = generate_ephemeral()
+    with db.session() as s:
+        job = jobs.create_job(
+            s,
+            RequestContext(Actor("user", created_by)),
+            org_id=org_id,
+            kind=reveal.REVEAL_TASK,
+            params={"secret_id": secret_id, "reply_public_key": reveal.encode_public_key(public_raw)},
+        )
+        jobs.take_publications(s)
+        return job.id, private_key
+
+
+def _run_forged(
+    producer: Celery, db: Database, rclient: redis.Redis, org_id: str, secret_id: str, created_by: str | None
+) -> tuple[Job, dict[str, Any]]:
+    """Publish a forged reveal job; the finished row and the opened reply."""
+    job_id, private_key = _forged_reveal(db, org_id, secret_id, created_by)
+    producer.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20)
+    key = reveal.reply_key(job_id)
+    try:
+        [sealed] = rclient.lrange(key, 0, -1)
+    finally:
+        rclient.delete(key)
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        s.expunge(row)
+    return row, reveal.open_reply(private_key, sealed, org_id, secret_id, job_id)
+
+
+def _served(row: Job, reply: dict[str, Any]) -> bool:
+    if row.status == "succeeded":
+        assert reply == {"value": CANARY, "version": 1}
+        return True
+    return False
+
+
+def _assert_refused(row: Job, reply: dict[str, Any], code: str) -> None:
+    assert (row.status, row.error_code) == ("failed", code)
+    assert reply["error"] == code and "value" not in reply
+    # Refused before anything was resolved.
+    assert row.resolved_secrets is None
+
+
+def _inside_one_window(seconds: int) -> None:
+    """Start a test far enough from a fixed-window boundary that its reveals all count in one."""
+    left = seconds - time.time() % seconds
+    if left < 10:
+        time.sleep(left + 0.05)
+
+
+def _secret_in_new_org(factory: Factory, db: Database) -> tuple[str, str]:
+    org = factory.org()
+    secret = factory.secret(factory.user(org, "admin"), org, value=CANARY)
+    return _org_id(db, secret["id"]), secret["id"]
+
+
+def test_the_worker_enforces_the_per_user_limit_on_jobs_it_did_not_see_queued(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    org_id, secret_id = _secret_in_new_org(factory, db)
+    _inside_one_window(900)
+    with extra_worker(settings, reveal_limit_per_user=2) as (producer, _web):
+        alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+        for _ in range(2):
+            assert _served(*_run_forged(producer, db, rclient, org_id, secret_id, alice))
+        row, reply = _run_forged(producer, db, rclient, org_id, secret_id, alice)
+        _assert_refused(row, reply, "rate_limited")
+        assert 1 <= reply["retry_after"] <= 900
+        assert CANARY not in repr(reply) and CANARY not in (row.error_message or "")
+        # Another user of the same org still may; a refusal used up nobody's budget.
+        assert _served(*_run_forged(producer, db, rclient, org_id, secret_id, bob))
+        assert _served(*_run_forged(producer, db, rclient, org_id, secret_id, bob))
+        # A forged row that names no user shares one bucket: leaving created_by empty is no way out.
+        for _ in range(2):
+            assert _served(*_run_forged(producer, db, rclient, org_id, secret_id, None))
+        _assert_refused(*_run_forged(producer, db, rclient, org_id, secret_id, None), "rate_limited")
+
+
+def test_the_worker_enforces_the_per_org_limit_whatever_user_the_rows_name(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    org_id, secret_id = _secret_in_new_org(factory, db)
+    other_org_id, other_secret_id = _secret_in_new_org(factory, db)
+    _inside_one_window(900)
+    with extra_worker(settings, reveal_limit_per_org=3) as (producer, _web):
+        # A compromised web tier forges a new user for every row: the per-user limit never binds.
+        for _ in range(3):
+            assert _served(*_run_forged(producer, db, rclient, org_id, secret_id, str(uuid.uuid4())))
+        _assert_refused(*_run_forged(producer, db, rclient, org_id, secret_id, str(uuid.uuid4())), "rate_limited")
+        assert _served(*_run_forged(producer, db, rclient, other_org_id, other_secret_id, str(uuid.uuid4())))
+
+
+def test_the_instance_limit_binds_in_the_worker_even_when_redis_is_reset(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    secrets_by_org = [_secret_in_new_org(factory, db) for _ in range(4)]
+    # The worker counts in a Redis database of its own (LATCHKEY_WORKER_REDIS_URL).
+    base, _, index = settings.redis_url.rpartition("/")
+    worker_redis_url = f"{base}/{(int(index) + 1) % 16}"
+    worker_redis = redis.Redis.from_url(worker_redis_url)
+    _inside_one_window(900)
+    try:
+        with extra_worker(settings, reveal_limit_instance=2, worker_redis_url=worker_redis_url) as (producer, _web):
+            queue = producer.conf.task_default_queue
+            for org_id, secret_id in secrets_by_org[:2]:
+                assert _served(*_run_forged(producer, db, rclient, org_id, secret_id, str(uuid.uuid4())))
+            org_id, secret_id = secrets_by_org[2]
+            _assert_refused(*_run_forged(producer, db, rclient, org_id, secret_id, str(uuid.uuid4())), "rate_limited")
+            # The counts are in the worker's Redis, none in the shared one the web tier writes.
+            assert list(rclient.scan_iter(match=f"lk:wrl:{queue}:*")) == []
+            counted = list(worker_redis.scan_iter(match=f"lk:wrl:{queue}:reveal:instance:*"))
+            assert len(counted) == 1
+            # Whoever can write that Redis resets every count: each worker process still remembers.
+            worker_redis.delete(*worker_redis.scan_iter(match=f"lk:wrl:{queue}:*"))
+            org_id, secret_id = secrets_by_org[3]
+            _assert_refused(*_run_forged(producer, db, rclient, org_id, secret_id, str(uuid.uuid4())), "rate_limited")
+    finally:
+        worker_redis.close()
+
+
+def test_the_worker_refuses_every_reveal_when_reveal_is_disabled(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    org_id, secret_id = _secret_in_new_org(factory, db)
+    with extra_worker(settings, reveal_disabled=True) as (producer, _web):
+        row, reply = _run_forged(producer, db, rclient, org_id, secret_id, str(uuid.uuid4()))
+        _assert_refused(row, reply, "reveal_disabled")
+
+
+def test_the_worker_refuses_reveals_of_a_disabled_org_and_the_api_answers_403(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    org = factory.org()
+    admin = factory.user(org, "admin")
+    secret = factory.secret(admin, org, value=CANARY)
+    org_id = _org_id(db, secret["id"])
+    other_org_id, other_secret_id = _secret_in_new_org(factory, db)
+    with extra_worker(settings, reveal_disabled_orgs=(org_id, "some-other-org-id")) as (producer, web):
+        _assert_refused(*_run_forged(producer, db, rclient, org_id, secret["id"], admin.user_id), "reveal_disabled")
+        assert _served(*_run_forged(producer, db, rclient, other_org_id, other_secret_id, None))
+        # Through the API (the web tier's checks all pass): the worker's refusal is a 403.
+        resp = web.test_client().post(f"/api/v1/orgs/{org}/secrets/{secret['id']}/reveal", headers=admin.headers())
+        assert resp.status_code == 403, resp.get_json()
+        assert resp.mimetype == "application/problem+json"
+        assert resp.get_json()["code"] == "reveal_disabled"
+        assert CANARY not in resp.get_data(as_text=True)
+
+
+def test_the_api_answers_429_when_the_worker_limits_a_user(
+    settings: Settings, factory: Factory, org: str, admin: Caller, db: Database
+) -> None:
+    secret = factory.secret(admin, org, value=CANARY)
+    _inside_one_window(900)
+    with extra_worker(settings, reveal_limit_per_user=1) as (_producer, web):
+        client = web.test_client()
+        path = f"/api/v1/orgs/{org}/secrets/{secret['id']}/reveal"
+        assert client.post(path, headers=admin.headers()).get_json() == {"value": CANARY, "version": 1}
+        limited = client.post(path, headers=admin.headers())
+        assert limited.status_code == 429, limited.get_json()
+        assert limited.get_json()["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 900
+        assert CANARY not in limited.get_data(as_text=True)
+        # The web tier records a reveal only when the worker served one.
+        with db.session() as s:
+            assert s.scalar(select(func.count()).where(AuditEvent.action == "secret.reveal")) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_worker_audits_and_counts_every_reveal_served_or_refused(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    org_id, secret_id = _secret_in_new_org(factory, db)
+    disabled_org_id, disabled_secret_id = _secret_in_new_org(factory, db)
+    user = str(uuid.uuid4())
+    port = _free_port()
+    with extra_worker(settings, reveal_disabled_orgs=(disabled_org_id,), worker_metrics_port=port) as (producer, _w):
+        served, _ = _run_forged(producer, db, rclient, org_id, secret_id, user)
+        assert served.status == "succeeded"
+        refused, _ = _run_forged(producer, db, rclient, disabled_org_id, disabled_secret_id, user)
+        assert refused.status == "failed"
+        missing = str(uuid.uuid4())
+        gone, _ = _run_forged(producer, db, rclient, org_id, missing, user)
+        assert gone.error_code == "secret_not_found"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            scraped = resp.read().decode()
+    assert 'latchkey_worker_reveals_total{code="",outcome="served"} 1.0' in scraped
+    assert 'latchkey_worker_reveals_total{code="reveal_disabled",outcome="refused"} 1.0' in scraped
+    assert 'latchkey_worker_reveals_total{code="secret_not_found",outcome="refused"} 1.0' in scraped
+    with db.session() as s:
+        events = [
+            (e.org_id, e.action, e.actor_type, e.target_id, e.details)
+            for e in s.scalars(select(AuditEvent).where(AuditEvent.action.like("secret.reveal_%")))
+        ]
+    expected = [
+        (
+            org_id,
+            "secret.reveal_served",
+            "worker",
+            secret_id,
+            {"job_id": served.id, "version": 1, "requested_by": user},
+        ),
+        (
+            disabled_org_id,
+            "secret.reveal_refused",
+            "worker",
+            disabled_secret_id,
+            {"job_id": refused.id, "code": "reveal_disabled", "requested_by": user},
+        ),
+        (
+            org_id,
+            "secret.reveal_refused",
+            "worker",
+            missing,
+            {"job_id": gone.id, "code": "secret_not_found", "requested_by": user},
+        ),
+    ]
+    assert sorted(map(repr, events)) == sorted(map(repr, expected))
+    assert CANARY not in repr(events)
