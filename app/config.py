@@ -77,6 +77,18 @@ class Settings(BaseModel):
     # How long a reveal request waits for a worker's sealed reply before answering 503.
     # At most 50 s: a reply lives 60 s in Redis and the worker's time limit is 30 s.
     reveal_timeout_seconds: float = Field(default=10.0, gt=0, le=50)
+    # Web sessions (server-side rows): absolute lifetime, however active the session is.
+    session_lifetime_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    # Sign-in limiting (Redis, counted before the password is checked). Per (email, address):
+    # this many failures are free, then each failure locks the pair for base * 2^n seconds (capped).
+    login_free_failures_per_pair: int = Field(default=5, ge=1, le=1000)
+    login_backoff_base_seconds: int = Field(default=30, ge=1, le=3600)
+    login_backoff_max_seconds: int = Field(default=3600, ge=1, le=86400)
+    # Looser ceilings per 15-minute window: failures for one email from anywhere, and from one address.
+    login_max_failures_per_email: int = Field(default=100, ge=1, le=100_000)
+    login_max_failures_per_address: int = Field(default=50, ge=1, le=100_000)
+    # How long an org invitation can be accepted.
+    invitation_ttl_seconds: int = Field(default=7 * 86400, ge=60, le=90 * 86400)
 
     @field_validator("egress_allow_http_hosts", mode="before")
     @classmethod
