@@ -413,6 +413,7 @@ def create_web_session(
     row = WebSession(
         user_id=user.id,
         token_hash=_token_hash(raw),
+        created_at=now,
         expires_at=now + lifetime,
         last_seen_at=now,
         ip=(ip or "")[:64] or None,
