@@ -24,7 +24,8 @@ from werkzeug.test import TestResponse
 from app.config import Settings
 from app.db import utcnow
 from app.factory import create_app
-from app.models import User, WebSession
+from app.identity import service as identity
+from app.models import Membership, User, WebSession
 from tests.factories import Caller, Factory
 from tests.ui.conftest import PASSWORD, client_sign_in, csrf_of, person
 
@@ -413,6 +414,34 @@ def test_home_goes_to_the_first_org_and_the_switcher_only_to_member_orgs(
     assert ui_client.get("/").headers["Location"] == f"/orgs/{org}/secrets"
     assert ui_client.get(f"/switch?org={other}").status_code == 404
     assert ui_client.get(f"/switch?org={org}").headers["Location"] == f"/orgs/{org}/secrets"
+
+
+def test_the_ui_invitation_page_accepts_for_the_signed_in_address(
+    ui_client: FlaskClient, factory: Factory, org: str
+) -> None:
+    admin = person(factory, org, "admin")
+    invitee = person(factory, None)
+    invitation = admin.post(f"orgs/{org}/members", json={"email": invitee.email, "role": "member"}).get_json()
+    path = invitation["accept_path"]
+    # Signed out: sign in first, then back here.
+    first = ui_client.get(path)
+    assert first.status_code == 302 and first.headers["Location"] == f"/login?next={path}"
+    # Another address: nothing is shown.
+    stranger = person(factory, None)
+    other = ui_client.application.test_client()
+    other_csrf = client_sign_in_any(other, stranger.email)
+    assert other.get(path).status_code == 404
+    assert other.post(path, data={"csrf_token": other_csrf}).status_code == 404
+    token = client_sign_in_any(ui_client, invitee.email)
+    page = ui_client.get(path)
+    assert page.status_code == 200
+    assert "Accept invitation" in page.get_data(as_text=True) and org.title() in page.get_data(as_text=True)
+    assert ui_client.post(path).status_code == 400  # CSRF
+    accepted = ui_client.post(path, data={"csrf_token": token})
+    assert accepted.status_code == 302 and accepted.headers["Location"] == f"/orgs/{org}/secrets"
+    with factory.db.session() as s:
+        assert s.get(Membership, (identity.get_org(s, org).id, invitee.user_id)) is not None
+    assert ui_client.get(path).status_code == 404  # used
 
 
 # CSRF -------------------------------------------------------------------------------------------
