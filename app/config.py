@@ -101,6 +101,18 @@ class Settings(BaseModel):
     worker_redis_url: str | None = Field(default=None, repr=False)
     # Cap on the bytes read from one MCP or model-API response (one SSE event for MCP streams).
     max_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # Web sessions (server-side rows): absolute lifetime, however active the session is.
+    session_lifetime_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    # Sign-in limiting (Redis, counted before the password is checked). Per (email, address):
+    # this many failures are free, then each failure locks the pair for base * 2^n seconds (capped).
+    login_free_failures_per_pair: int = Field(default=5, ge=1, le=1000)
+    login_backoff_base_seconds: int = Field(default=30, ge=1, le=3600)
+    login_backoff_max_seconds: int = Field(default=3600, ge=1, le=86400)
+    # Looser ceilings per 15-minute window: failures for one email from anywhere, and from one address.
+    login_max_failures_per_email: int = Field(default=100, ge=1, le=100_000)
+    login_max_failures_per_address: int = Field(default=50, ge=1, le=100_000)
+    # How long an org invitation can be accepted.
+    invitation_ttl_seconds: int = Field(default=7 * 86400, ge=60, le=90 * 86400)
 
     @field_validator("egress_allow_http_hosts", mode="before")
     @classmethod

@@ -51,7 +51,10 @@ def test_secret_mutations_are_audited_with_actor_request_and_no_value(
 
 def test_membership_and_token_changes_are_audited(admin: Caller, org: str, factory: Factory, db: Any) -> None:
     newcomer = factory.user()
-    assert admin.post(f"orgs/{org}/members", json={"email": newcomer.email, "role": "member"}).status_code == 201
+    # Adding a member is an invitation; the membership is created (and audited) when it is accepted.
+    invited = admin.post(f"orgs/{org}/members", json={"email": newcomer.email, "role": "member"})
+    assert invited.status_code == 202
+    assert newcomer.post("invitations/accept", json={"token": invited.get_json()["token"]}).status_code == 200
     assert admin.patch(f"orgs/{org}/members/{newcomer.user_id}", json={"role": "admin"}).status_code == 200
     assert admin.delete(f"orgs/{org}/members/{newcomer.user_id}").status_code == 204
     actions = [

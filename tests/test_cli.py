@@ -142,6 +142,9 @@ def test_bootstrap_an_org_admin_whose_token_authenticates_against_the_api(cli: C
         assert body["is_operator"] is True
         assert [(o["slug"], o["name"], o["role"]) for o in body["orgs"]] == [("acme", "Acme Corp", "admin")]
         assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
+        # The CLI adds members directly (trusted operator); its tokens have no parent token.
+        (listed,) = client.get("/api/v1/me/tokens", headers={"Authorization": f"Bearer {token}"}).get_json()["items"]
+        assert listed["parent_id"] is None
     finally:
         app.extensions["latchkey.db"].dispose()
 

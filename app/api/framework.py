@@ -110,8 +110,9 @@ def authenticate() -> User:
     scheme, _, credential = header.partition(" ")
     if scheme.lower() != "bearer" or not credential.strip():
         raise UnauthorizedError("send an API token as 'Authorization: Bearer <token>'")
-    user, _token = identity.authenticate_token(session(), credential.strip())
+    user, token = identity.authenticate_token(session(), credential.strip())
     g.user = user
+    g.api_token = token  # the parent of any token this request mints
     return user
 
 

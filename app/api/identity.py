@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from flask import current_app, g, url_for
+
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import (
+    InvitationAccept,
+    InvitationCreated,
+    InvitationList,
+    InvitationOut,
     MemberAdd,
     MemberList,
     MemberOut,
@@ -17,7 +25,7 @@ from app.api.schemas import (
     TokenOut,
 )
 from app.identity import service as identity
-from app.models import ApiToken
+from app.models import ApiToken, Invitation
 
 
 def _token_out(t: ApiToken) -> TokenOut:
@@ -29,6 +37,18 @@ def _token_out(t: ApiToken) -> TokenOut:
         expires_at=t.expires_at,
         last_used_at=t.last_used_at,
         revoked_at=t.revoked_at,
+        parent_id=t.parent_id,
+    )
+
+
+def _invitation_out(i: Invitation) -> InvitationOut:
+    return InvitationOut(
+        id=i.id,
+        email=i.email,
+        role=i.role,
+        created_at=i.created_at,
+        expires_at=i.expires_at,
+        status=identity.invitation_status(i),
     )
 
 
@@ -58,8 +78,16 @@ def list_tokens() -> TokenList:
     idempotent=False,
 )
 def create_token(body: TokenCreate) -> Result:
-    """Create an API token for the caller; the token is shown once, in this response."""
-    token, raw = identity.create_token(session(), request_context(), current_user(), body.name, body.expires_at)
+    """Create an API token for the caller; the token is shown once, in this response.
+
+    The new token is a child of the token that authenticated this request: it dies with it,
+    and when that token expires, the new one expires no later (without ``expires_at`` it
+    inherits that expiry; a later one is 422).
+    """
+    parent: ApiToken | None = g.get("api_token")
+    token, raw = identity.create_token(
+        session(), request_context(), current_user(), body.name, body.expires_at, parent=parent
+    )
     out = TokenCreated(**_token_out(token).model_dump(), token=raw)
     return Result(out, 201, {"Cache-Control": "no-store"})
 
@@ -86,23 +114,79 @@ def list_members(org: str) -> MemberList:
     return _member_list(org)
 
 
+@route(bp, "/me/sessions", "DELETE", status=204, tags=["identity"], errors=[401])
+def revoke_sessions() -> None:
+    """Sign out everywhere: every UI session of the caller ends (API tokens are not affected)."""
+    identity.revoke_sessions(session(), request_context(), current_user())
+
+
 @route(
     bp,
     "/orgs/<org>/members",
     "POST",
     body=MemberAdd,
-    response=MemberOut,
-    status=201,
+    response=InvitationCreated,
+    status=202,
     tags=["identity"],
     errors=[401, 403, 404, 422],
 )
 def add_member(org: str, body: MemberAdd) -> Result:
-    """Add an existing user to the org (org admin)."""
+    """Invite an email address to the org (org admin); the invitee accepts to become a member.
+
+    The answer is the same whether or not the address has an account. The accept token is
+    shown once, in this response; there is no mail delivery, so the admin hands it over.
+    """
     access = identity.org_access(session(), current_user(), org)
     access.require_admin()
-    user = identity.get_user_by_email(session(), body.email)
-    m = identity.add_member(session(), request_context(), access.org, user, body.role)
-    return Result(MemberOut(user_id=user.id, email=user.email, role=m.role, created_at=m.created_at), 201)
+    ttl = timedelta(seconds=current_app.config["LATCHKEY_SETTINGS"].invitation_ttl_seconds)
+    new = identity.invite(session(), request_context(), access.org, body.email, body.role, ttl)
+    out = InvitationCreated(
+        **_invitation_out(new.invitation).model_dump(),
+        token=new.token,
+        accept_path=url_for("web.invitation", token=new.token),
+    )
+    return Result(out, 202, {"Cache-Control": "no-store"})
+
+
+@route(bp, "/orgs/<org>/invitations", "GET", response=InvitationList, tags=["identity"], errors=[401, 403, 404])
+def list_invitations(org: str) -> InvitationList:
+    """The org's pending invitations (org admin); never their tokens."""
+    access = identity.org_access(session(), current_user(), org)
+    access.require_admin()
+    return InvitationList(items=[_invitation_out(i) for i in identity.list_invitations(session(), access.org)])
+
+
+@route(
+    bp,
+    "/orgs/<org>/invitations/<invitation_id>",
+    "DELETE",
+    status=204,
+    tags=["identity"],
+    errors=[401, 403, 404, 409],
+)
+def revoke_invitation(org: str, invitation_id: str) -> None:
+    """Revoke a pending invitation (org admin); an accepted one is 409 (remove the member instead)."""
+    access = identity.org_access(session(), current_user(), org)
+    access.require_admin()
+    identity.revoke_invitation(session(), request_context(), access.org, invitation_id)
+
+
+@route(
+    bp,
+    "/invitations/accept",
+    "POST",
+    body=InvitationAccept,
+    response=OrgRef,
+    tags=["identity"],
+    errors=[401, 404, 422],
+)
+def accept_invitation(body: InvitationAccept) -> OrgRef:
+    """Accept an invitation addressed to the caller's email: the membership is created now.
+
+    Unknown, used, revoked, expired and other addresses' invitations are all 404.
+    """
+    org, membership = identity.accept_invitation(session(), request_context(), current_user(), body.token)
+    return OrgRef(slug=org.slug, name=org.name, role=membership.role)
 
 
 @route(

@@ -139,6 +139,7 @@ class TokenOut(BaseModel):
     expires_at: datetime | None
     last_used_at: datetime | None
     revoked_at: datetime | None
+    parent_id: str | None = Field(default=None, description="The token that minted this one, if any.")
 
 
 class TokenCreated(TokenOut):
@@ -169,6 +170,29 @@ class MemberOut(BaseModel):
 class MemberList(BaseModel):
     items: list[MemberOut]
     next_cursor: str | None = None
+
+
+class InvitationOut(BaseModel):
+    id: str
+    email: str
+    role: str
+    created_at: datetime
+    expires_at: datetime
+    status: str = Field(description="pending, accepted, revoked or expired")
+
+
+class InvitationCreated(InvitationOut):
+    token: str = Field(description="The accept token; shown only in this response. Hand it to the invitee.")
+    accept_path: str = Field(description="The UI page that accepts it: prefix with this instance's base URL.")
+
+
+class InvitationList(BaseModel):
+    items: list[InvitationOut]
+    next_cursor: str | None = None
+
+
+class InvitationAccept(Strict):
+    token: str = Field(min_length=1, max_length=200)
 
 
 # Jobs ------------------------------------------------------------------------------------

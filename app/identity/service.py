@@ -7,10 +7,11 @@ import re
 import secrets as _random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, Update, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,11 +19,14 @@ from app.audit import service as audit
 from app.context import RequestContext
 from app.db import utcnow
 from app.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationFailedError
-from app.models import ApiToken, Membership, Org, Role, User
+from app.models import ApiToken, Invitation, Membership, Org, Role, User, WebSession
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
 TOKEN_PREFIX = "lk_"  # noqa: S105 - a marker, not a token
+INVITATION_PREFIX = "lki_"
+# A token minted with a token minted with a token...: the chain checked at sign-in stays short.
+MAX_TOKEN_DEPTH = 8
 # last_used_at is written at most this often per token, so reads stay reads.
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 
@@ -87,8 +91,10 @@ def create_user(
 
 
 def set_password(session: Session, ctx: RequestContext, user: User, password: str) -> None:
+    """Change a password; every web session of the user ends with it."""
     user.password_hash = hash_password(password)
     audit.record(session, ctx, "user.set_password", org_id=None, target_type="user", target_id=user.id)
+    revoke_sessions(session, ctx, user)
 
 
 def get_user_by_email(session: Session, email: str) -> User:
@@ -239,21 +245,59 @@ def orgs_of(session: Session, user: User) -> list[OrgAccess]:
 # API tokens ------------------------------------------------------------------------------
 
 
+def _updated(session: Session, stmt: Update) -> int:
+    """Run an UPDATE; how many rows it changed."""
+    result = cast("CursorResult[Any]", session.execute(stmt))
+    return int(result.rowcount or 0)
+
+
 def _token_hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def create_token(
-    session: Session, ctx: RequestContext, user: User, name: str = "api", expires_at: datetime | None = None
+    session: Session,
+    ctx: RequestContext,
+    user: User,
+    name: str = "api",
+    expires_at: datetime | None = None,
+    *,
+    parent: ApiToken | None = None,
 ) -> tuple[ApiToken, str]:
-    """Mint a token; the plaintext is returned once and only its hash is stored."""
+    """Mint a token; the plaintext is returned once and only its hash is stored.
+
+    ``parent`` is the token the request was authenticated with (API only): the new token records
+    it, dies with it, and may not outlive it. Without ``expires_at`` it inherits the parent's
+    expiry; a later ``expires_at`` is refused (422) rather than silently shortened.
+    """
     name = name.strip()
     if not 1 <= len(name) <= 100:
         raise ValidationFailedError.single("name", "1 to 100 characters")
     if expires_at is not None and expires_at <= utcnow():
         raise ValidationFailedError.single("expires_at", "must be in the future")
+    if parent is not None:
+        if _token_depth(session, parent) >= MAX_TOKEN_DEPTH:
+            raise ValidationFailedError.single(
+                "body", f"tokens can be minted at most {MAX_TOKEN_DEPTH} levels deep; use a token from the CLI"
+            )
+        if parent.expires_at is not None:
+            if expires_at is None:
+                expires_at = parent.expires_at
+            elif expires_at > parent.expires_at:
+                raise ValidationFailedError.single(
+                    "expires_at",
+                    "must not be later than the expiry of the token used to create it "
+                    f"({parent.expires_at.isoformat()})",
+                )
     raw = TOKEN_PREFIX + _random.token_urlsafe(32)
-    token = ApiToken(user_id=user.id, name=name, token_hash=_token_hash(raw), prefix=raw[:10], expires_at=expires_at)
+    token = ApiToken(
+        user_id=user.id,
+        name=name,
+        token_hash=_token_hash(raw),
+        prefix=raw[:10],
+        expires_at=expires_at,
+        parent_id=parent.id if parent is not None else None,
+    )
     session.add(token)
     try:
         session.flush()
@@ -266,9 +310,26 @@ def create_token(
         org_id=None,
         target_type="api_token",
         target_id=token.id,
-        details={"user_id": user.id, "name": name, "expires_at": expires_at.isoformat() if expires_at else None},
+        details={
+            "user_id": user.id,
+            "name": name,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+            "parent_id": token.parent_id,
+        },
     )
     return token, raw
+
+
+def _token_depth(session: Session, token: ApiToken) -> int:
+    depth, parent_id = 0, token.parent_id
+    while parent_id is not None and depth <= MAX_TOKEN_DEPTH:
+        depth += 1
+        parent_id = session.scalar(select(ApiToken.parent_id).where(ApiToken.id == parent_id))
+    return depth
+
+
+def _token_alive(token: ApiToken, now: datetime) -> bool:
+    return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)
 
 
 def list_tokens(session: Session, user: User) -> list[ApiToken]:
@@ -276,11 +337,25 @@ def list_tokens(session: Session, user: User) -> list[ApiToken]:
 
 
 def revoke_token(session: Session, ctx: RequestContext, user: User, token_id: str) -> ApiToken:
+    """Revoke a token and every token minted from it (they would fail authentication anyway)."""
     token = session.scalar(select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user.id))
     if token is None:
         raise NotFoundError("token not found")
     if token.revoked_at is None:
-        token.revoked_at = utcnow()
+        now = utcnow()
+        token.revoked_at = now
+        descendants, level = 0, [token.id]
+        for _ in range(MAX_TOKEN_DEPTH + 1):
+            if not level:
+                break
+            level = list(session.scalars(select(ApiToken.id).where(ApiToken.parent_id.in_(level))))
+            if level:
+                descendants += _updated(
+                    session,
+                    update(ApiToken)
+                    .where(ApiToken.id.in_(level), ApiToken.revoked_at.is_(None))
+                    .values(revoked_at=now),
+                )
         audit.record(
             session,
             ctx,
@@ -288,7 +363,7 @@ def revoke_token(session: Session, ctx: RequestContext, user: User, token_id: st
             org_id=None,
             target_type="api_token",
             target_id=token.id,
-            details={"user_id": user.id},
+            details={"user_id": user.id, "descendants": descendants},
         )
     return token
 
@@ -304,10 +379,264 @@ def authenticate_token(session: Session, raw: str) -> tuple[User, ApiToken]:
         raise UnauthorizedError("invalid API token")
     token, user = row
     now = utcnow()
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
+    if not _token_alive(token, now) or user.disabled_at is not None:
         raise UnauthorizedError("invalid API token")
-    if user.disabled_at is not None:
-        raise UnauthorizedError("invalid API token")
+    # A minted token lives only while every token above it does (revocation and expiry alike).
+    parent_id, depth = token.parent_id, 0
+    while parent_id is not None:
+        parent = session.get(ApiToken, parent_id)
+        depth += 1
+        if parent is None or depth > MAX_TOKEN_DEPTH or not _token_alive(parent, now):
+            raise UnauthorizedError("invalid API token")
+        parent_id = parent.parent_id
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_GRANULARITY:
         token.last_used_at = now
     return user, token
+
+
+# Web sessions ----------------------------------------------------------------------------
+
+# last_seen_at of a web session is written at most this often.
+SESSION_SEEN_GRANULARITY = timedelta(minutes=1)
+
+
+def session_token_hash(raw: str) -> str:
+    return _token_hash(raw)
+
+
+def create_web_session(
+    session: Session, user: User, lifetime: timedelta, *, ip: str | None, user_agent: str | None
+) -> tuple[WebSession, str]:
+    """A signed-in browser: the random id goes into the cookie, only its SHA-256 is stored."""
+    raw = _random.token_urlsafe(32)
+    now = utcnow()
+    row = WebSession(
+        user_id=user.id,
+        token_hash=_token_hash(raw),
+        created_at=now,
+        expires_at=now + lifetime,
+        last_seen_at=now,
+        ip=(ip or "")[:64] or None,
+        user_agent=(user_agent or "")[:200] or None,
+    )
+    session.add(row)
+    session.flush()
+    return row, raw
+
+
+def authenticate_web_session(session: Session, raw: str) -> tuple[User, WebSession] | None:
+    """The user of a live session (one indexed lookup), or None: revoked, expired, unknown, disabled."""
+    if not raw or len(raw) > 100:
+        return None
+    row = session.execute(
+        select(WebSession, User)
+        .join(User, User.id == WebSession.user_id)
+        .where(WebSession.token_hash == _token_hash(raw))
+    ).first()
+    if row is None:
+        return None
+    web, user = row
+    if web.revoked_at is not None or web.expires_at <= utcnow() or user.disabled_at is not None:
+        return None
+    return user, web
+
+
+def touch_web_session(session: Session, web: WebSession) -> bool:
+    """Record activity, at most once per :data:`SESSION_SEEN_GRANULARITY`; True when it wrote."""
+    now = utcnow()
+    if web.last_seen_at is not None and now - web.last_seen_at < SESSION_SEEN_GRANULARITY:
+        return False
+    web.last_seen_at = now
+    return True
+
+
+def end_web_session(session: Session, raw: str) -> None:
+    """Sign-out: the row is revoked, so a copy of the cookie no longer opens anything."""
+    _updated(
+        session,
+        update(WebSession)
+        .where(WebSession.token_hash == _token_hash(raw), WebSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow()),
+    )
+
+
+def list_web_sessions(session: Session, user: User) -> list[WebSession]:
+    """The user's live sessions, newest first."""
+    return list(
+        session.scalars(
+            select(WebSession)
+            .where(WebSession.user_id == user.id, WebSession.revoked_at.is_(None), WebSession.expires_at > utcnow())
+            .order_by(WebSession.created_at.desc(), WebSession.id)
+        )
+    )
+
+
+def revoke_sessions(session: Session, ctx: RequestContext, user: User) -> int:
+    """Sign out everywhere: every live web session of the user is revoked (API tokens are not)."""
+    count = _updated(
+        session,
+        update(WebSession)
+        .where(WebSession.user_id == user.id, WebSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+        .execution_options(synchronize_session=False),
+    )
+    audit.record(
+        session,
+        ctx,
+        "user.sessions_revoke",
+        org_id=None,
+        target_type="user",
+        target_id=user.id,
+        details={"sessions": count},
+    )
+    return count
+
+
+# Invitations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewInvitation:
+    invitation: Invitation
+    token: str
+
+
+def invite(session: Session, ctx: RequestContext, org: Org, email: str, role: str, ttl: timedelta) -> NewInvitation:
+    """Offer membership to an email address; the same answer whether or not it has an account.
+
+    An earlier pending invitation of the same address to this org is revoked: one live link
+    per address. The token is returned once; only its SHA-256 is stored.
+    """
+    email = normalize_email(email)
+    parsed = _parse_role(role)
+    now = utcnow()
+    _updated(
+        session,
+        update(Invitation)
+        .where(
+            Invitation.org_id == org.id,
+            Invitation.email == email,
+            Invitation.accepted_at.is_(None),
+            Invitation.revoked_at.is_(None),
+        )
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False),
+    )
+    raw = INVITATION_PREFIX + _random.token_urlsafe(32)
+    invitation = Invitation(
+        org_id=org.id,
+        email=email,
+        role=parsed.value,
+        token_hash=_token_hash(raw),
+        invited_by=ctx.actor.id,
+        expires_at=now + ttl,
+    )
+    session.add(invitation)
+    session.flush()
+    audit.record(
+        session,
+        ctx,
+        "invitation.create",
+        org_id=org.id,
+        target_type="invitation",
+        target_id=invitation.id,
+        details={"email": email, "role": parsed.value, "expires_at": invitation.expires_at.isoformat()},
+    )
+    return NewInvitation(invitation, raw)
+
+
+def invitation_status(invitation: Invitation, now: datetime | None = None) -> str:
+    if invitation.accepted_at is not None:
+        return "accepted"
+    if invitation.revoked_at is not None:
+        return "revoked"
+    if invitation.expires_at <= (now or utcnow()):
+        return "expired"
+    return "pending"
+
+
+def list_invitations(session: Session, org: Org) -> list[Invitation]:
+    """The org's pending invitations (not accepted, revoked or expired), newest first."""
+    return list(
+        session.scalars(
+            select(Invitation)
+            .where(
+                Invitation.org_id == org.id,
+                Invitation.accepted_at.is_(None),
+                Invitation.revoked_at.is_(None),
+                Invitation.expires_at > utcnow(),
+            )
+            .order_by(Invitation.created_at.desc(), Invitation.id)
+        )
+    )
+
+
+def revoke_invitation(session: Session, ctx: RequestContext, org: Org, invitation_id: str) -> Invitation:
+    invitation = session.scalar(select(Invitation).where(Invitation.id == invitation_id, Invitation.org_id == org.id))
+    if invitation is None:
+        raise NotFoundError("invitation not found")
+    if invitation.accepted_at is not None:
+        raise ConflictError("the invitation was already accepted; remove the member instead")
+    if invitation.revoked_at is None:
+        invitation.revoked_at = utcnow()
+        audit.record(
+            session,
+            ctx,
+            "invitation.revoke",
+            org_id=org.id,
+            target_type="invitation",
+            target_id=invitation.id,
+            details={"email": invitation.email},
+        )
+    return invitation
+
+
+def find_invitation(session: Session, user: User, raw: str) -> Invitation:
+    """A pending invitation for this user's address; anything else is simply not found."""
+    if not raw.startswith(INVITATION_PREFIX) or len(raw) > 200:
+        raise NotFoundError(INVITATION_NOT_FOUND)
+    invitation = session.scalar(select(Invitation).where(Invitation.token_hash == _token_hash(raw)))
+    if invitation is None or invitation_status(invitation) != "pending" or invitation.email != user.email:
+        raise NotFoundError(INVITATION_NOT_FOUND)
+    return invitation
+
+
+INVITATION_NOT_FOUND = "invitation not found: it may have expired, been used or revoked, or be for another address"
+
+
+def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: str) -> tuple[Org, Membership]:
+    """Join the org: single use (a conditional update), bound to the invited address.
+
+    An invitee who is already a member keeps their current role; the invitation is used up.
+    """
+    invitation = find_invitation(session, user, raw)
+    now = utcnow()
+    claimed = _updated(
+        session,
+        update(Invitation)
+        .where(
+            Invitation.id == invitation.id,
+            Invitation.accepted_at.is_(None),
+            Invitation.revoked_at.is_(None),
+            Invitation.expires_at > now,
+        )
+        .values(accepted_at=now, accepted_by=user.id)
+        .execution_options(synchronize_session=False),
+    )
+    if claimed != 1:
+        raise NotFoundError(INVITATION_NOT_FOUND)
+    org = session.get(Org, invitation.org_id)
+    assert org is not None
+    membership = session.get(Membership, (org.id, user.id))
+    if membership is None:
+        membership = add_member(session, ctx, org, user, invitation.role)
+    audit.record(
+        session,
+        ctx,
+        "invitation.accept",
+        org_id=org.id,
+        target_type="invitation",
+        target_id=invitation.id,
+        details={"user_id": user.id, "role": membership.role},
+    )
+    return org, membership

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
+import math
 
 from flask import current_app, flash, g, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
@@ -12,8 +12,9 @@ from redis import RedisError
 
 from app.api.framework import commit, request_context
 from app.audit import service as audit
-from app.errors import RateLimitedError, UnauthorizedError
+from app.errors import RateLimitedError, ServiceUnavailableError, UnauthorizedError
 from app.identity import service as identity
+from app.models import Org
 from app.web.core import (
     bp,
     check_csrf,
@@ -27,50 +28,111 @@ from app.web.core import (
 
 log = logging.getLogger("latchkey.web")
 
-# Failed sign-ins counted per address and per email in fixed windows (Redis).
+# The looser ceilings (per email from anywhere, per address for any email) are fixed windows.
 LOGIN_WINDOW_SECONDS = 15 * 60
-MAX_FAILURES_PER_EMAIL = 10
-MAX_FAILURES_PER_ADDRESS = 50
+# A pair's failure count is forgotten a day after its last failure (or at once on success).
+PAIR_MEMORY_SECONDS = 24 * 3600
+
+# One atomic step BEFORE the password is checked: refuse while the (email, address) pair is
+# locked or a ceiling is reached; otherwise count the attempt as a failure (success refunds it)
+# and, from the free-th failure on, lock the pair for base * 2^(n - free) ms (capped).
+# KEYS: pair count, pair lock, email window, address window.
+# ARGV: free, base ms, max ms, pair memory s, window s, email ceiling, address ceiling.
+# Returns {1, n} when the attempt may be verified, {0, ms to wait} when refused.
+RESERVE_ATTEMPT = """
+local locked = redis.call('PTTL', KEYS[2])
+if locked > 0 then return {0, locked} end
+for i = 3, 4 do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if count >= tonumber(ARGV[i + 3]) then return {0, math.max(redis.call('PTTL', KEYS[i]), 1000)} end
+end
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+for i = 3, 4 do
+  if redis.call('INCR', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
+local free = tonumber(ARGV[1])
+if n >= free then
+  local ms = tonumber(ARGV[2]) * 2 ^ math.min(n - free, 40)
+  ms = math.floor(math.min(ms, tonumber(ARGV[3])))
+  redis.call('SET', KEYS[2], '1', 'PX', ms)
+end
+return {1, n}
+"""
 
 
-def _failure_keys(email: str) -> list[tuple[str, int]]:
+# Success: forget the pair, and take the attempt back from the ceilings (never below zero,
+# never creating a key without expiry).
+REFUND_ATTEMPT = """
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 3, 4 do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 1
+"""
+
+
+class LoginRefusedError(RateLimitedError):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many failed sign-ins; wait a few minutes and try again")
+        self.retry_after = retry_after
+
+
+def _limiter_keys(email: str) -> list[str]:
     namespace = current_app.config["LATCHKEY_SETTINGS"].queue
-    window = int(time.time() // LOGIN_WINDOW_SECONDS)
     email_id = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
+    address = request.remote_addr or "unknown"
+    pair_id = hashlib.sha256(f"{email_id}|{address}".encode()).hexdigest()[:32]
+    base = f"lk:rl:login:{namespace}"
     return [
-        (f"lk:rl:login:{namespace}:email:{email_id}:{window}", MAX_FAILURES_PER_EMAIL),
-        (f"lk:rl:login:{namespace}:ip:{request.remote_addr}:{window}", MAX_FAILURES_PER_ADDRESS),
+        f"{base}:pair:{pair_id}",
+        f"{base}:pair-lock:{pair_id}",
+        f"{base}:email:{email_id}",
+        f"{base}:ip:{address}",
     ]
 
 
-def _check_login_limit(email: str) -> None:
+def _reserve_attempt(email: str) -> None:
+    """Count this attempt before verifying it; refuse (429) while locked, 503 without Redis.
+
+    Fails closed: without Redis nothing can be counted, so sign-in waits (existing sessions
+    and API tokens keep working; they do not need the limiter).
+    """
+    settings = current_app.config["LATCHKEY_SETTINGS"]
     client = current_app.extensions["latchkey.redis"]
     try:
-        counts = client.mget([k for k, _ in _failure_keys(email)])
+        allowed, amount = client.eval(
+            RESERVE_ATTEMPT,
+            4,
+            *_limiter_keys(email),
+            settings.login_free_failures_per_pair,
+            settings.login_backoff_base_seconds * 1000,
+            settings.login_backoff_max_seconds * 1000,
+            PAIR_MEMORY_SECONDS,
+            LOGIN_WINDOW_SECONDS,
+            settings.login_max_failures_per_email,
+            settings.login_max_failures_per_address,
+        )
     except RedisError as exc:
-        # Sign-in stays possible without Redis; argon2's cost still bounds guessing.
-        log.warning("login limiter unavailable: %s", type(exc).__name__)
-        return
-    for (_key, limit), count in zip(_failure_keys(email), counts, strict=True):
-        if count is not None and int(count) >= limit:
-            raise RateLimitedError("too many failed sign-ins; wait a few minutes and try again")
+        log.warning("login limiter unavailable, sign-in refused: %s", type(exc).__name__)
+        raise ServiceUnavailableError("sign-in is unavailable for a moment; try again shortly") from None
+    if not int(allowed):
+        raise LoginRefusedError(max(1, math.ceil(int(amount) / 1000)))
 
 
-def _count_failure(email: str) -> None:
+def _attempt_succeeded(email: str) -> None:
+    """The right password: the pair starts afresh and the attempt no longer counts anywhere."""
+    pair, lock, by_email, by_address = _limiter_keys(email)
     client = current_app.extensions["latchkey.redis"]
     try:
-        pipe = client.pipeline(transaction=True)
-        for key, _limit in _failure_keys(email):
-            pipe.incr(key)
-            pipe.expire(key, LOGIN_WINDOW_SECONDS + 5)
-        pipe.execute()
+        client.eval(REFUND_ATTEMPT, 4, pair, lock, by_email, by_address)
     except RedisError as exc:
         log.warning("login limiter unavailable: %s", type(exc).__name__)
 
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
-    """Sign in with email and password; a fresh session on success."""
+    """Sign in with email and password; a fresh server-side session on success."""
     target = safe_next(request.values.get("next"))
     if request.method == "GET":
         if current_user_or_none() is not None:
@@ -81,15 +143,18 @@ def login() -> ResponseReturnValue:
     password = request.form.get("password", "")[:1024]
     s = db()
     try:
-        _check_login_limit(email)
+        _reserve_attempt(email)
+    except LoginRefusedError as exc:
+        page = render_template("login.html", next=target, email=email, error=exc.detail)
+        return page, 429, {"Retry-After": str(exc.retry_after)}
+    except ServiceUnavailableError as exc:
+        return render_template("login.html", next=target, email=email, error=exc.detail), 503
+    try:
         user = identity.check_password(s, email, password)
-    except RateLimitedError as exc:
-        s.rollback()
-        return render_template("login.html", next=target, email=email, error=exc.detail), 429
     except UnauthorizedError:
         s.rollback()
-        _count_failure(email)
         return render_template("login.html", next=target, email=email, error="Invalid email or password."), 401
+    _attempt_succeeded(email)
     start_session(user)
     g.user = user
     audit.record(s, request_context(), "user.login", org_id=None, target_type="user", target_id=user.id)
@@ -99,9 +164,10 @@ def login() -> ResponseReturnValue:
 
 @bp.route("/logout", methods=["POST"])
 def logout() -> ResponseReturnValue:
-    """Sign out: the session is cleared, the CSRF token with it."""
+    """Sign out: the server-side session is revoked and the cookie cleared (the CSRF token with it)."""
     check_csrf()
     end_session()
+    commit(db())
     flash("You are signed out.", "info")
     return redirect(url_for("web.login"))
 
@@ -131,3 +197,39 @@ def switch_org() -> ResponseReturnValue:
     slug = request.args.get("org", "")[:100]
     access = identity.org_access(db(), user, slug)
     return redirect(url_for("web.list_secrets", org=access.org.slug))
+
+
+@page("/account")
+def account() -> ResponseReturnValue:
+    """The signed-in user's live sessions, with "sign out everywhere"."""
+    user = current_user_or_none()
+    assert user is not None
+    current = g.get("web_session")
+    sessions = identity.list_web_sessions(db(), user)
+    return render_template("account.html", sessions=sessions, current_id=current.id if current else None)
+
+
+@page("/account/sessions/revoke", methods=["POST"])
+def revoke_sessions() -> ResponseReturnValue:
+    """Sign out everywhere: every session of this user ends, this one included."""
+    user = current_user_or_none()
+    assert user is not None
+    identity.revoke_sessions(db(), request_context(), user)
+    end_session()
+    flash("You are signed out everywhere.", "info")
+    return redirect(url_for("web.login"))
+
+
+@page("/invitations/<token>", methods=["GET", "POST"])
+def invitation(token: str) -> ResponseReturnValue:
+    """An org invitation for the signed-in address: shown on GET, accepted on POST."""
+    user = current_user_or_none()
+    assert user is not None
+    s = db()
+    if request.method == "GET":
+        found = identity.find_invitation(s, user, token)
+        org = s.get(Org, found.org_id)
+        return render_template("invitation.html", invitation=found, org=org, token=token)
+    org, membership = identity.accept_invitation(s, request_context(), user, token)
+    flash(f"You joined {org.name} as {membership.role}.", "success")
+    return redirect(url_for("web.list_secrets", org=org.slug))

@@ -15,7 +15,7 @@ import secrets as _random
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -61,7 +61,6 @@ bp = Blueprint(
 # How long a revealed value stays on screen; tests shorten it through app.config.
 REVEAL_HIDE_SECONDS = "LATCHKEY_UI_REVEAL_HIDE_SECONDS"
 DEFAULT_REVEAL_HIDE_SECONDS = 30
-SESSION_LIFETIME = timedelta(hours=12)
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -93,7 +92,8 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_SECURE=secure,
         # The __Host- prefix makes the browser refuse the cookie unless it is Secure, host-only, Path=/.
         SESSION_COOKIE_NAME="__Host-latchkey" if secure else "latchkey_session",
-        PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
+        # The cookie and the server-side row (web_sessions.expires_at) end together.
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=settings.session_lifetime_seconds),
     )
     app.config.setdefault(REVEAL_HIDE_SECONDS, DEFAULT_REVEAL_HIDE_SECONDS)
     # A global, not a context variable, so imported macros (macros.html) can call it too.
@@ -137,18 +137,21 @@ def _load_user() -> None:
     # The API authenticates with bearer tokens only; a session cookie never opens an API route.
     if request.path.startswith("/api/") or request.path.startswith("/static/"):
         return
-    uid = cookie.get("uid")
-    if not isinstance(uid, str):
+    raw = cookie.get("sid")
+    if not isinstance(raw, str):
+        if "uid" in cookie:  # a cookie from before server-side sessions: sign in again
+            cookie.clear()
         return
-    user = session().get(User, uid)
-    if (
-        user is None
-        or user.disabled_at is not None
-        or not hmac.compare_digest(str(cookie.get("pwf", "")), password_fingerprint(user))
-    ):
+    s = session()
+    found = identity.authenticate_web_session(s, raw)
+    if found is None or not hmac.compare_digest(str(cookie.get("pwf", "")), password_fingerprint(found[0])):
         cookie.clear()
         return
+    user, web = found
+    if identity.touch_web_session(s, web):
+        s.commit()  # its own short transaction, at most once a minute per session
     g.user = user
+    g.web_session = web
 
 
 def current_user_or_none() -> User | None:
@@ -157,15 +160,23 @@ def current_user_or_none() -> User | None:
 
 
 def start_session(user: User) -> None:
-    """A fresh session on sign-in: nothing (CSRF token included) survives from before it."""
+    """A fresh session on sign-in: a new server-side row; nothing (CSRF token included) survives from before."""
+    lifetime = timedelta(seconds=current_app.config["LATCHKEY_SETTINGS"].session_lifetime_seconds)
+    _row, raw = identity.create_web_session(
+        session(), user, lifetime, ip=request.remote_addr, user_agent=request.headers.get("User-Agent")
+    )
     cookie.clear()
     cookie.permanent = True
-    cookie["uid"] = user.id
+    cookie["sid"] = raw
     cookie["pwf"] = password_fingerprint(user)
     cookie["csrf"] = _random.token_urlsafe(32)
 
 
 def end_session() -> None:
+    """Sign-out: the server-side row is revoked (the caller commits), then the cookie is cleared."""
+    raw = cookie.get("sid")
+    if isinstance(raw, str) and raw:
+        identity.end_web_session(session(), raw)
     cookie.clear()
 
 
@@ -194,11 +205,29 @@ def check_csrf() -> None:
 # The decorator --------------------------------------------------------------------------------
 
 
+MAX_NEXT = 2048
+
+
 def safe_next(target: str | None) -> str | None:
-    """A same-site path to go back to after sign-in; anything else is dropped."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """A same-site path to go back to after sign-in; anything that could leave the site is dropped.
+
+    Browsers drop tabs and newlines inside URLs and read ``\\`` as ``/``, and a proxy or a later
+    redirect may percent-decode, so the value is checked raw and decoded (until stable): no
+    control character, no backslash, and it must start with one ``/`` not followed by ``/``.
+    """
+    if not target or len(target) > MAX_NEXT:
         return None
-    return target
+    form = target
+    for _ in range(6):
+        if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in form):
+            return None
+        if not form.startswith("/") or form.startswith("//"):
+            return None
+        decoded = unquote(form)
+        if decoded == form:
+            return target
+        form = decoded
+    return None  # still changing after five decodings: not a path anyone types
 
 
 def page(

@@ -36,6 +36,7 @@ class Endpoint:
             .replace("{provider}", "<provider_id>")
             .replace("{agent}", "<agent_id>")
             .replace("{run}", "<run_id>")
+            .replace("{invitation}", "<invitation_id>")
         )
 
 
@@ -48,7 +49,10 @@ ENDPOINTS = [
     Endpoint("POST", "orgs/{org}/secrets/{secret}/reveal", True),
     Endpoint("GET", "orgs/{org}/audit-events", True),
     Endpoint("GET", "orgs/{org}/members", False),
+    # Adding a member is an invitation (202); the invitee accepts it at POST /invitations/accept.
     Endpoint("POST", "orgs/{org}/members", True, {"email": "{email}", "role": "member"}),
+    Endpoint("GET", "orgs/{org}/invitations", True),
+    Endpoint("DELETE", "orgs/{org}/invitations/{invitation}", True),
     Endpoint("PATCH", "orgs/{org}/members/{user}", True, {"role": "admin"}),
     Endpoint("DELETE", "orgs/{org}/members/{user}", True),
     Endpoint("GET", "orgs/{org}/jobs/{job}", False),
@@ -134,6 +138,8 @@ class World:
     other_agent: str
     run: str
     other_run: str
+    invitation: str
+    other_invitation: str
 
 
 @pytest.fixture
@@ -166,6 +172,8 @@ def world(factory: Factory) -> World:
         other_agent=away_agent,
         run=_run(factory, org, home_agent),
         other_run=_run(factory, other, away_agent),
+        invitation=_invitation(factory, org),
+        other_invitation=_invitation(factory, other),
         org=org,
         admin=admin,
         member=member,
@@ -199,6 +207,7 @@ def _ids(world: World, *, own: bool, user: str) -> dict[str, str]:
         "provider": w.provider if own else w.other_provider,
         "agent": w.agent if own else w.other_agent,
         "run": w.run if own else w.other_run,
+        "invitation": w.invitation if own else w.other_invitation,
         "user": user,
         "email": w.outsider_email,
     }
@@ -249,6 +258,17 @@ def _run(factory: Factory, slug: str, agent_id: str) -> str:
         return run.id
 
 
+def _invitation(factory: Factory, slug: str) -> str:
+    from datetime import timedelta
+
+    from app.identity import service as identity
+    from tests.factories import CTX
+
+    with factory.db.session() as s:
+        org = identity.get_org(s, slug)
+        return identity.invite(s, CTX, org, f"invited@{slug}.test", "member", timedelta(days=1)).invitation.id
+
+
 def _call(caller: Caller, e: Endpoint, org: str, ids: dict[str, str]) -> Any:
     """Call ``e`` in ``org`` with resource ids (and body placeholders) taken from ``ids``."""
     path = e.path.format(org=org, **ids)
@@ -271,7 +291,8 @@ def _snapshot(db: Any) -> tuple[int, ...]:
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
 def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
     has_ids = any(
-        p in endpoint.path for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}", "{agent}", "{run}")
+        p in endpoint.path
+        for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}", "{agent}", "{run}", "{invitation}")
     )
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.

@@ -311,3 +311,16 @@ def test_operator_launches_a_backfill_dry_run_and_watches_it(
     expect(page.locator("#migration-verification")).to_contain_text("passed")
     expect(page.locator("#migration-verification")).to_contain_text("cache check ok")
     shot(page, "18-operator")
+
+
+def test_sign_out_everywhere_from_the_account_page(page: Page, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    sign_in(page, user.email)
+    page.get_by_role("link", name=user.email).click()
+    expect(page.get_by_role("heading", name="Signed-in sessions")).to_be_visible()
+    expect(page.locator("#sessions-table")).to_contain_text("this session")
+    shot(page, "account-sessions")
+    page.get_by_role("button", name="Sign out everywhere").click()
+    expect(page.get_by_role("status")).to_contain_text("You are signed out everywhere.")
+    page.goto(f"/orgs/{org}/secrets")
+    expect(page).to_have_url(re.compile("/login"))

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select, update
+from werkzeug.test import TestResponse
 
 from app.config import Settings
+from app.db import utcnow
 from app.factory import create_app
+from app.identity import service as identity
+from app.models import Membership, User, WebSession
 from tests.factories import Caller, Factory
 from tests.ui.conftest import PASSWORD, client_sign_in, csrf_of, person
 
@@ -72,28 +85,225 @@ def test_wrong_password_and_unknown_email_get_the_same_refusal(
     assert ui_client.get(f"/orgs/{org}/secrets").status_code == 302  # still signed out
 
 
-def test_repeated_failed_sign_ins_are_rate_limited(ui_client: FlaskClient, factory: Factory, org: str) -> None:
-    from app.web.auth import MAX_FAILURES_PER_EMAIL
+def _login(client: FlaskClient, email: str, password: str, address: str = "127.0.0.1") -> TestResponse:
+    token = csrf_of(client.get("/login").get_data(as_text=True))
+    return client.post(
+        "/login",
+        data={"email": email, "password": password, "csrf_token": token},
+        environ_base={"REMOTE_ADDR": address},
+    )
 
+
+@contextmanager
+def _app_with(settings: Settings, **overrides: Any) -> Iterator[Flask]:
+    """The real app with other sign-in settings (same database and Redis)."""
+    application = create_app(settings.model_copy(update=overrides))
+    try:
+        yield application
+    finally:
+        application.extensions["latchkey.db"].dispose()
+
+
+def test_failed_sign_ins_lock_the_pair_not_the_owner(ui_client: FlaskClient, factory: Factory, org: str) -> None:
     user = person(factory, org)
-    token = csrf_of(ui_client.get("/login").get_data(as_text=True))
-    for _ in range(MAX_FAILURES_PER_EMAIL):
-        resp = ui_client.post("/login", data={"email": user.email, "password": "wrong-password!", "csrf_token": token})
-        assert resp.status_code == 401
-    # Even the right password is refused until the window passes.
-    resp = ui_client.post("/login", data={"email": user.email, "password": PASSWORD, "csrf_token": token})
-    assert resp.status_code == 429
-    assert "too many failed sign-ins" in resp.get_data(as_text=True)
+    free = ui_client.application.config["LATCHKEY_SETTINGS"].login_free_failures_per_pair
+    attacker = "198.51.100.7"
+    for _ in range(free):
+        assert _login(ui_client, user.email, "wrong-password!", attacker).status_code == 401
+    # The pair is locked: even the right password is refused from there, with a Retry-After.
+    locked = _login(ui_client, user.email, PASSWORD, attacker)
+    assert locked.status_code == 429
+    assert "too many failed sign-ins" in locked.get_data(as_text=True)
+    assert int(locked.headers["Retry-After"]) >= 1
+    # The owner, from their own address, is not locked out.
+    owner = ui_client.application.test_client()
+    assert _login(owner, user.email, PASSWORD, "203.0.113.20").status_code == 302
+    assert owner.get(f"/orgs/{org}/secrets").status_code == 200
 
 
-def test_sign_out_clears_the_session(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+def test_sign_in_backs_off_exponentially_and_success_resets_the_pair(
+    settings: Settings, factory: Factory, org: str
+) -> None:
+    user = person(factory, org)
+    base = 3
+    with _app_with(settings, login_free_failures_per_pair=2, login_backoff_base_seconds=base) as application:
+        client = application.test_client()
+        address = "198.51.100.8"
+        # One failure, then the right password: the pair starts afresh.
+        assert _login(client, user.email, "wrong-password!", address).status_code == 401
+        assert _login(application.test_client(), user.email, PASSWORD, address).status_code == 302
+        assert _login(client, user.email, "wrong-password!", address).status_code == 401
+        # The second failure locks the pair for base * 2^0 = 3 s (the wait counts from the attempt) ...
+        assert _login(client, user.email, "wrong-password!", address).status_code == 401
+        first = _login(client, user.email, PASSWORD, address)
+        assert first.status_code == 429 and 1 <= int(first.headers["Retry-After"]) <= base
+        time.sleep(base + 0.2)
+        # ... the next failure for base * 2^1 = 6 s: the delay doubles per failure.
+        assert _login(client, user.email, "wrong-password!", address).status_code == 401
+        second = _login(client, user.email, PASSWORD, address)
+        assert second.status_code == 429 and base < int(second.headers["Retry-After"]) <= 2 * base
+
+
+@pytest.mark.parametrize(
+    ("overrides", "many_addresses"),
+    [
+        # One address guessing one email: the (email, address) pair's allowance.
+        ({"login_free_failures_per_pair": 10}, False),
+        # Twenty addresses guessing one email: the per-email ceiling.
+        ({"login_free_failures_per_pair": 1000, "login_max_failures_per_email": 10}, True),
+    ],
+    ids=["pair", "email-ceiling"],
+)
+def test_concurrent_guesses_are_counted_before_they_are_verified(
+    settings: Settings, factory: Factory, org: str, overrides: dict[str, int], many_addresses: bool
+) -> None:
+    user = person(factory, org)
+    guesses = 20
+    with _app_with(settings, login_max_failures_per_address=1000, **overrides) as application:
+        clients = [application.test_client() for _ in range(guesses)]
+        tokens = [csrf_of(c.get("/login").get_data(as_text=True)) for c in clients]
+        start = threading.Barrier(guesses)
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def guess(i: int) -> None:
+            address = f"198.51.100.{100 + i}" if many_addresses else "198.51.100.99"
+            start.wait()
+            resp = clients[i].post(
+                "/login",
+                data={"email": user.email, "password": f"wrong-guess-{i}", "csrf_token": tokens[i]},
+                environ_base={"REMOTE_ADDR": address},
+            )
+            with lock:
+                statuses.append(resp.status_code)
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(guesses)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    # A 401 is a guess whose password was checked; a 429 was refused before any check.
+    assert sorted(statuses) == [401] * 10 + [429] * 10, statuses
+
+
+def test_sign_in_fails_closed_when_the_limiter_is_unavailable(settings: Settings, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    with _app_with(settings, redis_url="redis://127.0.0.1:1/0") as application:
+        client = application.test_client()
+        resp = _login(client, user.email, PASSWORD)
+        assert resp.status_code == 503
+        assert "sign-in is unavailable" in resp.get_data(as_text=True)
+        assert client.get(f"/orgs/{org}/secrets").status_code == 302  # not signed in
+
+
+def _cookie(client: FlaskClient) -> str:
+    cookie = client.get_cookie("latchkey_session")
+    assert cookie is not None
+    return cookie.value
+
+
+def _with_cookie(client: FlaskClient, value: str) -> FlaskClient:
+    other = client.application.test_client()
+    other.set_cookie("latchkey_session", value)
+    return other
+
+
+def _sessions_of(factory: Factory, user_id: str) -> list[WebSession]:
+    with factory.db.session() as s:
+        rows = list(s.scalars(select(WebSession).where(WebSession.user_id == user_id)))
+        s.expunge_all()
+        return rows
+
+
+def test_the_cookie_names_a_server_side_session_and_holds_no_user_id(
+    ui_client: FlaskClient, factory: Factory, org: str
+) -> None:
+    user = person(factory, org)
+    client_sign_in(ui_client, user.email)
+    data = ui_client.application.session_interface.get_signing_serializer(ui_client.application).loads(  # type: ignore[attr-defined]
+        _cookie(ui_client)
+    )
+    assert set(data) - {"_permanent"} == {"sid", "pwf", "csrf", "org"}
+    (row,) = _sessions_of(factory, user.user_id)
+    # Only the SHA-256 of the cookie's id is stored; the absolute expiry is the 12 h default.
+    assert row.token_hash == hashlib.sha256(data["sid"].encode()).hexdigest() != data["sid"]
+    assert row.expires_at - row.created_at == timedelta(hours=12)
+    assert row.revoked_at is None and row.ip == "127.0.0.1"
+
+
+def test_sign_out_ends_the_session_server_side(ui_client: FlaskClient, factory: Factory, org: str) -> None:
     user = person(factory, org)
     token = client_sign_in(ui_client, user.email)
+    copied = _cookie(ui_client)
+    assert _with_cookie(ui_client, copied).get(f"/orgs/{org}/secrets").status_code == 200
     resp = ui_client.post("/logout", data={"csrf_token": token})
     assert resp.status_code == 302 and resp.headers["Location"] == "/login"
     gone = ui_client.get(f"/orgs/{org}/secrets")
     assert gone.status_code == 302
     assert gone.headers["Location"].startswith("/login?next=")
+    # A copy of the cookie taken before sign-out no longer opens anything.
+    replay = _with_cookie(ui_client, copied).get(f"/orgs/{org}/secrets")
+    assert replay.status_code == 302 and replay.headers["Location"].startswith("/login")
+    assert all(r.revoked_at is not None for r in _sessions_of(factory, user.user_id))
+
+
+def test_a_session_ends_at_its_absolute_expiry(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    client_sign_in(ui_client, user.email)
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 200
+    with factory.db.session() as s:  # twelve hours later, however active the session was
+        s.execute(
+            update(WebSession)
+            .where(WebSession.user_id == user.user_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1), last_seen_at=utcnow())
+        )
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 302
+
+
+def test_last_seen_is_written_at_most_once_a_minute(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    client_sign_in(ui_client, user.email)
+    (first,) = _sessions_of(factory, user.user_id)
+    for _ in range(3):
+        assert ui_client.get(f"/orgs/{org}/secrets").status_code == 200
+    (same,) = _sessions_of(factory, user.user_id)
+    assert same.last_seen_at == first.last_seen_at
+    earlier = utcnow() - timedelta(minutes=2)
+    with factory.db.session() as s:
+        s.execute(update(WebSession).where(WebSession.user_id == user.user_id).values(last_seen_at=earlier))
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 200
+    (later,) = _sessions_of(factory, user.user_id)
+    assert later.last_seen_at is not None and later.last_seen_at > earlier + timedelta(minutes=1)
+
+
+def test_sign_out_everywhere_from_the_ui(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    token = client_sign_in(ui_client, user.email)
+    laptop = ui_client.application.test_client()
+    client_sign_in(laptop, user.email)
+    page = ui_client.get("/account")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert html.count("<tr>") == 3 and "this session" in html and "Sign out everywhere" in html
+    resp = ui_client.post("/account/sessions/revoke", data={"csrf_token": token})
+    assert resp.status_code == 302 and resp.headers["Location"] == "/login"
+    for client in (ui_client, laptop):
+        assert client.get(f"/orgs/{org}/secrets").status_code == 302
+    assert all(r.revoked_at is not None for r in _sessions_of(factory, user.user_id))
+    # API tokens are not sessions: they keep working.
+    assert user.get("me").status_code == 200
+
+
+def test_sign_out_everywhere_through_the_api(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    client_sign_in(ui_client, user.email)
+    other = person(factory, org)
+    other_client = ui_client.application.test_client()
+    client_sign_in(other_client, other.email)
+    assert user.delete("me/sessions").status_code == 204
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 302
+    assert other_client.get(f"/orgs/{org}/secrets").status_code == 200  # only the caller's sessions
+    assert ui_client.application.test_client().delete("/api/v1/me/sessions").status_code == 401
 
 
 def test_a_password_change_ends_existing_sessions(ui_client: FlaskClient, factory: Factory, org: str) -> None:
@@ -104,6 +314,16 @@ def test_a_password_change_ends_existing_sessions(ui_client: FlaskClient, factor
     client_sign_in(ui_client, user.email)
     with factory.db.session() as s:
         identity.set_password(s, CTX, identity.get_user_by_email(s, user.email), "another-long-password")
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 302
+    # The rows are revoked too, not only refused by the password fingerprint.
+    assert all(r.revoked_at is not None for r in _sessions_of(factory, user.user_id))
+
+
+def test_a_disabled_user_is_signed_out(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    client_sign_in(ui_client, user.email)
+    with factory.db.session() as s:
+        s.execute(update(User).where(User.id == user.user_id).values(disabled_at=utcnow()))
     assert ui_client.get(f"/orgs/{org}/secrets").status_code == 302
 
 
@@ -120,7 +340,40 @@ def test_signed_out_visitors_go_to_sign_in_and_come_back(ui_client: FlaskClient,
     assert back.headers["Location"] == f"/orgs/{org}/providers"
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example"])
+HOSTILE_NEXT = [
+    "//evil.example/x",
+    "https://evil.example/",
+    "https:evil.example",
+    "javascript:alert(1)",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "/\t/evil.example",  # what ?next=/%09/evil.example decodes to
+    "/\n/evil.example",
+    "/\r\n/evil.example",
+    "\t//evil.example",
+    " //evil.example",
+    "/\x00/evil.example",
+    "/\x7f/evil.example",
+    "/%09/evil.example",  # the same, still encoded (a proxy or a second redirect may decode it)
+    "/%2F/evil.example",
+    "/%2f%2fevil.example",
+    "%2F%2Fevil.example",
+    "/%5Cevil.example",
+    "/%252F/evil.example",  # double-encoded
+    "evil.example",
+    "/" + "a" * 3000,
+]
+
+
+def _same_site(location: str) -> bool:
+    return (
+        location.startswith("/")
+        and location[1:2] not in ("/", "\\")
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in location)
+    )
+
+
+@pytest.mark.parametrize("target", HOSTILE_NEXT)
 def test_sign_in_never_redirects_off_site(ui_client: FlaskClient, factory: Factory, org: str, target: str) -> None:
     user = person(factory, org)
     token = csrf_of(ui_client.get("/login").get_data(as_text=True))
@@ -129,6 +382,27 @@ def test_sign_in_never_redirects_off_site(ui_client: FlaskClient, factory: Facto
     )
     assert resp.status_code == 302
     assert resp.headers["Location"] == "/"
+    # Signed in, GET /login?next=... redirects at once: the raw query string, decoded by the server.
+    again = ui_client.get("/login?next=" + quote(target, safe="/%:"))
+    assert again.status_code == 302
+    assert again.headers["Location"] == "/" and _same_site(again.headers["Location"])
+
+
+def test_the_raw_tab_redirect_from_the_report(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    client_sign_in(ui_client, user.email)
+    resp = ui_client.get("/login?next=/%09/evil.example")
+    assert resp.status_code == 302 and resp.headers["Location"] == "/"
+
+
+@pytest.mark.parametrize("target", ["/orgs/acme/secrets", "/orgs/acme/secrets?cursor=abc%3D%3D", "/a/b%20c"])
+def test_sign_in_keeps_same_site_paths(ui_client: FlaskClient, factory: Factory, org: str, target: str) -> None:
+    user = person(factory, org)
+    token = csrf_of(ui_client.get("/login").get_data(as_text=True))
+    resp = ui_client.post(
+        "/login", data={"email": user.email, "password": PASSWORD, "csrf_token": token, "next": target}
+    )
+    assert resp.status_code == 302 and resp.headers["Location"] == target and _same_site(target)
 
 
 def test_home_goes_to_the_first_org_and_the_switcher_only_to_member_orgs(
@@ -140,6 +414,34 @@ def test_home_goes_to_the_first_org_and_the_switcher_only_to_member_orgs(
     assert ui_client.get("/").headers["Location"] == f"/orgs/{org}/secrets"
     assert ui_client.get(f"/switch?org={other}").status_code == 404
     assert ui_client.get(f"/switch?org={org}").headers["Location"] == f"/orgs/{org}/secrets"
+
+
+def test_the_ui_invitation_page_accepts_for_the_signed_in_address(
+    ui_client: FlaskClient, factory: Factory, org: str
+) -> None:
+    admin = person(factory, org, "admin")
+    invitee = person(factory, None)
+    invitation = admin.post(f"orgs/{org}/members", json={"email": invitee.email, "role": "member"}).get_json()
+    path = invitation["accept_path"]
+    # Signed out: sign in first, then back here.
+    first = ui_client.get(path)
+    assert first.status_code == 302 and first.headers["Location"] == f"/login?next={path}"
+    # Another address: nothing is shown.
+    stranger = person(factory, None)
+    other = ui_client.application.test_client()
+    other_csrf = client_sign_in_any(other, stranger.email)
+    assert other.get(path).status_code == 404
+    assert other.post(path, data={"csrf_token": other_csrf}).status_code == 404
+    token = client_sign_in_any(ui_client, invitee.email)
+    page = ui_client.get(path)
+    assert page.status_code == 200
+    assert "Accept invitation" in page.get_data(as_text=True) and org.title() in page.get_data(as_text=True)
+    assert ui_client.post(path).status_code == 400  # CSRF
+    accepted = ui_client.post(path, data={"csrf_token": token})
+    assert accepted.status_code == 302 and accepted.headers["Location"] == f"/orgs/{org}/secrets"
+    with factory.db.session() as s:
+        assert s.get(Membership, (identity.get_org(s, org).id, invitee.user_id)) is not None
+    assert ui_client.get(path).status_code == 404  # used
 
 
 # CSRF -------------------------------------------------------------------------------------------
