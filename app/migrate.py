@@ -9,8 +9,9 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-# The last revision that still has the legacy columns, and the one that drops them.
-PRE_CONTRACT = "0005"
+# The last expand revision (every table and column the code needs, legacy columns still
+# there: 0007-0009 branch from 0005, see migrations/versions/0010), and the one that drops them.
+PRE_CONTRACT = "0009"
 CONTRACT = "0006"
 
 
@@ -26,7 +27,26 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+    cfg = alembic_config(database_url)
+    command.downgrade(cfg, revision)
+    if revision == PRE_CONTRACT and CONTRACT in current(database_url):
+        # 0009 is not below the contract (they are two branches of 0005), so reaching it leaves
+        # 0006 applied: undo the contract too, which is what "back to the expand state" means.
+        command.downgrade(cfg, "contract@-1")
+
+
+def current(database_url: str) -> set[str]:
+    """The revisions the database is at (one per branch head)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from app.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return set(MigrationContext.configure(conn).get_current_heads())
+    finally:
+        engine.dispose()
 
 
 def heads(database_url: str = "sqlite://") -> list[str]:

@@ -24,7 +24,7 @@ from alembic import op
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
+branch_labels = ("contract",)
 depends_on = None
 
 HINT = "see docs/migration.md"

@@ -5,7 +5,7 @@ conditional UPDATE; the worker renews ``lease_expires_at`` while it runs; beat r
 (or fails with ``worker_lost``) jobs whose lease ran out.
 
 Revision ID: 0007
-Revises: 0006
+Revises: 0005 (an expand step: it applies before or after the contract, 0006)
 Create Date: 2026-12-01
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
