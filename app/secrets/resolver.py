@@ -118,7 +118,6 @@ class Resolved(NamedTuple):
 SecretRow = Row[int, int, str | None, bytes | None, list[str] | None]
 
 
-# A pointer's place in the (version, revision) order, as the cache's Lua scripts compare them.
 def _order(ptr: str) -> tuple[int, int]:
     """A worker-written pointer ("<version>:<revision>") in the order the Lua scripts use."""
     version, _, revision = ptr.partition(":")
