@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -115,8 +116,16 @@ class Resolved(NamedTuple):
 
 
 SecretRow = Row[int, int, str | None, bytes | None, list[str] | None]
-# A pointer's place in the (version, revision) order, as the cache's Lua scripts compare them.
-Mark = tuple[int, int]
+
+
+def _order(ptr: str) -> tuple[int, int]:
+    """A worker-written pointer ("<version>:<revision>") in the order the Lua scripts use."""
+    version, _, revision = ptr.partition(":")
+    return int(version), int(revision)
+
+
+# The sealed time at the start of an entry's body: seconds since the epoch, a big-endian double.
+_STAMP = struct.Struct(">d")
 
 
 class SecretReader:
@@ -195,7 +204,8 @@ class Resolver:
         self._l2_gone: OrderedDict[tuple[str, str], str] = OrderedDict()
         # (org, id) -> the newest pointer seen from a trusted source (see the module doc).
         # Kept whether or not L1 is on: it needs no invalidation to stay true.
-        self._marks: OrderedDict[tuple[str, str], Mark] = OrderedDict()
+        # Values are pointer strings: the common hit compares them without parsing.
+        self._marks: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
         self._fills: queue.SimpleQueue[tuple[str, str, str, Resolved, float] | None] = queue.SimpleQueue()
@@ -289,13 +299,13 @@ class Resolver:
 
     # -- high-water marks ------------------------------------------------------------------
 
-    def _raise_mark(self, k: tuple[str, str], mark: Mark) -> bool:
+    def _raise_mark(self, k: tuple[str, str], ptr: str) -> bool:
         """Record a pointer from a trusted source; False if it is older than one already seen."""
         with self._l1_lock:
             seen = self._marks.get(k)
-            if seen is not None and mark < seen:
+            if seen is not None and seen != ptr and _order(ptr) < _order(seen):
                 return False
-            self._marks[k] = mark
+            self._marks[k] = ptr
             self._marks.move_to_end(k)
             while len(self._marks) > self.marks_size:
                 # Forgetting a key only loses the rollback check for it; the age check remains.
@@ -309,9 +319,9 @@ class Resolver:
 
     def _seal_entry(self, org_id: str, secret_id: str, ptr: str, r: Resolved, read_at: float) -> bytes:
         nonce = os.urandom(12)
-        # "<read at, ms>\n<host>,<host>\n<value>": host names hold neither ',' nor a newline
-        # (validated), and this parses faster than JSON on the hot path.
-        body = (f"{int(read_at * 1000)}\n" + ",".join(r.allowed_hosts) + "\n" + r.value).encode("utf-8")
+        # <read at, 8 bytes> + "<host>,<host>\n<value>": host names hold neither ',' nor a
+        # newline (validated), and this parses faster than JSON on the hot path.
+        body = _STAMP.pack(read_at) + (",".join(r.allowed_hosts) + "\n" + r.value).encode("utf-8")
         return nonce + self._aead.encrypt(nonce, body, self._aad(org_id, secret_id, ptr))
 
     def _redis_usable(self) -> bool:
@@ -344,7 +354,8 @@ class Resolver:
         if len(entry) < 29:  # pointer moved, entry not filled yet: a miss
             return None
         try:
-            body = self._aead.decrypt(entry[:12], entry[12:], self._aad(org_id, secret_id, ptr)).decode("utf-8")
+            plain = self._aead.decrypt(entry[:12], entry[12:], self._aad(org_id, secret_id, ptr))
+            body = plain[_STAMP.size :].decode("utf-8")
         except (InvalidTag, ValueError):
             # Another worker key (mid-rotation), an entry of an older format or a corrupt
             # entry: a miss, never an error.
@@ -352,20 +363,25 @@ class Resolver:
             return None
         # Authenticated: the pointer and the body are what some worker sealed (not necessarily
         # the current state; a Redis writer can replay any genuine entry).
-        stamp, _, rest = body.partition("\n")
-        left = self.l2_max_age - (time.time() - int(stamp) / 1000)
+        left = self.l2_max_age - (time.time() - _STAMP.unpack_from(plain)[0])
         if left <= 0 or left > self.l2_max_age + CLOCK_TOLERANCE:
             _EXPIRED.inc()
             return None
-        # An authenticated pointer is one a worker wrote from a database read: "<int>:<int>".
-        version, _, revision = ptr.partition(":")
-        mark = (int(version), int(revision))
-        if not self._raise_mark((org_id, secret_id), mark):
+        k = (org_id, secret_id)
+        if self._marks.get(k) == ptr:
+            # The common hit: nothing to raise, only the LRU order (lock-free: each OrderedDict
+            # operation is atomic; the key may have been evicted in between, which is harmless).
+            try:
+                self._marks.move_to_end(k)
+            except KeyError:
+                pass
+        elif not self._raise_mark(k, ptr):
             _ROLLED_BACK.inc()
             return None
-        hosts, _, value = rest.partition("\n")
+        hosts, _, value = body.partition("\n")
         redact.register(value)  # from now on this process's logs mask it
-        return Resolved(secret_id, mark[0], value, tuple(hosts.split(",")) if hosts else ()), left
+        version = int(ptr.partition(":")[0])
+        return Resolved(secret_id, version, value, tuple(hosts.split(",")) if hosts else ()), left
 
     def _fill_loop(self) -> None:
         # Fills run here, off the resolve path: a miss costs the database, not an extra round trip.
@@ -416,8 +432,9 @@ class Resolver:
         value = plain.decode("utf-8")
         redact.register(value)  # from now on this process's logs mask it
         # The database is the trusted source: from now on an older entry is a rollback.
-        self._raise_mark((org_id, secret_id), (version, revision))
-        return Resolved(secret_id, version, value, tuple(hosts or ())), cachekeys.pointer(version, revision)
+        ptr = cachekeys.pointer(version, revision)
+        self._raise_mark((org_id, secret_id), ptr)
+        return Resolved(secret_id, version, value, tuple(hosts or ())), ptr
 
     def _reload_keyring(self) -> bool:
         """Load the keyring file again (after a rotation); False if there is none or it is unusable."""
