@@ -175,8 +175,9 @@ def reveal_secret(org: str, secret_id: str) -> Result:
     """Reveal a secret's current value (org admin; audited, rate-limited, never cached).
 
     A worker resolves the value and seals it to a key that exists only for this request;
-    503 ``worker_unavailable`` when no worker answers in time, 429 with ``Retry-After``
-    over the per-user limit.
+    503 ``worker_unavailable`` when no worker answers in time, 429 ``rate_limited`` with
+    ``Retry-After`` over the per-user limit or a limit the worker enforces itself (per user,
+    org, instance), 403 ``reveal_disabled`` when the workers' configuration turns reveal off.
     """
     access = identity.org_access(session(), current_user(), org)
     access.require_admin()
