@@ -400,10 +400,6 @@ def authenticate_token(session: Session, raw: str) -> tuple[User, ApiToken]:
 SESSION_SEEN_GRANULARITY = timedelta(minutes=1)
 
 
-def session_token_hash(raw: str) -> str:
-    return _token_hash(raw)
-
-
 def create_web_session(
     session: Session, user: User, lifetime: timedelta, *, ip: str | None, user_agent: str | None
 ) -> tuple[WebSession, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -231,6 +232,30 @@ def test_expired_revoked_and_replaced_invitations_cannot_be_accepted(admin: Call
         resp = invitee.post("invitations/accept", json={"token": junk})
         assert resp.status_code in (404, 422), (junk, resp.status_code)
         assert resp.content_type == "application/problem+json"
+
+
+def test_concurrent_accepts_of_one_invitation_use_it_once(app: Any, admin: Caller, org: str, factory: Factory) -> None:
+    invitee = factory.user()
+    invitation = _invite(admin, org, invitee.email)
+    start = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def accept() -> None:
+        caller = Caller(app.test_client(), invitee.token, invitee.user_id, invitee.email)
+        start.wait()
+        statuses.append(caller.post("invitations/accept", json={"token": invitation["token"]}).status_code)
+
+    threads = [threading.Thread(target=accept) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(statuses) == [200, 404, 404, 404], statuses
+    with factory.db.session() as s:
+        accepts = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "invitation.accept", AuditEvent.target_id == invitation["id"])
+        ).all()
+        assert len(accepts) == 1
 
 
 def test_accepting_needs_a_token(client: FlaskClient, admin: Caller, org: str) -> None:
