@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 ENV_PREFIX = "LATCHKEY_"
 
 # Settings that may carry secret material: each also has a ``_FILE`` variant.
-SECRET_SETTINGS = frozenset({"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url"})
+SECRET_SETTINGS = frozenset(
+    {"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url", "metrics_token"}
+)
 
 # The session key `latchkey dev` writes; production refuses it.
 DEV_SECRET_KEY_PREFIX = "dev-insecure-"  # noqa: S105 - a marker, not a key
@@ -62,6 +64,9 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     # "json" (one object per line, for log pipelines) or "text" (for people).
     log_format: Literal["json", "text"] = "json"
+    # Bearer token a scraper must send to the web tier's /metrics. Unset: /metrics is open in
+    # development and test, and not served (404) in production (docs/observability.md).
+    metrics_token: SecretStr | None = Field(default=None, min_length=16)
     # A worker serves its own Prometheus metrics (resolver, tasks) on this port when set.
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # The Celery queue this deployment's web tier publishes to and its workers consume.
