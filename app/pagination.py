@@ -114,7 +114,7 @@ def paginate(
 ) -> Page[Any]:
     """Run ``stmt`` ordered by ``key`` (unique), one page at a time."""
     scope = _scope(key, descending)
-    if cursor:
+    if cursor is not None:  # an empty cursor is not the first page: no page issues one
         after = _check_key(decode_cursor(cursor, scope), key)
         stmt = stmt.where(key < after if descending else key > after)
     stmt = stmt.order_by(key.desc() if descending else key.asc()).limit(limit + 1)

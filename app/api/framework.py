@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -66,9 +67,34 @@ class RouteSpec:
     errors: list[int] = field(default_factory=list)
     idempotent: bool = False
     headers: list[str] = field(default_factory=list)
+    body_required: bool = True
+
+    def all_errors(self) -> list[int]:
+        """The statuses this operation can answer with: the handler's own, plus the framework's.
+
+        What :func:`route` itself raises follows from the declaration, so it is derived here
+        rather than repeated (and forgotten) in every ``errors=[...]`` list.
+        """
+        codes = set(self.errors)
+        if self.auth != "none":
+            codes.add(401)
+        if self.auth == "operator":
+            codes.add(403)
+        if "<" in self.rule:
+            codes.add(404)  # a path parameter that names nothing (or cannot name anything)
+        if self.body is not None:
+            codes |= {400, 413, 415, 422}  # invalid_json, payload_too_large, unsupported_media_type
+        if self.query is not None:
+            codes.add(422)
+            if "cursor" in self.query.model_fields:
+                codes.add(400)  # invalid_cursor
+        if self.idempotent:
+            codes |= {400, 409, 422}  # bad key, idempotency_in_progress, idempotency_key_reused
+        return sorted(codes)
 
 
 ROUTES: list[RouteSpec] = []
+_CONVERTER = re.compile(r"<[a-z_]+:")
 
 
 # Request-scoped resources ----------------------------------------------------------------
@@ -291,11 +317,13 @@ def route(
     errors: list[int] | None = None,
     idempotent: bool = False,
     headers: list[str] | None = None,
+    body_required: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a JSON endpoint. ``auth`` is ``"user"``, ``"operator"`` or ``"none"``.
 
     The handler receives the path parameters, then ``body=`` and ``query=`` when declared,
-    and returns a model, plain data, a :class:`Result` or ``None`` (204).
+    and returns a model, plain data, a :class:`Result` or ``None`` (204). With
+    ``body_required=False`` an empty body is allowed and the handler gets ``body=None``.
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -303,7 +331,8 @@ def route(
         prefix = bp.url_prefix or ""
         ROUTES.append(
             RouteSpec(
-                rule=prefix + rule,
+                # Converters decide matching only; the declared shape is ``<name>``.
+                rule=prefix + _CONVERTER.sub("<", rule),
                 method=method.lower(),
                 endpoint=f"{bp.name}.{fn.__name__}",
                 summary=summary,
@@ -316,6 +345,7 @@ def route(
                 errors=errors or [],
                 idempotent=idempotent,
                 headers=headers or [],
+                body_required=body_required,
             )
         )
 
@@ -335,7 +365,8 @@ def route(
                 if query is not None:
                     kwargs["query"] = parse_query(query)
                 if body is not None:
-                    kwargs["body"] = parse_json_body(body)
+                    given = body_required or bool(request.get_data(cache=True).strip())
+                    kwargs["body"] = parse_json_body(body) if given else None
                 idem_key = _idempotency_key() if idempotent and auth != "none" else None
                 digest = _request_hmac() if idem_key else ""
                 if idem_key:

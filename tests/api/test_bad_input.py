@@ -339,6 +339,8 @@ BAD_DATETIMES = [
     ("naive", "2030-01-01T00:00:00"),
     ("date-only", "2030-01-01"),
     ("garbage", "soon"),
+    ("unix-timestamp", "1700000000"),
+    ("fraction", "0.5"),
 ]
 
 
@@ -466,3 +468,24 @@ def test_idempotency_digest_does_not_cover_the_secret_value(app: Flask, admin: C
         f"orgs/{org}/secrets", json={**body, "description": "e"}, headers={"Idempotency-Key": "idem-value"}
     )
     _assert_problem(other, 422, "idempotency_key_reused")
+
+
+def test_405_on_the_ping_path_advertises_only_post(factory: Factory) -> None:
+    operator = factory.user(operator=True)
+    for method in ("GET", "PUT", "DELETE"):
+        resp = operator.request(method, "admin/jobs/ping")
+        _assert_problem(resp, 405, "method_not_allowed")
+        assert {m.strip() for m in resp.headers["Allow"].split(",")} - {"OPTIONS"} == {"POST"}
+    assert operator.get("admin/jobs/not-a-job").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["admin/keys/reseal", "admin/backfill", "admin/backfill/verify"])
+def test_operator_jobs_take_an_optional_body_and_refuse_a_bad_one(factory: Factory, path: str) -> None:
+    operator = factory.user(operator=True)
+    _assert_problem(_raw(operator, "POST", path, "[" * 1000), 400, "invalid_json")
+    _assert_problem(_raw(operator, "POST", path, '{"batch_size": 0}'), 422, "validation_error")
+    _assert_problem(_raw(operator, "POST", path, '{"batch_size": 1}', "text/plain"), 415, "unsupported_media_type")
+    resp = _raw(operator, "POST", path, '{"batch_size": 7}')
+    assert resp.status_code == 202, resp.get_json()
+    resp = operator.client.post(f"/api/v1/{path}", headers=operator.headers())
+    assert resp.status_code == 202, resp.get_json()
