@@ -227,7 +227,7 @@ def _digested_body() -> bytes:
 
     A stored digest must not be a verifier for guesses of a secret value, so ``value`` and
     ``sealed_value`` are left out; the marker keeps *whether* they were sent. A repeat that
-    differs only in the value therefore replays the first answer (docs/secrets.md).
+    differs only in the value therefore replays the first answer (docs/api.md).
     """
     raw = request.get_data(cache=True)
     try:

@@ -456,7 +456,7 @@ def test_idempotency_digest_does_not_cover_the_secret_value(app: Flask, admin: C
     assert _digest_of(app, path, {"name": "IDEM", "description": "d"}) != stored
     assert _digest_of(app, f"/api/v1/orgs/{org}x/secrets", body) != stored
 
-    # A repeat that differs only in the value replays the first answer (documented in docs/secrets.md).
+    # A repeat that differs only in the value replays the first answer (documented in docs/api.md).
     again = admin.post(
         f"orgs/{org}/secrets", json={**body, "value": "second-value"}, headers={"Idempotency-Key": "idem-value"}
     )
