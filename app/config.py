@@ -19,7 +19,16 @@ ENV_PREFIX = "LATCHKEY_"
 
 # Settings that may carry secret material: each also has a ``_FILE`` variant.
 SECRET_SETTINGS = frozenset(
-    {"secret_key", "gateway_token", "public_keys", "database_url", "redis_url", "broker_url", "worker_redis_url"}
+    {
+        "secret_key",
+        "gateway_token",
+        "public_keys",
+        "database_url",
+        "redis_url",
+        "broker_url",
+        "worker_redis_url",
+        "metrics_token",
+    }
 )
 
 # The session key `latchkey dev` writes; production refuses it.
@@ -67,6 +76,9 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     # "json" (one object per line, for log pipelines) or "text" (for people).
     log_format: Literal["json", "text"] = "json"
+    # Bearer token a scraper must send to the web tier's /metrics. Unset: /metrics is open in
+    # development and test, and not served (404) in production (docs/observability.md).
+    metrics_token: SecretStr | None = Field(default=None, min_length=16)
     # A worker serves its own Prometheus metrics (resolver, tasks) on this port when set.
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # The Celery queue this deployment's web tier publishes to and its workers consume.

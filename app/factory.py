@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from flask import Flask, Response, g, request
+from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings, load_settings
@@ -36,6 +37,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.config["LATCHKEY_IDEMPOTENCY_KEY"] = hmac.new(
         secret_key.encode(), b"latchkey/idempotency/v1", hashlib.sha256
     ).digest()
+    # Signs pagination cursors, so a tampered one is refused before it reaches a query.
+    from app.pagination import cursor_key
+
+    app.config["LATCHKEY_CURSOR_KEY"] = cursor_key(secret_key)
     if settings.trusted_proxy_count:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.trusted_proxy_count, x_proto=settings.trusted_proxy_count
@@ -94,6 +99,12 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     @app.after_request
     def _headers(resp: Response) -> Response:
         resp.headers["X-Request-ID"] = g.get("request_id", "")
+        routing = request.routing_exception
+        if isinstance(routing, MethodNotAllowed) and resp.status_code == 405:
+            # Whichever handler rendered the 405 (API problem or UI page), it says what is allowed.
+            for name, value in routing.get_headers():
+                if name.lower() != "content-type":
+                    resp.headers[name] = value
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
         if request.path.startswith("/api/"):

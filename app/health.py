@@ -1,18 +1,22 @@
-"""Liveness, readiness and metrics: no auth, and no detail that reveals configuration.
+"""Liveness, readiness and metrics, with no detail that reveals configuration.
 
-``/metrics`` (Prometheus text format) needs no auth either: keep it off the public
-internet (serve it on an internal listener, or block it at the proxy); see docs/observability.md.
+``/healthz`` and ``/readyz`` need no auth. ``/metrics`` (Prometheus text format) needs
+``Authorization: Bearer $LATCHKEY_METRICS_TOKEN``; without that setting it is open in
+development and test only, and not served at all (404) in production. See docs/observability.md.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from kombu.connection import Connection
 from sqlalchemy import text
 
 from app.api.framework import current_db, json_response
+from app.config import Settings
+from app.errors import NotFoundError, UnauthorizedError
 from app.observability import metrics as obs_metrics
 
 bp = Blueprint("health", __name__)
@@ -62,6 +66,19 @@ def readyz() -> Response:
 @bp.get("/metrics")
 def metrics() -> Response:
     """Prometheus metrics of this web process, plus job gauges read from the jobs table."""
+    _authorize_scrape(current_app.config["LATCHKEY_SETTINGS"])
     resp = Response(obs_metrics.render(current_db()), content_type=obs_metrics.CONTENT_TYPE)
     resp.headers["Cache-Control"] = "no-store"
     return resp
+
+
+def _authorize_scrape(settings: Settings) -> None:
+    """Let a scrape through only with the metrics token (constant-time compare), if one is set."""
+    if settings.metrics_token is None:
+        if settings.is_production:
+            raise NotFoundError()  # not served: production metrics need a token
+        return
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    expected = settings.metrics_token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), expected):
+        raise UnauthorizedError("send the metrics token as 'Authorization: Bearer <token>'")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC
-
 from sqlalchemy import select
 
 from app.api import bp
@@ -35,8 +33,7 @@ def list_audit_events(org: str, query: AuditQuery) -> AuditEventList:
     if query.target_id:
         stmt = stmt.where(AuditEvent.target_id == query.target_id)
     if query.since:
-        since = query.since if query.since.tzinfo else query.since.replace(tzinfo=UTC)
-        stmt = stmt.where(AuditEvent.at >= since)
+        stmt = stmt.where(AuditEvent.at >= query.since)  # UtcDateTime: aware, in UTC
     page = paginate(session(), stmt, AuditEvent.seq, limit=query.limit, cursor=query.cursor, descending=True)
     return AuditEventList(
         items=[

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,6 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -42,6 +44,10 @@ from app.models import IdempotencyKey, User
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_PATH_PARAM = 200
+# No request body needs more than a few levels; refusing deeper ones bounds parsing work.
+MAX_JSON_DEPTH = 32
+# Body fields that carry a secret value: never part of an idempotency digest.
+SECRET_BODY_FIELDS = ("value", "sealed_value")
 
 
 @dataclass
@@ -61,9 +67,34 @@ class RouteSpec:
     errors: list[int] = field(default_factory=list)
     idempotent: bool = False
     headers: list[str] = field(default_factory=list)
+    body_required: bool = True
+
+    def all_errors(self) -> list[int]:
+        """The statuses this operation can answer with: the handler's own, plus the framework's.
+
+        What :func:`route` itself raises follows from the declaration, so it is derived here
+        rather than repeated (and forgotten) in every ``errors=[...]`` list.
+        """
+        codes = set(self.errors)
+        if self.auth != "none":
+            codes.add(401)
+        if self.auth == "operator":
+            codes.add(403)
+        if "<" in self.rule:
+            codes.add(404)  # a path parameter that names nothing (or cannot name anything)
+        if self.body is not None:
+            codes |= {400, 413, 415, 422}  # invalid_json, payload_too_large, unsupported_media_type
+        if self.query is not None:
+            codes.add(422)
+            if "cursor" in self.query.model_fields:
+                codes.add(400)  # invalid_cursor
+        if self.idempotent:
+            codes |= {400, 409, 422}  # bad key, idempotency_in_progress, idempotency_key_reused
+        return sorted(codes)
 
 
 ROUTES: list[RouteSpec] = []
+_CONVERTER = re.compile(r"<[a-z_]+:")
 
 
 # Request-scoped resources ----------------------------------------------------------------
@@ -130,16 +161,43 @@ def _field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     return out
 
 
+def _depth(data: Any) -> int:
+    """How deeply arrays and objects nest in parsed JSON (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def load_json(raw: bytes) -> Any:
+    """Parse a JSON document, or raise ``invalid_json``: malformed, NaN/Infinity, or nested too deeply.
+
+    pydantic-core's parser stops at 200 levels by itself (a ValueError, never a RecursionError);
+    :data:`MAX_JSON_DEPTH` is the limit an API body must keep to.
+    """
+    try:
+        data = from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise InvalidJsonError(f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        raise InvalidJsonError("the body is not valid JSON") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise InvalidJsonError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
 def parse_json_body(model: type[BaseModel]) -> BaseModel:
     """Strictly parse the JSON body: wrong types and unknown fields are 422, never coerced."""
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaTypeError("send the body as application/json")
     raw = request.get_data(cache=True)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidJsonError("the body is not valid JSON") from None
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise ValidationFailedError.single("body", "must be a JSON object")
     try:
@@ -165,11 +223,29 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
 # Idempotency -----------------------------------------------------------------------------
 
 
+def _digested_body() -> bytes:
+    """The body as the idempotency digest sees it: secret-value fields replaced by a marker.
+
+    A stored digest must not be a verifier for guesses of a secret value, so ``value`` and
+    ``sealed_value`` are left out; the marker keeps *whether* they were sent. A repeat that
+    differs only in the value therefore replays the first answer (docs/api.md).
+    """
+    raw = request.get_data(cache=True)
+    try:
+        data = load_json(raw)
+    except InvalidJsonError:
+        return raw
+    if not isinstance(data, dict) or not any(f in data for f in SECRET_BODY_FIELDS):
+        return raw
+    masked = {k: ("<secret>" if k in SECRET_BODY_FIELDS else v) for k, v in data.items()}
+    return json.dumps(masked, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def _request_hmac() -> str:
     key = current_app.config["LATCHKEY_IDEMPOTENCY_KEY"]
     mac = hmac.new(key, digestmod=hashlib.sha256)
     mac.update(request.method.encode() + b" " + request.path.encode() + b"\n")
-    mac.update(request.get_data(cache=True))
+    mac.update(_digested_body())
     return mac.hexdigest()
 
 
@@ -242,11 +318,13 @@ def route(
     errors: list[int] | None = None,
     idempotent: bool = False,
     headers: list[str] | None = None,
+    body_required: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a JSON endpoint. ``auth`` is ``"user"``, ``"operator"`` or ``"none"``.
 
     The handler receives the path parameters, then ``body=`` and ``query=`` when declared,
-    and returns a model, plain data, a :class:`Result` or ``None`` (204).
+    and returns a model, plain data, a :class:`Result` or ``None`` (204). With
+    ``body_required=False`` an empty body is allowed and the handler gets ``body=None``.
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -254,7 +332,8 @@ def route(
         prefix = bp.url_prefix or ""
         ROUTES.append(
             RouteSpec(
-                rule=prefix + rule,
+                # Converters decide matching only; the declared shape is ``<name>``.
+                rule=prefix + _CONVERTER.sub("<", rule),
                 method=method.lower(),
                 endpoint=f"{bp.name}.{fn.__name__}",
                 summary=summary,
@@ -267,6 +346,7 @@ def route(
                 errors=errors or [],
                 idempotent=idempotent,
                 headers=headers or [],
+                body_required=body_required,
             )
         )
 
@@ -286,7 +366,8 @@ def route(
                 if query is not None:
                     kwargs["query"] = parse_query(query)
                 if body is not None:
-                    kwargs["body"] = parse_json_body(body)
+                    given = body_required or bool(request.get_data(cache=True).strip())
+                    kwargs["body"] = parse_json_body(body) if given else None
                 idem_key = _idempotency_key() if idempotent and auth != "none" else None
                 digest = _request_hmac() if idem_key else ""
                 if idem_key:

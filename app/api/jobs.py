@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
+from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel, Field
+from werkzeug.routing import BaseConverter
 
 from app.api import bp
-from app.api.framework import Result, current_user, parse_json_body, request_context, route, session
+from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import JobAccepted, JobError, JobOut, Progress, Strict
 from app.backfill import service as backfill_service
 from app.backfill.service import BACKFILL_TASK
@@ -46,7 +47,29 @@ def get_org_job(org: str, job_id: str) -> JobOut:
     return job_out(jobs.get_job(session(), access.org.id, job_id))
 
 
-@route(bp, "/admin/jobs/<job_id>", "GET", response=JobOut, auth="operator", tags=["admin"], errors=[401, 403, 404])
+class InstanceJobId(BaseConverter):
+    """An instance job id: any segment but ``ping``, which is ``POST /admin/jobs/ping``.
+
+    Without it ``/admin/jobs/ping`` also matches the GET rule, so its 405 would advertise a GET.
+    """
+
+    regex = r"(?!ping$)[^/]+"
+
+
+@bp.record_once
+def _register_converter(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters.setdefault("instance_job_id", InstanceJobId)
+
+
+@route(
+    bp,
+    "/admin/jobs/<instance_job_id:job_id>",
+    "GET",
+    response=JobOut,
+    auth="operator",
+    tags=["admin"],
+    errors=[401, 403, 404],
+)
 def get_admin_job(job_id: str) -> JobOut:
     """An instance job (backfill, verification, re-seal, ping) for operators."""
     return job_out(jobs.get_job(session(), None, job_id))
@@ -67,12 +90,9 @@ def ping_workers() -> Result:
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind="system.ping"))
 
 
-def _instance_job(kind: str, model: type[Strict]) -> Result:
+def _instance_job(kind: str, body: Strict | None) -> Result:
     """Queue an instance job whose params are the optional JSON body's fields that were given."""
-    params: dict[str, Any] = {}
-    if request.get_data(cache=True).strip():
-        body = parse_json_body(model)
-        params = {k: v for k, v in body.model_dump().items() if v is not None}
+    params = {k: v for k, v in body.model_dump().items() if v is not None} if body is not None else {}
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
 
 
@@ -86,18 +106,20 @@ class BatchRequest(Strict):
     bp,
     "/admin/keys/reseal",
     "POST",
+    body=BatchRequest,
+    body_required=False,
     response=JobAccepted,
     status=202,
     auth="operator",
     tags=["admin"],
     errors=[401, 403, 415, 422, 503],
 )
-def reseal_keys() -> Result:
+def reseal_keys(body: BatchRequest | None) -> Result:
     """Queue a re-seal of every sealed value to the workers' newest key (after a rotation).
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
     """
-    return _instance_job(rotation.RESEAL_TASK, BatchRequest)
+    return _instance_job(rotation.RESEAL_TASK, body)
 
 
 class BackfillRequest(BatchRequest):
@@ -110,39 +132,43 @@ class BackfillRequest(BatchRequest):
     bp,
     "/admin/backfill",
     "POST",
+    body=BackfillRequest,
+    body_required=False,
     response=JobAccepted,
     status=202,
     auth="operator",
     tags=["admin"],
     errors=[401, 403, 415, 422, 503],
 )
-def start_backfill() -> Result:
+def start_backfill(body: BackfillRequest | None) -> Result:
     """Queue the backfill: legacy plaintext secrets, MCP tokens and agent keys into sealed secrets.
 
     The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
     job's result is the summary (counts per kind, failures with reasons, never a value).
     """
-    return _instance_job(BACKFILL_TASK, BackfillRequest)
+    return _instance_job(BACKFILL_TASK, body)
 
 
 @route(
     bp,
     "/admin/backfill/verify",
     "POST",
+    body=BatchRequest,
+    body_required=False,
     response=JobAccepted,
     status=202,
     auth="operator",
     tags=["admin"],
     errors=[401, 403, 415, 422, 503],
 )
-def start_verify() -> Result:
+def start_verify(body: BatchRequest | None) -> Result:
     """Queue the backfill verification (in a worker: every backfilled value against the legacy one).
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 1000). The job's result is
     the verification record, also shown by ``GET /admin/backfill``; the contract migration
     runs only after one passes.
     """
-    return _instance_job(VERIFY_TASK, BatchRequest)
+    return _instance_job(VERIFY_TASK, body)
 
 
 class BackfillStatus(BaseModel):

@@ -51,6 +51,18 @@ def _models(routes: list[RouteSpec]) -> list[tuple[type[BaseModel], Mode]]:
     return list(seen)
 
 
+def _query_value(prop: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema: an optional field is left out, never sent as null, so drop the null branch."""
+    branches = prop.get("anyOf")
+    if not branches or {"type": "null"} not in branches:
+        return prop
+    rest = [b for b in branches if b != {"type": "null"}]
+    out = {k: v for k, v in prop.items() if k != "anyOf" and not (k == "default" and v is None)}
+    if len(rest) == 1:
+        return {**rest[0], **out}
+    return {**out, "anyOf": rest}
+
+
 def build_spec(routes: list[RouteSpec] | None = None) -> dict[str, Any]:
     """Assemble the document: one operation per declared route."""
     routes = ROUTES if routes is None else routes
@@ -78,7 +90,7 @@ def build_spec(routes: list[RouteSpec] | None = None) -> dict[str, Any]:
             qschema = r.query.model_json_schema(ref_template=REF)
             required = set(qschema.get("required", []))
             for name, prop in qschema.get("properties", {}).items():
-                params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
+                params.append({"name": name, "in": "query", "required": name in required, "schema": _query_value(prop)})
         if r.idempotent:
             params.append(
                 {
@@ -94,7 +106,7 @@ def build_spec(routes: list[RouteSpec] | None = None) -> dict[str, Any]:
             op["parameters"] = params
         if r.body:
             op["requestBody"] = {
-                "required": True,
+                "required": r.body_required,
                 "content": {"application/json": {"schema": refs[(r.body, "validation")]}},
             }
         responses: dict[str, Any] = {}
@@ -103,7 +115,7 @@ def build_spec(routes: list[RouteSpec] | None = None) -> dict[str, Any]:
         else:
             content = {"application/json": {"schema": refs[(r.response, "serialization")]}} if r.response else {}
             responses[str(r.status)] = {"description": "Success", **({"content": content} if content else {})}
-        for code in sorted(set(r.errors)):
+        for code in r.all_errors():
             responses[str(code)] = {
                 "description": "Problem",
                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},

@@ -72,7 +72,12 @@ def register(app: Flask) -> None:
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "http_error")
-        return problem(status, code, exc.name, exc.description if status != 413 else "request body too large")
+        resp = problem(status, code, exc.name, exc.description if status != 413 else "request body too large")
+        # Keep what the exception says about itself: 405's Allow, 401's WWW-Authenticate, Retry-After.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(IntegrityError)
     def _integrity(exc: IntegrityError) -> Response:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_CURSOR, MAX_LIMIT
 from app.secrets.service import MAX_ALLOWED_HOSTS, MAX_DESCRIPTION, NAME_RE
 
 
@@ -15,9 +16,43 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_RFC3339_PREFIX = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}")
+
+
+def _rfc3339_only(value: Any) -> Any:
+    # Parsed here, in one way for JSON bodies and query strings alike: pydantic's lax mode
+    # (query strings) would otherwise take "0.5" as a Unix timestamp.
+    if not isinstance(value, str):
+        return value
+    try:
+        if not _RFC3339_PREFIX.match(value):
+            raise ValueError
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an RFC 3339 date-time with an offset, like 2030-01-01T00:00:00Z") from None
+
+
+def _to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # e.g. 9999-12-31T23:59:59-14:00: a valid offset, but no UTC instant a datetime can hold.
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+UtcDateTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only), AfterValidator(_to_utc)]
+"""Every datetime *input*: an RFC 3339 timestamp with an offset (naive ones are refused), in UTC."""
+
+
 class ListQuery(Strict):
     limit: int = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
-    cursor: str | None = Field(default=None, max_length=512)
+    # Declared with its shape, checked (with its signature) by app.pagination: any bad cursor is
+    # one answer, 400 invalid_cursor, rather than a 422 for some shapes and a 400 for others.
+    cursor: str | None = Field(
+        default=None,
+        description="Opaque: the next_cursor of the previous page, unchanged (signed; any other is a 400).",
+        json_schema_extra={"pattern": CURSOR_PATTERN, "maxLength": MAX_CURSOR},
+    )
 
 
 # Secrets ---------------------------------------------------------------------------------
@@ -83,7 +118,7 @@ class AuditQuery(ListQuery):
     action: str | None = Field(default=None, max_length=64)
     target_type: str | None = Field(default=None, max_length=32)
     target_id: str | None = Field(default=None, max_length=64)
-    since: datetime | None = None
+    since: UtcDateTime | None = None
 
 
 class Ref(BaseModel):
@@ -128,7 +163,7 @@ class MeOut(BaseModel):
 
 class TokenCreate(Strict):
     name: str = Field(min_length=1, max_length=100)
-    expires_at: datetime | None = None
+    expires_at: UtcDateTime | None = None
 
 
 class TokenOut(BaseModel):

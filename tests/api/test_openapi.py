@@ -10,6 +10,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
+from app.pagination import CURSOR_PATTERN, MAX_CURSOR
+
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 PROBLEM_REF = "#/components/schemas/Problem"
 
@@ -138,3 +140,66 @@ def test_every_reference_resolves(doc: dict[str, Any]) -> None:
     assert refs
     for ref in refs:
         _resolve(doc, ref)
+
+
+# What the framework itself answers is documented on every operation (issue #10, item 9) ----
+
+
+def _statuses(op: dict[str, Any]) -> set[int]:
+    return {int(code) for code in op["responses"]}
+
+
+def test_framework_errors_are_documented_on_every_operation(doc: dict[str, Any]) -> None:
+    for path, method, op in _operations(doc):
+        statuses, where = _statuses(op), f"{method.upper()} {path}"
+        if op.get("security"):
+            assert 401 in statuses, where
+        if "{" in path:
+            assert 404 in statuses, where
+        if "requestBody" in op:
+            assert {400, 413, 415, 422} <= statuses, where  # invalid_json, too large, media type, validation
+        names = {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
+        if names:
+            assert 422 in statuses, where
+        if "cursor" in names:
+            assert 400 in statuses, where  # invalid_cursor
+        if "Idempotency-Key" in {p["name"] for p in op.get("parameters", [])}:
+            assert {400, 409, 422} <= statuses, where
+
+
+def test_operator_operations_document_403(doc: dict[str, Any]) -> None:
+    for path, method, op in _operations(doc):
+        if path.startswith("/api/v1/admin/"):
+            assert 403 in _statuses(op), f"{method.upper()} {path}"
+
+
+def test_operator_jobs_with_an_optional_body_declare_it(doc: dict[str, Any]) -> None:
+    for path in ("/api/v1/admin/keys/reseal", "/api/v1/admin/backfill", "/api/v1/admin/backfill/verify"):
+        body = doc["paths"][path]["post"]["requestBody"]
+        assert body["required"] is False
+        schema = _resolve(doc, body["content"]["application/json"]["schema"]["$ref"])
+        assert "batch_size" in schema["properties"]
+    ping = doc["paths"]["/api/v1/admin/jobs/ping"]["post"]
+    assert "requestBody" not in ping
+
+
+def test_cursors_are_declared_with_their_shape(doc: dict[str, Any]) -> None:
+    cursors = [
+        (path, p["schema"])
+        for path, _method, op in _operations(doc)
+        for p in op.get("parameters", [])
+        if p["in"] == "query" and p["name"] == "cursor"
+    ]
+    assert cursors
+    for path, schema in cursors:
+        assert schema["type"] == "string" and "null" not in str(schema), path
+        assert schema["pattern"] == CURSOR_PATTERN and schema["maxLength"] == MAX_CURSOR, path
+
+
+def test_datetime_inputs_are_date_times(doc: dict[str, Any]) -> None:
+    since = next(
+        p["schema"]
+        for p in doc["paths"]["/api/v1/orgs/{org}/audit-events"]["get"]["parameters"]
+        if p["name"] == "since"
+    )
+    assert since["format"] == "date-time"
