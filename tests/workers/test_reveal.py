@@ -587,6 +587,21 @@ def test_the_api_answers_429_when_the_worker_limits_a_user(
             assert s.scalar(select(func.count()).where(AuditEvent.action == "secret.reveal")) == 1
 
 
+def test_the_worker_refuses_reveals_when_it_cannot_count_them(
+    settings: Settings, factory: Factory, db: Database, rclient: redis.Redis
+) -> None:
+    org = factory.org()
+    admin = factory.user(org, "admin")
+    secret = factory.secret(admin, org, value=CANARY)
+    org_id = _org_id(db, secret["id"])
+    # Fails closed: a worker whose limiter Redis is down serves nothing rather than serving unmetered.
+    with extra_worker(settings, worker_redis_url="redis://127.0.0.1:1/0") as (producer, web):
+        _assert_refused(*_run_forged(producer, db, rclient, org_id, secret["id"], None), "limiter_unavailable")
+        resp = web.test_client().post(f"/api/v1/orgs/{org}/secrets/{secret['id']}/reveal", headers=admin.headers())
+        assert resp.status_code == 503, resp.get_json()
+        assert CANARY not in resp.get_data(as_text=True)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
