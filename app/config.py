@@ -54,6 +54,9 @@ class Settings(BaseModel):
     # URLs may embed passwords: kept out of repr() so they never reach a log line.
     database_url: str = Field(default="sqlite:///instance/latchkey.db", repr=False)
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    # The web tier's Redis calls (sign-in limiter, reveal replies, invalidations) give up after
+    # this long; a limiter that cannot answer refuses the sign-in rather than wait.
+    redis_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
     broker_url: str | None = Field(default=None, repr=False)
     secret_key: SecretStr | None = None
     public_keys: str | None = None

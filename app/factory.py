@@ -56,7 +56,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     # The web tier only publishes task messages by name; it never imports or runs tasks.
     app.extensions["latchkey.publisher"] = Publisher(make_celery(settings), db)
     app.extensions["latchkey.redis"] = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        health_check_interval=30,
     )
     app.extensions["latchkey.invalidator"] = Invalidator(
         app.extensions["latchkey.redis"], db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue

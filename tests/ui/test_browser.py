@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from celery import Celery
@@ -44,7 +45,8 @@ def test_admin_creates_a_secret_and_an_mcp_server_that_turns_valid(
     page.get_by_role("link", name="New secret").click()
     page.get_by_label("Name").fill("MCP_TOOLS_TOKEN")
     page.get_by_label("Value", exact=True).fill(mcp_server.token)
-    page.get_by_label("Allowed hosts").fill("127.0.0.1")
+    # The test server listens on a random port: a bare host would match the default port only.
+    page.get_by_label("Allowed hosts").fill(urlsplit(mcp_server.url).netloc)
     page.get_by_role("button", name="Create secret").click()
     expect(page.get_by_role("status")).to_contain_text("Secret MCP_TOOLS_TOKEN created (version 1)")
     assert mcp_server.token not in page.content()
