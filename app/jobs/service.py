@@ -190,6 +190,18 @@ def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: fl
     return bool(getattr(result, "rowcount", 0))
 
 
+def hold(session: Session, job_id: str, worker_id: str) -> bool:
+    """Lock the job row while ``worker_id`` still holds it, for the rest of the transaction.
+
+    A task takes this at the start of the transaction that records its outcome (the run row,
+    the server's status): while it is held, no sweep can re-queue the job and no other
+    worker can claim it, so a worker that lost its lease cannot overwrite what the new
+    holder writes. False when the job is no longer ours.
+    """
+    row = session.execute(select(Job.id).where(_held(job_id, worker_id)).with_for_update()).first()
+    return row is not None
+
+
 def release(session: Session, job_id: str, worker_id: str) -> bool:
     """Give a held job back to ``queued`` (a retry is coming); False when it was not held."""
     result = session.execute(

@@ -192,6 +192,9 @@ def _loop(
     messages.append(Message("user", state.mask(text)))
     with guarded_client(EgressPolicy.from_settings(ctx.settings), key.allowed_hosts, timeout=60.0) as client:
         for _step in range(MAX_STEPS):
+            # A worker that lost its lease (stalled past it; the job went to another worker) stops
+            # before sending anything more: one run never calls the model from two workers.
+            state.job.ensure_held()
             turn: ModelTurn = complete(endpoint, messages, [t.spec for t in tools], client=client)
             state.usage["input_tokens"] += turn.usage.get("input_tokens", 0)
             state.usage["output_tokens"] += turn.usage.get("output_tokens", 0)
@@ -218,6 +221,7 @@ def _loop(
                     messages.append(Message("tool", "error: no such tool", tool_call_id=call.id, name=call.name))
                     continue
                 try:
+                    state.job.ensure_held()
                     is_error, result = _run_tool(ctx, state, tool, call.arguments)
                 except (McpError, EgressError) as exc:
                     if isinstance(exc, EgressError):
@@ -280,6 +284,9 @@ def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     if code is not None:
         state.event("error", code=code, message=message or "")
     with ctx.db.session() as s:
+        # The outcome is written only while this worker holds the job (the row lock keeps it so
+        # for this transaction): a worker that lost its lease never overwrites the new holder's run.
+        job.ensure_held(s)
         row = s.scalar(select(AgentRun).where(AgentRun.id == run.id).with_for_update())
         if row is not None:
             row.status = "failed" if code else "succeeded"

@@ -90,6 +90,7 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     code: str | None = None
     message: str | None = None
     try:
+        job.ensure_held()  # a worker that lost its lease sends nothing
         token, allowed_hosts = _credential(ctx, snap, reads)
         factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), allowed_hosts)
         tools = list_tools(
@@ -107,6 +108,7 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
         code, message = exc.code, exc.message
         egress_audit.denied(ctx, job, exc, org_id=snap.org_id, target_type="mcp_server", target_id=snap.server_id)
     with ctx.db.session() as s:
+        job.ensure_held(s)  # only the job's current holder records the outcome
         server = s.scalar(
             select(McpServer).where(McpServer.org_id == snap.org_id, McpServer.id == snap.server_id).with_for_update()
         )

@@ -14,14 +14,16 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
@@ -49,6 +51,16 @@ class TransientError(Exception):
         self.message = message
 
 
+class JobLostError(Exception):
+    """This worker no longer holds the job's lease: stop, write nothing, record no outcome."""
+
+
+class Lease(Protocol):
+    holder: str
+
+    def held(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class JobView:
     id: str
@@ -56,6 +68,21 @@ class JobView:
     kind: str
     params: dict[str, Any]
     attempts: int
+    # The claim this run holds (None for a view built outside a worker's claim).
+    lease: Lease | None = None
+
+    def ensure_held(self, session: Session | None = None) -> None:
+        """Raise JobLostError unless this worker still holds the job.
+
+        Without a session: a local check (the lease has not lapsed since its last renewal and
+        no renewal found it taken), cheap enough before every model or tool call. With a
+        session: the job row is locked for that transaction while we hold it (``jobs.hold``),
+        for the transaction that records the outcome.
+        """
+        if self.lease is None:
+            return
+        if not self.lease.held() or (session is not None and not jobs.hold(session, self.id, self.lease.holder)):
+            raise JobLostError(self.id)
 
 
 class WorkerContext:
@@ -119,11 +146,15 @@ class Heartbeat:
     """Renews a job's lease every third of its length until stopped, or until the renewal
     finds the job no longer held (taken over after a stall, or failed by the web tier)."""
 
-    def __init__(self, wc: WorkerContext, job_id: str, holder: str) -> None:
+    def __init__(self, wc: WorkerContext, job_id: str, holder: str, claimed_at: float) -> None:
         self.wc = wc
         self.job_id = job_id
         self.holder = holder
         self.lease_seconds = wc.settings.job_lease_seconds
+        # Until when (monotonic) the lease is surely ours: from before the claim or the last
+        # successful renewal. A worker stopped (SIGSTOP, a stall) past it must assume the
+        # sweep gave the job to another worker.
+        self.valid_until = claimed_at + self.lease_seconds
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
@@ -136,30 +167,38 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
+    def held(self) -> bool:
+        return not self.lost.is_set() and time.monotonic() < self.valid_until
+
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
+            started = time.monotonic()
             try:
                 with self.wc.db.session() as s:
                     held = jobs.renew_lease(s, self.job_id, self.holder, self.lease_seconds)
             except Exception as exc:  # the database blipped: try again next beat; the lease may lapse
                 log.warning("job %s: lease renewal failed: %s", self.job_id, type(exc).__name__)
                 continue
-            if not held:
-                log.warning("job %s: lease lost; this worker will not finish the job", self.job_id)
-                self.lost.set()
-                return
+            if held:
+                self.valid_until = started + self.lease_seconds
+                continue
+            log.warning("job %s: lease lost; this worker will not finish the job", self.job_id)
+            self.lost.set()
+            return
 
 
 def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
     wc = worker_context(task.app)
     settings = wc.settings
     holder = lease_holder(task, wc)
+    claimed_at = time.monotonic()
     with wc.db.session() as s:
         job = jobs.claim(s, job_id, holder, settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
         if job is None:
             return "skipped"  # finished, held by a live lease elsewhere, or out of attempts
         view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts)
-    with Heartbeat(wc, job_id, holder):
+    with Heartbeat(wc, job_id, holder, claimed_at) as lease:
+        view = replace(view, lease=lease)
         try:
             try:
                 result = fn(wc, view)
@@ -176,6 +215,8 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
                 log.warning("job %s (%s): transient %s, retrying", job_id, view.kind, exc.code)
                 raise task.retry(countdown=min(2**task.request.retries, 30), exc=None) from None
             return _fail(wc, job_id, holder, exc.code, exc.message)
+        except JobLostError:
+            return _not_finished(job_id)
         except JobFailedError as exc:
             return _fail(wc, job_id, holder, exc.code, exc.message)
         except SoftTimeLimitExceeded:

@@ -17,14 +17,17 @@ from typing import Any
 
 import redis
 from celery import beat
+from sqlalchemy import select
 
 from app.config import Settings
 from app.db import Database, utcnow
+from app.factory import create_app
 from app.jobs import service as jobs
-from app.models import Job
+from app.models import AgentRun, AuditEvent, Job
 from app.tasks import make_celery
 from app.tasks.runtime import worker_context
-from tests.factories import CTX
+from tests.factories import CTX, Factory
+from tests.llm_server import LlmTestServer
 from tests.processes import drop_queue_keys, spawned_worker
 from tests.workers.conftest import wait_for
 
@@ -345,3 +348,57 @@ def test_beat_can_send_every_scheduled_task(settings: Settings, redis_url: str) 
         client.close()
         app.close()
         drop_queue_keys(redis_url, queue)
+
+
+def test_a_run_whose_lease_was_taken_over_stops_calling_the_model_and_writes_nothing(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """The issue's double run: a worker that lost the job sends nothing more and records nothing.
+
+    The first model turn is slow; meanwhile the job is taken over (as the sweep and a second
+    worker do after a stall). The first worker's renewal finds the lease gone: it makes no
+    second model call, and the run row and its audit trail stay the new holder's to write.
+    """
+    with lease_queue(settings, job_lease_seconds=1.0) as custom, LlmTestServer() as llm:
+        web = create_app(custom)
+        try:
+            f = Factory(web.extensions["latchkey.db"], web.test_client())
+            org = f.org()
+            admin = f.user(org, "admin")
+            secret = f.secret(admin, org, value="sk-lease-provider-" + "k" * 24)["id"]
+            provider = admin.post(
+                f"orgs/{org}/providers",
+                json={
+                    "name": "P",
+                    "provider_type": "openai_compatible",
+                    "kind": "openai",
+                    "model_id": "test-model",
+                    "config": {"base_url": llm.url + "/v1"},
+                    "secret_ref": secret,
+                },
+            ).get_json()["id"]
+            agent = admin.post(f"orgs/{org}/agents", json={"name": "Bot", "provider_id": provider}).get_json()["id"]
+            # Turn 1 (slow) asks for a tool; on the old code turn 2 then went to the model too.
+            llm.script([{"delay_seconds": 3, "tool_calls": [{"name": "nope", "arguments": {}}]}, {"text": "done"}])
+            log_path = tmp_path / "w.log"
+            with spawned_worker(custom, log_path, concurrency=1):
+                started = admin.post(f"orgs/{org}/agents/{agent}/runs", json={"input": "hi"}).get_json()
+                job_id, run_id = started["job"]["id"], started["run"]["id"]
+                wait_for(lambda: len(llm.requests) == 1, timeout=20)
+                with db.session() as s:
+                    s.query(Job).filter(Job.id == job_id).update(
+                        {Job.leased_by: "other-worker", Job.lease_expires_at: utcnow() + timedelta(seconds=60)}
+                    )
+                wait_for(lambda: "not held by this worker" in log_path.read_text(), timeout=20)
+        finally:
+            web.extensions["latchkey.db"].dispose()
+        assert len(llm.requests) == 1  # no second model call from the worker that lost the job
+    with db.session() as s:
+        run = s.get(AgentRun, run_id)
+        assert run is not None and (run.status, run.output, run.finished_at) == ("running", None, None)
+        finished = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "agent.run_finished", AuditEvent.target_id == run_id)
+        ).all()
+        assert finished == []
+    row = job_row(db, job_id)
+    assert (row.status, row.leased_by) == ("running", "other-worker")
