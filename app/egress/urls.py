@@ -73,11 +73,13 @@ def is_credential_name(name: str) -> bool:
 
 def credential_query_names(query: str) -> list[str]:
     """The parameter names of ``query`` that look like credentials (decoded, as a server reads them)."""
+    # Some servers also split on ';' (the older form-encoding rule): read both ways.
     try:
-        pairs = parse_qsl(query, keep_blank_values=True)
+        pairs = parse_qsl(query, keep_blank_values=True) + parse_qsl(query, keep_blank_values=True, separator=";")
+        names = {name for pair in pairs for name in pair[0].split("&")}
     except ValueError:
         return ["?"]
-    return [name for name, _ in pairs if is_credential_name(name)]
+    return sorted(name for name in names if is_credential_name(name))
 
 
 def _split(text: str) -> SplitResult:

@@ -39,6 +39,8 @@ CREDENTIAL_QUERIES = [
     f"https://mcp.example.com/mcp?sig={TOKEN}",
     f"https://mcp.example.com/mcp?password={TOKEN}",
     f"https://mcp.example.com/mcp?%61uth={TOKEN}",
+    # A server that splits pairs on ";" too reads access_token here.
+    f"https://mcp.example.com/mcp?x=1;access_token={TOKEN}",
 ]
 
 
