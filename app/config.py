@@ -114,7 +114,7 @@ class Settings(BaseModel):
     reveal_limit_window_seconds: int = Field(default=900, ge=10, le=86400)
     # Where the worker counts reveals; unset = redis_url (then only as strong as Redis access control).
     worker_redis_url: str | None = Field(default=None, repr=False)
-    # Cap on the bytes read from one MCP or model-API response (one SSE event for MCP streams).
+    # Cap on the bytes read from one MCP or model-API HTTP response (for MCP over SSE: the whole stream).
     max_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # Web sessions (server-side rows): absolute lifetime, however active the session is.
     session_lifetime_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
