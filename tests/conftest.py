@@ -109,7 +109,7 @@ def db(settings: Settings) -> Iterator[Database]:
     database.dispose()
 
 
-def _empty_tables(database: Database) -> None:
+def empty_tables(database: Database) -> None:
     engine = database.engine
     assert engine is not None
     tables = [t for t in reversed(Base.metadata.sorted_tables) if t.name not in KEEP]
@@ -123,11 +123,14 @@ def _empty_tables(database: Database) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
-    # Resolved before the test: pytest forbids requesting new fixtures during teardown.
-    database = request.getfixturevalue("db") if {"db", "app"} & set(request.fixturenames) else None
+    # Resolved before the test: pytest forbids requesting new fixtures during teardown. A test
+    # marked shared_data reads rows a module-scoped fixture made (and empties at its teardown).
+    uses_db = {"db", "app"} & set(request.fixturenames)
+    shared = request.node.get_closest_marker("shared_data") is not None
+    database = request.getfixturevalue("db") if uses_db and not shared else None
     yield
     if database is not None:
-        _empty_tables(database)
+        empty_tables(database)
 
 
 @pytest.fixture

@@ -7,14 +7,18 @@ must cover every declared route, so a new endpoint cannot skip the matrix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from flask import Flask
 from sqlalchemy import func, select
 
 from app.api.framework import ROUTES
-from app.models import AuditEvent, Membership, Secret
+from app.db import Database
+from app.models import AuditEvent, Membership, Org, Secret
+from tests.conftest import empty_tables
 from tests.factories import Caller, Factory
 
 
@@ -144,7 +148,29 @@ class World:
 
 @pytest.fixture
 def world(factory: Factory) -> World:
-    org, other = factory.org("home"), factory.org("away")
+    """A fresh world for a test that may change it (its tables are emptied after the test)."""
+    return _build_world(factory, "home", "away")
+
+
+@pytest.fixture(scope="module")
+def _module_world(db: Database, app: Flask) -> Iterator[World]:
+    built = _build_world(Factory(db, app.test_client()), "shared-home", "shared-away")
+    yield built
+    empty_tables(db)
+
+
+@pytest.fixture
+def shared_world(_module_world: World, db: Database) -> World:
+    """One world for the tests that must change nothing (marked ``shared_data``: their tables are
+    not emptied after each test). They run one after another, before any test that empties the
+    tables; this check fails loudly if a reordering ever lets one run on an emptied world."""
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Org).where(Org.slug == _module_world.org)) == 1
+    return _module_world
+
+
+def _build_world(factory: Factory, home: str, away: str) -> World:
+    org, other = factory.org(home), factory.org(away)
     admin, member = factory.user(org, "admin"), factory.user(org, "member")
     other_admin, other_member = factory.user(other, "admin"), factory.user(other, "member")
     outsider = factory.user()
@@ -288,8 +314,10 @@ def _snapshot(db: Any) -> tuple[int, ...]:
         )
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
-def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> None:
+def test_another_orgs_ids_are_404(shared_world: World, endpoint: Endpoint, db: Any) -> None:
+    world = shared_world
     has_ids = any(
         p in endpoint.path
         for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}", "{agent}", "{run}", "{invitation}")
@@ -309,13 +337,31 @@ def test_another_orgs_ids_are_404(world: World, endpoint: Endpoint, db: Any) -> 
     assert _snapshot(db) == before
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if e.admin_only], ids=lambda e: f"{e.method} {e.path}")
-def test_member_gets_403_on_admin_only_actions_and_nothing_changes(world: World, endpoint: Endpoint, db: Any) -> None:
+def test_member_gets_403_on_admin_only_actions_and_nothing_changes(
+    shared_world: World, endpoint: Endpoint, db: Any
+) -> None:
+    world = shared_world
     before = _snapshot(db)
     resp = _call(world.member, endpoint, world.org, _ids(world, own=True, user=world.admin.user_id))
     assert resp.status_code == 403, resp.get_json()
     assert resp.get_json()["code"] == "forbidden"
     assert _snapshot(db) == before
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
+def test_missing_or_invalid_token_is_401(
+    shared_world: World, endpoint: Endpoint, auth: str | None, client: Any
+) -> None:
+    world = shared_world
+    path = "/api/v1/" + endpoint.path.format(org=world.org, **_ids(world, own=True, user=world.admin.user_id))
+    headers = {"Authorization": auth} if auth is not None else {}
+    resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)
+    assert resp.status_code == 401
+    assert resp.get_json()["code"] == "unauthorized"
 
 
 @pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.admin_only], ids=lambda e: f"{e.method} {e.path}")
@@ -331,16 +377,6 @@ def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: py
     target_user = world.member.user_id
     resp = _call(world.admin, endpoint, world.org, _ids(world, own=True, user=target_user))
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
-
-
-@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
-@pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
-def test_missing_or_invalid_token_is_401(world: World, endpoint: Endpoint, auth: str | None, client: Any) -> None:
-    path = "/api/v1/" + endpoint.path.format(org=world.org, **_ids(world, own=True, user=world.admin.user_id))
-    headers = {"Authorization": auth} if auth is not None else {}
-    resp = client.open(path, method=endpoint.method, json=endpoint.body and {"x": 1}, headers=headers)
-    assert resp.status_code == 401
-    assert resp.get_json()["code"] == "unauthorized"
 
 
 def test_revoked_and_expired_tokens_are_401(factory: Factory, db: Any, client: Any) -> None:
