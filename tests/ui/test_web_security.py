@@ -251,6 +251,22 @@ def test_sign_out_ends_the_session_server_side(ui_client: FlaskClient, factory: 
     assert all(r.revoked_at is not None for r in _sessions_of(factory, user.user_id))
 
 
+def test_signing_in_again_ends_the_previous_session(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    first, second = person(factory, org), person(factory, org)
+    token = client_sign_in(ui_client, first.email)
+    old = _cookie(ui_client)
+    # The same browser signs in again (here as someone else) without signing out first.
+    resp = ui_client.post("/login", data={"email": second.email, "password": PASSWORD, "csrf_token": token})
+    assert resp.status_code == 302
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 200
+    replay = _with_cookie(ui_client, old).get(f"/orgs/{org}/secrets")
+    assert replay.status_code == 302 and replay.headers["Location"].startswith("/login")
+    (row,) = _sessions_of(factory, first.user_id)
+    assert row.revoked_at is not None
+    (current,) = _sessions_of(factory, second.user_id)
+    assert current.revoked_at is None
+
+
 def test_a_session_ends_at_its_absolute_expiry(ui_client: FlaskClient, factory: Factory, org: str) -> None:
     user = person(factory, org)
     client_sign_in(ui_client, user.email)
