@@ -126,6 +126,9 @@ class Settings(BaseModel):
     # Looser ceilings per 15-minute window: failures for one email from anywhere, and from one address.
     login_max_failures_per_email: int = Field(default=100, ge=1, le=100_000)
     login_max_failures_per_address: int = Field(default=50, ge=1, le=100_000)
+    # The signed "known device" cookie set on sign-in: with it, that email's sign-ins from that
+    # browser skip the two ceilings (only their own per-(email, device) back-off applies).
+    login_device_cookie_seconds: int = Field(default=180 * 86400, ge=60, le=400 * 86400)
     # How long an org invitation can be accepted.
     invitation_ttl_seconds: int = Field(default=7 * 86400, ge=60, le=90 * 86400)
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import CursorResult, Update, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, Exists, Update, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -139,6 +139,7 @@ def add_member(session: Session, ctx: RequestContext, org: Org, user: User, role
     else:
         if membership.role == Role.ADMIN and parsed is Role.MEMBER:
             _ensure_another_admin(session, org, user)
+            _revoke_invitations_by(session, ctx, org, user.id)
         membership.role = parsed.value
     session.flush()
     audit.record(
@@ -173,6 +174,7 @@ def remove_member(session: Session, ctx: RequestContext, org: Org, user_id: str)
         user = session.get(User, user_id)
         assert user is not None
         _ensure_another_admin(session, org, user)
+        _revoke_invitations_by(session, ctx, org, user_id)
     session.delete(membership)
     session.flush()
     audit.record(
@@ -567,24 +569,80 @@ def list_invitations(session: Session, org: Org) -> list[Invitation]:
     )
 
 
+def _pending(org: Org) -> ColumnElement[bool]:
+    """The WHERE clause of an org's invitations that are neither accepted nor revoked."""
+    return (Invitation.org_id == org.id) & Invitation.accepted_at.is_(None) & Invitation.revoked_at.is_(None)
+
+
 def revoke_invitation(session: Session, ctx: RequestContext, org: Org, invitation_id: str) -> Invitation:
-    invitation = session.scalar(select(Invitation).where(Invitation.id == invitation_id, Invitation.org_id == org.id))
+    """Revoke a pending invitation: one conditional UPDATE, so it cannot undo a concurrent accept.
+
+    Nothing changed: an accepted invitation is a conflict, an unknown one not found, and an
+    already revoked one stays revoked (idempotent, not audited again).
+    """
+    revoked = _updated(
+        session,
+        update(Invitation)
+        .where(Invitation.id == invitation_id, _pending(org))
+        .values(revoked_at=utcnow())
+        .execution_options(synchronize_session=False),
+    )
+    invitation = session.scalar(
+        select(Invitation)
+        .where(Invitation.id == invitation_id, Invitation.org_id == org.id)
+        .execution_options(populate_existing=True)
+    )
     if invitation is None:
         raise NotFoundError("invitation not found")
-    if invitation.accepted_at is not None:
-        raise ConflictError("the invitation was already accepted; remove the member instead")
-    if invitation.revoked_at is None:
-        invitation.revoked_at = utcnow()
-        audit.record(
-            session,
-            ctx,
-            "invitation.revoke",
-            org_id=org.id,
-            target_type="invitation",
-            target_id=invitation.id,
-            details={"email": invitation.email},
-        )
+    if not revoked:
+        if invitation.accepted_at is not None:
+            raise ConflictError("the invitation was already accepted; remove the member instead")
+        return invitation
+    audit.record(
+        session,
+        ctx,
+        "invitation.revoke",
+        org_id=org.id,
+        target_type="invitation",
+        target_id=invitation.id,
+        details={"email": invitation.email},
+    )
     return invitation
+
+
+def _revoke_invitations_by(session: Session, ctx: RequestContext, org: Org, user_id: str) -> None:
+    """An admin leaves or is demoted: the pending invitations they created die with their role."""
+    pending = list(session.scalars(select(Invitation).where(_pending(org), Invitation.invited_by == user_id)))
+    for invitation in pending:
+        if _updated(
+            session,
+            update(Invitation)
+            .where(Invitation.id == invitation.id, _pending(org))
+            .values(revoked_at=utcnow())
+            .execution_options(synchronize_session=False),
+        ):
+            audit.record(
+                session,
+                ctx,
+                "invitation.revoke",
+                org_id=org.id,
+                target_type="invitation",
+                target_id=invitation.id,
+                details={"email": invitation.email, "reason": "inviter_no_longer_admin"},
+            )
+
+
+def _inviter_is_admin(invitation: Invitation) -> Exists:
+    """SQL: whoever created the invitation is still an admin of its org."""
+    return (
+        select(Membership.user_id)
+        .where(
+            Membership.org_id == invitation.org_id,
+            Membership.user_id == invitation.invited_by,
+            Membership.role == Role.ADMIN,
+        )
+        .exists()
+    )
 
 
 def find_invitation(session: Session, user: User, raw: str) -> Invitation:
@@ -593,6 +651,9 @@ def find_invitation(session: Session, user: User, raw: str) -> Invitation:
         raise NotFoundError(INVITATION_NOT_FOUND)
     invitation = session.scalar(select(Invitation).where(Invitation.token_hash == _token_hash(raw)))
     if invitation is None or invitation_status(invitation) != "pending" or invitation.email != user.email:
+        raise NotFoundError(INVITATION_NOT_FOUND)
+    # An invitation speaks for the admin who made it: once they are no longer one, it is void.
+    if invitation.invited_by is None or not session.scalar(select(_inviter_is_admin(invitation))):
         raise NotFoundError(INVITATION_NOT_FOUND)
     return invitation
 
@@ -615,6 +676,7 @@ def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: st
             Invitation.accepted_at.is_(None),
             Invitation.revoked_at.is_(None),
             Invitation.expires_at > now,
+            _inviter_is_admin(invitation),
         )
         .values(accepted_at=now, accepted_by=user.id)
         .execution_options(synchronize_session=False),

@@ -162,6 +162,11 @@ def current_user_or_none() -> User | None:
 def start_session(user: User) -> None:
     """A fresh session on sign-in: a new server-side row; nothing (CSRF token included) survives from before."""
     lifetime = timedelta(seconds=current_app.config["LATCHKEY_SETTINGS"].session_lifetime_seconds)
+    # Signing in again (as anyone) ends the browser's previous session: a copy of the old
+    # cookie opens nothing afterwards.
+    previous = cookie.get("sid")
+    if isinstance(previous, str) and previous:
+        identity.end_web_session(session(), previous)
     _row, raw = identity.create_web_session(
         session(), user, lifetime, ip=request.remote_addr, user_agent=request.headers.get("User-Agent")
     )

@@ -7,12 +7,14 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
 from app.db import utcnow
+from app.errors import ConflictError
 from app.identity import service as identity
-from app.models import ApiToken, AuditEvent, Invitation
+from app.models import ApiToken, AuditEvent, Invitation, Membership
 from tests.factories import CTX, Caller, Factory
 
 # Tokens minted with tokens -----------------------------------------------------------------
@@ -280,3 +282,70 @@ def test_invitations_are_audited_without_their_tokens(admin: Caller, org: str, f
     for body in (accepted, revoked):
         assert body["token"] not in dumped
         assert body["token"].split("_", 1)[1][:16] not in dumped
+
+
+def _pending_ids(admin: Caller, org: str) -> set[str]:
+    return {i["id"] for i in admin.get(f"orgs/{org}/invitations").get_json()["items"]}
+
+
+def test_removing_or_demoting_an_admin_revokes_the_invitations_they_created(
+    admin: Caller, org: str, factory: Factory
+) -> None:
+    leaving, demoted = factory.user(org, "admin"), factory.user(org, "admin")
+    invitees = [factory.user() for _ in range(3)]
+    by_leaving = _invite(leaving, org, invitees[0].email)
+    by_demoted = _invite(demoted, org, invitees[1].email, "admin")
+    by_admin = _invite(admin, org, invitees[2].email)
+    assert admin.delete(f"orgs/{org}/members/{leaving.user_id}").status_code == 204
+    assert admin.patch(f"orgs/{org}/members/{demoted.user_id}", json={"role": "member"}).status_code == 200
+    assert _pending_ids(admin, org) == {by_admin["id"]}
+    for invitee, invitation in zip(invitees[:2], (by_leaving, by_demoted), strict=True):
+        refused = invitee.post("invitations/accept", json={"token": invitation["token"]})
+        assert refused.status_code == 404 and refused.get_json()["code"] == "not_found"
+        assert invitee.user_id not in _member_ids(admin, org)
+    assert invitees[2].post("invitations/accept", json={"token": by_admin["token"]}).status_code == 200
+    with factory.db.session() as s:
+        revokes = set(s.scalars(select(AuditEvent.target_id).where(AuditEvent.action == "invitation.revoke")))
+    assert {by_leaving["id"], by_demoted["id"]} <= revokes
+
+
+def test_an_invitation_whose_inviter_is_no_longer_an_admin_cannot_be_accepted(
+    admin: Caller, org: str, factory: Factory
+) -> None:
+    inviter, invitee = factory.user(org, "admin"), factory.user()
+    invitation = _invite(inviter, org, invitee.email, "admin")
+    # The role is taken away behind the service (no revocation ran): accept still checks it.
+    with factory.db.session() as s:
+        s.execute(
+            update(Membership)
+            .where(Membership.user_id == inviter.user_id, Membership.org_id == identity.get_org(s, org).id)
+            .values(role="member")
+        )
+    refused = invitee.post("invitations/accept", json={"token": invitation["token"]})
+    assert refused.status_code == 404 and refused.get_json()["code"] == "not_found"
+    assert invitee.user_id not in _member_ids(admin, org)
+
+
+def test_revoking_never_undoes_an_accept_it_raced(admin: Caller, org: str, factory: Factory) -> None:
+    invitee = factory.user()
+    invitation = _invite(admin, org, invitee.email)
+    assert factory.db.sessionmaker is not None
+    revoker = factory.db.sessionmaker()
+    try:
+        # The revoking request has already read the invitation (pending) when the accept commits.
+        found = identity.get_org(revoker, org)
+        seen = revoker.get(Invitation, invitation["id"])
+        assert seen is not None and seen.accepted_at is None
+        revoker.commit()
+        assert invitee.post("invitations/accept", json={"token": invitation["token"]}).status_code == 200
+        with pytest.raises(ConflictError):
+            identity.revoke_invitation(revoker, CTX, found, invitation["id"])
+        revoker.commit()
+    finally:
+        revoker.close()
+    with factory.db.session() as s:
+        row = s.get(Invitation, invitation["id"])
+        assert row is not None and row.accepted_at is not None and row.revoked_at is None
+    assert invitee.user_id in _member_ids(admin, org)
+    missing = admin.delete(f"orgs/{org}/invitations/00000000-0000-0000-0000-000000000000")
+    assert missing.status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from itsdangerous import URLSafeTimedSerializer
 from sqlalchemy import select, update
 from werkzeug.test import TestResponse
 
@@ -40,8 +42,7 @@ def test_sign_in_sets_an_http_only_same_site_cookie(ui_client: FlaskClient, fact
     token = csrf_of(ui_client.get("/login").get_data(as_text=True))
     resp = ui_client.post("/login", data={"email": user.email, "password": PASSWORD, "csrf_token": token})
     assert resp.status_code == 302
-    cookie = resp.headers["Set-Cookie"]
-    assert cookie.startswith("latchkey_session=")
+    (cookie,) = [c for c in resp.headers.getlist("Set-Cookie") if c.startswith("latchkey_session=")]
     assert "HttpOnly" in cookie
     assert "SameSite=Lax" in cookie
     assert "Secure" not in cookie  # test settings: plain http on loopback
@@ -190,6 +191,103 @@ def test_concurrent_guesses_are_counted_before_they_are_verified(
     assert sorted(statuses) == [401] * 10 + [429] * 10, statuses
 
 
+DEVICE_COOKIE = "latchkey_device"
+
+
+def _browser(application: Flask, device: str | None = None) -> FlaskClient:
+    """A fresh browser, optionally holding a known-device cookie from an earlier sign-in."""
+    client = application.test_client()
+    if device is not None:
+        client.set_cookie(DEVICE_COOKIE, device)
+    return client
+
+
+def _device_cookie_of(client: FlaskClient) -> str:
+    cookie = client.get_cookie(DEVICE_COOKIE)
+    assert cookie is not None
+    return cookie.value
+
+
+def test_sign_in_sets_a_signed_long_lived_known_device_cookie(settings: Settings, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    for env, name, secure in (("development", DEVICE_COOKIE, False), ("production", "__Host-latchkey-device", True)):
+        with _app_with(settings, env=env) as application:
+            resp = _login(application.test_client(), user.email, PASSWORD)
+            assert resp.status_code == 302
+            (header,) = [h for h in resp.headers.getlist("Set-Cookie") if h.startswith(f"{name}=")]
+            assert "HttpOnly" in header and "SameSite=Lax" in header and "Path=/" in header
+            assert ("Secure" in header) is secure and "Domain" not in header
+            assert f"Max-Age={settings.login_device_cookie_seconds}" in header
+            value = header.split(";", 1)[0].split("=", 1)[1]
+            data = URLSafeTimedSerializer(application.config["SECRET_KEY"], salt="latchkey/device-cookie").loads(value)
+            assert data["uid"] == user.user_id and data["email"] == user.email
+            # A failed sign-in makes no device known.
+            failed = _login(_browser(application), user.email, "wrong-password!")
+            assert failed.status_code == 401
+            assert not [h for h in failed.headers.getlist("Set-Cookie") if "device" in h]
+
+
+@pytest.mark.parametrize("ceiling", ["email", "address"])
+def test_a_known_device_is_not_locked_out_by_the_ceilings(
+    settings: Settings, factory: Factory, org: str, ceiling: str
+) -> None:
+    owner, other = person(factory, org), person(factory, org)
+    home = "203.0.113.40"
+    with _app_with(
+        settings, login_max_failures_per_email=3, login_max_failures_per_address=3, login_free_failures_per_pair=2
+    ) as application:
+        browser = _browser(application)
+        assert _login(browser, owner.email, PASSWORD, home).status_code == 302
+        device = _device_cookie_of(browser)
+        # An attacker fills the ceiling: one email from many addresses, or many emails from one address.
+        for i in range(3):
+            email, address = (
+                (owner.email, f"198.51.100.{40 + i}") if ceiling == "email" else (f"x{i}@example.test", home)
+            )
+            assert _login(_browser(application), email, "wrong-password!", address).status_code == 401
+        clean = "203.0.113.41" if ceiling == "email" else home
+        # Without the device cookie even the right password is refused ...
+        assert _login(_browser(application), owner.email, PASSWORD, clean).status_code == 429
+        # ... and so with a forged one, or one issued to another email.
+        assert _login(_browser(application, device + "x"), owner.email, PASSWORD, clean).status_code == 429
+        if ceiling == "address":
+            assert _login(_browser(application, device), other.email, PASSWORD, clean).status_code == 429
+        # The owner's browser is known: the ceilings do not apply to it.
+        assert _login(_browser(application, device), owner.email, PASSWORD, clean).status_code == 302
+        # It has its own per-(email, device) back-off: two failures lock that device.
+        for _ in range(2):
+            assert _login(_browser(application, device), owner.email, "wrong-password!", clean).status_code == 401
+        assert _login(_browser(application, device), owner.email, PASSWORD, clean).status_code == 429
+
+
+def test_ipv6_clients_are_counted_by_their_64_prefix(settings: Settings, factory: Factory, org: str) -> None:
+    user = person(factory, org)
+    with _app_with(settings, login_free_failures_per_pair=2) as application:
+        # Two failures from two addresses of one /64: that pair is now locked ...
+        for address in ("2001:db8:7:1::1", "2001:db8:7:1::2"):
+            assert _login(_browser(application), user.email, "wrong-password!", address).status_code == 401
+        assert _login(_browser(application), user.email, PASSWORD, "2001:db8:7:1:ffff::9").status_code == 429
+        # ... while the next /64 is another client.
+        assert _login(_browser(application), user.email, PASSWORD, "2001:db8:7:2::1").status_code == 302
+
+
+def test_limiter_keys_hold_an_hmac_of_the_email_not_its_hash(
+    ui_client: FlaskClient, factory: Factory, org: str
+) -> None:
+    user = person(factory, org)
+    application = ui_client.application
+    assert _login(ui_client, user.email, "wrong-password!", "198.51.100.61").status_code == 401
+    base = f"lk:rl:login:{application.config['LATCHKEY_SETTINGS'].queue}"
+    redis = application.extensions["latchkey.redis"]
+    keys = {k.decode() if isinstance(k, bytes) else k for k in redis.scan_iter(f"{base}:*")}
+    # SHA-256 of a guessed address would confirm it to anyone who can read Redis.
+    plain = hashlib.sha256(user.email.encode()).hexdigest()[:32]
+    assert keys and not any(plain in k for k in keys)
+    subkey = hmac.new(application.config["SECRET_KEY"].encode(), b"latchkey/login-limit", hashlib.sha256).digest()
+    keyed = hmac.new(subkey, user.email.encode(), hashlib.sha256).hexdigest()[:32]
+    assert f"{base}:email:{keyed}" in keys
+
+
 def test_sign_in_fails_closed_when_the_limiter_is_unavailable(settings: Settings, factory: Factory, org: str) -> None:
     user = person(factory, org)
     with _app_with(settings, redis_url="redis://127.0.0.1:1/0") as application:
@@ -249,6 +347,22 @@ def test_sign_out_ends_the_session_server_side(ui_client: FlaskClient, factory: 
     replay = _with_cookie(ui_client, copied).get(f"/orgs/{org}/secrets")
     assert replay.status_code == 302 and replay.headers["Location"].startswith("/login")
     assert all(r.revoked_at is not None for r in _sessions_of(factory, user.user_id))
+
+
+def test_signing_in_again_ends_the_previous_session(ui_client: FlaskClient, factory: Factory, org: str) -> None:
+    first, second = person(factory, org), person(factory, org)
+    token = client_sign_in(ui_client, first.email)
+    old = _cookie(ui_client)
+    # The same browser signs in again (here as someone else) without signing out first.
+    resp = ui_client.post("/login", data={"email": second.email, "password": PASSWORD, "csrf_token": token})
+    assert resp.status_code == 302
+    assert ui_client.get(f"/orgs/{org}/secrets").status_code == 200
+    replay = _with_cookie(ui_client, old).get(f"/orgs/{org}/secrets")
+    assert replay.status_code == 302 and replay.headers["Location"].startswith("/login")
+    (row,) = _sessions_of(factory, first.user_id)
+    assert row.revoked_at is not None
+    (current,) = _sessions_of(factory, second.user_id)
+    assert current.revoked_at is None
 
 
 def test_a_session_ends_at_its_absolute_expiry(ui_client: FlaskClient, factory: Factory, org: str) -> None:
