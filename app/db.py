@@ -210,6 +210,11 @@ def bulk_update(session: Session, table: Table, rows: list[dict[str, Any]], key:
     session.execute(text(f"DROP TABLE {q(scratch)}"))
 
 
+def updated(session: Session, stmt: Any) -> int:
+    """Run an UPDATE (or DELETE); how many rows it changed."""
+    return int(getattr(session.execute(stmt), "rowcount", 0) or 0)
+
+
 def flush_or_raise(session: Session, error: Exception) -> None:
     """Flush inside a savepoint; a constraint violation raises ``error`` instead.
 

@@ -7,17 +7,17 @@ import re
 import secrets as _random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import ColumnElement, CursorResult, Exists, Update, func, select, update
+from sqlalchemy import ColumnElement, Exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.context import RequestContext
-from app.db import utcnow
+from app.db import updated, utcnow
 from app.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationFailedError
 from app.models import ApiToken, Invitation, Membership, Org, Role, User, WebSession
 
@@ -247,12 +247,6 @@ def orgs_of(session: Session, user: User) -> list[OrgAccess]:
 # API tokens ------------------------------------------------------------------------------
 
 
-def _updated(session: Session, stmt: Update) -> int:
-    """Run an UPDATE; how many rows it changed."""
-    result = cast("CursorResult[Any]", session.execute(stmt))
-    return int(result.rowcount or 0)
-
-
 def _token_hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -352,7 +346,7 @@ def revoke_token(session: Session, ctx: RequestContext, user: User, token_id: st
                 break
             level = list(session.scalars(select(ApiToken.id).where(ApiToken.parent_id.in_(level))))
             if level:
-                descendants += _updated(
+                descendants += updated(
                     session,
                     update(ApiToken)
                     .where(ApiToken.id.in_(level), ApiToken.revoked_at.is_(None))
@@ -450,7 +444,7 @@ def touch_web_session(session: Session, web: WebSession) -> bool:
 
 def end_web_session(session: Session, raw: str) -> None:
     """Sign-out: the row is revoked, so a copy of the cookie no longer opens anything."""
-    _updated(
+    updated(
         session,
         update(WebSession)
         .where(WebSession.token_hash == _token_hash(raw), WebSession.revoked_at.is_(None))
@@ -471,7 +465,7 @@ def list_web_sessions(session: Session, user: User) -> list[WebSession]:
 
 def revoke_sessions(session: Session, ctx: RequestContext, user: User) -> int:
     """Sign out everywhere: every live web session of the user is revoked (API tokens are not)."""
-    count = _updated(
+    count = updated(
         session,
         update(WebSession)
         .where(WebSession.user_id == user.id, WebSession.revoked_at.is_(None))
@@ -499,6 +493,11 @@ class NewInvitation:
     token: str
 
 
+def _pending(org: Org) -> ColumnElement[bool]:
+    """The WHERE clause of an org's invitations that are neither accepted nor revoked."""
+    return (Invitation.org_id == org.id) & Invitation.accepted_at.is_(None) & Invitation.revoked_at.is_(None)
+
+
 def invite(session: Session, ctx: RequestContext, org: Org, email: str, role: str, ttl: timedelta) -> NewInvitation:
     """Offer membership to an email address; the same answer whether or not it has an account.
 
@@ -508,15 +507,10 @@ def invite(session: Session, ctx: RequestContext, org: Org, email: str, role: st
     email = normalize_email(email)
     parsed = _parse_role(role)
     now = utcnow()
-    _updated(
+    updated(
         session,
         update(Invitation)
-        .where(
-            Invitation.org_id == org.id,
-            Invitation.email == email,
-            Invitation.accepted_at.is_(None),
-            Invitation.revoked_at.is_(None),
-        )
+        .where(_pending(org), Invitation.email == email)
         .values(revoked_at=now)
         .execution_options(synchronize_session=False),
     )
@@ -558,20 +552,10 @@ def list_invitations(session: Session, org: Org) -> list[Invitation]:
     return list(
         session.scalars(
             select(Invitation)
-            .where(
-                Invitation.org_id == org.id,
-                Invitation.accepted_at.is_(None),
-                Invitation.revoked_at.is_(None),
-                Invitation.expires_at > utcnow(),
-            )
+            .where(_pending(org), Invitation.expires_at > utcnow())
             .order_by(Invitation.created_at.desc(), Invitation.id)
         )
     )
-
-
-def _pending(org: Org) -> ColumnElement[bool]:
-    """The WHERE clause of an org's invitations that are neither accepted nor revoked."""
-    return (Invitation.org_id == org.id) & Invitation.accepted_at.is_(None) & Invitation.revoked_at.is_(None)
 
 
 def revoke_invitation(session: Session, ctx: RequestContext, org: Org, invitation_id: str) -> Invitation:
@@ -580,24 +564,29 @@ def revoke_invitation(session: Session, ctx: RequestContext, org: Org, invitatio
     Nothing changed: an accepted invitation is a conflict, an unknown one not found, and an
     already revoked one stays revoked (idempotent, not audited again).
     """
-    revoked = _updated(
-        session,
-        update(Invitation)
-        .where(Invitation.id == invitation_id, _pending(org))
-        .values(revoked_at=utcnow())
-        .execution_options(synchronize_session=False),
-    )
-    invitation = session.scalar(
-        select(Invitation)
-        .where(Invitation.id == invitation_id, Invitation.org_id == org.id)
-        .execution_options(populate_existing=True)
-    )
+    stmt = select(Invitation).where(Invitation.id == invitation_id, Invitation.org_id == org.id)
+    invitation = session.scalar(stmt)
     if invitation is None:
         raise NotFoundError("invitation not found")
-    if not revoked:
-        if invitation.accepted_at is not None:
-            raise ConflictError("the invitation was already accepted; remove the member instead")
-        return invitation
+    revoked = _revoke_pending(session, ctx, org, invitation)
+    # Re-read: the row as the conditional UPDATE left it, or as a concurrent accept did.
+    invitation = session.scalar(stmt.execution_options(populate_existing=True))
+    assert invitation is not None
+    if not revoked and invitation.accepted_at is not None:
+        raise ConflictError("the invitation was already accepted; remove the member instead")
+    return invitation
+
+
+def _revoke_pending(session: Session, ctx: RequestContext, org: Org, invitation: Invitation, **details: Any) -> bool:
+    """Revoke ``invitation`` if it is still pending (one conditional UPDATE) and audit it; False otherwise."""
+    if not updated(
+        session,
+        update(Invitation)
+        .where(Invitation.id == invitation.id, _pending(org))
+        .values(revoked_at=utcnow())
+        .execution_options(synchronize_session=False),
+    ):
+        return False
     audit.record(
         session,
         ctx,
@@ -605,31 +594,16 @@ def revoke_invitation(session: Session, ctx: RequestContext, org: Org, invitatio
         org_id=org.id,
         target_type="invitation",
         target_id=invitation.id,
-        details={"email": invitation.email},
+        details={"email": invitation.email, **details},
     )
-    return invitation
+    return True
 
 
 def _revoke_invitations_by(session: Session, ctx: RequestContext, org: Org, user_id: str) -> None:
     """An admin leaves or is demoted: the pending invitations they created die with their role."""
     pending = list(session.scalars(select(Invitation).where(_pending(org), Invitation.invited_by == user_id)))
     for invitation in pending:
-        if _updated(
-            session,
-            update(Invitation)
-            .where(Invitation.id == invitation.id, _pending(org))
-            .values(revoked_at=utcnow())
-            .execution_options(synchronize_session=False),
-        ):
-            audit.record(
-                session,
-                ctx,
-                "invitation.revoke",
-                org_id=org.id,
-                target_type="invitation",
-                target_id=invitation.id,
-                details={"email": invitation.email, "reason": "inviter_no_longer_admin"},
-            )
+        _revoke_pending(session, ctx, org, invitation, reason="inviter_no_longer_admin")
 
 
 def _inviter_is_admin(invitation: Invitation) -> Exists:
@@ -668,7 +642,7 @@ def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: st
     """
     invitation = find_invitation(session, user, raw)
     now = utcnow()
-    claimed = _updated(
+    claimed = updated(
         session,
         update(Invitation)
         .where(

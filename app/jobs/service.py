@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.context import RequestContext
-from app.db import Database, UTCDateTime, new_id, utcnow
+from app.db import Database, UTCDateTime, new_id, updated, utcnow
 from app.errors import BrokerUnavailableError, NotFoundError
 from app.models import Job, JobStatus
 
@@ -182,12 +182,14 @@ def _held(job_id: str, worker_id: str) -> Any:
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
     """Extend the lease while ``worker_id`` still holds the running job; False once it does not."""
     now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(_held(job_id, worker_id))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+    return bool(
+        updated(
+            session,
+            update(Job)
+            .where(_held(job_id, worker_id))
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now),
+        )
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def hold(session: Session, job_id: str, worker_id: str) -> bool:
@@ -204,12 +206,14 @@ def hold(session: Session, job_id: str, worker_id: str) -> bool:
 
 def release(session: Session, job_id: str, worker_id: str) -> bool:
     """Give a held job back to ``queued`` (a retry is coming); False when it was not held."""
-    result = session.execute(
-        update(Job)
-        .where(_held(job_id, worker_id))
-        .values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=utcnow())
+    return bool(
+        updated(
+            session,
+            update(Job)
+            .where(_held(job_id, worker_id))
+            .values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=utcnow()),
+        )
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def touch(session: Session, job_id: str) -> None:
@@ -232,12 +236,14 @@ _UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 def _finish(session: Session, job_id: str, status: JobStatus, lease: str | None, **values: Any) -> bool:
     now = utcnow()
     where = _held(job_id, lease) if lease is not None else and_(Job.id == job_id, Job.status.in_(_UNFINISHED))
-    result = session.execute(
-        update(Job)
-        .where(where)
-        .values(status=status.value, finished_at=now, updated_at=now, lease_expires_at=None, **values)
+    return bool(
+        updated(
+            session,
+            update(Job)
+            .where(where)
+            .values(status=status.value, finished_at=now, updated_at=now, lease_expires_at=None, **values),
+        )
     )
-    return bool(getattr(result, "rowcount", 0))
 
 
 def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None, *, lease: str | None = None) -> bool:
@@ -302,13 +308,14 @@ def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta
     for job_id, kind, attempts in rows:
         base = update(Job).where(Job.id == job_id, _lapsed(now, legacy_after), Job.attempts == attempts)
         if attempts < max_attempts:
-            result = session.execute(
-                base.values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=now)
-            )
-            if getattr(result, "rowcount", 0):
+            if updated(
+                session,
+                base.values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=now),
+            ):
                 requeued.append(Publication(job_id, kind))
         else:
-            result = session.execute(
+            if updated(
+                session,
                 base.values(
                     status=JobStatus.FAILED.value,
                     lease_expires_at=None,
@@ -316,9 +323,8 @@ def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta
                     error_message=f"the worker running this job stopped responding ({attempts} attempts)",
                     finished_at=now,
                     updated_at=now,
-                )
-            )
-            if getattr(result, "rowcount", 0):
+                ),
+            ):
                 lost.append(job_id)
     # Queued jobs that can never be claimed again (the cap was lowered under them) end here
     # too, instead of being re-sent by requeue_stuck forever.

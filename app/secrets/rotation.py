@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import Table, and_, func, select, update
 from sqlalchemy.engine import Row
 
-from app.db import Database
+from app.db import Database, updated
 from app.models import Secret
 from app.secrets.keyring import Keyring
 from app.secrets.sealing import CiphertextError, open_sealed, seal, secret_context
@@ -188,10 +188,8 @@ def _reseal_column(
                     key == old_kid,
                     *(t.c[g] == m[g] for g in col.guards),
                 )
-                result = s.execute(
-                    update(t).where(guard).values({col.column: sealed.ciphertext, col.key_column: sealed.key_id})
-                )
-                if getattr(result, "rowcount", 0) == 1:
+                values = {col.column: sealed.ciphertext, col.key_column: sealed.key_id}
+                if updated(s, update(t).where(guard).values(values)) == 1:
                     report.resealed += 1
                 else:
                     report.changed += 1
