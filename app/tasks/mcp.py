@@ -41,7 +41,13 @@ class Snapshot:
     legacy_token: str | None
 
     def matches(self, server: McpServer) -> bool:
-        return (server.url, server.transport, server.secret_ref) == (self.url, self.transport, self.secret_ref)
+        """The server still is where this validation connected (one definition: ``destination``)."""
+        return mcp_service.destination(server) == {
+            "server_id": self.server_id,
+            "url": self.url,
+            "transport": self.transport,
+            "secret_ref": self.secret_ref,
+        }
 
 
 def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
