@@ -11,9 +11,10 @@ from app.agents import service as agents
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.jobs import job_out
-from app.api.schemas import JobOut, ListQuery, Strict
-from app.identity import service as identity
+from app.api.schemas import JobOut, ListQuery
+from app.identity.access import org_access as access_of
 from app.models import Agent, AgentRun
+from app.schemas import Strict
 
 TAGS = ["agents"]
 
@@ -123,7 +124,7 @@ def _one(agent: Agent) -> AgentOut:
 @route(bp, "/orgs/<org>/agents", "GET", query=ListQuery, response=AgentList, tags=TAGS, errors=[401, 404])
 def list_agents(org: str, query: ListQuery) -> AgentList:
     """List the org's agents."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     page = agents.list_agents(session(), access.org, limit=query.limit, cursor=query.cursor)
     tools = agents.tools_of(session(), [a.id for a in page.items])
     return AgentList(items=[agent_out(a, tools[a.id]) for a in page.items], next_cursor=page.next_cursor)
@@ -142,14 +143,14 @@ def list_agents(org: str, query: ListQuery) -> AgentList:
 )
 def create_agent(org: str, body: AgentCreate) -> Result:
     """Create an agent: a provider of this org and tools of valid MCP servers."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return Result(_one(agents.create_agent(session(), request_context(), access.org, _fields(body))), 201)
 
 
 @route(bp, "/orgs/<org>/agents/<agent_id>", "GET", response=AgentOut, tags=TAGS, errors=[401, 404])
 def get_agent(org: str, agent_id: str) -> AgentOut:
     """One agent."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return _one(agents.get_agent(session(), access.org, agent_id))
 
 
@@ -164,14 +165,14 @@ def get_agent(org: str, agent_id: str) -> AgentOut:
 )
 def update_agent(org: str, agent_id: str, body: AgentUpdate) -> AgentOut:
     """Edit an agent (its tools are replaced when given)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return _one(agents.update_agent(session(), request_context(), access.org, agent_id, _fields(body)))
 
 
 @route(bp, "/orgs/<org>/agents/<agent_id>", "DELETE", status=204, tags=TAGS, errors=[401, 404])
 def delete_agent(org: str, agent_id: str) -> None:
     """Delete an agent and its runs."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     agents.delete_agent(session(), request_context(), access.org, agent_id)
 
 
@@ -187,7 +188,7 @@ def delete_agent(org: str, agent_id: str) -> None:
 )
 def start_run(org: str, agent_id: str, body: RunCreate) -> Result:
     """Start a run; poll the run (or its job) for events and the output."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     run, job = agents.start_run(session(), request_context(), access.org, agent_id, body.input)
     return Result(RunAccepted(run=run_out(run), job=job_out(job)), 202)
 
@@ -195,5 +196,5 @@ def start_run(org: str, agent_id: str, body: RunCreate) -> Result:
 @route(bp, "/orgs/<org>/runs/<run_id>", "GET", response=RunOut, tags=TAGS, errors=[401, 404])
 def get_run(org: str, run_id: str) -> RunOut:
     """A run: status, ordered events, output and usage (secrets masked)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return run_out(agents.get_run(session(), access.org, run_id))

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from app.api import bp
 from app.api.framework import current_user, route, session
 from app.api.schemas import AuditEventList, AuditEventOut, AuditQuery, Ref
-from app.identity import service as identity
+from app.identity.access import org_access as access_of
 from app.models import AuditEvent
 from app.pagination import paginate
 
@@ -23,7 +23,7 @@ from app.pagination import paginate
 )
 def list_audit_events(org: str, query: AuditQuery) -> AuditEventList:
     """List the org's audit events, newest first (org admin)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     stmt = select(AuditEvent).where(AuditEvent.chain == access.org.id)
     if query.action:

@@ -40,6 +40,7 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.identity import service as identity
+from app.identity.access import OrgRole, org_access
 from app.models import IdempotencyKey, User
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -68,6 +69,7 @@ class RouteSpec:
     idempotent: bool = False
     headers: list[str] = field(default_factory=list)
     body_required: bool = True
+    org_role: OrgRole | None = None
 
     def all_errors(self) -> list[int]:
         """The statuses this operation can answer with: the handler's own, plus the framework's.
@@ -78,7 +80,7 @@ class RouteSpec:
         codes = set(self.errors)
         if self.auth != "none":
             codes.add(401)
-        if self.auth == "operator":
+        if self.auth == "operator" or self.org_role == "admin":
             codes.add(403)
         if "<" in self.rule:
             codes.add(404)  # a path parameter that names nothing (or cannot name anything)
@@ -319,13 +321,20 @@ def route(
     idempotent: bool = False,
     headers: list[str] | None = None,
     body_required: bool = True,
+    org_role: OrgRole | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a JSON endpoint. ``auth`` is ``"user"``, ``"operator"`` or ``"none"``.
 
     The handler receives the path parameters, then ``body=`` and ``query=`` when declared,
     and returns a model, plain data, a :class:`Result` or ``None`` (204). With
     ``body_required=False`` an empty body is allowed and the handler gets ``body=None``.
+
+    ``org_role`` (``"member"`` or ``"admin"``) on a rule with ``<org>``: the caller's
+    :class:`~app.identity.access.OrgAccess` replaces the ``org`` parameter as ``access=``; an
+    org they are not in is 404, too low a role 403. Services check their own rule as well.
     """
+    if org_role is not None and "<org>" not in rule:
+        raise ValueError(f"org_role needs an <org> path parameter: {rule}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         summary = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
@@ -347,6 +356,7 @@ def route(
                 idempotent=idempotent,
                 headers=headers or [],
                 body_required=body_required,
+                org_role=org_role,
             )
         )
 
@@ -363,6 +373,10 @@ def route(
                     if auth == "operator" and not user.is_operator:
                         raise ForbiddenError("this action is for instance operators")
                 kwargs: dict[str, Any] = dict(path)
+                if org_role is not None:
+                    access = org_access(s, current_user(), kwargs.pop("org"))
+                    access.require(org_role)
+                    kwargs["access"] = access
                 if query is not None:
                     kwargs["query"] = parse_query(query)
                 if body is not None:

@@ -25,6 +25,8 @@ from app.api.schemas import (
     TokenOut,
 )
 from app.identity import service as identity
+from app.identity.access import org_access as access_of
+from app.identity.access import orgs_of
 from app.models import ApiToken, Invitation
 
 
@@ -56,7 +58,7 @@ def _invitation_out(i: Invitation) -> InvitationOut:
 def me() -> MeOut:
     """Who the token belongs to, and their orgs and roles."""
     user = current_user()
-    orgs = [OrgRef(slug=a.org.slug, name=a.org.name, role=a.role.value) for a in identity.orgs_of(session(), user)]
+    orgs = [OrgRef(slug=a.org.slug, name=a.org.name, role=a.role.value) for a in orgs_of(session(), user)]
     return MeOut(id=user.id, email=user.email, is_operator=user.is_operator, orgs=orgs)
 
 
@@ -99,7 +101,7 @@ def revoke_token(token_id: str) -> None:
 
 
 def _member_list(org: str) -> MemberList:
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return MemberList(
         items=[
             MemberOut(user_id=u.id, email=u.email, role=m.role, created_at=m.created_at)
@@ -136,7 +138,7 @@ def add_member(org: str, body: MemberAdd) -> Result:
     The answer is the same whether or not the address has an account. The accept token is
     shown once, in this response; there is no mail delivery, so the admin hands it over.
     """
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     ttl = timedelta(seconds=current_app.config["LATCHKEY_SETTINGS"].invitation_ttl_seconds)
     new = identity.invite(session(), request_context(), access.org, body.email, body.role, ttl)
@@ -151,7 +153,7 @@ def add_member(org: str, body: MemberAdd) -> Result:
 @route(bp, "/orgs/<org>/invitations", "GET", response=InvitationList, tags=["identity"], errors=[401, 403, 404])
 def list_invitations(org: str) -> InvitationList:
     """The org's pending invitations (org admin); never their tokens."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     return InvitationList(items=[_invitation_out(i) for i in identity.list_invitations(session(), access.org)])
 
@@ -166,7 +168,7 @@ def list_invitations(org: str) -> InvitationList:
 )
 def revoke_invitation(org: str, invitation_id: str) -> None:
     """Revoke a pending invitation (org admin); an accepted one is 409 (remove the member instead)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     identity.revoke_invitation(session(), request_context(), access.org, invitation_id)
 
@@ -200,7 +202,7 @@ def accept_invitation(body: InvitationAccept) -> OrgRef:
 )
 def update_member(org: str, user_id: str, body: MemberUpdate) -> MemberOut:
     """Change a member's role (org admin); the last admin cannot be demoted."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     member = identity.get_member(session(), access.org, user_id)
     m = identity.add_member(session(), request_context(), access.org, member, body.role)
@@ -210,6 +212,6 @@ def update_member(org: str, user_id: str, body: MemberUpdate) -> MemberOut:
 @route(bp, "/orgs/<org>/members/<user_id>", "DELETE", status=204, tags=["identity"], errors=[401, 403, 404, 409])
 def remove_member(org: str, user_id: str) -> None:
     """Remove a member from the org (org admin); the last admin cannot leave."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     identity.remove_member(session(), request_context(), access.org, user_id)

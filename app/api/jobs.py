@@ -10,13 +10,14 @@ from werkzeug.routing import BaseConverter
 
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
-from app.api.schemas import JobAccepted, JobError, JobOut, Progress, Strict
+from app.api.schemas import JobAccepted, JobError, JobOut, Progress
 from app.backfill import service as backfill_service
 from app.backfill.service import BACKFILL_TASK
 from app.backfill.verify import VERIFY_TASK
-from app.identity import service as identity
+from app.identity.access import org_access as access_of
 from app.jobs import service as jobs
 from app.models import Job
+from app.schemas import Strict
 from app.secrets import rotation
 
 
@@ -43,7 +44,7 @@ def accepted(job: Job) -> Result:
 @route(bp, "/orgs/<org>/jobs/<job_id>", "GET", response=JobOut, tags=["jobs"], errors=[401, 404])
 def get_org_job(org: str, job_id: str) -> JobOut:
     """A job of the org: status, progress, result (never a secret) and error."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return job_out(jobs.get_job(session(), access.org.id, job_id))
 
 

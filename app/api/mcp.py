@@ -10,10 +10,11 @@ from pydantic import BaseModel, Field
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.jobs import job_out
-from app.api.schemas import JobAccepted, JobOut, ListQuery, Strict
-from app.identity import service as identity
+from app.api.schemas import JobAccepted, JobOut, ListQuery
+from app.identity.access import org_access as access_of
 from app.mcp import service as mcp
 from app.models import Job, McpServer
+from app.schemas import Strict
 
 TAGS = ["mcp"]
 
@@ -100,7 +101,7 @@ def _with_job(server: McpServer, job: Job | None) -> McpServerWithJob:
 @route(bp, "/orgs/<org>/mcp-servers", "GET", query=ListQuery, response=McpServerList, tags=TAGS, errors=[401, 404])
 def list_mcp_servers(org: str, query: ListQuery) -> McpServerList:
     """List the org's MCP servers and their validation status."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     page = mcp.list_servers(session(), access.org, limit=query.limit, cursor=query.cursor)
     return McpServerList(items=[server_out(s) for s in page.items], next_cursor=page.next_cursor)
 
@@ -118,7 +119,7 @@ def list_mcp_servers(org: str, query: ListQuery) -> McpServerList:
 )
 def create_mcp_server(org: str, body: McpServerCreate) -> Result:
     """Add an MCP server (binding a secret needs an org admin) and queue its validation."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     server, job = mcp.create_server(session(), request_context(), access, _fields(body))
     return Result(_with_job(server, job), 201)
 
@@ -126,7 +127,7 @@ def create_mcp_server(org: str, body: McpServerCreate) -> Result:
 @route(bp, "/orgs/<org>/mcp-servers/<server_id>", "GET", response=McpServerOut, tags=TAGS, errors=[401, 404])
 def get_mcp_server(org: str, server_id: str) -> McpServerOut:
     """One MCP server with its status and last validation error."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return server_out(mcp.get_server(session(), access.org, server_id))
 
 
@@ -141,7 +142,7 @@ def get_mcp_server(org: str, server_id: str) -> McpServerOut:
 )
 def update_mcp_server(org: str, server_id: str, body: McpServerUpdate) -> McpServerWithJob:
     """Edit a server; a new URL, transport or secret re-validates it (admin when a secret is involved)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     server, job = mcp.update_server(session(), request_context(), access, server_id, _fields(body))
     return _with_job(server, job)
 
@@ -149,7 +150,7 @@ def update_mcp_server(org: str, server_id: str, body: McpServerUpdate) -> McpSer
 @route(bp, "/orgs/<org>/mcp-servers/<server_id>", "DELETE", status=204, tags=TAGS, errors=[401, 403, 404])
 def delete_mcp_server(org: str, server_id: str) -> None:
     """Delete a server and its tool list (admin when a secret is bound)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     mcp.delete_server(session(), request_context(), access, server_id)
 
 
@@ -166,14 +167,14 @@ def validate_mcp_server(org: str, server_id: str) -> Result:
     """Queue a validation: initialize + tools/list with the bound secret."""
     from app.api.jobs import accepted
 
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return accepted(mcp.request_validation(session(), request_context(), access, server_id))
 
 
 @route(bp, "/orgs/<org>/mcp-servers/<server_id>/tools", "GET", response=ToolList, tags=TAGS, errors=[401, 404])
 def list_mcp_tools(org: str, server_id: str) -> ToolList:
     """The tools the server listed at its last successful validation."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     tools = mcp.list_tools(session(), access.org, server_id)
     return ToolList(items=[ToolOut(name=t.name, description=t.description, input_schema=t.input_schema) for t in tools])
 

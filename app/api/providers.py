@@ -9,10 +9,11 @@ from pydantic import BaseModel, Field
 
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
-from app.api.schemas import ListQuery, Strict
-from app.identity import service as identity
+from app.api.schemas import ListQuery
+from app.identity.access import org_access as access_of
 from app.models import Provider
 from app.providers import service as providers
+from app.schemas import Strict
 
 TAGS = ["providers"]
 
@@ -73,7 +74,7 @@ def provider_out(p: Provider) -> ProviderOut:
 @route(bp, "/orgs/<org>/providers", "GET", query=ListQuery, response=ProviderList, tags=TAGS, errors=[401, 404])
 def list_providers(org: str, query: ListQuery) -> ProviderList:
     """List the org's provider catalog."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     page = providers.list_providers(session(), access.org, limit=query.limit, cursor=query.cursor)
     return ProviderList(items=[provider_out(p) for p in page.items], next_cursor=page.next_cursor)
 
@@ -91,7 +92,7 @@ def list_providers(org: str, query: ListQuery) -> ProviderList:
 )
 def create_provider(org: str, body: ProviderCreate) -> Result:
     """Add a provider (org admin): type, model, and the secret holding its key."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     fields = {name: getattr(body, name) for name in body.model_fields_set}
     return Result(provider_out(providers.create_provider(session(), request_context(), access.org, fields)), 201)
@@ -100,7 +101,7 @@ def create_provider(org: str, body: ProviderCreate) -> Result:
 @route(bp, "/orgs/<org>/providers/<provider_id>", "GET", response=ProviderOut, tags=TAGS, errors=[401, 404])
 def get_provider(org: str, provider_id: str) -> ProviderOut:
     """One provider."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     return provider_out(providers.get_provider(session(), access.org, provider_id))
 
 
@@ -115,7 +116,7 @@ def get_provider(org: str, provider_id: str) -> ProviderOut:
 )
 def update_provider(org: str, provider_id: str, body: ProviderUpdate) -> ProviderOut:
     """Edit a provider (org admin)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     fields = {name: getattr(body, name) for name in body.model_fields_set}
     return provider_out(providers.update_provider(session(), request_context(), access.org, provider_id, fields))
@@ -124,6 +125,6 @@ def update_provider(org: str, provider_id: str, body: ProviderUpdate) -> Provide
 @route(bp, "/orgs/<org>/providers/<provider_id>", "DELETE", status=204, tags=TAGS, errors=[401, 403, 404, 409])
 def delete_provider(org: str, provider_id: str) -> None:
     """Delete a provider no agent uses (org admin)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     providers.delete_provider(session(), request_context(), access.org, provider_id)

@@ -16,7 +16,7 @@ from app.api.schemas import (
     SecretUserOut,
 )
 from app.errors import RateLimitedError, ServiceUnavailableError
-from app.identity import service as identity
+from app.identity.access import org_access as access_of
 from app.models import Org, Secret
 from app.secrets import reveal as reveals
 from app.secrets import service as secrets
@@ -58,7 +58,7 @@ def _etag(secret: Secret) -> dict[str, str]:
 @route(bp, "/orgs/<org>/secrets", "GET", query=ListQuery, response=SecretList, tags=TAGS, errors=[401, 404])
 def list_secrets(org: str, query: ListQuery) -> SecretList:
     """List the org's secrets (metadata only, never values)."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     page = secrets.list_secrets(session(), access.org, limit=query.limit, cursor=query.cursor)
     users = secrets.used_by(session(), access.org.id, [s.id for s in page.items])
     return SecretList(items=[secret_out(s, users.get(s.id, [])) for s in page.items], next_cursor=page.next_cursor)
@@ -77,7 +77,7 @@ def list_secrets(org: str, query: ListQuery) -> SecretList:
 )
 def create_secret(org: str, body: SecretCreate) -> Result:
     """Create a secret (org admin). The value is sealed at once and never returned."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     secret = secrets.create_secret(
         session(),
@@ -95,7 +95,7 @@ def create_secret(org: str, body: SecretCreate) -> Result:
 @route(bp, "/orgs/<org>/secrets/<secret_id>", "GET", response=SecretOut, tags=TAGS, errors=[401, 404])
 def get_secret(org: str, secret_id: str) -> Result:
     """Get a secret's metadata; the ETag is its version."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     secret = secrets.get_secret(session(), access.org, secret_id)
     users = secrets.used_by(session(), access.org.id, [secret.id]).get(secret.id, [])
     return Result(secret_out(secret, users), headers=_etag(secret))
@@ -113,7 +113,7 @@ def get_secret(org: str, secret_id: str) -> Result:
 )
 def update_secret(org: str, secret_id: str, body: SecretUpdate) -> Result:
     """Edit a secret (org admin); a new value bumps the version. Honours If-Match."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     changes = {name: getattr(body, name) for name in body.model_fields_set}
     secret = secrets.update_secret(
@@ -132,7 +132,7 @@ def update_secret(org: str, secret_id: str, body: SecretUpdate) -> Result:
 @route(bp, "/orgs/<org>/secrets/<secret_id>", "DELETE", status=204, tags=TAGS, errors=[401, 403, 404, 409])
 def delete_secret(org: str, secret_id: str) -> None:
     """Delete a secret (org admin); refused with 409 while anything references it."""
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     secrets.delete_secret(session(), request_context(), access.org, secret_id)
 
@@ -179,7 +179,7 @@ def reveal_secret(org: str, secret_id: str) -> Result:
     ``Retry-After`` over the per-user limit or a limit the worker enforces itself (per user,
     org, instance), 403 ``reveal_disabled`` when the workers' configuration turns reveal off.
     """
-    access = identity.org_access(session(), current_user(), org)
+    access = access_of(session(), current_user(), org)
     access.require_admin()
     try:
         revealed = reveal_now(access.org, secret_id)

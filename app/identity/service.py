@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import updated, utcnow
-from app.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, ValidationFailedError
+from app.errors import ConflictError, NotFoundError, UnauthorizedError, ValidationFailedError
 from app.models import ApiToken, Invitation, Membership, Org, Role, User, WebSession
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -206,42 +206,6 @@ def list_members(session: Session, org: Org) -> list[tuple[Membership, User]]:
         .order_by(User.email)
     ).all()
     return [(m, u) for m, u in rows]
-
-
-@dataclass(frozen=True)
-class OrgAccess:
-    org: Org
-    role: Role
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role is Role.ADMIN
-
-    def require_admin(self) -> None:
-        if not self.is_admin:
-            raise ForbiddenError("this action needs the org admin role")
-
-
-def org_access(session: Session, user: User, slug: str) -> OrgAccess:
-    """The caller's role in an org; an org they do not belong to is simply not found."""
-    row = session.execute(
-        select(Org, Membership.role)
-        .join(Membership, Membership.org_id == Org.id)
-        .where(Org.slug == slug, Membership.user_id == user.id)
-    ).first()
-    if row is None:
-        raise NotFoundError("org not found")
-    return OrgAccess(row[0], Role(row[1]))
-
-
-def orgs_of(session: Session, user: User) -> list[OrgAccess]:
-    rows = session.execute(
-        select(Org, Membership.role)
-        .join(Membership, Membership.org_id == Org.id)
-        .where(Membership.user_id == user.id)
-        .order_by(Org.slug)
-    ).all()
-    return [OrgAccess(o, Role(r)) for o, r in rows]
 
 
 # API tokens ------------------------------------------------------------------------------

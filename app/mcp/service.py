@@ -19,7 +19,7 @@ from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.egress.urls import UrlError, check_http_url
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
-from app.identity.service import OrgAccess
+from app.identity.access import OrgAccess
 from app.jobs import service as jobs
 from app.mcp.client import TRANSPORTS, ToolInfo
 from app.models import Job, McpServer, McpTool, Org

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app.agents import service as agents
 from app.api.framework import request_context
 from app.errors import NotFoundError, ValidationFailedError
-from app.identity.service import OrgAccess
+from app.identity.access import OrgAccess
 from app.mcp import service as mcp
 from app.models import Agent, AgentRun, McpTool
 from app.providers import service as providers
@@ -62,7 +62,7 @@ def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> 
     )
 
 
-@page("/orgs/<org>/agents")
+@page("/orgs/<org>/agents", org_role="member")
 def list_agents(access: OrgAccess) -> str:
     """The org's agents."""
     items = agents.list_agents(db(), access.org, limit=200, cursor=None).items
@@ -72,7 +72,7 @@ def list_agents(access: OrgAccess) -> str:
     )
 
 
-@page("/orgs/<org>/agents/new", ["GET", "POST"])
+@page("/orgs/<org>/agents/new", ["GET", "POST"], org_role="member")
 def new_agent(access: OrgAccess) -> Any:
     """Create an agent (any member): a provider of this org and tools of valid MCP servers."""
     if request.method == "GET":
@@ -103,7 +103,7 @@ def _run_of(access: OrgAccess, agent: Agent, run_id: str | None) -> AgentRun | N
     return run
 
 
-@page("/orgs/<org>/agents/<agent_id>")
+@page("/orgs/<org>/agents/<agent_id>", org_role="member")
 def agent_detail(access: OrgAccess, agent_id: str) -> str:
     """An agent: its settings and tools, a form to start a run, and the run's events as they arrive."""
     agent = agents.get_agent(db(), access.org, agent_id)
@@ -122,7 +122,7 @@ def agent_detail(access: OrgAccess, agent_id: str) -> str:
     )
 
 
-@page("/orgs/<org>/agents/<agent_id>/runs", ["POST"])
+@page("/orgs/<org>/agents/<agent_id>/runs", ["POST"], org_role="member")
 def start_run(access: OrgAccess, agent_id: str) -> Any:
     """Start a run and show it on the agent's page."""
     text = request.form.get("input", "")
@@ -145,13 +145,13 @@ def start_run(access: OrgAccess, agent_id: str) -> Any:
     return redirect(url_for("web.agent_detail", org=access.org.slug, agent_id=agent_id, run=run.id))
 
 
-@page("/orgs/<org>/runs/<run_id>/events")
+@page("/orgs/<org>/runs/<run_id>/events", org_role="member")
 def run_events(access: OrgAccess, run_id: str) -> str:
     """A run's status, events and output (a fragment the agent page polls until the run ends)."""
     return render_template("agents/_run.html", run=agents.get_run(db(), access.org, run_id), running=RUNNING)
 
 
-@page("/orgs/<org>/agents/<agent_id>/delete", ["POST"])
+@page("/orgs/<org>/agents/<agent_id>/delete", ["POST"], org_role="member")
 def delete_agent(access: OrgAccess, agent_id: str) -> Any:
     """Delete an agent and its runs."""
     agents.delete_agent(db(), request_context(), access.org, agent_id)

@@ -19,6 +19,8 @@ from app.api.framework import commit, request_context
 from app.audit import service as audit
 from app.errors import RateLimitedError, ServiceUnavailableError, UnauthorizedError
 from app.identity import service as identity
+from app.identity.access import org_access as access_of
+from app.identity.access import orgs_of
 from app.models import Org, User
 from app.web.core import (
     bp,
@@ -270,7 +272,7 @@ def home() -> ResponseReturnValue:
 
     user = current_user_or_none()
     assert user is not None
-    orgs = identity.orgs_of(db(), user)
+    orgs = orgs_of(db(), user)
     last = cookie.get("org")
     chosen = next((a for a in orgs if a.org.slug == last), orgs[0] if orgs else None)
     if chosen is None:
@@ -286,7 +288,7 @@ def switch_org() -> ResponseReturnValue:
     user = current_user_or_none()
     assert user is not None
     slug = request.args.get("org", "")[:100]
-    access = identity.org_access(db(), user, slug)
+    access = access_of(db(), user, slug)
     return redirect(url_for("web.list_secrets", org=access.org.slug))
 
 

@@ -45,7 +45,8 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.identity import service as identity
-from app.identity.service import OrgAccess
+from app.identity.access import OrgAccess, OrgRole, orgs_of
+from app.identity.access import org_access as access_of
 from app.models import User
 
 log = logging.getLogger("latchkey.web")
@@ -239,16 +240,22 @@ def page(
     rule: str,
     methods: Iterable[str] = ("GET",),
     *,
-    admin: bool = False,
+    org_role: OrgRole | None = None,
     operator: bool = False,
     json: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a UI page. A rule with ``<org>`` hands the view an :class:`OrgAccess` as ``access``.
 
+    ``org_role`` is what the page needs in that org (``"member"`` or ``"admin"``); an org rule
+    must declare it.
+
     Signed-out visitors are sent to the sign-in page (JSON endpoints answer 401); a POST needs
-    the CSRF token; ``admin`` needs the org admin role, ``operator`` the instance operator flag.
+    the CSRF token; ``operator`` needs the instance operator flag.
     Success commits through the API's commit step; a domain error rolls back and renders a page.
     """
+
+    if ("<org>" in rule) != (org_role is not None):
+        raise ValueError(f"a page under <org> declares org_role (and only such a page): {rule}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -269,13 +276,12 @@ def page(
                 if operator and not user.is_operator:
                     raise ForbiddenError("this page is for instance operators")
                 kwargs: dict[str, Any] = dict(path)
-                if "org" in kwargs:
-                    access = identity.org_access(s, user, kwargs.pop("org"))
+                if org_role is not None:
+                    access = access_of(s, user, kwargs.pop("org"))
                     g.access = access
                     if cookie.get("org") != access.org.slug:  # remembered for "/" and the operator page
                         cookie["org"] = access.org.slug
-                    if admin:
-                        access.require_admin()
+                    access.require(org_role)
                     kwargs["access"] = access
                 out = fn(**kwargs)
                 commit(s)
@@ -324,7 +330,7 @@ def _template_globals() -> dict[str, Any]:
     user = current_user_or_none()
     orgs: list[OrgAccess] = []
     if user is not None and not request.path.startswith("/api/"):
-        orgs = identity.orgs_of(session(), user)
+        orgs = orgs_of(session(), user)
     access = current_access()
     if access is None and orgs:
         # Pages outside an org (operator) keep the nav of the org last used.

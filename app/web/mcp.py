@@ -8,7 +8,7 @@ from flask import flash, redirect, render_template, request, url_for
 
 from app.api.framework import request_context
 from app.errors import ConflictError, FieldError, ValidationFailedError
-from app.identity.service import OrgAccess
+from app.identity.access import OrgAccess
 from app.mcp import service as mcp
 from app.models import McpServer
 from app.secrets import service as secrets
@@ -78,14 +78,14 @@ def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
     return form_errors(exc, FIELDS)
 
 
-@page("/orgs/<org>/mcp-servers")
+@page("/orgs/<org>/mcp-servers", org_role="member")
 def list_mcp_servers(access: OrgAccess) -> str:
     """The org's MCP servers with their validation status."""
     items = mcp.list_servers(db(), access.org, limit=200, cursor=None).items
     return render_template("mcp/list.html", items=items)
 
 
-@page("/orgs/<org>/mcp-servers/new", ["GET", "POST"])
+@page("/orgs/<org>/mcp-servers/new", ["GET", "POST"], org_role="member")
 def new_mcp_server(access: OrgAccess) -> Any:
     """Add an MCP server (binding a secret needs an org admin) and queue its validation."""
     if request.method == "GET":
@@ -113,7 +113,7 @@ def _form_of(server: McpServer) -> dict[str, str]:
     }
 
 
-@page("/orgs/<org>/mcp-servers/<server_id>", ["GET", "POST"])
+@page("/orgs/<org>/mcp-servers/<server_id>", ["GET", "POST"], org_role="member")
 def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
     """A server: live status, its tools, and the edit form."""
     server = mcp.get_server(db(), access.org, server_id)
@@ -134,7 +134,7 @@ def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
     return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server.id))
 
 
-@page("/orgs/<org>/mcp-servers/<server_id>/status")
+@page("/orgs/<org>/mcp-servers/<server_id>/status", org_role="member")
 def mcp_server_status(access: OrgAccess, server_id: str) -> str:
     """The status badge and tool list (a fragment the page polls while validation runs)."""
     server = mcp.get_server(db(), access.org, server_id)
@@ -143,7 +143,7 @@ def mcp_server_status(access: OrgAccess, server_id: str) -> str:
     )
 
 
-@page("/orgs/<org>/mcp-servers/<server_id>/validate", ["POST"])
+@page("/orgs/<org>/mcp-servers/<server_id>/validate", ["POST"], org_role="member")
 def validate_mcp_server(access: OrgAccess, server_id: str) -> Any:
     """Queue a validation (any member)."""
     mcp.request_validation(db(), request_context(), access, server_id)
@@ -151,7 +151,7 @@ def validate_mcp_server(access: OrgAccess, server_id: str) -> Any:
     return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server_id))
 
 
-@page("/orgs/<org>/mcp-servers/<server_id>/delete", ["POST"])
+@page("/orgs/<org>/mcp-servers/<server_id>/delete", ["POST"], org_role="member")
 def delete_mcp_server(access: OrgAccess, server_id: str) -> Any:
     """Delete a server (org admin when a secret is bound)."""
     mcp.delete_server(db(), request_context(), access, server_id)

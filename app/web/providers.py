@@ -8,7 +8,7 @@ from flask import flash, redirect, render_template, request, url_for
 
 from app.api.framework import request_context
 from app.errors import ConflictError, ValidationFailedError
-from app.identity.service import OrgAccess
+from app.identity.access import OrgAccess
 from app.models import Provider
 from app.providers import service as providers
 from app.secrets import service as secrets
@@ -74,7 +74,7 @@ def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
     return {"name": exc.detail} if exc.code == "conflict" else {"_general": exc.detail}
 
 
-@page("/orgs/<org>/providers")
+@page("/orgs/<org>/providers", org_role="member")
 def list_providers(access: OrgAccess) -> str:
     """The org's provider catalog."""
     items = providers.list_providers(db(), access.org, limit=200, cursor=None).items
@@ -82,7 +82,7 @@ def list_providers(access: OrgAccess) -> str:
     return render_template("providers/list.html", items=items, secret_names=names)
 
 
-@page("/orgs/<org>/providers/new", ["GET", "POST"], admin=True)
+@page("/orgs/<org>/providers/new", ["GET", "POST"], org_role="admin")
 def new_provider(access: OrgAccess) -> Any:
     """Add a provider (org admin)."""
     if request.method == "GET":
@@ -97,7 +97,7 @@ def new_provider(access: OrgAccess) -> Any:
     return redirect(url_for("web.list_providers", org=access.org.slug))
 
 
-@page("/orgs/<org>/providers/<provider_id>", ["GET", "POST"])
+@page("/orgs/<org>/providers/<provider_id>", ["GET", "POST"], org_role="member")
 def provider_detail(access: OrgAccess, provider_id: str) -> Any:
     """A provider; admins edit it here."""
     provider = providers.get_provider(db(), access.org, provider_id)
@@ -115,7 +115,7 @@ def provider_detail(access: OrgAccess, provider_id: str) -> Any:
     return redirect(url_for("web.list_providers", org=access.org.slug))
 
 
-@page("/orgs/<org>/providers/<provider_id>/delete", ["POST"], admin=True)
+@page("/orgs/<org>/providers/<provider_id>/delete", ["POST"], org_role="admin")
 def delete_provider(access: OrgAccess, provider_id: str) -> Any:
     """Delete a provider no agent uses (org admin)."""
     try:

@@ -17,7 +17,7 @@ from app.errors import (
     ValidationFailedError,
     VersionMismatchError,
 )
-from app.identity.service import OrgAccess
+from app.identity.access import OrgAccess
 from app.models import AuditEvent, Secret
 from app.secrets import service as secrets
 from app.secrets.keyring import PublicKeySet
@@ -48,7 +48,7 @@ def _form() -> dict[str, str]:
     }
 
 
-@page("/orgs/<org>/secrets")
+@page("/orgs/<org>/secrets", org_role="member")
 def list_secrets(access: OrgAccess) -> str:
     """The org's secrets: name, version, hint, users; values are never here."""
     page_ = secrets.list_secrets(db(), access.org, limit=100, cursor=request.args.get("cursor") or None)
@@ -56,7 +56,7 @@ def list_secrets(access: OrgAccess) -> str:
     return render_template("secrets/list.html", items=page_.items, users=users, next_cursor=page_.next_cursor)
 
 
-@page("/orgs/<org>/secrets/new", ["GET", "POST"], admin=True)
+@page("/orgs/<org>/secrets/new", ["GET", "POST"], org_role="admin")
 def new_secret(access: OrgAccess) -> Any:
     """Create a secret (org admin)."""
     if request.method == "GET":
@@ -108,13 +108,13 @@ def _detail(access: OrgAccess, secret: Secret, **extra: Any) -> str:
     )
 
 
-@page("/orgs/<org>/secrets/<secret_id>")
+@page("/orgs/<org>/secrets/<secret_id>", org_role="member")
 def secret_detail(access: OrgAccess, secret_id: str) -> str:
     """One secret's metadata, users and (admins) reveal control and audit trail."""
     return _detail(access, secrets.get_secret(db(), access.org, secret_id))
 
 
-@page("/orgs/<org>/secrets/<secret_id>/edit", ["GET", "POST"], admin=True)
+@page("/orgs/<org>/secrets/<secret_id>/edit", ["GET", "POST"], org_role="admin")
 def edit_secret(access: OrgAccess, secret_id: str) -> Any:
     """Edit a secret (org admin): a new value is a new version."""
     secret = secrets.get_secret(db(), access.org, secret_id)
@@ -157,7 +157,7 @@ def edit_secret(access: OrgAccess, secret_id: str) -> Any:
     return redirect(url_for("web.secret_detail", org=access.org.slug, secret_id=secret.id))
 
 
-@page("/orgs/<org>/secrets/<secret_id>/delete", ["POST"], admin=True)
+@page("/orgs/<org>/secrets/<secret_id>/delete", ["POST"], org_role="admin")
 def delete_secret(access: OrgAccess, secret_id: str) -> Any:
     """Delete a secret (org admin); refused while anything uses it, listing those users."""
     try:
@@ -170,7 +170,7 @@ def delete_secret(access: OrgAccess, secret_id: str) -> Any:
     return redirect(url_for("web.list_secrets", org=access.org.slug))
 
 
-@page("/orgs/<org>/secrets/<secret_id>/reveal", ["POST"], admin=True, json=True)
+@page("/orgs/<org>/secrets/<secret_id>/reveal", ["POST"], org_role="admin", json=True)
 def reveal_secret(access: OrgAccess, secret_id: str) -> Response:
     """Reveal the current value (org admin, explicit click): JSON, never cached, audited."""
     revealed = reveal_now(access.org, secret_id)

@@ -349,7 +349,7 @@ def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legac
 
     from app.errors import ForbiddenError
     from app.identity import service as identity
-    from app.identity.service import OrgAccess
+    from app.identity.access import OrgAccess
     from app.mcp import service as mcp_service
     from app.models.identity import Role
     from tests.factories import CTX
