@@ -51,14 +51,30 @@ def settings() -> Settings:
 
 
 @contextmanager
-def unit_of_work() -> Iterator[Session]:
+def open_database(cfg: Settings) -> Iterator[Database]:
+    """The database, sending what a command's transaction queues (jobs, invalidations) on commit."""
+    import redis
+
+    from app.jobs.service import Publisher
+    from app.secrets.invalidation import Invalidator
+    from app.tasks import make_celery
+
     db = Database()
-    db.configure(settings().database_url)
+    db.configure(cfg.database_url)
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    db.on_commit("invalidate", Invalidator(client, db, ttl=cfg.secret_cache_ttl_seconds, namespace=cfg.queue).flush)
+    db.on_commit("publish", Publisher(make_celery(cfg), db).publish)
     try:
-        with db.session() as s:
-            yield s
+        yield db
     finally:
+        client.close()
         db.dispose()
+
+
+@contextmanager
+def unit_of_work() -> Iterator[Session]:
+    with open_database(settings()) as db, db.session() as s:
+        yield s
 
 
 @click.group()
@@ -142,7 +158,6 @@ def keys_rotate(batch_size: int | None) -> None:
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
     from app.secrets.keyring import Keyring
-    from app.tasks import make_celery
     from app.tasks.keys import RESEAL_TASK
 
     path = _keyring_file()
@@ -152,26 +167,17 @@ def keys_rotate(batch_size: int | None) -> None:
     click.echo(ring.public_set().dumps())
     click.echo(f"latchkey: added key {kid}; give the line above to the web tier as LATCHKEY_PUBLIC_KEYS", err=True)
 
-    cfg = settings()
-    database = Database()
-    database.configure(cfg.database_url)
     try:
-        with database.session() as s:
-            job = jobs.create_job(
+        with open_database(settings()) as database, database.session() as s:
+            job_id = jobs.create_job(
                 s,
                 cli_context(),
                 org_id=None,
                 kind=RESEAL_TASK,
                 params={"batch_size": batch_size} if batch_size else {},
-            )
-            job_id = job.id
-            pubs = jobs.take_publications(s)
-        try:
-            jobs.Publisher(make_celery(cfg), database).publish(pubs)
-        except BrokerUnavailableError:
-            _fail(f"key {kid} was added, but the job queue is unavailable; {RESEAL_HINT}")
-    finally:
-        database.dispose()
+            ).id
+    except BrokerUnavailableError:
+        _fail(f"key {kid} was added, but the job queue is unavailable; {RESEAL_HINT}")
     click.echo(f"latchkey: re-seal job {job_id} queued", err=True)
 
 
@@ -234,16 +240,16 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
     assert cfg.public_keys is not None
     keys = PublicKeySet.parse(cfg.public_keys)
     ctx = cli_context()
-    database = Database()
-    database.configure(cfg.database_url)
     job_id: str | None = None
-    try:
+    with open_database(cfg) as database:
         if not dry_run:
             # Recorded as a running job and never published: no worker picks it up.
             with database.session() as s:
                 params: dict[str, Any] = {"batch_size": batch_size, "org": org_slug, "source": "cli"}
-                job_id = jobs.create_job(s, ctx, org_id=None, kind=backfill_service.BACKFILL_TASK, params=params).id
-                jobs.take_publications(s)
+                job = jobs.create_job(
+                    s, ctx, org_id=None, kind=backfill_service.BACKFILL_TASK, params=params, publish=False
+                )
+                job_id = job.id
                 jobs.claim(s, job_id)
 
         def record(done: int, total: int) -> None:
@@ -272,8 +278,6 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
         if job_id is not None:
             with database.session() as s:
                 jobs.mark_succeeded(s, job_id, result)
-    finally:
-        database.dispose()
     click.echo(json.dumps(result, indent=2, sort_keys=True))
     if summary.failed:
         click.echo(f'latchkey: {summary.failed} row(s) were not migrated; see "failures"', err=True)
@@ -314,18 +318,12 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
     from app.models import Job
-    from app.tasks import make_celery
 
-    cfg = settings()
-    database = Database()
-    database.configure(cfg.database_url)
-    try:
-        with database.session() as s:
-            params = {"batch_size": batch_size} if batch_size else {}
-            job_id = jobs.create_job(s, cli_context(), org_id=None, kind=VERIFY_TASK, params=params).id
-            pubs = jobs.take_publications(s)
+    with open_database(settings()) as database:
         try:
-            jobs.Publisher(make_celery(cfg), database).publish(pubs)
+            with database.session() as s:
+                params = {"batch_size": batch_size} if batch_size else {}
+                job_id = jobs.create_job(s, cli_context(), org_id=None, kind=VERIFY_TASK, params=params).id
         except BrokerUnavailableError:
             _fail("the job queue is unavailable; start the broker, or use POST /api/v1/admin/backfill/verify")
         click.echo(f"latchkey: verification job {job_id} queued", err=True)
@@ -346,8 +344,6 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
                 if time.monotonic() > deadline:
                     _fail(f"verification job {job_id} is still {state} after {timeout}s; is a worker running?")
                 time.sleep(0.25)
-    finally:
-        database.dispose()
     if state == "failed" or result is None:
         _fail(f"verification job {job_id} failed: {error[0]}: {error[1]}")
     assert result is not None

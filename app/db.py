@@ -6,7 +6,7 @@ import json
 import os
 import secrets as _random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -114,16 +114,67 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+AFTER_COMMIT = ("invalidate", "publish")
+"""What a transaction may queue for after its commit, in the order it is sent: cache
+invalidations before job messages, so a job queued with a change never reads the value
+that change replaced."""
+
+
+class UnitOfWorkError(RuntimeError):
+    """Work was queued in a session of a database that has nowhere to send it (a wiring bug)."""
+
+
+def defer(session: Session, kind: str, item: Any) -> None:
+    """Queue ``item`` to be sent once ``session`` commits (dropped if it rolls back)."""
+    if kind not in AFTER_COMMIT:
+        raise ValueError(f"unknown after-commit kind {kind!r}")
+    session.info.setdefault(kind, []).append(item)
+
+
+class UnitOfWork(Session):
+    """A session that sends what its transaction queued (:func:`defer`) once it has committed.
+
+    Every edge (API, UI, CLI, task) just commits; nothing is sent for a transaction that
+    rolled back, and nothing is sent before the rows it refers to are visible.
+    """
+
+    def commit(self) -> None:
+        super().commit()
+        work = {kind: self.info.pop(kind) for kind in AFTER_COMMIT if self.info.get(kind)}
+        if work:
+            database: Database = self.info["latchkey.database"]
+            database.after_commit(work)
+
+
 class Database:
-    """Owns the engine and session factory; bound to a Flask app with ``init_app``."""
+    """Owns the engine, the session factory and what is sent after each commit."""
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.sessionmaker: sessionmaker[Session] | None = None
+        self._senders: dict[str, Callable[[list[Any]], None]] = {}
 
     def configure(self, url: str, **kwargs: Any) -> None:
         self.engine = make_engine(url, **kwargs)
-        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessionmaker = sessionmaker(
+            self.engine, class_=UnitOfWork, expire_on_commit=False, info={"latchkey.database": self}
+        )
+
+    def on_commit(self, kind: str, send: Callable[[list[Any]], None]) -> None:
+        """Bind who sends ``kind`` items after a commit (the invalidator, the job publisher)."""
+        if kind not in AFTER_COMMIT:
+            raise ValueError(f"unknown after-commit kind {kind!r}")
+        self._senders[kind] = send
+
+    def after_commit(self, work: dict[str, list[Any]]) -> None:
+        for kind in AFTER_COMMIT:
+            items = work.get(kind)
+            if not items:
+                continue
+            send = self._senders.get(kind)
+            if send is None:
+                raise UnitOfWorkError(f"{len(items)} {kind} item(s) were queued, but this database sends no {kind}")
+            send(items)
 
     def dispose(self) -> None:
         if self.engine is not None:
@@ -131,7 +182,7 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One unit of work: commit on success, roll back on any error."""
+        """One unit of work: commit (then send what it queued) on success, roll back on any error."""
         assert self.sessionmaker is not None, "Database is not configured"
         session = self.sessionmaker()
         try:
@@ -230,6 +281,6 @@ def flush_or_raise(session: Session, error: Exception) -> None:
 
 @event.listens_for(Session, "after_rollback")
 def _drop_publications(session: Session) -> None:
-    # Jobs and changes of a rolled-back transaction do not exist: never publish them.
-    session.info.pop("publish", None)
-    session.info.pop("invalidate", None)
+    # Jobs and changes of a rolled-back transaction do not exist: never send them.
+    for kind in AFTER_COMMIT:
+        session.info.pop(kind, None)

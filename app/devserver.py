@@ -114,12 +114,9 @@ def run(host: str = "127.0.0.1", port: int = 5080, instance_dir: Path = Path("in
     instance_dir.mkdir(parents=True, exist_ok=True)
     settings = dev_settings(instance_dir, start_embedded_redis())
     migrate.upgrade(settings.database_url)
-    db = Database()
-    db.configure(settings.database_url)
-    password, token = seed(db, cli_context())
-    db.dispose()
-    start_worker_thread(settings)
     app = create_app(settings)
+    password, token = seed(app.extensions["latchkey.db"], cli_context())
+    start_worker_thread(settings)
     base = f"http://{host}:{port}"
     print(
         "\nLatchkey is running on embedded defaults (development only)\n"

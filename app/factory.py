@@ -64,6 +64,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["latchkey.invalidator"] = Invalidator(
         app.extensions["latchkey.redis"], db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue
     )
+    db.on_commit("invalidate", app.extensions["latchkey.invalidator"].flush)
+    db.on_commit("publish", app.extensions["latchkey.publisher"].publish)
 
     from app.api import bp as api_bp
     from app.api import problems

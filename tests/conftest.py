@@ -102,11 +102,10 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 
 @pytest.fixture(scope="session")
-def db(settings: Settings) -> Iterator[Database]:
-    database = Database()
-    database.configure(settings.database_url)
-    yield database
-    database.dispose()
+def db(app: Flask) -> Database:
+    """The app's own database: what a test's transaction queues is sent on commit, as in production."""
+    database: Database = app.extensions["latchkey.db"]
+    return database
 
 
 def empty_tables(database: Database) -> None:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
 from werkzeug.test import TestResponse
 
 from app.context import Actor, RequestContext
-from app.db import Database
+from app.db import AFTER_COMMIT, Database
 from app.identity import service as identity
 
 CTX = RequestContext(Actor("system"), request_id="test")
@@ -80,3 +81,9 @@ class Factory:
         assert resp.status_code == 201, resp.get_json()
         body: dict[str, Any] = resp.get_json()
         return body
+
+
+def drop_queued(session: Session, kind: str = "publish") -> None:
+    """Drop what this transaction queued for after its commit (a message "lost" on the way)."""
+    assert kind in AFTER_COMMIT
+    session.info.pop(kind, None)

@@ -420,26 +420,8 @@ def route(
 
 
 def commit(s: Session) -> None:
-    """End a request's unit of work: commit, then publish what it queued (API and UI alike)."""
+    """End a request's unit of work (API and UI alike); the session sends what it queued."""
     s.commit()
-    after_commit(s)
-
-
-def after_commit(s: Session) -> None:
-    """Work that must follow the commit: cache invalidations first, then job messages.
-
-    Invalidations go first so that a job queued by the same request can never read the
-    value the request just replaced. A broker refusal becomes a 503 (the job is marked failed).
-    """
-    from app.jobs.service import take_publications
-    from app.secrets.invalidation import take_pending
-
-    pending = take_pending(s)
-    if pending:
-        current_app.extensions["latchkey.invalidator"].flush(pending)
-    pubs = take_publications(s)
-    if pubs:
-        current_app.extensions["latchkey.publisher"].publish(pubs)
 
 
 def _remember(s: Session, key: str, digest: str, status_code: int, payload: Any) -> None:

@@ -156,7 +156,6 @@ def reveal_now(org: Org, secret_id: str) -> reveals.RevealResult:
         request_context(),
         org,
         secret_id,
-        publisher=current_app.extensions["latchkey.publisher"],
         redis=current_app.extensions["latchkey.redis"],
         timeout=settings.reveal_timeout_seconds,
         rate_limit=settings.reveal_rate_limit,

@@ -1,7 +1,7 @@
 """Jobs: the jobs table is the source of truth; Celery only carries the job id.
 
 A service creates the job row and asks for it to be published; the publication happens
-after the transaction commits (``publish_pending``), so a worker never sees a job whose
+after the transaction commits (``app.db.UnitOfWork``), so a worker never sees a job whose
 row is not there yet. If the broker refuses the message, the job is marked failed with
 ``broker_unavailable`` and the caller gets a 503.
 """
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.context import RequestContext
-from app.db import Database, UTCDateTime, new_id, updated, utcnow
+from app.db import Database, UTCDateTime, defer, new_id, updated, utcnow
 from app.errors import BrokerUnavailableError, NotFoundError
 from app.models import Job, JobStatus
 
@@ -41,8 +41,11 @@ def create_job(
     org_id: str | None,
     kind: str,
     params: dict[str, Any] | None = None,
+    publish: bool = True,
 ) -> Job:
     """Record a queued job and schedule its publication for after the commit.
+
+    ``publish=False`` records a job this process runs itself (the CLI's backfill): no message.
 
     ``kind`` is the Celery task name (``<domain>.<verb_noun>``), so a job can always be
     re-published from its row alone.
@@ -59,7 +62,8 @@ def create_job(
     )
     session.add(job)
     session.flush()
-    session.info.setdefault("publish", []).append(Publication(job.id, kind))
+    if publish:
+        defer(session, "publish", Publication(job.id, kind))
     audit.record(
         session,
         ctx,
@@ -70,11 +74,6 @@ def create_job(
         details={"kind": kind, "params": params or {}},
     )
     return job
-
-
-def take_publications(session: Session) -> list[Publication]:
-    pubs: list[Publication] = session.info.pop("publish", [])
-    return pubs
 
 
 class Publisher:

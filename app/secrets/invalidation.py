@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.db import Database
+from app.db import Database, defer
 from app.models import CacheInvalidation
 from app.secrets import cachekeys
 
@@ -39,12 +39,7 @@ def stage(session: Session, org_id: str, secret_id: str, pointer: str) -> None:
     row = CacheInvalidation(org_id=org_id, secret_id=secret_id, pointer=pointer)
     session.add(row)
     session.flush()
-    session.info.setdefault("invalidate", []).append(Pending(row.id, org_id, secret_id, pointer))
-
-
-def take_pending(session: Session) -> list[Pending]:
-    pending: list[Pending] = session.info.pop("invalidate", [])
-    return pending
+    defer(session, "invalidate", Pending(row.id, org_id, secret_id, pointer))
 
 
 class Invalidator:

@@ -49,7 +49,6 @@ from app.errors import (
     WorkerUnavailableError,
 )
 from app.jobs import service as jobs
-from app.jobs.service import Publisher
 from app.models import Org
 from app.secrets import service as secrets
 from app.secrets.sealing import CiphertextBytes, CiphertextError, encode_context, generate_ephemeral, open_with, seal_to
@@ -323,7 +322,6 @@ def reveal(
     org: Org,
     secret_id: str,
     *,
-    publisher: Publisher,
     redis: Redis,
     timeout: float,
     rate_limit: int,
@@ -348,9 +346,8 @@ def reveal(
         params={"secret_id": sid, "reply_public_key": encode_public_key(public_raw)},
     )
     job_id = job.id
-    # The request waits for the worker, so the job goes out now, not after the handler.
+    # The request waits for the worker, so the job goes out now (on commit), not after the handler.
     session.commit()
-    publisher.publish(jobs.take_publications(session))
 
     key = reply_key(job_id)
     try:

@@ -6,8 +6,6 @@ import hmac
 import logging
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from app.audit import service as audit
 from app.backfill import service as backfill
 from app.backfill import verify
@@ -79,26 +77,14 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
     the secrets service with the web tier's invalidation flow. This worker's L1 and a fresh
     resolver (L2) must both answer the new version and value. Never returns a value.
     """
-    from redis import Redis
 
-    from app.secrets import invalidation
     from app.secrets import service as secrets_service
     from app.secrets.resolver import build_resolver
 
     keys = worker_keyring(ctx).public_set()
-    client = Redis.from_url(ctx.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    invalidator = invalidation.Invalidator(
-        client, ctx.db, ttl=ctx.settings.secret_cache_ttl_seconds, namespace=ctx.settings.queue
-    )
     old, new = verify.probe_values()
     steps: dict[str, Any] = {}
     secret_id: str | None = None
-
-    def commit(s: Session) -> None:
-        s.commit()
-        pending = invalidation.take_pending(s)
-        if pending:
-            invalidator.flush(pending)
 
     def seen(resolved: Any, value: str, version: int) -> bool:
         return resolved.version == version and hmac.compare_digest(resolved.value.encode(), value.encode())
@@ -117,7 +103,7 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
                 description="temporary: the backfill verification's cache check (deleted when it ends)",
             )
             secret_id = probe.id
-            commit(s)
+            s.commit()
         first = ctx.resolver.resolve(org_id, secret_id)
         ctx.resolver.flush_fills()
         steps["first_resolve"] = seen(first, old, 1)
@@ -130,7 +116,7 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
             org = s.get(Org, org_id)
             assert org is not None
             secrets_service.update_secret(s, WORKER, org, keys, secret_id, {"value": new})
-            commit(s)
+            s.commit()
         steps["after_edit_this_worker"] = seen(ctx.resolver.resolve(org_id, secret_id), new, 2)
         fresh = build_resolver(ctx.settings, ctx.db, listen=False)
         try:
@@ -148,10 +134,9 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
                     org = s.get(Org, org_id)
                     if org is not None:
                         secrets_service.delete_secret(s, WORKER, org, secret_id)
-                        commit(s)
+                        s.commit()
             except Exception as exc:
                 log.warning("backfill verify: could not delete the probe secret %s: %s", secret_id, type(exc).__name__)
-        client.close()
 
 
 @job_task(verify.VERIFY_TASK, time_limit=3000, max_retries=3)

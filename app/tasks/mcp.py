@@ -159,6 +159,4 @@ def refresh_tools(self: Task) -> int:
             )
             for srv in servers
         ]
-        pubs = jobs.take_publications(s)
-    jobs.Publisher(self.app, wc.db).publish(pubs)
     return len(queued)

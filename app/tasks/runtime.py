@@ -88,10 +88,22 @@ class JobView:
 class WorkerContext:
     """Per-process resources of a worker: settings, database, keyring, Redis, resolver."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, celery: Any) -> None:
+        from redis import Redis
+
+        from app.jobs.service import Publisher
+        from app.secrets.invalidation import Invalidator
+
         self.settings = settings
         self.db = Database()
         self.db.configure(settings.database_url)
+        # What a task's transaction queues (jobs, cache invalidations) is sent when it commits.
+        redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.db.on_commit(
+            "invalidate",
+            Invalidator(redis, self.db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue).flush,
+        )
+        self.db.on_commit("publish", Publisher(celery, self.db).publish)
         self.hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._resolver: Any = None
@@ -120,7 +132,7 @@ def worker_context(app: Any) -> WorkerContext:
     with _contexts_lock:
         ctx = _contexts.get(id(app))
         if ctx is None:
-            ctx = _contexts[id(app)] = WorkerContext(app.conf["latchkey_settings"])
+            ctx = _contexts[id(app)] = WorkerContext(app.conf["latchkey_settings"], app)
         return ctx
 
 

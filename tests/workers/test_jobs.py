@@ -14,7 +14,7 @@ from app.factory import create_app
 from app.jobs import service as jobs
 from app.models import AuditEvent, Job
 from app.tasks.runtime import JobView, TransientError, WorkerContext, job_task
-from tests.factories import CTX, Factory
+from tests.factories import CTX, Factory, drop_queued
 from tests.workers.conftest import wait_for, wait_job
 
 
@@ -82,7 +82,7 @@ def test_broker_outage_answers_503_and_marks_the_job_failed(settings: Any, facto
 def test_beat_requeues_jobs_whose_message_was_lost(worker: Celery, factory: Factory, db: Any) -> None:
     with db.session() as s:
         job = jobs.create_job(s, CTX, org_id=None, kind="system.ping")
-        jobs.take_publications(s)  # the message is "lost": never published
+        drop_queued(s)  # the message is "lost": never published
         job_id = job.id
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow() - timedelta(minutes=10)))
@@ -106,7 +106,7 @@ def test_job_creation_is_audited(worker: Celery, factory: Factory, db: Any) -> N
 def test_a_finished_job_cannot_be_finished_again(factory: Factory, db: Any) -> None:
     with db.session() as s:
         job_id = jobs.create_job(s, CTX, org_id=None, kind="system.ping").id
-        jobs.take_publications(s)
+        drop_queued(s)
     with db.session() as s:
         jobs.mark_failed(s, job_id, "worker_unavailable", "no worker answered in time")
     with db.session() as s:
@@ -140,7 +140,7 @@ def _eager(settings: Any, name: str, db: Any) -> tuple[str, Any]:
     app = make_celery(settings)
     with db.session() as s:
         job_id = jobs.create_job(s, CTX, org_id=None, kind=name).id
-        jobs.take_publications(s)
+        drop_queued(s)
     outcome = app.tasks[name].apply(args=[job_id]).get(disable_sync_subtasks=False)
     return job_id, outcome
 

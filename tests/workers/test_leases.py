@@ -26,7 +26,7 @@ from app.jobs import service as jobs
 from app.models import AgentRun, AuditEvent, Job
 from app.tasks import make_celery
 from app.tasks.runtime import worker_context
-from tests.factories import CTX, Factory
+from tests.factories import CTX, Factory, drop_queued
 from tests.llm_server import LlmTestServer
 from tests.processes import drop_queue_keys, spawned_worker
 from tests.workers.conftest import wait_for
@@ -69,7 +69,7 @@ def probe_events(redis_url: str, key: str) -> list[dict[str, Any]]:
 def new_job(db: Database, kind: str, params: dict[str, Any] | None = None) -> str:
     with db.session() as s:
         job_id = jobs.create_job(s, CTX, org_id=None, kind=kind, params=params).id
-        jobs.take_publications(s)  # published by the test, when it wants
+        drop_queued(s)  # published by the test, when it wants
     return job_id
 
 

@@ -16,7 +16,7 @@ from app.secrets import cachekeys
 from app.secrets.invalidation import Invalidator
 from app.secrets.keyring import Keyring
 from app.secrets.resolver import Resolver, ResolverUnavailableError, SecretNotFoundError, build_resolver
-from tests.factories import Caller, Factory
+from tests.factories import Caller, Factory, drop_queued
 
 
 class CountingRedis(redis.Redis):
@@ -253,7 +253,7 @@ def test_beat_task_replays_the_outbox(worker: Any, admin: Caller, org: str, fact
     org_id = _org_id(db, org)
     with db.session() as s:
         invalidation.stage(s, org_id, sid, cachekeys.DELETED)
-        invalidation.take_pending(s)  # as if Redis had refused it after the commit
+        drop_queued(s, "invalidate")  # as if Redis had refused it after the commit
     assert worker.send_task("secrets.replay_invalidations").get(timeout=20) == 1
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(CacheInvalidation)) == 0

@@ -28,7 +28,7 @@ from app.jobs import service as jobs
 from app.models import AuditEvent, Job
 from app.secrets import reveal
 from app.secrets.sealing import CiphertextError, generate_ephemeral
-from tests.factories import CTX, Caller, Factory
+from tests.factories import CTX, Caller, Factory, drop_queued
 from tests.leaks import dump_database, dump_redis, find_leaks
 from tests.processes import drop_queue_keys
 from tests.workers.conftest import extra_worker, wait_for
@@ -290,7 +290,7 @@ def _manual_job(db: Database, org_id: str, secret_id: str, public_raw: bytes) ->
             kind=reveal.REVEAL_TASK,
             params={"secret_id": secret_id, "reply_public_key": reveal.encode_public_key(public_raw)},
         )
-        jobs.take_publications(s)
+        drop_queued(s)
         return job.id
 
 
@@ -374,7 +374,7 @@ def test_a_job_with_a_bad_reply_key_fails_without_resolving(
             kind=reveal.REVEAL_TASK,
             params={"secret_id": secret["id"], "reply_public_key": "not base64!"},
         )
-        jobs.take_publications(s)
+        drop_queued(s)
         job_id = job.id
     assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "failed"
     with db.session() as s:
@@ -427,7 +427,7 @@ def _forged_reveal(db: Database, org_id: str, secret_id: str, created_by: str | 
             kind=reveal.REVEAL_TASK,
             params={"secret_id": secret_id, "reply_public_key": reveal.encode_public_key(public_raw)},
         )
-        jobs.take_publications(s)
+        drop_queued(s)
         return job.id, private_key
 
 
