@@ -9,7 +9,7 @@ dev:            ## run Latchkey on embedded defaults
 test:           ## run the whole test suite
 	$(PY) manage.py test
 
-lint:           ## ruff (lint + format check) and mypy
+lint:           ## ruff (lint + format check), mypy and the import contracts (lint-imports)
 	$(PY) manage.py lint
 
 check:          ## migrations match the models (against a scratch SQLite database)

@@ -60,8 +60,8 @@ def main(argv: list[str]) -> int:
     if command == "test":
         os.execv(str(BIN / "python"), [str(BIN / "python"), "-m", "pytest", *rest])
     if command == "lint":
-        ruff, mypy = str(BIN / "ruff"), str(BIN / "mypy")
-        for cmd in ([ruff, "check", "."], [ruff, "format", "--check", "."], [mypy]):
+        ruff, mypy, contracts = str(BIN / "ruff"), str(BIN / "mypy"), str(BIN / "lint-imports")
+        for cmd in ([ruff, "check", "."], [ruff, "format", "--check", "."], [mypy], [contracts, "--no-cache"]):
             if subprocess.run(cmd).returncode:
                 return 1
         return 0

@@ -361,10 +361,10 @@ def backfill_status() -> None:
     """Rows left to migrate, the latest backfill run and the latest verification (JSON)."""
     import json
 
-    from app.backfill import service as backfill_service
+    from app.backfill.status import status as migration_status
 
     with unit_of_work() as s:
-        status = backfill_service.status(s)
+        status = migration_status(s)
         if status.latest_run is None and status.latest_verification is None:
             _fail(f"no backfill has run yet; start one with `latchkey backfill run` (remaining: {status.remaining})")
         job = status.latest_run

@@ -159,7 +159,10 @@ class Settings(BaseModel):
         return self.env == Environment.PRODUCTION
 
     def check_web(self) -> None:
-        """Refuse to serve in production without the keys the web tier needs."""
+        """Refuse to serve in production without the settings the web tier needs.
+
+        Whether the key set itself is usable is the keyring's to say: app.secrets.checks.
+        """
         if not self.is_production:
             return
         if self.secret_key is None or not self.secret_key.get_secret_value():
@@ -173,29 +176,13 @@ class Settings(BaseModel):
                 "LATCHKEY_PUBLIC_KEYS is required when LATCHKEY_ENV=production "
                 "(run `latchkey keys generate --out PATH` and set the printed key set)"
             )
-        from app.secrets.keyring import KeyringError, PublicKeySet
-
-        try:
-            keys = PublicKeySet.parse(self.public_keys)
-        except KeyringError as exc:
-            raise ConfigError(f"LATCHKEY_PUBLIC_KEYS is invalid: {exc}") from None
-        if keys.has_dev_keys:
-            raise ConfigError("LATCHKEY_PUBLIC_KEYS contains development keys; generate production keys")
 
     def check_worker(self) -> None:
-        """Refuse to run a production worker without its keyring (or with dev keys)."""
+        """Refuse to run a production worker without its keyring setting (the file: app.secrets.checks)."""
         if not self.is_production:
             return
         if self.private_keys_file is None:
             raise ConfigError("LATCHKEY_PRIVATE_KEYS_FILE is required for a worker when LATCHKEY_ENV=production")
-        from app.secrets.keyring import Keyring, KeyringError
-
-        try:
-            ring = Keyring.load(self.private_keys_file)
-        except KeyringError as exc:
-            raise ConfigError(f"LATCHKEY_PRIVATE_KEYS_FILE: {exc}") from None
-        if ring.has_dev_keys:
-            raise ConfigError("LATCHKEY_PRIVATE_KEYS_FILE holds development keys; generate production keys")
 
 
 def _read_file(name: str, path: str) -> str:

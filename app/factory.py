@@ -15,7 +15,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings, load_settings
 from app.db import Database, random_token
-from app.logs import configure_logging
+from app.observability.logs import configure_logging
+from app.secrets.checks import check_web_keys
 from app.secrets.invalidation import Invalidator
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -24,7 +25,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     """Build the Flask app; in production, refuse to start without the web tier's keys."""
     settings = config if isinstance(config, Settings) else load_settings(**(config or {}))
-    settings.check_web()
+    check_web_keys(settings)
     configure_logging(settings.log_level, fmt=settings.log_format)
 
     # Static files are the UI blueprint's (app/web/static), served at /static/.

@@ -12,6 +12,7 @@ import pytest
 
 from app.config import ConfigError, Environment, Settings, load_settings
 from app.factory import create_app
+from app.secrets.checks import check_worker_keys
 from app.secrets.keyring import Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +199,7 @@ def test_development_starts_without_any_keys_and_uses_a_random_session_key(tmp_p
 
 def test_worker_check_refuses_production_without_a_keyring() -> None:
     with pytest.raises(ConfigError, match="LATCHKEY_PRIVATE_KEYS_FILE"):
-        load_settings({"LATCHKEY_ENV": "production"}).check_worker()
+        check_worker_keys(load_settings({"LATCHKEY_ENV": "production"}))
 
 
 def test_worker_check_refuses_a_development_keyring(tmp_path: Path) -> None:
@@ -206,21 +207,21 @@ def test_worker_check_refuses_a_development_keyring(tmp_path: Path) -> None:
     Keyring.generate(dev=True).write(path)
     settings = load_settings({"LATCHKEY_ENV": "production", "LATCHKEY_PRIVATE_KEYS_FILE": str(path)})
     with pytest.raises(ConfigError, match="LATCHKEY_PRIVATE_KEYS_FILE"):
-        settings.check_worker()
+        check_worker_keys(settings)
 
 
 def test_worker_check_refuses_a_missing_keyring_file(tmp_path: Path) -> None:
     settings = load_settings({"LATCHKEY_ENV": "production", "LATCHKEY_PRIVATE_KEYS_FILE": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="LATCHKEY_PRIVATE_KEYS_FILE"):
-        settings.check_worker()
+        check_worker_keys(settings)
 
 
 def test_worker_check_accepts_a_production_keyring(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
     Keyring.generate().write(path)
     settings: Settings = load_settings({"LATCHKEY_ENV": "production", "LATCHKEY_PRIVATE_KEYS_FILE": str(path)})
-    settings.check_worker()
-    load_settings({"LATCHKEY_ENV": "test"}).check_worker()
+    check_worker_keys(settings)
+    check_worker_keys(load_settings({"LATCHKEY_ENV": "test"}))
 
 
 def test_production_celery_worker_without_a_keyring_exits_with_one_line(redis_url: str) -> None:

@@ -29,12 +29,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from app import logs
 from app.config import Settings
 from app.db import Database, utcnow
 from app.factory import create_app
 from app.models import Job
-from app.observability import metrics, redact
+from app.observability import logs, metrics, redact
 from app.observability.redact import MASK, MIN_LENGTH, RedactingFilter
 from app.tasks import _adopt_log_handlers, make_celery
 from tests.leaks import find_leaks
@@ -483,7 +482,7 @@ _WORKER_SCRIPT = textwrap.dedent(
     from celery.utils.log import get_task_logger
     from prometheus_client import REGISTRY
 
-    from app import logs
+    from app.observability import logs
     from app.config import load_settings
     from app.observability import metrics, redact
     from app.observability.redact import RedactingFilter

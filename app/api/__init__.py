@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
-
-bp = Blueprint("api", __name__, url_prefix="/api/v1")
-
 # Route modules register themselves on ``bp`` when imported.
-from app.api import agents, audit, identity, jobs, mcp, openapi, providers, secrets  # noqa: E402,F401
+from app.api import agents, audit, identity, jobs, mcp, openapi, providers, secrets  # noqa: F401
+from app.api.blueprint import bp
+
+__all__ = ["bp"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from app.api import bp
+from app.api.blueprint import bp
 from app.api.framework import current_user, route, session
 from app.api.schemas import AuditEventList, AuditEventOut, AuditQuery, Ref
 from app.identity.access import org_access as access_of

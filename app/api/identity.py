@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from flask import current_app, g, url_for
 
-from app.api import bp
+from app.api.blueprint import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import (
     InvitationAccept,

@@ -8,11 +8,11 @@ from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel, Field
 from werkzeug.routing import BaseConverter
 
-from app.api import bp
+from app.api.blueprint import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import JobAccepted, JobError, JobOut, Progress
-from app.backfill import service as backfill_service
 from app.backfill.service import BACKFILL_TASK
+from app.backfill.status import status as migration_status
 from app.backfill.verify import VERIFY_TASK
 from app.identity.access import org_access as access_of
 from app.jobs import service as jobs
@@ -185,7 +185,7 @@ class BackfillStatus(BaseModel):
 def backfill_status() -> BackfillStatus:
     """Where the legacy migration stands: rows left, the latest backfill run and verification."""
     s = session()
-    status = backfill_service.status(s)
+    status = migration_status(s)
     return BackfillStatus(
         legacy_columns=status.legacy_columns,
         remaining=status.remaining,

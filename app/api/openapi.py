@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib.metadata import version
 from typing import Any, Literal
 
 from apispec import APISpec
@@ -10,8 +11,7 @@ from flask import current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from app import __version__
-from app.api import bp
+from app.api.blueprint import bp
 from app.api.framework import ROUTES, RouteSpec, json_response
 
 REF = "#/components/schemas/{model}"
@@ -68,7 +68,9 @@ def build_spec(routes: list[RouteSpec] | None = None) -> dict[str, Any]:
     routes = ROUTES if routes is None else routes
     spec = APISpec(
         title="Latchkey API",
-        version=__version__,
+        # The installed distribution's version, as `latchkey --version` reports it; importing
+        # ``app.__version__`` here would make the package import its own API module back.
+        version=version("latchkey"),
         openapi_version="3.1.0",
         info={"description": "Managed secrets for AI agents and MCP servers."},
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.api import bp
+from app.api.blueprint import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import ListQuery
 from app.identity.access import org_access as access_of

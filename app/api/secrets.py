@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Response, after_this_request, current_app, request
 
-from app.api import bp
+from app.api.blueprint import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import (
     ListQuery,

@@ -44,7 +44,7 @@ from app.backfill import legacy
 from app.context import RequestContext
 from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
 from app.errors import NotFoundError
-from app.models import Agent, Job, McpServer, Org, Provider, Secret
+from app.models import Agent, McpServer, Org, Provider, Secret
 from app.providers.service import KIND_RE
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal, secret_context
@@ -120,33 +120,6 @@ class Summary:
             "agents": self.agents.as_dict(),
             "created": {"secrets": self.secrets_created, "providers": self.providers_created},
         }
-
-
-@dataclass
-class Status:
-    legacy_columns: bool
-    remaining: dict[str, int]
-    latest_run: Job | None
-    latest_verification: dict[str, Any] | None
-
-
-def status(session: Session) -> Status:
-    """Where the migration stands (the CLI's ``backfill status`` and the operator API)."""
-    from app.backfill import verify
-
-    run = session.scalar(
-        select(Job)
-        .where(Job.kind == BACKFILL_TASK, Job.org_id.is_(None))
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(1)
-    )
-    record = verify.latest(session)
-    return Status(
-        legacy_columns=legacy.present(session, refresh=True),
-        remaining=legacy.pending_counts(session),
-        latest_run=run,
-        latest_verification=verify.as_dict(record) if record else None,
-    )
 
 
 # Names ----------------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
-from app.backfill import legacy
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.egress.urls import UrlError, check_http_url
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
 from app.identity.access import OrgAccess
 from app.jobs import service as jobs
+from app.mcp import legacy
 from app.mcp.client import TRANSPORTS, ToolInfo
 from app.models import Job, McpServer, McpTool, Org
 from app.pagination import Page, paginate
@@ -189,7 +189,7 @@ def _holds_credential(session: Session, server: McpServer) -> bool:
     """A bound secret, or (before the contract migration) a legacy raw token not yet backfilled."""
     if server.secret_ref is not None:
         return True
-    return legacy.has_mcp_token(session, server.org_id, server.id)
+    return legacy.has_token(session, server.org_id, server.id)
 
 
 def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> None:

@@ -15,7 +15,7 @@ Lessons taken from Airflow's SecretsMasker (see docs/observability.md):
 
 Values live in a :class:`Registry`. The module keeps one process-wide instance for log
 handlers: a worker registers each value it resolves (``register(value)``); handlers get
-:class:`RedactingFilter` (``app.logs`` installs it). The web tier registers nothing
+:class:`RedactingFilter` (``app.observability.logs`` installs it). The web tier registers nothing
 process-wide: a web request runs in a scope (``push_scope`` / ``pop_scope``) whose own registry
 (``register_scoped``) the filter also consults, and which is dropped at teardown. An agent run
 masks what its user reads back with a registry of its own (the values resolved in that run).

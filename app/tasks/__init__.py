@@ -6,7 +6,7 @@ by time limits that every task declares (soft and hard together, app/tasks/runti
 
 Monitoring: task events are on, so ``celery -A app.tasks flower`` works (see
 docs/observability.md). Celery's logging signals hand the worker's handlers to
-``app.logs`` (our format, secret values redacted); task signals feed the worker metrics.
+``app.observability.logs`` (our format, secret values redacted); task signals feed the worker metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery, signals
 
 from app.config import ConfigError, Settings, load_settings
+from app.secrets.checks import check_worker_keys
 from app.tasks.runtime import VISIBILITY_TIMEOUT
 
 # Modules whose tasks every worker registers.
@@ -92,7 +93,7 @@ def _check_worker_config(sender: Any = None, **_: Any) -> None:
     settings = app.conf.get("latchkey_settings") if app is not None else None
     if settings is not None:
         try:
-            settings.check_worker()
+            check_worker_keys(settings)
         except ConfigError as exc:
             # Celery swallows exceptions raised by signal handlers; SystemExit is not swallowed.
             sys.stderr.write(f"latchkey worker: {exc}\n")
@@ -105,7 +106,7 @@ def _check_worker_config(sender: Any = None, **_: Any) -> None:
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
 @signals.after_setup_task_logger.connect  # type: ignore[untyped-decorator]
 def _adopt_log_handlers(logger: Any = None, **_: Any) -> None:
-    from app.logs import adopt_handlers
+    from app.observability.logs import adopt_handlers
 
     adopt_handlers(logger)
 

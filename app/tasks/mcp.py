@@ -11,10 +11,10 @@ from celery import Task
 from sqlalchemy import select
 
 from app.audit import service as audit
-from app.backfill import legacy
 from app.context import Actor, RequestContext
 from app.egress import EgressError, EgressPolicy, guarded_async_client
 from app.jobs import service as jobs
+from app.mcp import legacy
 from app.mcp import service as mcp_service
 from app.mcp.client import McpError, list_tools
 from app.models import McpServer
@@ -62,7 +62,7 @@ def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
         changed = egress_audit.changed_fields(recorded, mcp_service.destination(server))
         if not changed:
             # Before the contract migration, a server not yet backfilled may still carry a raw token.
-            token = legacy.mcp_token(s, server.org_id, server.id) if server.secret_ref is None else None
+            token = legacy.token(s, server.org_id, server.id) if server.secret_ref is None else None
             server.status = "validating"
             return Snapshot(server.org_id, server.id, server.url, server.transport, server.secret_ref, token)
     # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Database
 from app.jobs import service as jobs
-from app.logs import reset_job_id, set_job_id
+from app.observability.logs import reset_job_id, set_job_id
 
 log = logging.getLogger("latchkey.worker")
 

@@ -14,8 +14,8 @@ from typing import Any
 from flask import abort, flash, redirect, render_template, url_for
 
 from app.api.framework import request_context
-from app.backfill import service as backfill_service
 from app.backfill.service import BACKFILL_TASK
+from app.backfill.status import status as migration_status
 from app.backfill.verify import VERIFY_TASK
 from app.jobs import service as jobs
 from app.secrets.rotation import RESEAL_TASK
@@ -80,7 +80,7 @@ def operator_home() -> str:
         operations=LAUNCHABLE,
         unfinished=UNFINISHED,
         kinds=LISTED_KINDS,
-        migration=backfill_service.status(db()),
+        migration=migration_status(db()),
     )
 
 
