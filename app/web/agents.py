@@ -56,7 +56,7 @@ def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> 
         "agents/form.html",
         form=form,
         errors=errors,
-        provider_options=providers.list_providers(db(), access.org, limit=200, cursor=None).items,
+        provider_options=providers.list_providers(db(), access, limit=200, cursor=None).items,
         servers=servers,
         tools=tools,
     )
@@ -66,7 +66,7 @@ def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> 
 def list_agents(access: OrgAccess) -> str:
     """The org's agents."""
     items = agents.list_agents(db(), access.org, limit=200, cursor=None).items
-    names = {p.id: p.name for p in providers.list_providers(db(), access.org, limit=200, cursor=None).items}
+    names = {p.id: p.name for p in providers.list_providers(db(), access, limit=200, cursor=None).items}
     return render_template(
         "agents/list.html", items=items, provider_names=names, tools=agents.tools_of(db(), [a.id for a in items])
     )
@@ -107,7 +107,7 @@ def _run_of(access: OrgAccess, agent: Agent, run_id: str | None) -> AgentRun | N
 def agent_detail(access: OrgAccess, agent_id: str) -> str:
     """An agent: its settings and tools, a form to start a run, and the run's events as they arrive."""
     agent = agents.get_agent(db(), access.org, agent_id)
-    provider = providers.get_provider(db(), access.org, agent.provider_id or "")
+    provider = providers.get_provider(db(), access, agent.provider_id or "")
     run = _run_of(access, agent, request.args.get("run"))
     return render_template(
         "agents/detail.html",
@@ -134,7 +134,7 @@ def start_run(access: OrgAccess, agent_id: str) -> Any:
         page_ = render_template(
             "agents/detail.html",
             agent=agent,
-            provider=providers.get_provider(db(), access.org, agent.provider_id or ""),
+            provider=providers.get_provider(db(), access, agent.provider_id or ""),
             tools=agents.tools_of(db(), [agent.id])[agent.id],
             run=None,
             running=RUNNING,
