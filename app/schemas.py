@@ -1,16 +1,19 @@
 """Building blocks of every input and output model (API bodies, UI forms, service inputs).
 
 Domain packages keep their own models in ``app/<domain>/schemas.py``; these are the shared
-parts: strictness and the one way a datetime is accepted.
+parts: strictness, the one way a datetime is accepted, how a rule refuses a value and the rule
+of a display name.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict
+from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
@@ -43,3 +46,25 @@ def _to_utc(value: datetime) -> datetime:
 
 UtcDateTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only), AfterValidator(_to_utc)]
 """Every datetime *input*: an RFC 3339 timestamp with an offset (naive ones are refused), in UTC."""
+
+
+def refuse(message: str) -> PydanticCustomError:
+    """A field rule's refusal, for a validator to raise: rendered exactly as ``message``.
+
+    (A plain ``ValueError`` would reach the client as "Value error, <message>".)
+    """
+    return PydanticCustomError("invalid", message)
+
+
+def trimmed_name(max_length: int) -> Callable[[str | None], str]:
+    """The rule of a display name: 1 to ``max_length`` characters once trimmed, no NUL; kept trimmed.
+
+    It takes ``None`` too, so that a PATCH field set to null is refused with the same message.
+    """
+
+    def check(value: str | None) -> str:
+        if value is None or not value.strip() or len(value) > max_length or "\x00" in value:
+            raise refuse(f"must be 1 to {max_length} characters")
+        return value.strip()
+
+    return check

@@ -28,7 +28,8 @@ from typing import Any, Final, Literal
 
 import httpx2
 
-from app.egress.urls import UrlError, check_http_url
+from app.egress.urls import BASE_URL, UrlError
+from app.providers.catalog import PROVIDER_TYPES
 
 log = logging.getLogger("latchkey.agents")
 
@@ -36,7 +37,6 @@ Style = Literal["openai", "anthropic"]
 Role = Literal["system", "user", "assistant", "tool"]
 
 ROLES: Final = frozenset({"system", "user", "assistant", "tool"})
-PROVIDER_TYPES: Final = ("openai", "anthropic", "openai_compatible", "cloudflare_ai_gateway")
 
 OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
 ANTHROPIC_BASE_URL: Final = "https://api.anthropic.com"
@@ -177,10 +177,9 @@ def _base_url(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _config_error(f"{what} is required")
     try:
-        text = check_http_url(value, allow_query=False)
+        return BASE_URL.check(value)
     except UrlError as exc:
         raise _config_error(f"{what} {exc}") from None
-    return text.rstrip("/")
 
 
 def _header_value(value: Any, what: str) -> str:
@@ -592,7 +591,6 @@ __all__ = [
     "ANTHROPIC_VERSION",
     "GUARD_CODES",
     "MESSAGES",
-    "PROVIDER_TYPES",
     "Endpoint",
     "Message",
     "ModelTurn",

@@ -6,41 +6,23 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
+from app.agents.schemas import AgentCreate, AgentUpdate, RunCreate, ToolRef
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import NotFoundError, ValidationFailedError
+from app.identity.access import OrgAccess
 from app.jobs import service as jobs
 from app.mcp.service import destination as mcp_destination
 from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider
 from app.pagination import Page, paginate
 
 RUN_TASK = "agents.run_agent"
-MAX_NAME = 200
-MAX_PROMPT = 20_000
-MAX_INPUT = 32_000
-MAX_TOOLS = 64
 
 
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or "\x00" in value:
-        raise ValidationFailedError.single("name", f"must be 1 to {MAX_NAME} characters")
-    return value.strip()
-
-
-def _text(field: str, value: Any, limit: int, *, required: bool = False) -> str | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or len(value) > limit or "\x00" in value or (required and not value.strip()):
-        raise ValidationFailedError.single(field, f"must be text of {'1' if required else '0'} to {limit} characters")
-    return value
-
-
-def _provider(session: Session, org: Org, provider_id: Any) -> Provider:
-    if not isinstance(provider_id, str) or not provider_id:
-        raise ValidationFailedError.single("provider_id", "is required: the id of a provider of this org")
+def _provider(session: Session, org: Org, provider_id: str) -> Provider:
     provider: Provider | None = session.scalar(
         select(Provider).where(Provider.org_id == org.id, Provider.id == provider_id)
     )
@@ -49,19 +31,11 @@ def _provider(session: Session, org: Org, provider_id: Any) -> Provider:
     return provider
 
 
-def _tools(session: Session, org: Org, tools: Any) -> list[tuple[str, str]]:
+def _tools(session: Session, org: Org, tools: list[ToolRef] | None) -> list[tuple[str, str]]:
     """Each selected tool must be in a valid server's stored tool list, in this org."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise ValidationFailedError.single("tools", f"must be a list of at most {MAX_TOOLS} tools")
     chosen: list[tuple[str, str]] = []
-    for i, item in enumerate(tools):
-        if not isinstance(item, dict) or set(item) != {"mcp_server_id", "tool_name"}:
-            raise ValidationFailedError.single(f"tools.{i}", "must be {mcp_server_id, tool_name}")
-        server_id, tool_name = item["mcp_server_id"], item["tool_name"]
-        if not isinstance(server_id, str) or not isinstance(tool_name, str):
-            raise ValidationFailedError.single(f"tools.{i}", "mcp_server_id and tool_name must be strings")
+    for i, item in enumerate(tools or []):
+        server_id, tool_name = item.mcp_server_id, item.tool_name
         server = session.scalar(select(McpServer).where(McpServer.org_id == org.id, McpServer.id == server_id))
         if server is None:
             raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", "no MCP server with this id in this org")
@@ -75,32 +49,24 @@ def _tools(session: Session, org: Org, tools: Any) -> list[tuple[str, str]]:
     return chosen
 
 
-def tools_of(session: Session, agent_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
-    out: dict[str, list[tuple[str, str]]] = {a: [] for a in agent_ids}
-    if agent_ids:
-        rows = session.execute(
-            select(AgentTool.agent_id, AgentTool.mcp_server_id, AgentTool.tool_name)
-            .where(AgentTool.agent_id.in_(agent_ids))
-            .order_by(AgentTool.id)
-        ).all()
-        for agent_id, server_id, name in rows:
-            out[agent_id].append((server_id, name))
-    return out
-
-
-def list_agents(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[Agent]:
+def list_agents(session: Session, access: OrgAccess, *, limit: int, cursor: str | None) -> Page[Agent]:
+    """The org's agents with their tools (any member)."""
     # Legacy agents (no provider yet) are not usable until the backfill gives them one.
-    stmt = select(Agent).where(Agent.org_id == org.id, Agent.provider_id.is_not(None))
+    stmt = (
+        select(Agent)
+        .where(Agent.org_id == access.org.id, Agent.provider_id.is_not(None))
+        .options(selectinload(Agent.tools))
+    )
     return paginate(session, stmt, Agent.id, limit=limit, cursor=cursor)
 
 
-def get_agent(session: Session, org: Org, agent_id: str, *, legacy: bool = False) -> Agent:
+def get_agent(session: Session, access: OrgAccess, agent_id: str, *, legacy: bool = False) -> Agent:
     """An agent of the org; ``legacy`` also finds one the backfill could not give a provider.
 
     Such an agent can only be given a provider (PATCH) or deleted: that is how an operator
     settles the rows ``backfill run`` reports as failed before the contract migration.
     """
-    stmt = select(Agent).where(Agent.org_id == org.id, Agent.id == agent_id)
+    stmt = select(Agent).where(Agent.org_id == access.org.id, Agent.id == agent_id)
     if not legacy:
         stmt = stmt.where(Agent.provider_id.is_not(None))
     agent: Agent | None = session.scalar(stmt)
@@ -113,23 +79,23 @@ def _set_tools(session: Session, agent: Agent, chosen: list[tuple[str, str]]) ->
     session.execute(delete(AgentTool).where(AgentTool.agent_id == agent.id))
     for server_id, name in chosen:
         session.add(AgentTool(org_id=agent.org_id, agent_id=agent.id, mcp_server_id=server_id, tool_name=name))
+    session.flush()
+    session.expire(agent, ["tools"])
 
 
-def create_agent(session: Session, ctx: RequestContext, org: Org, fields: dict[str, Any]) -> Agent:
-    """Create an agent on a provider of this org, with tools from valid MCP servers."""
-    name = _name(fields.get("name"))
-    provider = _provider(session, org, fields.get("provider_id"))
-    model_id = _text("model_id", fields.get("model_id"), 200)
-    system_prompt = _text("system_prompt", fields.get("system_prompt"), MAX_PROMPT)
-    chosen = _tools(session, org, fields.get("tools"))
+def create_agent(session: Session, ctx: RequestContext, access: OrgAccess, data: AgentCreate) -> Agent:
+    """Create an agent on a provider of this org, with tools from valid MCP servers (any member)."""
+    org = access.org
+    provider = _provider(session, org, data.provider_id)
+    chosen = _tools(session, org, data.tools)
     now = utcnow()
     agent = Agent(
         id=new_id(),
         org_id=org.id,
-        name=name,
+        name=data.name,
         provider_id=provider.id,
-        model_id=model_id or None,
-        system_prompt=system_prompt,
+        model_id=data.model_id,
+        system_prompt=data.system_prompt,
         created_by=ctx.actor.id,
         updated_by=ctx.actor.id,
         created_at=now,
@@ -138,7 +104,6 @@ def create_agent(session: Session, ctx: RequestContext, org: Org, fields: dict[s
     session.add(agent)
     session.flush()
     _set_tools(session, agent, chosen)
-    session.flush()
     audit.record(
         session,
         ctx,
@@ -146,33 +111,26 @@ def create_agent(session: Session, ctx: RequestContext, org: Org, fields: dict[s
         org_id=org.id,
         target_type="agent",
         target_id=agent.id,
-        details={"name": name, "provider_id": provider.id, "tools": [list(t) for t in chosen]},
+        details={"name": data.name, "provider_id": provider.id, "tools": [list(t) for t in chosen]},
     )
     return agent
 
 
-def update_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str, fields: dict[str, Any]) -> Agent:
-    if not fields:
-        raise ValidationFailedError.single("body", "give at least one field to change")
-    agent = get_agent(session, org, agent_id, legacy=True)
-    if agent.provider_id is None and "provider_id" not in fields:
+def update_agent(session: Session, ctx: RequestContext, access: OrgAccess, agent_id: str, data: AgentUpdate) -> Agent:
+    """Edit an agent (any member); given tools replace its selection."""
+    org = access.org
+    sent = data.model_dump(exclude_unset=True)
+    agent = get_agent(session, access, agent_id, legacy=True)
+    if agent.provider_id is None and "provider_id" not in sent:
         raise ValidationFailedError.single("provider_id", "this legacy agent has no provider yet: give it one")
-    changed: list[str] = []
-    if "name" in fields:
-        agent.name = _name(fields["name"])
-        changed.append("name")
-    if "provider_id" in fields:
-        agent.provider_id = _provider(session, org, fields["provider_id"]).id
-        changed.append("provider_id")
-    if "model_id" in fields:
-        agent.model_id = _text("model_id", fields["model_id"], 200) or None
-        changed.append("model_id")
-    if "system_prompt" in fields:
-        agent.system_prompt = _text("system_prompt", fields["system_prompt"], MAX_PROMPT)
-        changed.append("system_prompt")
-    if "tools" in fields:
-        _set_tools(session, agent, _tools(session, org, fields["tools"]))
-        changed.append("tools")
+    if "provider_id" in sent:
+        sent["provider_id"] = _provider(session, org, sent["provider_id"]).id
+    tools = _tools(session, org, data.tools) if "tools" in sent else None
+    for key in ("name", "provider_id", "model_id", "system_prompt"):
+        if key in sent:
+            setattr(agent, key, sent[key])
+    if tools is not None:
+        _set_tools(session, agent, tools)
     agent.updated_at = utcnow()
     agent.updated_by = ctx.actor.id
     session.flush()
@@ -183,13 +141,15 @@ def update_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str,
         org_id=org.id,
         target_type="agent",
         target_id=agent.id,
-        details={"changed": changed},
+        details={"changed": list(sent)},
     )
     return agent
 
 
-def delete_agent(session: Session, ctx: RequestContext, org: Org, agent_id: str) -> None:
-    agent = get_agent(session, org, agent_id, legacy=True)
+def delete_agent(session: Session, ctx: RequestContext, access: OrgAccess, agent_id: str) -> None:
+    """Delete an agent and its runs (any member)."""
+    org = access.org
+    agent = get_agent(session, access, agent_id, legacy=True)
     session.execute(delete(AgentTool).where(AgentTool.agent_id == agent.id))
     session.execute(delete(AgentRun).where(AgentRun.agent_id == agent.id))
     session.delete(agent)
@@ -240,11 +200,12 @@ def load_destinations(session: Session, agent: Agent) -> tuple[Provider | None, 
     return provider, list(servers)
 
 
-def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, text: Any) -> tuple[AgentRun, Job]:
-    """Queue a run of the agent on ``text`` (202: the worker does the rest)."""
-    agent = get_agent(session, org, agent_id)
-    prompt = _text("input", text, MAX_INPUT, required=True)
-    assert prompt is not None
+def start_run(
+    session: Session, ctx: RequestContext, access: OrgAccess, agent_id: str, data: RunCreate
+) -> tuple[AgentRun, Job]:
+    """Queue a run of the agent on ``data.input`` (any member; 202: the worker does the rest)."""
+    org = access.org
+    agent = get_agent(session, access, agent_id)
     provider, servers = load_destinations(session, agent)
     if provider is None:
         raise NotFoundError("the agent's provider no longer exists")
@@ -255,7 +216,7 @@ def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, te
         org_id=org.id,
         agent_id=agent.id,
         status="queued",
-        input=prompt,
+        input=data.input,
         events=[],
         created_by=ctx.actor.id,
         created_at=utcnow(),
@@ -277,19 +238,21 @@ def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, te
     return run, job
 
 
-def recent_runs(session: Session, org: Org, agent_id: str, *, limit: int = 10) -> list[AgentRun]:
+def recent_runs(session: Session, access: OrgAccess, agent_id: str, *, limit: int = 10) -> list[AgentRun]:
     """The agent's newest runs, newest first (ids are time-ordered)."""
     stmt = (
         select(AgentRun)
-        .where(AgentRun.org_id == org.id, AgentRun.agent_id == agent_id)
+        .where(AgentRun.org_id == access.org.id, AgentRun.agent_id == agent_id)
         .order_by(AgentRun.id.desc())
         .limit(limit)
     )
     return list(session.scalars(stmt))
 
 
-def get_run(session: Session, org: Org, run_id: str) -> AgentRun:
-    run: AgentRun | None = session.scalar(select(AgentRun).where(AgentRun.org_id == org.id, AgentRun.id == run_id))
+def get_run(session: Session, access: OrgAccess, run_id: str) -> AgentRun:
+    """A run of the org (any member)."""
+    stmt = select(AgentRun).where(AgentRun.org_id == access.org.id, AgentRun.id == run_id)
+    run: AgentRun | None = session.scalar(stmt)
     if run is None:
         raise NotFoundError("run not found")
     return run

@@ -152,7 +152,8 @@ def authenticate() -> User:
 # Parsing ---------------------------------------------------------------------------------
 
 
-def _field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+    """pydantic's refusals as 422 entries (API bodies and queries, UI forms alike)."""
     out = []
     for err in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "body"
@@ -206,7 +207,7 @@ def parse_json_body(model: type[BaseModel]) -> BaseModel:
         # JSON mode: strict types, but ISO-8601 strings are accepted for datetimes.
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        raise ValidationFailedError(_field_errors(exc)) from None
+        raise ValidationFailedError(field_errors(exc)) from None
 
 
 def parse_query(model: type[BaseModel]) -> BaseModel:
@@ -219,7 +220,7 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(args)
     except ValidationError as exc:
-        raise ValidationFailedError(_field_errors(exc, "query.")) from None
+        raise ValidationFailedError(field_errors(exc, "query.")) from None
 
 
 # Idempotency -----------------------------------------------------------------------------

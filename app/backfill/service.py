@@ -45,7 +45,7 @@ from app.context import RequestContext
 from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
 from app.errors import NotFoundError
 from app.models import Agent, McpServer, Org, Provider, Secret
-from app.providers.service import KIND_RE
+from app.providers.catalog import KIND_RE
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal, secret_context
 from app.secrets.service import NAME_RE, value_hint

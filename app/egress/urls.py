@@ -3,8 +3,10 @@
 ``check_http_url`` is what every stored destination URL must pass (an MCP server's ``url``, a
 provider's ``config.base_url``, the gateway base URL): it never raises anything but
 ``UrlError``, whose message is a fixed phrase of ours (never the URL: its query may hold a
-token). The egress guard applies ``credential_query_names`` again at send time, so a URL that
-reached the database some other way is still refused before it carries a secret.
+token). A :class:`UrlRule` fixes its options once per kind of URL: :data:`DESTINATION_URL` for
+an endpoint used as given, :data:`BASE_URL` for a prefix that paths are appended to. The
+egress guard applies ``credential_query_names`` again at send time, so a URL that reached the
+database some other way is still refused before it carries a secret.
 
 ``split_host_pattern`` reads an ``allowed_hosts`` entry: ``host``, ``*.suffix``, an IP literal
 (IPv6 in brackets), each optionally with ``:port``. An entry without a port matches only the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
@@ -121,6 +124,26 @@ def check_http_url(value: Any, *, max_length: int = 2000, allow_query: bool = Tr
         if credential_query_names(parts.query):
             raise UrlError("must not carry a credential in its query (e.g. ?token=); bind a secret instead")
     return text
+
+
+@dataclass(frozen=True)
+class UrlRule:
+    """One kind of destination URL: :func:`check_http_url` with its options fixed."""
+
+    max_length: int = 2000
+    allow_query: bool = True
+    # A base URL has paths appended ("{base}/v1/messages"): its trailing slashes are dropped.
+    strip_trailing_slash: bool = False
+
+    def check(self, value: Any) -> str:
+        text = check_http_url(value, max_length=self.max_length, allow_query=self.allow_query)
+        return text.rstrip("/") if self.strip_trailing_slash else text
+
+
+DESTINATION_URL: Final = UrlRule()
+"""An endpoint used as given (an MCP server's ``url``): a query is allowed, minus credential names."""
+BASE_URL: Final = UrlRule(allow_query=False, strip_trailing_slash=True)
+"""A prefix of endpoints (a provider's ``config.base_url``, the AI gateway's): no query."""
 
 
 def split_host_pattern(entry: str) -> tuple[str, int | None]:

@@ -16,53 +16,31 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
-from app.egress.urls import UrlError, check_http_url
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
 from app.identity.access import OrgAccess
 from app.jobs import service as jobs
 from app.mcp import legacy
-from app.mcp.client import TRANSPORTS, ToolInfo
-from app.models import Job, McpServer, McpTool, Org
+from app.mcp.client import ToolInfo
+from app.mcp.schemas import McpServerCreate, McpServerUpdate
+from app.models import Job, McpServer, McpTool
 from app.pagination import Page, paginate
 from app.secrets.service import check_secret_ref
 
 VALIDATE_TASK = "mcp.validate_server"
-MAX_URL = 2000
-MAX_NAME = 200
 RAW_CREDENTIAL_REFUSAL = (
     "raw tokens are not accepted: create a secret (POST /orgs/{org}/secrets) and pass its id as secret_ref"
 )
 
 
-def validate_url(url: Any) -> str:
-    """An http(s) URL with a host; no userinfo, #fragment or credential-named query parameter
-    (``app.egress.urls``; the egress guard refuses those again at send time)."""
-    try:
-        return check_http_url(url, max_length=MAX_URL)
-    except UrlError as exc:
-        raise ValidationFailedError.single("url", str(exc)) from None
+def list_servers(session: Session, access: OrgAccess, *, limit: int, cursor: str | None) -> Page[McpServer]:
+    """The org's servers (any member)."""
+    stmt = select(McpServer).where(McpServer.org_id == access.org.id)
+    return paginate(session, stmt, McpServer.id, limit=limit, cursor=cursor)
 
 
-def validate_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or "\x00" in name:
-        raise ValidationFailedError.single("name", f"must be 1 to {MAX_NAME} characters")
-    return name.strip()
-
-
-def validate_transport(transport: Any) -> str:
-    if transport not in TRANSPORTS:
-        raise ValidationFailedError.single("transport", "must be 'streamable_http' or 'sse'")
-    return str(transport)
-
-
-def list_servers(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[McpServer]:
-    return paginate(
-        session, select(McpServer).where(McpServer.org_id == org.id), McpServer.id, limit=limit, cursor=cursor
-    )
-
-
-def get_server(session: Session, org: Org, server_id: str, *, for_update: bool = False) -> McpServer:
-    stmt = select(McpServer).where(McpServer.org_id == org.id, McpServer.id == server_id)
+def get_server(session: Session, access: OrgAccess, server_id: str, *, for_update: bool = False) -> McpServer:
+    """One server of the org (any member)."""
+    stmt = select(McpServer).where(McpServer.org_id == access.org.id, McpServer.id == server_id)
     if for_update:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     server: McpServer | None = session.scalar(stmt)
@@ -89,16 +67,17 @@ def queue_validation(session: Session, ctx: RequestContext, server: McpServer) -
     return jobs.create_job(session, ctx, org_id=server.org_id, kind=VALIDATE_TASK, params=destination(server))
 
 
-def create_server(
-    session: Session, ctx: RequestContext, access: OrgAccess, fields: dict[str, Any]
-) -> tuple[McpServer, Job]:
-    """Add a server and queue its first validation."""
-    if "token" in fields:
+def _refuse_raw_token(access: OrgAccess, data: McpServerCreate | McpServerUpdate) -> None:
+    if "token" in data.model_fields_set:
         raise ValidationFailedError.single("token", RAW_CREDENTIAL_REFUSAL.format(org=access.org.slug))
-    name = validate_name(fields.get("name"))
-    url = validate_url(fields.get("url"))
-    transport = validate_transport(fields.get("transport", "streamable_http"))
-    secret_ref = fields.get("secret_ref")
+
+
+def create_server(
+    session: Session, ctx: RequestContext, access: OrgAccess, data: McpServerCreate
+) -> tuple[McpServer, Job]:
+    """Add a server and queue its first validation (any member; binding a secret: org admin)."""
+    _refuse_raw_token(access, data)
+    name, url, transport, secret_ref = data.name, data.url, data.transport, data.secret_ref
     if secret_ref is not None:
         if not access.is_admin:
             raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
@@ -133,21 +112,17 @@ def create_server(
 
 
 def update_server(
-    session: Session, ctx: RequestContext, access: OrgAccess, server_id: str, fields: dict[str, Any]
+    session: Session, ctx: RequestContext, access: OrgAccess, server_id: str, data: McpServerUpdate
 ) -> tuple[McpServer, Job | None]:
-    """Edit a server; a new URL, transport or secret re-queues validation."""
-    if "token" in fields:
-        raise ValidationFailedError.single("token", RAW_CREDENTIAL_REFUSAL.format(org=access.org.slug))
-    if not fields:
-        raise ValidationFailedError.single("body", "give at least one of name, url, transport, secret_ref")
-    name = validate_name(fields["name"]) if "name" in fields else None
-    url = validate_url(fields["url"]) if "url" in fields else None
-    transport = validate_transport(fields["transport"]) if "transport" in fields else None
-    server = get_server(session, access.org, server_id, for_update=True)
+    """Edit a server; a new URL, transport or secret re-queues validation (a secret involved: org admin)."""
+    _refuse_raw_token(access, data)
+    sent = data.model_dump(exclude_unset=True)
+    name, url, transport = data.name, data.url, data.transport
+    server = get_server(session, access, server_id, for_update=True)
 
     changed: list[str] = []
-    if "secret_ref" in fields and fields["secret_ref"] != server.secret_ref:
-        new_ref = fields["secret_ref"]
+    if "secret_ref" in sent and sent["secret_ref"] != server.secret_ref:
+        new_ref = sent["secret_ref"]
         if new_ref is not None:
             if not access.is_admin:
                 raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
@@ -193,7 +168,8 @@ def _holds_credential(session: Session, server: McpServer) -> bool:
 
 
 def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> None:
-    server = get_server(session, access.org, server_id, for_update=True)
+    """Delete a server and its tool list (any member; a bound secret: org admin)."""
+    server = get_server(session, access, server_id, for_update=True)
     if _holds_credential(session, server) and not access.is_admin:
         raise ForbiddenError("deleting a server with a bound secret needs the org admin role")
     session.execute(delete(McpTool).where(McpTool.mcp_server_id == server.id))
@@ -212,13 +188,14 @@ def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, serv
 
 def request_validation(session: Session, ctx: RequestContext, access: OrgAccess, server_id: str) -> Job:
     """Queue a validation (any member: it sends the secret only where an admin allowed it)."""
-    server = get_server(session, access.org, server_id, for_update=True)
+    server = get_server(session, access, server_id, for_update=True)
     server.updated_at = utcnow()
     return queue_validation(session, ctx, server)
 
 
-def list_tools(session: Session, org: Org, server_id: str) -> list[McpTool]:
-    server = get_server(session, org, server_id)
+def list_tools(session: Session, access: OrgAccess, server_id: str) -> list[McpTool]:
+    """The tools of the server's last successful validation (any member)."""
+    server = get_server(session, access, server_id)
     return list(session.scalars(select(McpTool).where(McpTool.mcp_server_id == server.id).order_by(McpTool.name)))
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, UTCDateTime, new_id
 
@@ -89,6 +89,8 @@ class Agent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     # The legacy ``model`` and ``secret_ref`` (revision 0001) are not mapped; see app/backfill/legacy.py.
+    # Read-only: app.agents.service replaces the selection (its rows) as a whole.
+    tools: Mapped[list[AgentTool]] = relationship(viewonly=True, order_by="AgentTool.id")
 
 
 class McpTool(Base):

@@ -8,6 +8,7 @@ from flask import flash, redirect, render_template, request, url_for
 from sqlalchemy import select
 
 from app.agents import service as agents
+from app.agents.schemas import AgentCreate, RunCreate
 from app.api.framework import request_context
 from app.errors import NotFoundError, ValidationFailedError
 from app.identity.access import OrgAccess
@@ -15,6 +16,7 @@ from app.mcp import service as mcp
 from app.models import Agent, AgentRun, McpTool
 from app.providers import service as providers
 from app.web.core import db, form_errors, page
+from app.web.forms import validated
 
 FIELDS = ("name", "provider_id", "model_id", "system_prompt", "tools", "input")
 # Run statuses that will still change: the events fragment keeps polling while in one.
@@ -33,7 +35,7 @@ def _form() -> dict[str, Any]:
 
 
 def _tool_refs(values: list[str]) -> list[dict[str, str]]:
-    """Checkbox values ``<server id>|<tool name>`` as the service's tool references."""
+    """Checkbox values ``<server id>|<tool name>`` as the model's tool references."""
     refs = []
     for value in values:
         server_id, sep, tool = value.partition("|")
@@ -43,7 +45,7 @@ def _tool_refs(values: list[str]) -> list[dict[str, str]]:
 
 
 def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> str:
-    servers = [s for s in mcp.list_servers(db(), access.org, limit=200, cursor=None).items if s.status == "valid"]
+    servers = [s for s in mcp.list_servers(db(), access, limit=200, cursor=None).items if s.status == "valid"]
     tools: dict[str, list[McpTool]] = {s.id: [] for s in servers}
     if servers:
         for tool in db().scalars(
@@ -56,7 +58,7 @@ def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> 
         "agents/form.html",
         form=form,
         errors=errors,
-        provider_options=providers.list_providers(db(), access.org, limit=200, cursor=None).items,
+        provider_options=providers.list_providers(db(), access, limit=200, cursor=None).items,
         servers=servers,
         tools=tools,
     )
@@ -65,11 +67,9 @@ def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> 
 @page("/orgs/<org>/agents", org_role="member")
 def list_agents(access: OrgAccess) -> str:
     """The org's agents."""
-    items = agents.list_agents(db(), access.org, limit=200, cursor=None).items
-    names = {p.id: p.name for p in providers.list_providers(db(), access.org, limit=200, cursor=None).items}
-    return render_template(
-        "agents/list.html", items=items, provider_names=names, tools=agents.tools_of(db(), [a.id for a in items])
-    )
+    items = agents.list_agents(db(), access, limit=200, cursor=None).items
+    names = {p.id: p.name for p in providers.list_providers(db(), access, limit=200, cursor=None).items}
+    return render_template("agents/list.html", items=items, provider_names=names)
 
 
 @page("/orgs/<org>/agents/new", ["GET", "POST"], org_role="member")
@@ -78,15 +78,12 @@ def new_agent(access: OrgAccess) -> Any:
     if request.method == "GET":
         return _render(access, {"tools": []}, {})
     form = _form()
-    fields = {
-        "name": form["name"],
-        "provider_id": form["provider_id"],
-        "model_id": form["model_id"] or None,
-        "system_prompt": form["system_prompt"] or None,
-        "tools": _tool_refs(form["tools"]),
-    }
+    values = {key: form[key] for key in ("name", "provider_id", "model_id", "system_prompt")}
     try:
-        agent = agents.create_agent(db(), request_context(), access.org, fields)
+        data = validated(
+            AgentCreate, {**values, "tools": _tool_refs(form["tools"])}, blank_is_none=("model_id", "system_prompt")
+        )
+        agent = agents.create_agent(db(), request_context(), access, data)
     except ValidationFailedError as exc:
         db().rollback()
         return _render(access, form, form_errors(exc, FIELDS)), exc.status
@@ -97,7 +94,7 @@ def new_agent(access: OrgAccess) -> Any:
 def _run_of(access: OrgAccess, agent: Agent, run_id: str | None) -> AgentRun | None:
     if not run_id:
         return None
-    run = agents.get_run(db(), access.org, run_id)
+    run = agents.get_run(db(), access, run_id)
     if run.agent_id != agent.id:
         raise NotFoundError("run not found")
     return run
@@ -106,16 +103,15 @@ def _run_of(access: OrgAccess, agent: Agent, run_id: str | None) -> AgentRun | N
 @page("/orgs/<org>/agents/<agent_id>", org_role="member")
 def agent_detail(access: OrgAccess, agent_id: str) -> str:
     """An agent: its settings and tools, a form to start a run, and the run's events as they arrive."""
-    agent = agents.get_agent(db(), access.org, agent_id)
-    provider = providers.get_provider(db(), access.org, agent.provider_id or "")
+    agent = agents.get_agent(db(), access, agent_id)
+    provider = providers.get_provider(db(), access, agent.provider_id or "")
     run = _run_of(access, agent, request.args.get("run"))
     return render_template(
         "agents/detail.html",
         agent=agent,
         provider=provider,
-        tools=agents.tools_of(db(), [agent.id])[agent.id],
         run=run,
-        runs=agents.recent_runs(db(), access.org, agent.id),
+        runs=agents.recent_runs(db(), access, agent.id),
         running=RUNNING,
         errors={},
         form={},
@@ -127,15 +123,15 @@ def start_run(access: OrgAccess, agent_id: str) -> Any:
     """Start a run and show it on the agent's page."""
     text = request.form.get("input", "")
     try:
-        run, _job = agents.start_run(db(), request_context(), access.org, agent_id, text)
+        data = validated(RunCreate, {"input": text})
+        run, _job = agents.start_run(db(), request_context(), access, agent_id, data)
     except ValidationFailedError as exc:
         db().rollback()
-        agent = agents.get_agent(db(), access.org, agent_id)
+        agent = agents.get_agent(db(), access, agent_id)
         page_ = render_template(
             "agents/detail.html",
             agent=agent,
-            provider=providers.get_provider(db(), access.org, agent.provider_id or ""),
-            tools=agents.tools_of(db(), [agent.id])[agent.id],
+            provider=providers.get_provider(db(), access, agent.provider_id or ""),
             run=None,
             running=RUNNING,
             errors=form_errors(exc, FIELDS),
@@ -148,12 +144,12 @@ def start_run(access: OrgAccess, agent_id: str) -> Any:
 @page("/orgs/<org>/runs/<run_id>/events", org_role="member")
 def run_events(access: OrgAccess, run_id: str) -> str:
     """A run's status, events and output (a fragment the agent page polls until the run ends)."""
-    return render_template("agents/_run.html", run=agents.get_run(db(), access.org, run_id), running=RUNNING)
+    return render_template("agents/_run.html", run=agents.get_run(db(), access, run_id), running=RUNNING)
 
 
 @page("/orgs/<org>/agents/<agent_id>/delete", ["POST"], org_role="member")
 def delete_agent(access: OrgAccess, agent_id: str) -> Any:
     """Delete an agent and its runs."""
-    agents.delete_agent(db(), request_context(), access.org, agent_id)
+    agents.delete_agent(db(), request_context(), access, agent_id)
     flash("Agent deleted.", "success")
     return redirect(url_for("web.list_agents", org=access.org.slug))

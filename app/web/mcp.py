@@ -9,17 +9,19 @@ from flask import flash, redirect, render_template, request, url_for
 from app.api.framework import request_context
 from app.errors import ConflictError, FieldError, ValidationFailedError
 from app.identity.access import OrgAccess
+from app.mcp import catalog
 from app.mcp import service as mcp
+from app.mcp.schemas import McpServerCreate, McpServerUpdate
 from app.models import McpServer
 from app.secrets import service as secrets
 from app.web.core import db, form_errors, page
+from app.web.forms import validated
 from app.web.secrets import public_keys
 
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
 NEW_SECRET = "__new__"  # noqa: S105 - the picker option for "create a new secret", not a secret
 # Statuses that will change on their own: the status fragment keeps polling while in one.
 PENDING = ("pending", "validating")
-TRANSPORTS = ("streamable_http", "sse")
 
 
 def _form() -> dict[str, str]:
@@ -30,7 +32,7 @@ def _form() -> dict[str, str]:
 def _render(
     access: OrgAccess, server: McpServer | None, form: dict[str, str], errors: dict[str, str], template: str
 ) -> str:
-    tools = mcp.list_tools(db(), access.org, server.id) if server is not None else []
+    tools = mcp.list_tools(db(), access, server.id) if server is not None else []
     return render_template(
         template,
         server=server,
@@ -38,7 +40,7 @@ def _render(
         form=form,
         errors=errors,
         secret_options=secrets.list_secrets(db(), access.org, limit=200, cursor=None).items,
-        transports=TRANSPORTS,
+        transports=catalog.TRANSPORTS,
         new_secret=NEW_SECRET,
         pending=PENDING,
     )
@@ -81,7 +83,7 @@ def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
 @page("/orgs/<org>/mcp-servers", org_role="member")
 def list_mcp_servers(access: OrgAccess) -> str:
     """The org's MCP servers with their validation status."""
-    items = mcp.list_servers(db(), access.org, limit=200, cursor=None).items
+    items = mcp.list_servers(db(), access, limit=200, cursor=None).items
     return render_template("mcp/list.html", items=items)
 
 
@@ -92,11 +94,11 @@ def new_mcp_server(access: OrgAccess) -> Any:
         return _render(access, None, {"transport": "streamable_http"}, {}, "mcp/form.html")
     form = _form()
     try:
-        fields: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
+        values: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
         ref = _secret_ref(access, form)
         if ref is not None:
-            fields["secret_ref"] = ref
-        server, _job = mcp.create_server(db(), request_context(), access, fields)
+            values["secret_ref"] = ref
+        server, _job = mcp.create_server(db(), request_context(), access, validated(McpServerCreate, values))
     except (ValidationFailedError, ConflictError) as exc:
         db().rollback()
         return _render(access, None, form, _refused(exc), "mcp/form.html"), (exc.status)
@@ -116,18 +118,19 @@ def _form_of(server: McpServer) -> dict[str, str]:
 @page("/orgs/<org>/mcp-servers/<server_id>", ["GET", "POST"], org_role="member")
 def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
     """A server: live status, its tools, and the edit form."""
-    server = mcp.get_server(db(), access.org, server_id)
+    server = mcp.get_server(db(), access, server_id)
     if request.method == "GET":
         return _render(access, server, _form_of(server), {}, "mcp/detail.html")
     form = _form()
     try:
-        fields: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
+        values: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
         if access.is_admin:  # members cannot bind secrets; their form has no picker
-            fields["secret_ref"] = _secret_ref(access, form)
-        server, job = mcp.update_server(db(), request_context(), access, server_id, fields)
+            values["secret_ref"] = _secret_ref(access, form)
+        data = validated(McpServerUpdate, values)
+        server, job = mcp.update_server(db(), request_context(), access, server_id, data)
     except (ValidationFailedError, ConflictError) as exc:
         db().rollback()
-        server = mcp.get_server(db(), access.org, server_id)
+        server = mcp.get_server(db(), access, server_id)
         errors = _refused(exc)
         return _render(access, server, form, errors, "mcp/detail.html"), exc.status
     flash("Saved; validating it again." if job else "Saved.", "success")
@@ -137,9 +140,9 @@ def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
 @page("/orgs/<org>/mcp-servers/<server_id>/status", org_role="member")
 def mcp_server_status(access: OrgAccess, server_id: str) -> str:
     """The status badge and tool list (a fragment the page polls while validation runs)."""
-    server = mcp.get_server(db(), access.org, server_id)
+    server = mcp.get_server(db(), access, server_id)
     return render_template(
-        "mcp/_status.html", server=server, tools=mcp.list_tools(db(), access.org, server.id), pending=PENDING
+        "mcp/_status.html", server=server, tools=mcp.list_tools(db(), access, server.id), pending=PENDING
     )
 
 

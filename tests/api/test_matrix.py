@@ -273,11 +273,15 @@ def _agent(caller: Caller, slug: str, provider_id: str) -> str:
 
 def _run(factory: Factory, slug: str, agent_id: str) -> str:
     from app.agents import service as agents
+    from app.agents.schemas import RunCreate
     from app.identity import service as identity
+    from app.identity.access import OrgAccess
+    from app.models import Role
     from tests.factories import CTX
 
     with factory.db.session() as s:
-        run, _job = agents.start_run(s, CTX, identity.get_org(s, slug), agent_id, "hello")
+        access = OrgAccess(identity.get_org(s, slug), Role.MEMBER)
+        run, _job = agents.start_run(s, CTX, access, agent_id, RunCreate(input="hello"))
 
         drop_queued(s)  # never published: the row is all the matrix needs
         return run.id

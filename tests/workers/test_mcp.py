@@ -351,6 +351,7 @@ def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legac
     from app.identity import service as identity
     from app.identity.access import OrgAccess
     from app.mcp import service as mcp_service
+    from app.mcp.schemas import McpServerUpdate
     from app.models.identity import Role
     from tests.factories import CTX
     from tests.workers.legacy_data import ORG_A
@@ -366,7 +367,7 @@ def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legac
         with legacy_db.session() as s:
             member = OrgAccess(identity.get_org(s, "acme"), Role.MEMBER)
             with pytest.raises(ForbiddenError):
-                mcp_service.update_server(s, CTX, member, server_id, {"url": "https://evil.example/mcp"})
+                mcp_service.update_server(s, CTX, member, server_id, McpServerUpdate(url="https://evil.example/mcp"))
             with pytest.raises(ForbiddenError):
                 mcp_service.delete_server(s, CTX, member, server_id)
     finally:

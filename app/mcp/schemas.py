@@ -1,0 +1,91 @@
+"""MCP server inputs (API bodies and UI forms alike) and outputs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from app.mcp import catalog
+from app.schemas import Strict, refuse
+
+Name = Annotated[str, Field(min_length=1, max_length=catalog.MAX_NAME), AfterValidator(catalog.name)]
+Url = Annotated[str, Field(min_length=1, max_length=catalog.MAX_URL), AfterValidator(catalog.url)]
+Transport = Annotated[str, Field(pattern=catalog.TRANSPORT_PATTERN)]
+SECRET_REF = Field(default=None, description="Id of a secret of this org, sent as the bearer token.")
+# Declared so that the refusal can say what to do instead (app.mcp.service refuses it).
+TOKEN = Field(default=None, description="Not accepted: create a secret and pass secret_ref.")
+
+
+class McpServerCreate(Strict):
+    name: Name
+    url: Url
+    transport: Transport = "streamable_http"
+    secret_ref: str | None = SECRET_REF
+    token: Any = TOKEN
+
+
+class McpServerUpdate(Strict):
+    """The fields to change; a new URL, transport or secret re-queues validation."""
+
+    # An explicit null is refused by the field's own rule (secret_ref: null unbinds).
+    name: Annotated[Name | None, AfterValidator(catalog.name)] = None
+    url: Annotated[Url | None, AfterValidator(catalog.url)] = None
+    transport: Annotated[Transport | None, AfterValidator(catalog.transport)] = None
+    secret_ref: str | None = None
+    token: Any = TOKEN
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if not self.model_fields_set:
+            raise refuse("give at least one of name, url, transport, secret_ref")
+        return self
+
+
+class StatusError(BaseModel):
+    code: str
+    message: str
+
+
+class McpServerOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    url: str
+    transport: str
+    secret_ref: str | None
+    status: str = Field(description="pending | validating | valid | invalid")
+    status_error_code: str | None = Field(exclude=True)
+    status_error_message: str | None = Field(exclude=True)
+    validated_at: datetime | None
+    tool_count: int
+    created_at: datetime
+    updated_at: datetime
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status_error(self) -> StatusError | None:
+        if not self.status_error_code:
+            return None
+        return StatusError(code=self.status_error_code, message=self.status_error_message or "")
+
+
+class McpServerList(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    items: list[McpServerOut]
+    next_cursor: str | None
+
+
+class ToolOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    description: str | None
+    input_schema: dict[str, Any]
+
+
+class ToolList(BaseModel):
+    items: list[ToolOut]
