@@ -7,14 +7,34 @@ parts: strictness and the one way a datetime is accepted.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict
+from pydantic_core import PydanticCustomError
+
+T = TypeVar("T")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def checked(rule: Callable[[T], T]) -> AfterValidator:
+    """A domain rule (``app/<domain>/catalog.py``) as a field validator.
+
+    The rule raises ValueError with the message a client sees; pydantic would prefix it with
+    "Value error, ", so it is re-raised as the field's error, word for word.
+    """
+
+    def check(value: T) -> T:
+        try:
+            return rule(value)
+        except ValueError as exc:
+            raise PydanticCustomError("value_error", str(exc)) from None
+
+    return AfterValidator(check)
 
 
 _RFC3339_PREFIX = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}")

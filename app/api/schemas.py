@@ -9,7 +9,6 @@ from pydantic import BaseModel, Field
 
 from app.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_CURSOR, MAX_LIMIT
 from app.schemas import Strict, UtcDateTime
-from app.secrets.service import MAX_ALLOWED_HOSTS, MAX_DESCRIPTION, NAME_RE
 
 
 class ListQuery(Strict):
@@ -21,62 +20,6 @@ class ListQuery(Strict):
         description="Opaque: the next_cursor of the previous page, unchanged (signed; any other is a 400).",
         json_schema_extra={"pattern": CURSOR_PATTERN, "maxLength": MAX_CURSOR},
     )
-
-
-# Secrets ---------------------------------------------------------------------------------
-
-SECRET_NAME = Field(pattern=NAME_RE.pattern, description="Unique per org.")
-SECRET_VALUE = Field(min_length=1, description="Non-empty UTF-8, at most 64 KiB. Never returned by reads.")
-HOSTS = Field(
-    default=None,
-    max_length=MAX_ALLOWED_HOSTS,
-    description="Hosts this secret may be sent to: exact names or '*.suffix' patterns. Empty: any host.",
-)
-
-
-class SecretCreate(Strict):
-    name: str = SECRET_NAME
-    value: str = SECRET_VALUE
-    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
-    allowed_hosts: list[str] | None = HOSTS
-
-
-class SecretUpdate(Strict):
-    name: str | None = Field(default=None, pattern=NAME_RE.pattern)
-    value: str | None = Field(default=None, min_length=1)
-    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
-    allowed_hosts: list[str] | None = HOSTS
-
-
-class SecretUserOut(BaseModel):
-    type: str = Field(description="provider | mcp_server | agent")
-    id: str
-    name: str
-
-
-class SecretOut(BaseModel):
-    id: str
-    name: str
-    description: str | None
-    version: int
-    value_hint: str | None = Field(description="Last 4 characters of values of 20+ characters, else null.")
-    allowed_hosts: list[str]
-    created_at: datetime
-    updated_at: datetime
-    rotated_at: datetime | None
-    created_by: str | None
-    updated_by: str | None
-    used_by: list[SecretUserOut]
-
-
-class SecretList(BaseModel):
-    items: list[SecretOut]
-    next_cursor: str | None
-
-
-class SecretRevealed(BaseModel):
-    value: str = Field(description="The current value. Never cached: the answer carries Cache-Control: no-store.")
-    version: int = Field(description="The version this value belongs to.")
 
 
 # Audit -----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from app.identity.access import OrgAccess
 from app.mcp import service as mcp
 from app.models import McpServer
 from app.secrets import service as secrets
+from app.secrets.schemas import SecretCreate
 from app.web.core import db, form_errors, page
+from app.web.forms import parse_form
 from app.web.secrets import public_keys
 
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
@@ -37,7 +39,7 @@ def _render(
         tools=tools,
         form=form,
         errors=errors,
-        secret_options=secrets.list_secrets(db(), access.org, limit=200, cursor=None).items,
+        secret_options=secrets.list_secrets(db(), access, limit=200, cursor=None).items,
         transports=TRANSPORTS,
         new_secret=NEW_SECRET,
         pending=PENDING,
@@ -51,14 +53,8 @@ def _secret_ref(access: OrgAccess, form: dict[str, str]) -> str | None:
         return choice
     access.require_admin()
     try:
-        secret = secrets.create_secret(
-            db(),
-            request_context(),
-            access.org,
-            public_keys(),
-            name=form.get("new_secret_name", ""),
-            value=request.form.get("new_secret_value", ""),
-        )
+        new = {"name": form.get("new_secret_name", ""), "value": request.form.get("new_secret_value", "")}
+        secret = secrets.create_secret(db(), request_context(), access, public_keys(), parse_form(SecretCreate, new))
     except ValidationFailedError as exc:
         # The new secret's fields are named new_secret_* on this form.
         raise ValidationFailedError(

@@ -44,7 +44,7 @@ def _fields(form: dict[str, str]) -> dict[str, Any]:
 
 
 def _render(provider: Provider | None, form: dict[str, str], errors: dict[str, str], access: OrgAccess) -> str:
-    options = secrets.list_secrets(db(), access.org, limit=200, cursor=None).items
+    options = secrets.list_secrets(db(), access, limit=200, cursor=None).items
     return render_template(
         "providers/form.html",
         provider=provider,
@@ -78,7 +78,7 @@ def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
 def list_providers(access: OrgAccess) -> str:
     """The org's provider catalog."""
     items = providers.list_providers(db(), access.org, limit=200, cursor=None).items
-    names = {s.id: s.name for s in secrets.list_secrets(db(), access.org, limit=200, cursor=None).items}
+    names = {s.id: s.name for s in secrets.list_secrets(db(), access, limit=200, cursor=None).items}
     return render_template("providers/list.html", items=items, secret_names=names)
 
 
