@@ -9,16 +9,51 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
+from app.errors import FieldError, ValidationFailedError
+
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    """An output model read from a row's attributes, plus what the row does not hold itself."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    @classmethod
+    def of(cls, row: object, **extra: Any) -> Self:
+        """``cls`` from ``row``'s attributes of the same names, and ``extra`` for the rest."""
+        fields = {name: getattr(row, name) for name in cls.model_fields if name not in extra}
+        return cls.model_validate({**fields, **extra})
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+    """pydantic's errors as a 422's ``errors`` list: dotted field names, "unknown field" for extras."""
+    out = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        out.append(FieldError(prefix + loc, message))
+    return out
+
+
+def validated(model: type[M], data: Any) -> M:
+    """``model`` from plain data (a UI form, CLI arguments), or the 422 the API would answer."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailedError(field_errors(exc)) from None
 
 
 def checked(rule: Callable[[T], T]) -> AfterValidator:

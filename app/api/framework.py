@@ -42,6 +42,7 @@ from app.errors import (
 from app.identity import service as identity
 from app.identity.access import OrgRole, org_access
 from app.models import IdempotencyKey, User
+from app.schemas import field_errors
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_PATH_PARAM = 200
@@ -152,17 +153,6 @@ def authenticate() -> User:
 # Parsing ---------------------------------------------------------------------------------
 
 
-def _field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
-    out = []
-    for err in exc.errors(include_input=False, include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        out.append(FieldError(prefix + loc, message))
-    return out
-
-
 def _depth(data: Any) -> int:
     """How deeply arrays and objects nest in parsed JSON (iteratively: no recursion to exhaust)."""
     deepest, stack = 0, [(data, 1)]
@@ -206,7 +196,7 @@ def parse_json_body(model: type[BaseModel]) -> BaseModel:
         # JSON mode: strict types, but ISO-8601 strings are accepted for datetimes.
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        raise ValidationFailedError(_field_errors(exc)) from None
+        raise ValidationFailedError(field_errors(exc)) from None
 
 
 def parse_query(model: type[BaseModel]) -> BaseModel:
@@ -219,7 +209,7 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(args)
     except ValidationError as exc:
-        raise ValidationFailedError(_field_errors(exc, "query.")) from None
+        raise ValidationFailedError(field_errors(exc, "query.")) from None
 
 
 # Idempotency -----------------------------------------------------------------------------

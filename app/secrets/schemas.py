@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from app.models import Secret
 from app.observability import redact
-from app.schemas import Strict, checked
+from app.schemas import Out, Strict, checked
 from app.secrets.catalog import (
     MAX_ALLOWED_HOSTS,
     MAX_DESCRIPTION,
@@ -71,15 +70,13 @@ class SecretUpdate(Strict):
 
 
 class SecretUserOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
     type: str = Field(description="provider | mcp_server | agent")
     id: str
     name: str
 
 
-class SecretOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class SecretOut(Out):
+    """A secret's metadata (``SecretOut.of(row, used_by=...)``); never its value."""
 
     id: str
     name: str
@@ -94,22 +91,12 @@ class SecretOut(BaseModel):
     updated_by: str | None
     used_by: list[SecretUserOut]
 
-    @classmethod
-    def of(cls, secret: Secret, used_by: list[SecretUserOut]) -> SecretOut:
-        """A row's metadata, read from its attributes, with the resources that use it."""
-        row: dict[str, Any] = {name: getattr(secret, name) for name in cls.model_fields if name != "used_by"}
-        return cls.model_validate({**row, "used_by": used_by})
 
-
-class SecretList(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
+class SecretList(Out):
     items: list[SecretOut]
     next_cursor: str | None
 
 
-class SecretRevealed(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
+class SecretRevealed(Out):
     value: str = Field(description="The current value. Never cached: the answer carries Cache-Control: no-store.")
     version: int = Field(description="The version this value belongs to.")

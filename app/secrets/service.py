@@ -67,14 +67,14 @@ def _users(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, li
 
 
 def _out(session: Session, secret: Secret) -> SecretOut:
-    return SecretOut.of(secret, _users(session, secret.org_id, [secret.id]).get(secret.id, []))
+    return SecretOut.of(secret, used_by=_users(session, secret.org_id, [secret.id]).get(secret.id, []))
 
 
 def list_secrets(session: Session, access: OrgAccess, *, limit: int, cursor: str | None) -> Page[SecretOut]:
     """The org's managed secrets (metadata and users, never values), oldest first."""
     page = paginate(session, _managed(access.org.id), Secret.id, limit=limit, cursor=cursor)
     users = _users(session, access.org.id, [s.id for s in page.items])
-    return Page([SecretOut.of(s, users.get(s.id, [])) for s in page.items], page.next_cursor)
+    return Page([SecretOut.of(s, used_by=users.get(s.id, [])) for s in page.items], page.next_cursor)
 
 
 def get_secret(session: Session, access: OrgAccess, secret_id: str) -> SecretOut:
@@ -149,7 +149,7 @@ def create_secret(
         target_id=secret.id,
         details={"name": data.name, "version": 1, "key_id": sealed.key_id, "allowed_hosts": hosts},
     )
-    return SecretOut.of(secret, [])
+    return SecretOut.of(secret, used_by=[])
 
 
 def parse_if_match(header: str | None) -> int | None:

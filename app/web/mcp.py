@@ -11,10 +11,10 @@ from app.errors import ConflictError, FieldError, ValidationFailedError
 from app.identity.access import OrgAccess
 from app.mcp import service as mcp
 from app.models import McpServer
+from app.schemas import validated
 from app.secrets import service as secrets
 from app.secrets.schemas import SecretCreate
 from app.web.core import db, form_errors, page
-from app.web.forms import parse_form
 from app.web.secrets import public_keys
 
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
@@ -54,7 +54,7 @@ def _secret_ref(access: OrgAccess, form: dict[str, str]) -> str | None:
     access.require_admin()
     try:
         new = {"name": form.get("new_secret_name", ""), "value": request.form.get("new_secret_value", "")}
-        secret = secrets.create_secret(db(), request_context(), access, public_keys(), parse_form(SecretCreate, new))
+        secret = secrets.create_secret(db(), request_context(), access, public_keys(), validated(SecretCreate, new))
     except ValidationFailedError as exc:
         # The new secret's fields are named new_secret_* on this form.
         raise ValidationFailedError(

@@ -19,11 +19,11 @@ from app.errors import (
 )
 from app.identity.access import OrgAccess
 from app.models import AuditEvent
+from app.schemas import validated
 from app.secrets import service as secrets
 from app.secrets.keyring import PublicKeySet
 from app.secrets.schemas import SecretCreate, SecretOut, SecretUpdate
 from app.web.core import REVEAL_HIDE_SECONDS, db, form_errors, int_or_none, invalid, page
-from app.web.forms import parse_form
 
 FIELDS = ("name", "value", "description", "allowed_hosts")
 AUDIT_TRAIL_LIMIT = 50
@@ -76,7 +76,7 @@ def new_secret(access: OrgAccess) -> Any:
         return render_template("secrets/form.html", secret=None, form={}, errors={})
     form = _form()
     try:
-        data = parse_form(SecretCreate, {"value": "", **_fields(form)})
+        data = validated(SecretCreate, {"value": "", **_fields(form)})
         secret = secrets.create_secret(db(), request_context(), access, public_keys(), data)
     except (ValidationFailedError, ConflictError) as exc:
         errors = form_errors(exc, FIELDS) if isinstance(exc, ValidationFailedError) else {"name": exc.detail}
@@ -132,7 +132,7 @@ def edit_secret(access: OrgAccess, secret_id: str) -> Any:
     form = _form()
     before = secret.version
     try:
-        data = parse_form(SecretUpdate, _fields(form))
+        data = validated(SecretUpdate, _fields(form))
         if_match = int_or_none(request.form.get("version"))
         secret = secrets.update_secret(
             db(), request_context(), access, public_keys(), secret_id, data, if_match=if_match
