@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 from app.agents import service as agents
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
-from app.api.jobs import job_out
-from app.api.schemas import JobOut, ListQuery
+from app.api.schemas import ListQuery
 from app.identity.access import org_access as access_of
+from app.jobs.schemas import JobOut
 from app.models import Agent, AgentRun
 from app.schemas import Strict
 
@@ -190,7 +190,7 @@ def start_run(org: str, agent_id: str, body: RunCreate) -> Result:
     """Start a run; poll the run (or its job) for events and the output."""
     access = access_of(session(), current_user(), org)
     run, job = agents.start_run(session(), request_context(), access.org, agent_id, body.input)
-    return Result(RunAccepted(run=run_out(run), job=job_out(job)), 202)
+    return Result(RunAccepted(run=run_out(run), job=JobOut.model_validate(job)), 202)
 
 
 @route(bp, "/orgs/<org>/runs/<run_id>", "GET", response=RunOut, tags=TAGS, errors=[401, 404])

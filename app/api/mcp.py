@@ -9,9 +9,9 @@ from pydantic import BaseModel, Field
 
 from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
-from app.api.jobs import job_out
-from app.api.schemas import JobAccepted, JobOut, ListQuery
+from app.api.schemas import JobAccepted, ListQuery
 from app.identity.access import org_access as access_of
+from app.jobs.schemas import JobOut
 from app.mcp import service as mcp
 from app.models import Job, McpServer
 from app.schemas import Strict
@@ -95,7 +95,7 @@ def server_out(server: McpServer) -> McpServerOut:
 
 
 def _with_job(server: McpServer, job: Job | None) -> McpServerWithJob:
-    return McpServerWithJob(**server_out(server).model_dump(), job=job_out(job) if job else None)
+    return McpServerWithJob(**server_out(server).model_dump(), job=JobOut.model_validate(job) if job else None)
 
 
 @route(bp, "/orgs/<org>/mcp-servers", "GET", query=ListQuery, response=McpServerList, tags=TAGS, errors=[401, 404])

@@ -1,14 +1,13 @@
-"""Request and response models: they validate input and generate the OpenAPI document."""
+"""API-only models: list paging, and the envelopes of API answers. Domain models live in their packages."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from pydantic import BaseModel, Field
 
+from app.audit.schemas import AuditFilter
+from app.jobs.schemas import JobOut
 from app.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_CURSOR, MAX_LIMIT
-from app.schemas import Strict, UtcDateTime
+from app.schemas import Strict
 
 
 class ListQuery(Strict):
@@ -25,60 +24,11 @@ class ListQuery(Strict):
 # Audit -----------------------------------------------------------------------------------
 
 
-class AuditQuery(ListQuery):
-    action: str | None = Field(default=None, max_length=64)
-    target_type: str | None = Field(default=None, max_length=32)
-    target_id: str | None = Field(default=None, max_length=64)
-    since: UtcDateTime | None = None
-
-
-class Ref(BaseModel):
-    type: str | None
-    id: str | None
-
-
-class AuditEventOut(BaseModel):
-    id: str
-    seq: int
-    at: datetime
-    actor: Ref
-    action: str
-    target: Ref
-    request_id: str | None
-    ip: str | None
-    details: dict[str, Any]
-    hash: str
-    prev_hash: str
-
-
-class AuditEventList(BaseModel):
-    items: list[AuditEventOut]
-    next_cursor: str | None
+class AuditQuery(AuditFilter, ListQuery):
+    """A page of audit events matching the filter."""
 
 
 # Jobs ------------------------------------------------------------------------------------
-
-
-class Progress(BaseModel):
-    done: int
-    total: int | None
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class JobOut(BaseModel):
-    id: str
-    kind: str
-    status: str = Field(description="queued | running | succeeded | failed")
-    progress: Progress
-    result: dict[str, Any] | None
-    error: JobError | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
 
 
 class JobAccepted(BaseModel):

@@ -6,10 +6,11 @@ import re
 from typing import Any
 
 from flask import Response, current_app, flash, jsonify, redirect, render_template, request, url_for
-from sqlalchemy import select
 
 from app.api.framework import request_context
 from app.api.secrets import NO_STORE, reveal_now
+from app.audit import service as audit
+from app.audit.schemas import AuditFilter
 from app.errors import (
     ConflictError,
     SecretInUseError,
@@ -88,18 +89,8 @@ def new_secret(access: OrgAccess) -> Any:
 def _audit_trail(access: OrgAccess, secret_id: str) -> list[AuditEvent]:
     if not access.is_admin:  # the audit log is for org admins, as in the API
         return []
-    return list(
-        db().scalars(
-            select(AuditEvent)
-            .where(
-                AuditEvent.chain == access.org.id,
-                AuditEvent.target_type == "secret",
-                AuditEvent.target_id == secret_id,
-            )
-            .order_by(AuditEvent.seq.desc())
-            .limit(AUDIT_TRAIL_LIMIT)
-        )
-    )
+    where = AuditFilter(target_type="secret", target_id=secret_id)
+    return audit.list_events(db(), access, where, limit=AUDIT_TRAIL_LIMIT, cursor=None).items
 
 
 def _detail(access: OrgAccess, secret: SecretOut, **extra: Any) -> str:
