@@ -442,10 +442,14 @@ def member() -> None:
 @one_line_errors
 def member_add(org_slug: str, email: str, role: str) -> None:
     """Add EMAIL to ORG with a role (or change their role)."""
+    from app.access import OrgAccess
     from app.identity import service as identity
+    from app.models import Role
 
     with unit_of_work() as s:
-        identity.add_member(s, cli_context(), identity.get_org(s, org_slug), identity.get_user_by_email(s, email), role)
+        # Whoever runs the CLI runs the instance: they act with an org admin's rights.
+        access = OrgAccess.system(identity.get_org(s, org_slug))
+        identity.add_member(s, cli_context(), access, identity.get_user_by_email(s, email), Role(role))
 
 
 @main.group()
@@ -464,10 +468,13 @@ def token_create(email: str, name: str, expires_in_days: int | None) -> None:
 
     from app.db import utcnow
     from app.identity import service as identity
+    from app.identity.schemas import TokenCreate
+    from app.schemas import validated
 
     expires = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
+    data = validated(TokenCreate, {"name": name, "expires_at": expires})
     with unit_of_work() as s:
-        _tok, raw = identity.create_token(s, cli_context(), identity.get_user_by_email(s, email), name, expires)
+        _tok, raw = identity.create_token(s, cli_context(), identity.get_user_by_email(s, email), data)
     click.echo(raw)
 
 

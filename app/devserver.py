@@ -78,8 +78,10 @@ def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
     The demo admin is also an instance operator, so the operator page (backfill, verify,
     re-seal) can be tried too; that is for this embedded default only.
     """
+    from app.access import OrgAccess
     from app.identity import service as identity
-    from app.models import ApiToken, Org, User
+    from app.identity.schemas import TokenCreate
+    from app.models import ApiToken, Org, Role, User
 
     password = _random.token_urlsafe(12)
     with db.session() as s:
@@ -90,12 +92,12 @@ def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
         else:
             identity.set_password(s, ctx, user, password)
             user.is_operator = True
-        identity.add_member(s, ctx, org, user, "admin")
+        identity.add_member(s, ctx, OrgAccess.system(org), user, Role.ADMIN)
         # One live dev token at a time: earlier ones printed by previous runs are revoked.
         for old in s.scalars(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == "dev")):
             if old.revoked_at is None:
                 old.revoked_at = utcnow()
-        _tok, raw = identity.create_token(s, ctx, user, "dev")
+        _tok, raw = identity.create_token(s, ctx, user, TokenCreate(name="dev"))
     return password, raw
 
 

@@ -8,16 +8,74 @@ of a display name.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
+
+from app.errors import FieldError, ValidationFailedError
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    """An output model read from a row's attributes, plus what the row does not hold itself."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    @classmethod
+    def of(cls, row: object, **extra: Any) -> Self:
+        """``cls`` from ``row``'s attributes of the same names, and ``extra`` for the rest."""
+        fields = {name: getattr(row, name) for name in cls.model_fields if name not in extra}
+        return cls.model_validate({**fields, **extra})
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+    """pydantic's errors as a 422's ``errors`` list: dotted field names, "unknown field" for extras."""
+    out = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        out.append(FieldError(prefix + loc, message))
+    return out
+
+
+def validated(model: type[M], data: Mapping[str, Any], *, blank_is_none: tuple[str, ...] = ()) -> M:
+    """``model`` from plain data (a UI form, CLI arguments), or the 422 the API would answer.
+
+    A form field cannot be null or left out: the names in ``blank_is_none`` are optional fields
+    whose empty input means "none".
+    """
+    data = {k: (None if k in blank_is_none and v == "" else v) for k, v in data.items()}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailedError(field_errors(exc)) from None
+
+
+def checked(rule: Callable[[T], T]) -> AfterValidator:
+    """A domain rule (``app/<domain>/catalog.py``) as a field validator.
+
+    The rule raises ValueError with the message a client sees; pydantic would prefix it with
+    "Value error, ", so it is re-raised as the field's error, word for word.
+    """
+
+    def check(value: T) -> T:
+        try:
+            return rule(value)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+
+    return AfterValidator(check)
 
 
 _RFC3339_PREFIX = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}")
@@ -53,7 +111,7 @@ def refuse(message: str) -> PydanticCustomError:
 
     (A plain ``ValueError`` would reach the client as "Value error, <message>".)
     """
-    return PydanticCustomError("invalid", message)
+    return PydanticCustomError("value_error", message)
 
 
 def trimmed_name(max_length: int) -> Callable[[str | None], str]:

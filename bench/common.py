@@ -22,10 +22,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import migrate
+from app.access import OrgAccess
 from app.config import Settings, load_settings
 from app.context import Actor, RequestContext
 from app.db import Database
 from app.identity import service as identity
+from app.identity.schemas import TokenCreate
 from app.secrets.keyring import Keyring
 
 PG_ADMIN_URL = os.environ.get("LATCHKEY_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -123,8 +125,8 @@ def make_user(db: Database, *, org_slug: str | None = None, role: str = "admin",
         org = identity.create_org(s, CTX, org_slug, org_slug.title()) if org_slug else None
         user = identity.create_user(s, CTX, f"bench-{os.getpid()}-{next(_seq)}@example.test", operator=operator)
         if org is not None:
-            identity.add_member(s, CTX, org, user, role)
-        _tok, raw = identity.create_token(s, CTX, user, "bench")
+            identity.add_member(s, CTX, OrgAccess.system(org), user, role)
+        _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="bench"))
         return Principal(user.id, raw, org.id if org else None, org_slug)
 
 

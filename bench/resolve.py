@@ -43,6 +43,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, event, select
 from werkzeug.serving import make_server
 
+from app.access import OrgAccess
 from app.db import Database
 from app.factory import create_app
 from app.models import Org, Secret
@@ -50,6 +51,7 @@ from app.secrets import cachekeys
 from app.secrets import service as secrets_service
 from app.secrets.keyring import Keyring
 from app.secrets.resolver import LATENCY, RESOLVES, Resolver, SecretReader
+from app.secrets.schemas import SecretCreate
 from app.secrets.sealing import open_sealed, secret_context
 from bench.common import (
     CTX,
@@ -311,9 +313,8 @@ class Bench:
         with self.db.session() as s:
             org = s.get(Org, self.org_id)
             assert org is not None
-            secret = secrets_service.create_secret(
-                s, CTX, org, self.keyring.public_set(), name=name, value=value, allowed_hosts=HOSTS
-            )
+            data = SecretCreate(name=name, value=value, allowed_hosts=HOSTS)
+            secret = secrets_service.create_secret(s, CTX, OrgAccess.system(org), self.keyring.public_set(), data)
             return secret.id
 
     def resolver(self, *, listen: bool, client: redis.Redis | None = None, **options: Any) -> Resolver:

@@ -10,9 +10,11 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 from werkzeug.test import TestResponse
 
+from app.access import OrgAccess
 from app.context import Actor, RequestContext
 from app.db import AFTER_COMMIT, Database
 from app.identity import service as identity
+from app.identity.schemas import TokenCreate
 
 CTX = RequestContext(Actor("system"), request_id="test")
 _seq = itertools.count(1)
@@ -67,8 +69,8 @@ class Factory:
         with self.db.session() as s:
             user = identity.create_user(s, CTX, email, password, operator=operator)
             if org:
-                identity.add_member(s, CTX, identity.get_org(s, org), user, role)
-            _tok, raw = identity.create_token(s, CTX, user, "test")
+                identity.add_member(s, CTX, OrgAccess.system(identity.get_org(s, org)), user, role)
+            _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="test"))
             user_id = user.id
         return Caller(self.client, raw, user_id, email)
 

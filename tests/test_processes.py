@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
+from app.access import OrgAccess
 from app.config import Settings
 from app.db import Database
 from app.identity import service as identity
+from app.identity.schemas import TokenCreate
 from app.secrets.keyring import Keyring
 from tests.factories import CTX
 
@@ -91,8 +93,8 @@ def test_gunicorn_serves_the_api_in_production_mode(gunicorn: int, db: Database)
     with db.session() as s:
         org = identity.create_org(s, CTX, "prod")
         user = identity.create_user(s, CTX, "prod-admin@example.test")
-        identity.add_member(s, CTX, org, user, "admin")
-        _tok, token = identity.create_token(s, CTX, user, "t")
+        identity.add_member(s, CTX, OrgAccess.system(org), user, "admin")
+        _tok, token = identity.create_token(s, CTX, user, TokenCreate(name="t"))
     auth = {"Authorization": f"Bearer {token}"}
 
     assert _request(gunicorn, "GET", "/readyz")[0] == 200

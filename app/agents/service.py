@@ -8,12 +8,12 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
+from app.access import OrgAccess
 from app.agents.schemas import AgentCreate, AgentUpdate, RunCreate, ToolRef
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import NotFoundError, ValidationFailedError
-from app.identity.access import OrgAccess
 from app.jobs import service as jobs
 from app.mcp.service import destination as mcp_destination
 from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from app.access import OrgAccess
 from app.agents import service as agents
 from app.agents.schemas import AgentCreate, AgentList, AgentOut, AgentUpdate, RunCreate, RunOut
 from app.api.blueprint import bp
 from app.api.framework import Result, request_context, route, session
-from app.api.jobs import job_out
-from app.api.schemas import JobOut, ListQuery
-from app.identity.access import OrgAccess
+from app.api.schemas import ListQuery
+from app.jobs.schemas import JobOut
 
 TAGS = ["agents"]
 
@@ -109,7 +109,7 @@ def delete_agent(access: OrgAccess, agent_id: str) -> None:
 def start_run(access: OrgAccess, agent_id: str, body: RunCreate) -> Result:
     """Start a run; poll the run (or its job) for events and the output."""
     run, job = agents.start_run(session(), request_context(), access, agent_id, body)
-    return Result(RunAccepted(run=RunOut.model_validate(run), job=job_out(job)), 202)
+    return Result(RunAccepted(run=RunOut.model_validate(run), job=JobOut.model_validate(job)), 202)
 
 
 @route(

@@ -24,6 +24,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.access import OrgRole, org_access
 from app.context import Actor, RequestContext
 from app.db import Database, utcnow
 from app.errors import (
@@ -40,8 +41,8 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.identity import service as identity
-from app.identity.access import OrgRole, org_access
 from app.models import IdempotencyKey, User
+from app.schemas import field_errors
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_PATH_PARAM = 200
@@ -150,18 +151,6 @@ def authenticate() -> User:
 
 
 # Parsing ---------------------------------------------------------------------------------
-
-
-def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
-    """pydantic's refusals as 422 entries (API bodies and queries, UI forms alike)."""
-    out = []
-    for err in exc.errors(include_input=False, include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        out.append(FieldError(prefix + loc, message))
-    return out
 
 
 def _depth(data: Any) -> int:
@@ -331,7 +320,7 @@ def route(
     ``body_required=False`` an empty body is allowed and the handler gets ``body=None``.
 
     ``org_role`` (``"member"`` or ``"admin"``) on a rule with ``<org>``: the caller's
-    :class:`~app.identity.access.OrgAccess` replaces the ``org`` parameter as ``access=``; an
+    :class:`~app.access.OrgAccess` replaces the ``org`` parameter as ``access=``; an
     org they are not in is 404, too low a role 403. Services check their own rule as well.
     """
     if org_role is not None and "<org>" not in rule:

@@ -6,9 +6,11 @@ from datetime import timedelta
 
 from flask import current_app, g, url_for
 
+from app.access import OrgAccess, orgs_of
 from app.api.blueprint import bp
 from app.api.framework import Result, current_user, request_context, route, session
-from app.api.schemas import (
+from app.identity import service as identity
+from app.identity.schemas import (
     InvitationAccept,
     InvitationCreated,
     InvitationList,
@@ -24,48 +26,26 @@ from app.api.schemas import (
     TokenList,
     TokenOut,
 )
-from app.identity import service as identity
-from app.identity.access import org_access as access_of
-from app.identity.access import orgs_of
-from app.models import ApiToken, Invitation
+from app.models import ApiToken
+
+TAGS = ["identity"]
 
 
-def _token_out(t: ApiToken) -> TokenOut:
-    return TokenOut(
-        id=t.id,
-        name=t.name,
-        prefix=t.prefix,
-        created_at=t.created_at,
-        expires_at=t.expires_at,
-        last_used_at=t.last_used_at,
-        revoked_at=t.revoked_at,
-        parent_id=t.parent_id,
-    )
+def _org_ref(access: OrgAccess) -> OrgRef:
+    return OrgRef.of(access.org, role=access.role.value)
 
 
-def _invitation_out(i: Invitation) -> InvitationOut:
-    return InvitationOut(
-        id=i.id,
-        email=i.email,
-        role=i.role,
-        created_at=i.created_at,
-        expires_at=i.expires_at,
-        status=identity.invitation_status(i),
-    )
-
-
-@route(bp, "/me", "GET", response=MeOut, tags=["identity"], errors=[401])
+@route(bp, "/me", "GET", response=MeOut, tags=TAGS, errors=[401])
 def me() -> MeOut:
     """Who the token belongs to, and their orgs and roles."""
     user = current_user()
-    orgs = [OrgRef(slug=a.org.slug, name=a.org.name, role=a.role.value) for a in orgs_of(session(), user)]
-    return MeOut(id=user.id, email=user.email, is_operator=user.is_operator, orgs=orgs)
+    return MeOut.of(user, orgs=[_org_ref(a) for a in orgs_of(session(), user)])
 
 
-@route(bp, "/me/tokens", "GET", response=TokenList, tags=["identity"], errors=[401])
+@route(bp, "/me/tokens", "GET", response=TokenList, tags=TAGS, errors=[401])
 def list_tokens() -> TokenList:
     """The caller's API tokens (never the tokens themselves)."""
-    return TokenList(items=[_token_out(t) for t in identity.list_tokens(session(), current_user())])
+    return TokenList(items=[TokenOut.model_validate(t) for t in identity.list_tokens(session(), current_user())])
 
 
 @route(
@@ -75,7 +55,7 @@ def list_tokens() -> TokenList:
     body=TokenCreate,
     response=TokenCreated,
     status=201,
-    tags=["identity"],
+    tags=TAGS,
     errors=[401, 422],
     idempotent=False,
 )
@@ -87,36 +67,23 @@ def create_token(body: TokenCreate) -> Result:
     inherits that expiry; a later one is 422).
     """
     parent: ApiToken | None = g.get("api_token")
-    token, raw = identity.create_token(
-        session(), request_context(), current_user(), body.name, body.expires_at, parent=parent
-    )
-    out = TokenCreated(**_token_out(token).model_dump(), token=raw)
-    return Result(out, 201, {"Cache-Control": "no-store"})
+    token, raw = identity.create_token(session(), request_context(), current_user(), body, parent=parent)
+    return Result(TokenCreated.of(token, token=raw), 201, {"Cache-Control": "no-store"})
 
 
-@route(bp, "/me/tokens/<token_id>", "DELETE", status=204, tags=["identity"], errors=[401, 404])
+@route(bp, "/me/tokens/<token_id>", "DELETE", status=204, tags=TAGS, errors=[401, 404])
 def revoke_token(token_id: str) -> None:
     """Revoke one of the caller's API tokens."""
     identity.revoke_token(session(), request_context(), current_user(), token_id)
 
 
-def _member_list(org: str) -> MemberList:
-    access = access_of(session(), current_user(), org)
-    return MemberList(
-        items=[
-            MemberOut(user_id=u.id, email=u.email, role=m.role, created_at=m.created_at)
-            for m, u in identity.list_members(session(), access.org)
-        ]
-    )
-
-
-@route(bp, "/orgs/<org>/members", "GET", response=MemberList, tags=["identity"], errors=[401, 404])
-def list_members(org: str) -> MemberList:
+@route(bp, "/orgs/<org>/members", "GET", response=MemberList, tags=TAGS, errors=[401, 404], org_role="member")
+def list_members(access: OrgAccess) -> MemberList:
     """The org's members and their roles."""
-    return _member_list(org)
+    return MemberList(items=identity.list_members(session(), access))
 
 
-@route(bp, "/me/sessions", "DELETE", status=204, tags=["identity"], errors=[401])
+@route(bp, "/me/sessions", "DELETE", status=204, tags=TAGS, errors=[401])
 def revoke_sessions() -> None:
     """Sign out everywhere: every UI session of the caller ends (API tokens are not affected)."""
     identity.revoke_sessions(session(), request_context(), current_user())
@@ -129,33 +96,40 @@ def revoke_sessions() -> None:
     body=MemberAdd,
     response=InvitationCreated,
     status=202,
-    tags=["identity"],
+    tags=TAGS,
     errors=[401, 403, 404, 422],
+    org_role="admin",
 )
-def add_member(org: str, body: MemberAdd) -> Result:
+def add_member(access: OrgAccess, body: MemberAdd) -> Result:
     """Invite an email address to the org (org admin); the invitee accepts to become a member.
 
     The answer is the same whether or not the address has an account. The accept token is
     shown once, in this response; there is no mail delivery, so the admin hands it over.
     """
-    access = access_of(session(), current_user(), org)
-    access.require_admin()
     ttl = timedelta(seconds=current_app.config["LATCHKEY_SETTINGS"].invitation_ttl_seconds)
-    new = identity.invite(session(), request_context(), access.org, body.email, body.role, ttl)
-    out = InvitationCreated(
-        **_invitation_out(new.invitation).model_dump(),
+    new = identity.invite(session(), request_context(), access, body, ttl)
+    out = InvitationCreated.of(
+        new.invitation,
+        status=identity.invitation_status(new.invitation),
         token=new.token,
         accept_path=url_for("web.invitation", token=new.token),
     )
     return Result(out, 202, {"Cache-Control": "no-store"})
 
 
-@route(bp, "/orgs/<org>/invitations", "GET", response=InvitationList, tags=["identity"], errors=[401, 403, 404])
-def list_invitations(org: str) -> InvitationList:
+@route(
+    bp,
+    "/orgs/<org>/invitations",
+    "GET",
+    response=InvitationList,
+    tags=TAGS,
+    errors=[401, 403, 404],
+    org_role="admin",
+)
+def list_invitations(access: OrgAccess) -> InvitationList:
     """The org's pending invitations (org admin); never their tokens."""
-    access = access_of(session(), current_user(), org)
-    access.require_admin()
-    return InvitationList(items=[_invitation_out(i) for i in identity.list_invitations(session(), access.org)])
+    invitations = identity.list_invitations(session(), access)
+    return InvitationList(items=[InvitationOut.of(i, status=identity.invitation_status(i)) for i in invitations])
 
 
 @route(
@@ -163,14 +137,13 @@ def list_invitations(org: str) -> InvitationList:
     "/orgs/<org>/invitations/<invitation_id>",
     "DELETE",
     status=204,
-    tags=["identity"],
+    tags=TAGS,
     errors=[401, 403, 404, 409],
+    org_role="admin",
 )
-def revoke_invitation(org: str, invitation_id: str) -> None:
+def revoke_invitation(access: OrgAccess, invitation_id: str) -> None:
     """Revoke a pending invitation (org admin); an accepted one is 409 (remove the member instead)."""
-    access = access_of(session(), current_user(), org)
-    access.require_admin()
-    identity.revoke_invitation(session(), request_context(), access.org, invitation_id)
+    identity.revoke_invitation(session(), request_context(), access, invitation_id)
 
 
 @route(
@@ -179,7 +152,7 @@ def revoke_invitation(org: str, invitation_id: str) -> None:
     "POST",
     body=InvitationAccept,
     response=OrgRef,
-    tags=["identity"],
+    tags=TAGS,
     errors=[401, 404, 422],
 )
 def accept_invitation(body: InvitationAccept) -> OrgRef:
@@ -187,8 +160,7 @@ def accept_invitation(body: InvitationAccept) -> OrgRef:
 
     Unknown, used, revoked, expired and other addresses' invitations are all 404.
     """
-    org, membership = identity.accept_invitation(session(), request_context(), current_user(), body.token)
-    return OrgRef(slug=org.slug, name=org.name, role=membership.role)
+    return _org_ref(identity.accept_invitation(session(), request_context(), current_user(), body.token))
 
 
 @route(
@@ -197,21 +169,24 @@ def accept_invitation(body: InvitationAccept) -> OrgRef:
     "PATCH",
     body=MemberUpdate,
     response=MemberOut,
-    tags=["identity"],
+    tags=TAGS,
     errors=[401, 403, 404, 409, 422],
+    org_role="admin",
 )
-def update_member(org: str, user_id: str, body: MemberUpdate) -> MemberOut:
+def update_member(access: OrgAccess, user_id: str, body: MemberUpdate) -> MemberOut:
     """Change a member's role (org admin); the last admin cannot be demoted."""
-    access = access_of(session(), current_user(), org)
-    access.require_admin()
-    member = identity.get_member(session(), access.org, user_id)
-    m = identity.add_member(session(), request_context(), access.org, member, body.role)
-    return MemberOut(user_id=member.id, email=member.email, role=m.role, created_at=m.created_at)
+    return identity.update_member(session(), request_context(), access, user_id, body)
 
 
-@route(bp, "/orgs/<org>/members/<user_id>", "DELETE", status=204, tags=["identity"], errors=[401, 403, 404, 409])
-def remove_member(org: str, user_id: str) -> None:
+@route(
+    bp,
+    "/orgs/<org>/members/<user_id>",
+    "DELETE",
+    status=204,
+    tags=TAGS,
+    errors=[401, 403, 404, 409],
+    org_role="admin",
+)
+def remove_member(access: OrgAccess, user_id: str) -> None:
     """Remove a member from the org (org admin); the last admin cannot leave."""
-    access = access_of(session(), current_user(), org)
-    access.require_admin()
-    identity.remove_member(session(), request_context(), access.org, user_id)
+    identity.remove_member(session(), request_context(), access, user_id)

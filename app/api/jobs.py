@@ -5,47 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 from flask.blueprints import BlueprintSetupState
-from pydantic import BaseModel, Field
+from pydantic import Field
 from werkzeug.routing import BaseConverter
 
+from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.framework import Result, current_user, request_context, route, session
-from app.api.schemas import JobAccepted, JobError, JobOut, Progress
+from app.api.framework import Result, request_context, route, session
+from app.api.schemas import JobAccepted
 from app.backfill.service import BACKFILL_TASK
 from app.backfill.status import status as migration_status
 from app.backfill.verify import VERIFY_TASK
-from app.identity.access import org_access as access_of
 from app.jobs import service as jobs
+from app.jobs.schemas import JobOut
 from app.models import Job
-from app.schemas import Strict
+from app.schemas import Out, Strict
 from app.secrets import rotation
-
-
-def job_out(job: Job) -> JobOut:
-    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
-    return JobOut(
-        id=job.id,
-        kind=job.kind,
-        status=job.status,
-        progress=Progress(done=job.progress_done, total=job.progress_total),
-        result=job.result,
-        error=error,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )
 
 
 def accepted(job: Job) -> Result:
     """The 202 answer of every endpoint that starts work."""
-    return Result(JobAccepted(job=job_out(job)), 202, {"Location": f"jobs/{job.id}"})
+    return Result(JobAccepted(job=JobOut.model_validate(job)), 202, {"Location": f"jobs/{job.id}"})
 
 
-@route(bp, "/orgs/<org>/jobs/<job_id>", "GET", response=JobOut, tags=["jobs"], errors=[401, 404])
-def get_org_job(org: str, job_id: str) -> JobOut:
+@route(bp, "/orgs/<org>/jobs/<job_id>", "GET", response=JobOut, tags=["jobs"], errors=[401, 404], org_role="member")
+def get_org_job(access: OrgAccess, job_id: str) -> JobOut:
     """A job of the org: status, progress, result (never a secret) and error."""
-    access = access_of(session(), current_user(), org)
-    return job_out(jobs.get_job(session(), access.org.id, job_id))
+    return JobOut.model_validate(jobs.get_org_job(session(), access, job_id))
 
 
 class InstanceJobId(BaseConverter):
@@ -73,7 +58,7 @@ def _register_converter(state: BlueprintSetupState) -> None:
 )
 def get_admin_job(job_id: str) -> JobOut:
     """An instance job (backfill, verification, re-seal, ping) for operators."""
-    return job_out(jobs.get_job(session(), None, job_id))
+    return JobOut.model_validate(jobs.get_job(session(), None, job_id))
 
 
 @route(
@@ -172,7 +157,7 @@ def start_verify(body: BatchRequest | None) -> Result:
     return _instance_job(VERIFY_TASK, body)
 
 
-class BackfillStatus(BaseModel):
+class BackfillStatus(Out):
     legacy_columns: bool = Field(description="false once the contract migration has dropped them")
     remaining: dict[str, int] = Field(description="legacy rows not yet migrated, per kind")
     latest_run: JobOut | None
@@ -184,11 +169,4 @@ class BackfillStatus(BaseModel):
 @route(bp, "/admin/backfill", "GET", response=BackfillStatus, auth="operator", tags=["admin"], errors=[401, 403])
 def backfill_status() -> BackfillStatus:
     """Where the legacy migration stands: rows left, the latest backfill run and verification."""
-    s = session()
-    status = migration_status(s)
-    return BackfillStatus(
-        legacy_columns=status.legacy_columns,
-        remaining=status.remaining,
-        latest_run=job_out(status.latest_run) if status.latest_run else None,
-        latest_verification=status.latest_verification,
-    )
+    return BackfillStatus.model_validate(migration_status(session()))

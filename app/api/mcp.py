@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
+from app.access import OrgAccess
 from app.api.blueprint import bp
 from app.api.framework import Result, request_context, route, session
-from app.api.jobs import accepted, job_out
-from app.api.schemas import JobAccepted, JobOut, ListQuery
-from app.identity.access import OrgAccess
+from app.api.jobs import accepted
+from app.api.schemas import JobAccepted, ListQuery
+from app.jobs.schemas import JobOut
 from app.mcp import service as mcp
 from app.mcp.schemas import McpServerCreate, McpServerList, McpServerOut, McpServerUpdate, ToolList, ToolOut
 from app.models import Job, McpServer
@@ -24,7 +25,9 @@ class McpServerWithJob(McpServerOut):
 
 
 def _with_job(server: McpServer, job: Job | None) -> McpServerWithJob:
-    return McpServerWithJob.model_validate(server).model_copy(update={"job": job_out(job) if job else None})
+    return McpServerWithJob.model_validate(server).model_copy(
+        update={"job": JobOut.model_validate(job) if job else None}
+    )
 
 
 @route(

@@ -20,9 +20,12 @@ from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess
+from app.audit.schemas import AuditFilter
 from app.context import RequestContext
 from app.db import bulk_insert, bulk_update, new_id, utcnow
 from app.models import AuditEvent, AuditHead
+from app.pagination import Page, paginate
 
 INSTANCE_CHAIN = "instance"
 AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
@@ -196,3 +199,20 @@ def chains(session: Session) -> list[str]:
     names = set(session.scalars(select(AuditHead.chain)).all())
     names.update(session.scalars(select(AuditEvent.chain).distinct()).all())
     return sorted(names)
+
+
+def list_events(
+    session: Session, access: OrgAccess, where: AuditFilter, *, limit: int, cursor: str | None
+) -> Page[AuditEvent]:
+    """The org's audit events matching ``where``, newest first (org admin)."""
+    access.require_admin()
+    stmt = select(AuditEvent).where(AuditEvent.chain == access.org.id)
+    if where.action:
+        stmt = stmt.where(AuditEvent.action == where.action)
+    if where.target_type:
+        stmt = stmt.where(AuditEvent.target_type == where.target_type)
+    if where.target_id:
+        stmt = stmt.where(AuditEvent.target_id == where.target_id)
+    if where.since:
+        stmt = stmt.where(AuditEvent.at >= where.since)  # UtcDateTime: aware, in UTC
+    return paginate(session, stmt, AuditEvent.seq, limit=limit, cursor=cursor, descending=True)

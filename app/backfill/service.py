@@ -46,9 +46,9 @@ from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
 from app.errors import NotFoundError
 from app.models import Agent, McpServer, Org, Provider, Secret
 from app.providers.catalog import KIND_RE
+from app.secrets.catalog import NAME_RE, value_hint
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal, secret_context
-from app.secrets.service import NAME_RE, value_hint
 
 log = logging.getLogger("latchkey.backfill")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets as _random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,14 +14,16 @@ from sqlalchemy import ColumnElement, Exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess, OrgRole
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import updated, utcnow
 from app.errors import ConflictError, NotFoundError, UnauthorizedError, ValidationFailedError
+from app.identity import catalog
+from app.identity.catalog import SLUG_RE
+from app.identity.schemas import MemberAdd, MemberOut, MemberUpdate, TokenCreate
 from app.models import ApiToken, Invitation, Membership, Org, Role, User, WebSession
 
-SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
 TOKEN_PREFIX = "lk_"  # noqa: S105 - a marker, not a token
 INVITATION_PREFIX = "lki_"
 # A token minted with a token minted with a token...: the chain checked at sign-in stays short.
@@ -34,10 +35,11 @@ _hasher = PasswordHasher()
 
 
 def normalize_email(email: str) -> str:
-    email = email.strip().lower()
-    if not EMAIL_RE.match(email):
-        raise ValidationFailedError.single("email", "not a valid email address")
-    return email
+    """An address given outside an input model (the CLI's ``user create``): 422 on ``email``."""
+    try:
+        return catalog.normalize_email(email)
+    except ValueError as exc:
+        raise ValidationFailedError.single("email", str(exc)) from None
 
 
 def create_org(session: Session, ctx: RequestContext, slug: str, name: str | None = None) -> Org:
@@ -121,26 +123,18 @@ def check_password(session: Session, email: str, password: str) -> User:
 # Memberships -----------------------------------------------------------------------------
 
 
-def _parse_role(role: str) -> Role:
-    try:
-        return Role(role)
-    except ValueError:
-        raise ValidationFailedError.single("role", "must be 'admin' or 'member'") from None
-
-
-def add_member(session: Session, ctx: RequestContext, org: Org, user: User, role: str) -> Membership:
-    """Add a user to an org with a role (or change the role of an existing member)."""
-    parsed = _parse_role(role)
+def _set_role(session: Session, ctx: RequestContext, org: Org, user: User, role: Role) -> Membership:
+    """Make ``user`` a member of ``org`` with ``role`` (or change the role of an existing member)."""
     membership = session.get(Membership, (org.id, user.id))
     action = "membership.update" if membership else "membership.create"
     if membership is None:
-        membership = Membership(org_id=org.id, user_id=user.id, role=parsed.value)
+        membership = Membership(org_id=org.id, user_id=user.id, role=role.value)
         session.add(membership)
     else:
-        if membership.role == Role.ADMIN and parsed is Role.MEMBER:
+        if membership.role == Role.ADMIN and role is Role.MEMBER:
             _ensure_another_admin(session, org, user)
             _revoke_invitations_by(session, ctx, org, user.id)
-        membership.role = parsed.value
+        membership.role = role.value
     session.flush()
     audit.record(
         session,
@@ -149,12 +143,20 @@ def add_member(session: Session, ctx: RequestContext, org: Org, user: User, role
         org_id=org.id,
         target_type="membership",
         target_id=user.id,
-        details={"user_id": user.id, "role": parsed.value},
+        details={"user_id": user.id, "role": role.value},
     )
     return membership
 
 
-def get_member(session: Session, org: Org, user_id: str) -> User:
+def add_member(
+    session: Session, ctx: RequestContext, access: OrgAccess, user: User, role: OrgRole | Role
+) -> Membership:
+    """Add a user to the org with a role, or change the role of a member (org admin)."""
+    access.require_admin()
+    return _set_role(session, ctx, access.org, user, Role(role))
+
+
+def _member(session: Session, org: Org, user_id: str) -> User:
     """A member of this org; anyone else is not found."""
     user = session.scalar(
         select(User)
@@ -166,7 +168,19 @@ def get_member(session: Session, org: Org, user_id: str) -> User:
     return user
 
 
-def remove_member(session: Session, ctx: RequestContext, org: Org, user_id: str) -> None:
+def update_member(
+    session: Session, ctx: RequestContext, access: OrgAccess, user_id: str, data: MemberUpdate
+) -> MemberOut:
+    """Change a member's role (org admin); the last admin cannot be demoted."""
+    access.require_admin()
+    user = _member(session, access.org, user_id)
+    return MemberOut.of(_set_role(session, ctx, access.org, user, Role(data.role)), email=user.email)
+
+
+def remove_member(session: Session, ctx: RequestContext, access: OrgAccess, user_id: str) -> None:
+    """Remove a member (org admin); the last admin cannot leave."""
+    access.require_admin()
+    org = access.org
     membership = session.get(Membership, (org.id, user_id))
     if membership is None:
         raise NotFoundError("member not found")
@@ -198,14 +212,15 @@ def _ensure_another_admin(session: Session, org: Org, leaving: User) -> None:
         raise ConflictError("an org must keep at least one admin")
 
 
-def list_members(session: Session, org: Org) -> list[tuple[Membership, User]]:
+def list_members(session: Session, access: OrgAccess) -> list[MemberOut]:
+    """The org's members and their roles, by email."""
     rows = session.execute(
-        select(Membership, User)
+        select(Membership, User.email)
         .join(User, User.id == Membership.user_id)
-        .where(Membership.org_id == org.id)
+        .where(Membership.org_id == access.org.id)
         .order_by(User.email)
     ).all()
-    return [(m, u) for m, u in rows]
+    return [MemberOut.of(m, email=email) for m, email in rows]
 
 
 # API tokens ------------------------------------------------------------------------------
@@ -216,13 +231,7 @@ def _token_hash(raw: str) -> str:
 
 
 def create_token(
-    session: Session,
-    ctx: RequestContext,
-    user: User,
-    name: str = "api",
-    expires_at: datetime | None = None,
-    *,
-    parent: ApiToken | None = None,
+    session: Session, ctx: RequestContext, user: User, data: TokenCreate, *, parent: ApiToken | None = None
 ) -> tuple[ApiToken, str]:
     """Mint a token; the plaintext is returned once and only its hash is stored.
 
@@ -230,11 +239,7 @@ def create_token(
     it, dies with it, and may not outlive it. Without ``expires_at`` it inherits the parent's
     expiry; a later ``expires_at`` is refused (422) rather than silently shortened.
     """
-    name = name.strip()
-    if not 1 <= len(name) <= 100:
-        raise ValidationFailedError.single("name", "1 to 100 characters")
-    if expires_at is not None and expires_at <= utcnow():
-        raise ValidationFailedError.single("expires_at", "must be in the future")
+    name, expires_at = data.name, data.expires_at
     if parent is not None:
         if _token_depth(session, parent) >= MAX_TOKEN_DEPTH:
             raise ValidationFailedError.single(
@@ -462,14 +467,14 @@ def _pending(org: Org) -> ColumnElement[bool]:
     return (Invitation.org_id == org.id) & Invitation.accepted_at.is_(None) & Invitation.revoked_at.is_(None)
 
 
-def invite(session: Session, ctx: RequestContext, org: Org, email: str, role: str, ttl: timedelta) -> NewInvitation:
-    """Offer membership to an email address; the same answer whether or not it has an account.
+def invite(session: Session, ctx: RequestContext, access: OrgAccess, data: MemberAdd, ttl: timedelta) -> NewInvitation:
+    """Offer membership to an email address (org admin); the same answer whether or not it has an account.
 
     An earlier pending invitation of the same address to this org is revoked: one live link
     per address. The token is returned once; only its SHA-256 is stored.
     """
-    email = normalize_email(email)
-    parsed = _parse_role(role)
+    access.require_admin()
+    org, email, role = access.org, data.email, Role(data.role)
     now = utcnow()
     updated(
         session,
@@ -482,7 +487,7 @@ def invite(session: Session, ctx: RequestContext, org: Org, email: str, role: st
     invitation = Invitation(
         org_id=org.id,
         email=email,
-        role=parsed.value,
+        role=role.value,
         token_hash=_token_hash(raw),
         invited_by=ctx.actor.id,
         expires_at=now + ttl,
@@ -496,7 +501,7 @@ def invite(session: Session, ctx: RequestContext, org: Org, email: str, role: st
         org_id=org.id,
         target_type="invitation",
         target_id=invitation.id,
-        details={"email": email, "role": parsed.value, "expires_at": invitation.expires_at.isoformat()},
+        details={"email": email, "role": role.value, "expires_at": invitation.expires_at.isoformat()},
     )
     return NewInvitation(invitation, raw)
 
@@ -511,23 +516,26 @@ def invitation_status(invitation: Invitation, now: datetime | None = None) -> st
     return "pending"
 
 
-def list_invitations(session: Session, org: Org) -> list[Invitation]:
-    """The org's pending invitations (not accepted, revoked or expired), newest first."""
+def list_invitations(session: Session, access: OrgAccess) -> list[Invitation]:
+    """The org's pending invitations (not accepted, revoked or expired), newest first (org admin)."""
+    access.require_admin()
     return list(
         session.scalars(
             select(Invitation)
-            .where(_pending(org), Invitation.expires_at > utcnow())
+            .where(_pending(access.org), Invitation.expires_at > utcnow())
             .order_by(Invitation.created_at.desc(), Invitation.id)
         )
     )
 
 
-def revoke_invitation(session: Session, ctx: RequestContext, org: Org, invitation_id: str) -> Invitation:
-    """Revoke a pending invitation: one conditional UPDATE, so it cannot undo a concurrent accept.
+def revoke_invitation(session: Session, ctx: RequestContext, access: OrgAccess, invitation_id: str) -> Invitation:
+    """Revoke a pending invitation (org admin): one conditional UPDATE, so it cannot undo a concurrent accept.
 
     Nothing changed: an accepted invitation is a conflict, an unknown one not found, and an
     already revoked one stays revoked (idempotent, not audited again).
     """
+    access.require_admin()
+    org = access.org
     stmt = select(Invitation).where(Invitation.id == invitation_id, Invitation.org_id == org.id)
     invitation = session.scalar(stmt)
     if invitation is None:
@@ -599,7 +607,7 @@ def find_invitation(session: Session, user: User, raw: str) -> Invitation:
 INVITATION_NOT_FOUND = "invitation not found: it may have expired, been used or revoked, or be for another address"
 
 
-def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: str) -> tuple[Org, Membership]:
+def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: str) -> OrgAccess:
     """Join the org: single use (a conditional update), bound to the invited address.
 
     An invitee who is already a member keeps their current role; the invitation is used up.
@@ -625,7 +633,8 @@ def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: st
     assert org is not None
     membership = session.get(Membership, (org.id, user.id))
     if membership is None:
-        membership = add_member(session, ctx, org, user, invitation.role)
+        # The invitation speaks for the admin who made it (checked in the claim above).
+        membership = _set_role(session, ctx, org, user, Role(invitation.role))
     audit.record(
         session,
         ctx,
@@ -635,4 +644,4 @@ def accept_invitation(session: Session, ctx: RequestContext, user: User, raw: st
         target_id=invitation.id,
         details={"user_id": user.id, "role": membership.role},
     )
-    return org, membership
+    return OrgAccess(org, Role(membership.role))

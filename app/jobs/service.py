@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import Database, UTCDateTime, defer, new_id, updated, utcnow
@@ -119,6 +120,11 @@ def get_job(session: Session, org_id: str | None, job_id: str) -> Job:
     if job is None:
         raise NotFoundError("job not found")
     return job
+
+
+def get_org_job(session: Session, access: OrgAccess, job_id: str) -> Job:
+    """A job of the caller's org (any member may follow it)."""
+    return get_job(session, access.org.id, job_id)
 
 
 def list_jobs(session: Session, org_id: str | None, kinds: list[str], *, limit: int = 50) -> list[Job]:

@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
-from app.identity.access import OrgAccess
 from app.jobs import service as jobs
 from app.mcp import legacy
 from app.mcp.client import ToolInfo

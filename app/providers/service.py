@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import flush_or_raise, new_id, utcnow
 from app.errors import ConflictError, NotFoundError
-from app.identity.access import OrgAccess
 from app.models import Agent, Provider
 from app.pagination import Page, paginate
 from app.providers import catalog

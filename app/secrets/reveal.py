@@ -38,6 +38,7 @@ from typing import Any
 from redis import Redis, RedisError
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.errors import (
@@ -49,7 +50,6 @@ from app.errors import (
     WorkerUnavailableError,
 )
 from app.jobs import service as jobs
-from app.models import Org
 from app.secrets import service as secrets
 from app.secrets.sealing import CiphertextBytes, CiphertextError, encode_context, generate_ephemeral, open_with, seal_to
 
@@ -319,22 +319,23 @@ def _fail(session: Session, job_id: str, code: str, message: str) -> None:
 def reveal(
     session: Session,
     ctx: RequestContext,
-    org: Org,
+    access: OrgAccess,
     secret_id: str,
     *,
     redis: Redis,
     timeout: float,
     rate_limit: int,
 ) -> RevealResult:
-    """Reveal a secret's current value through a worker (the caller has checked the admin role).
+    """Reveal a secret's current value through a worker (org admin).
 
     Commits the session itself: the job row before publishing it, and the ``secret.reveal``
     audit event before the value is returned, so nothing is revealed without being audited.
     """
-    secret = secrets.get_secret(session, org, secret_id)
+    access.require_admin()
+    secret = secrets.get_secret(session, access, secret_id)
     if ctx.actor.id is None:
         raise UnauthorizedError()
-    org_id, sid = org.id, secret.id
+    org_id, sid = access.org.id, secret.id
     check_rate_limit(redis, ctx.actor.id, rate_limit)
 
     private_key, public_raw = generate_ephemeral()

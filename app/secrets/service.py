@@ -6,14 +6,13 @@ Plaintext lives in the request's memory and is gone when the request ends.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import flush_or_raise, new_id, utcnow
@@ -25,111 +24,12 @@ from app.errors import (
     VersionMismatchError,
 )
 from app.models import McpServer, Org, Provider, Secret
-from app.observability import redact
 from app.pagination import Page, paginate
 from app.secrets import cachekeys, invalidation
+from app.secrets.catalog import value_hint
 from app.secrets.keyring import PublicKeySet
+from app.secrets.schemas import SecretCreate, SecretOut, SecretUpdate, SecretUserOut
 from app.secrets.sealing import seal, secret_context
-
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
-MAX_VALUE_BYTES = 64 * 1024
-MAX_DESCRIPTION = 1000
-MAX_ALLOWED_HOSTS = 32
-HINT_MIN_LENGTH = 20
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-HOST_RE = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*$")
-
-
-@dataclass(frozen=True)
-class SecretUser:
-    """A resource that references a secret (shown as ``used_by``)."""
-
-    type: str
-    id: str
-    name: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"type": self.type, "id": self.id, "name": self.name}
-
-
-# Validation (shared by the API and the UI) -------------------------------------------------
-
-
-def validate_name(name: Any) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValidationFailedError.single(
-            "name", "must start with a letter or underscore and use only letters, digits, '_', '.', '-' (max 128)"
-        )
-    return name
-
-
-def validate_value(value: Any) -> str:
-    if not isinstance(value, str) or value == "":
-        raise ValidationFailedError.single("value", "must be a non-empty string")
-    # Before anything can log it: the request's log lines mask the value from here on. Only the
-    # request's own registry holds it (dropped at teardown): a web process keeps no value.
-    redact.register_scoped(value)
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValidationFailedError.single("value", "must be valid UTF-8 text") from None
-    if size > MAX_VALUE_BYTES:
-        raise ValidationFailedError.single("value", f"must be at most {MAX_VALUE_BYTES} bytes of UTF-8")
-    return value
-
-
-def validate_description(description: Any) -> str | None:
-    if description is None:
-        return None
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION or "\x00" in description:
-        raise ValidationFailedError.single(
-            "description", f"must be text of at most {MAX_DESCRIPTION} characters, without NUL"
-        )
-    return description
-
-
-def validate_allowed_hosts(hosts: Any) -> list[str]:
-    """Exact host names, ``*.suffix`` patterns or IP literals (IPv6 in brackets), each optionally
-    pinned to a ``:port``; lowercased, canonical and de-duplicated. An entry without a port
-    allows only the scheme's default port (``app.egress.guard.host_matches``)."""
-    import ipaddress
-
-    from app.egress.urls import UrlError, split_host_pattern
-
-    if hosts is None:
-        return []
-    if not isinstance(hosts, list) or len(hosts) > MAX_ALLOWED_HOSTS:
-        raise ValidationFailedError.single("allowed_hosts", f"must be a list of at most {MAX_ALLOWED_HOSTS} hosts")
-    out: list[str] = []
-    shape = "must be a host like 'api.example.com', a pattern like '*.example.com', or either with ':port'"
-    for i, host in enumerate(hosts):
-        if not isinstance(host, str):
-            raise ValidationFailedError.single(f"allowed_hosts.{i}", "must be a host name")
-        try:
-            name, port = split_host_pattern(host.strip().lower())
-        except UrlError as exc:
-            raise ValidationFailedError.single(f"allowed_hosts.{i}", str(exc)) from None
-        if name.startswith("[") or ":" in name:
-            try:
-                address = ipaddress.IPv6Address(name.removeprefix("[").removesuffix("]"))
-            except ValueError:
-                raise ValidationFailedError.single(f"allowed_hosts.{i}", shape) from None
-            norm = f"[{address.compressed}]"
-        else:
-            norm = name.rstrip(".")
-            if len(norm) > 253 or not HOST_RE.match(norm):
-                raise ValidationFailedError.single(f"allowed_hosts.{i}", shape)
-        if port is not None:
-            norm = f"{norm}:{port}"
-        if norm not in out:
-            out.append(norm)
-    return out
-
-
-def value_hint(value: str) -> str | None:
-    """The last 4 characters, only for values long enough that this reveals little."""
-    return value[-4:] if len(value) >= HINT_MIN_LENGTH else None
-
 
 # Queries ---------------------------------------------------------------------------------
 
@@ -138,12 +38,7 @@ def _managed(org_id: str) -> Any:
     return select(Secret).where(Secret.org_id == org_id, Secret.ciphertext.is_not(None))
 
 
-def list_secrets(session: Session, org: Org, *, limit: int, cursor: str | None) -> Page[Secret]:
-    """The org's managed secrets (metadata only), oldest first."""
-    return paginate(session, _managed(org.id), Secret.id, limit=limit, cursor=cursor)
-
-
-def get_secret(session: Session, org: Org, secret_id: str, *, for_update: bool = False) -> Secret:
+def _row(session: Session, org: Org, secret_id: str, *, for_update: bool = False) -> Secret:
     """One managed secret of this org; another org's id is simply not found."""
     stmt = _managed(org.id).where(Secret.id == secret_id)
     if for_update:
@@ -152,6 +47,39 @@ def get_secret(session: Session, org: Org, secret_id: str, *, for_update: bool =
     if secret is None:
         raise NotFoundError("secret not found")
     return secret
+
+
+def _users(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, list[SecretUserOut]]:
+    """Every provider and MCP server referencing each secret."""
+    users: dict[str, list[SecretUserOut]] = defaultdict(list)
+    if not secret_ids:
+        return users
+    for model, kind in ((Provider, "provider"), (McpServer, "mcp_server")):
+        rows = session.execute(
+            select(model.secret_ref, model.id, model.name)
+            .where(model.org_id == org_id, model.secret_ref.in_(secret_ids))
+            .order_by(model.id)
+        ).all()
+        for ref, rid, name in rows:
+            if ref is not None:
+                users[ref].append(SecretUserOut(type=kind, id=rid, name=name))
+    return users
+
+
+def _out(session: Session, secret: Secret) -> SecretOut:
+    return SecretOut.of(secret, used_by=_users(session, secret.org_id, [secret.id]).get(secret.id, []))
+
+
+def list_secrets(session: Session, access: OrgAccess, *, limit: int, cursor: str | None) -> Page[SecretOut]:
+    """The org's managed secrets (metadata and users, never values), oldest first."""
+    page = paginate(session, _managed(access.org.id), Secret.id, limit=limit, cursor=cursor)
+    users = _users(session, access.org.id, [s.id for s in page.items])
+    return Page([SecretOut.of(s, used_by=users.get(s.id, [])) for s in page.items], page.next_cursor)
+
+
+def get_secret(session: Session, access: OrgAccess, secret_id: str) -> SecretOut:
+    """One managed secret's metadata and users; another org's id is simply not found."""
+    return _out(session, _row(session, access.org, secret_id))
 
 
 def check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
@@ -169,24 +97,7 @@ def check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
     return secret_ref
 
 
-def used_by(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, list[SecretUser]]:
-    """Every provider and MCP server referencing each secret."""
-    users: dict[str, list[SecretUser]] = defaultdict(list)
-    if not secret_ids:
-        return users
-    for model, kind in ((Provider, "provider"), (McpServer, "mcp_server")):
-        rows = session.execute(
-            select(model.secret_ref, model.id, model.name)
-            .where(model.org_id == org_id, model.secret_ref.in_(secret_ids))
-            .order_by(model.id)
-        ).all()
-        for ref, rid, name in rows:
-            if ref is not None:
-                users[ref].append(SecretUser(kind, rid, name))
-    return users
-
-
-# Mutations -------------------------------------------------------------------------------
+# Mutations (org admin) ---------------------------------------------------------------------
 
 
 def _check_name_free(session: Session, org: Org, name: str, exclude_id: str | None = None) -> None:
@@ -202,34 +113,25 @@ def _flush_unique(session: Session, name: str) -> None:
 
 
 def create_secret(
-    session: Session,
-    ctx: RequestContext,
-    org: Org,
-    keys: PublicKeySet,
-    *,
-    name: Any,
-    value: Any,
-    description: Any = None,
-    allowed_hosts: Any = None,
-) -> Secret:
-    """Seal a new secret at version 1."""
-    name = validate_name(name)
-    value = validate_value(value)
-    description = validate_description(description)
-    hosts = validate_allowed_hosts(allowed_hosts)
-    _check_name_free(session, org, name)
+    session: Session, ctx: RequestContext, access: OrgAccess, keys: PublicKeySet, data: SecretCreate
+) -> SecretOut:
+    """Seal a new secret at version 1 (org admin)."""
+    access.require_admin()
+    org = access.org
+    hosts = data.allowed_hosts or []
+    _check_name_free(session, org, data.name)
     secret_id = new_id()
-    sealed = seal(keys, value.encode("utf-8"), secret_context(org.id, secret_id, 1))
+    sealed = seal(keys, data.value.encode("utf-8"), secret_context(org.id, secret_id, 1))
     now = utcnow()
     secret = Secret(
         id=secret_id,
         org_id=org.id,
-        name=name,
-        description=description,
+        name=data.name,
+        description=data.description,
         ciphertext=sealed.ciphertext,
         key_id=sealed.key_id,
         version=1,
-        value_hint=value_hint(value),
+        value_hint=value_hint(data.value),
         allowed_hosts=hosts,
         created_by=ctx.actor.id,
         updated_by=ctx.actor.id,
@@ -237,7 +139,7 @@ def create_secret(
         updated_at=now,
     )
     session.add(secret)
-    _flush_unique(session, name)
+    _flush_unique(session, data.name)
     audit.record(
         session,
         ctx,
@@ -245,9 +147,9 @@ def create_secret(
         org_id=org.id,
         target_type="secret",
         target_id=secret.id,
-        details={"name": name, "version": 1, "key_id": sealed.key_id, "allowed_hosts": hosts},
+        details={"name": data.name, "version": 1, "key_id": sealed.key_id, "allowed_hosts": hosts},
     )
-    return secret
+    return SecretOut.of(secret, used_by=[])
 
 
 def parse_if_match(header: str | None) -> int | None:
@@ -266,54 +168,46 @@ def parse_if_match(header: str | None) -> int | None:
 def update_secret(
     session: Session,
     ctx: RequestContext,
-    org: Org,
+    access: OrgAccess,
     keys: PublicKeySet,
     secret_id: str,
-    changes: dict[str, Any],
+    data: SecretUpdate,
     *,
     if_match: int | None = None,
-) -> Secret:
-    """Apply a partial edit; a new value re-seals under version + 1, atomically."""
-    if not changes:
-        raise ValidationFailedError.single("body", "give at least one of value, name, description, allowed_hosts")
-    # Validate everything before touching the row, so a bad field changes nothing.
-    new_value = validate_value(changes["value"]) if "value" in changes else None
-    new_name = validate_name(changes["name"]) if "name" in changes else None
-    new_description = validate_description(changes.get("description")) if "description" in changes else None
-    new_hosts = validate_allowed_hosts(changes.get("allowed_hosts")) if "allowed_hosts" in changes else None
-
+) -> SecretOut:
+    """Apply a partial edit (org admin); a new value re-seals under version + 1, atomically."""
+    access.require_admin()
+    org = access.org
     # The row lock serialises concurrent edits (PostgreSQL); SQLite serialises writers anyway.
-    secret = get_secret(session, org, secret_id, for_update=True)
+    secret = _row(session, org, secret_id, for_update=True)
     if if_match is not None and if_match != secret.version:
         raise VersionMismatchError(f"the secret is at version {secret.version}", current_version=secret.version)
 
-    changed: list[str] = []
+    edits = data.model_dump(exclude_unset=True, exclude={"value"})
+    if "allowed_hosts" in edits:
+        edits["allowed_hosts"] = edits["allowed_hosts"] or []  # null: any host, stored as []
+    current = {"name": secret.name, "description": secret.description, "allowed_hosts": secret.allowed_hosts or []}
+    changed = [field for field, value in edits.items() if value != current[field]]
+    if "name" in changed:
+        _check_name_free(session, org, edits["name"], exclude_id=secret.id)
+    for field in changed:
+        setattr(secret, field, edits[field])
     previous_version = secret.version
     now = utcnow()
-    if new_name is not None and new_name != secret.name:
-        _check_name_free(session, org, new_name, exclude_id=secret.id)
-        secret.name = new_name
-        changed.append("name")
-    if "description" in changes and new_description != secret.description:
-        secret.description = new_description
-        changed.append("description")
-    if new_hosts is not None and new_hosts != (secret.allowed_hosts or []):
-        secret.allowed_hosts = new_hosts
-        changed.append("allowed_hosts")
-    if new_value is not None:
+    if data.value is not None:
         # The web tier cannot open the stored value to compare it, and storing a
         # comparable digest would give an offline guessing oracle: a supplied value
         # is a new value, and always a new version.
         version = secret.version + 1
-        sealed = seal(keys, new_value.encode("utf-8"), secret_context(org.id, secret.id, version))
+        sealed = seal(keys, data.value.encode("utf-8"), secret_context(org.id, secret.id, version))
         secret.version = version
         secret.ciphertext = sealed.ciphertext
         secret.key_id = sealed.key_id
-        secret.value_hint = value_hint(new_value)
+        secret.value_hint = value_hint(data.value)
         secret.rotated_at = now
         changed.append("value")
     if not changed:
-        return secret
+        return _out(session, secret)
     secret.updated_at = now
     secret.updated_by = ctx.actor.id
     # In SQL, not from the loaded value: concurrent writers can never reuse a number, and the
@@ -336,16 +230,18 @@ def update_secret(
             "key_id": secret.key_id,
         },
     )
-    return secret
+    return _out(session, secret)
 
 
-def delete_secret(session: Session, ctx: RequestContext, org: Org, secret_id: str) -> None:
-    """Delete a secret that nothing references any more."""
-    secret = get_secret(session, org, secret_id, for_update=True)
-    users = used_by(session, org.id, [secret.id]).get(secret.id, [])
+def delete_secret(session: Session, ctx: RequestContext, access: OrgAccess, secret_id: str) -> None:
+    """Delete a secret that nothing references any more (org admin)."""
+    access.require_admin()
+    org = access.org
+    secret = _row(session, org, secret_id, for_update=True)
+    users = _users(session, org.id, [secret.id]).get(secret.id, [])
     if users:
         raise SecretInUseError(
-            f"secret is used by {len(users)} resource(s); unbind it first", used_by=[u.as_dict() for u in users]
+            f"secret is used by {len(users)} resource(s); unbind it first", used_by=[u.model_dump() for u in users]
         )
     name, version = secret.name, secret.version
     session.delete(secret)

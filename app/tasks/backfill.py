@@ -78,8 +78,10 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
     resolver (L2) must both answer the new version and value. Never returns a value.
     """
 
+    from app.access import OrgAccess
     from app.secrets import service as secrets_service
     from app.secrets.resolver import build_resolver
+    from app.secrets.schemas import SecretCreate, SecretUpdate
 
     keys = worker_keyring(ctx).public_set()
     old, new = verify.probe_values()
@@ -96,11 +98,13 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
             probe = secrets_service.create_secret(
                 s,
                 WORKER,
-                org,
+                OrgAccess.system(org),
                 keys,
-                name=f"latchkey_verify_probe_{new_id()[-12:]}",
-                value=old,
-                description="temporary: the backfill verification's cache check (deleted when it ends)",
+                SecretCreate(
+                    name=f"latchkey_verify_probe_{new_id()[-12:]}",
+                    value=old,
+                    description="temporary: the backfill verification's cache check (deleted when it ends)",
+                ),
             )
             secret_id = probe.id
             s.commit()
@@ -115,7 +119,7 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
         with ctx.db.session() as s:
             org = s.get(Org, org_id)
             assert org is not None
-            secrets_service.update_secret(s, WORKER, org, keys, secret_id, {"value": new})
+            secrets_service.update_secret(s, WORKER, OrgAccess.system(org), keys, secret_id, SecretUpdate(value=new))
             s.commit()
         steps["after_edit_this_worker"] = seen(ctx.resolver.resolve(org_id, secret_id), new, 2)
         fresh = build_resolver(ctx.settings, ctx.db, listen=False)
@@ -133,7 +137,7 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
                 with ctx.db.session() as s:
                     org = s.get(Org, org_id)
                     if org is not None:
-                        secrets_service.delete_secret(s, WORKER, org, secret_id)
+                        secrets_service.delete_secret(s, WORKER, OrgAccess.system(org), secret_id)
                         s.commit()
             except Exception as exc:
                 log.warning("backfill verify: could not delete the probe secret %s: %s", secret_id, type(exc).__name__)

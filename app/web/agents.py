@@ -7,16 +7,16 @@ from typing import Any
 from flask import flash, redirect, render_template, request, url_for
 from sqlalchemy import select
 
+from app.access import OrgAccess
 from app.agents import service as agents
 from app.agents.schemas import AgentCreate, RunCreate
 from app.api.framework import request_context
 from app.errors import NotFoundError, ValidationFailedError
-from app.identity.access import OrgAccess
 from app.mcp import service as mcp
 from app.models import Agent, AgentRun, McpTool
 from app.providers import service as providers
+from app.schemas import validated
 from app.web.core import db, form_errors, page
-from app.web.forms import validated
 
 FIELDS = ("name", "provider_id", "model_id", "system_prompt", "tools", "input")
 # Run statuses that will still change: the events fragment keeps polling while in one.

@@ -15,12 +15,12 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 from redis import RedisError
 from werkzeug.wrappers import Response
 
+from app.access import org_access as access_of
+from app.access import orgs_of
 from app.api.framework import commit, request_context
 from app.audit import service as audit
 from app.errors import RateLimitedError, ServiceUnavailableError, UnauthorizedError
 from app.identity import service as identity
-from app.identity.access import org_access as access_of
-from app.identity.access import orgs_of
 from app.models import Org, User
 from app.web.core import (
     bp,
@@ -323,6 +323,6 @@ def invitation(token: str) -> ResponseReturnValue:
         found = identity.find_invitation(s, user, token)
         org = s.get(Org, found.org_id)
         return render_template("invitation.html", invitation=found, org=org, token=token)
-    org, membership = identity.accept_invitation(s, request_context(), user, token)
-    flash(f"You joined {org.name} as {membership.role}.", "success")
-    return redirect(url_for("web.list_secrets", org=org.slug))
+    joined = identity.accept_invitation(s, request_context(), user, token)
+    flash(f"You joined {joined.org.name} as {joined.role.value}.", "success")
+    return redirect(url_for("web.list_secrets", org=joined.org.slug))

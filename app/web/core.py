@@ -35,6 +35,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
+from app.access import OrgAccess, OrgRole, orgs_of
+from app.access import org_access as access_of
 from app.api.framework import MAX_PATH_PARAM, commit, session
 from app.errors import (
     BadRequestError,
@@ -45,8 +47,6 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.identity import service as identity
-from app.identity.access import OrgAccess, OrgRole, orgs_of
-from app.identity.access import org_access as access_of
 from app.models import User
 
 log = logging.getLogger("latchkey.web")

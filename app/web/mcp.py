@@ -6,16 +6,17 @@ from typing import Any
 
 from flask import flash, redirect, render_template, request, url_for
 
+from app.access import OrgAccess
 from app.api.framework import request_context
 from app.errors import ConflictError, FieldError, ValidationFailedError
-from app.identity.access import OrgAccess
 from app.mcp import catalog
 from app.mcp import service as mcp
 from app.mcp.schemas import McpServerCreate, McpServerUpdate
 from app.models import McpServer
+from app.schemas import validated
 from app.secrets import service as secrets
+from app.secrets.schemas import SecretCreate
 from app.web.core import db, form_errors, page
-from app.web.forms import validated
 from app.web.secrets import public_keys
 
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
@@ -39,7 +40,7 @@ def _render(
         tools=tools,
         form=form,
         errors=errors,
-        secret_options=secrets.list_secrets(db(), access.org, limit=200, cursor=None).items,
+        secret_options=secrets.list_secrets(db(), access, limit=200, cursor=None).items,
         transports=catalog.TRANSPORTS,
         new_secret=NEW_SECRET,
         pending=PENDING,
@@ -53,14 +54,8 @@ def _secret_ref(access: OrgAccess, form: dict[str, str]) -> str | None:
         return choice
     access.require_admin()
     try:
-        secret = secrets.create_secret(
-            db(),
-            request_context(),
-            access.org,
-            public_keys(),
-            name=form.get("new_secret_name", ""),
-            value=request.form.get("new_secret_value", ""),
-        )
+        new = {"name": form.get("new_secret_name", ""), "value": request.form.get("new_secret_value", "")}
+        secret = secrets.create_secret(db(), request_context(), access, public_keys(), validated(SecretCreate, new))
     except ValidationFailedError as exc:
         # The new secret's fields are named new_secret_* on this form.
         raise ValidationFailedError(

@@ -6,16 +6,16 @@ from typing import Any
 
 from flask import flash, redirect, render_template, request, url_for
 
+from app.access import OrgAccess
 from app.api.framework import request_context
 from app.errors import ConflictError, ValidationFailedError
-from app.identity.access import OrgAccess
 from app.models import Provider
 from app.providers import catalog
 from app.providers import service as providers
 from app.providers.schemas import ProviderCreate, ProviderUpdate
+from app.schemas import validated
 from app.secrets import service as secrets
 from app.web.core import db, form_errors, page
-from app.web.forms import validated
 
 FIELDS = ("name", "provider_type", "kind", "model_id", "base_url", "account_id", "gateway_id", "secret_ref")
 CONFIG_FIELDS = ("base_url", "account_id", "gateway_id")
@@ -46,7 +46,7 @@ def _values(form: dict[str, str]) -> dict[str, Any]:
 
 
 def _render(provider: Provider | None, form: dict[str, str], errors: dict[str, str], access: OrgAccess) -> str:
-    options = secrets.list_secrets(db(), access.org, limit=200, cursor=None).items
+    options = secrets.list_secrets(db(), access, limit=200, cursor=None).items
     return render_template(
         "providers/form.html",
         provider=provider,
@@ -80,7 +80,7 @@ def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
 def list_providers(access: OrgAccess) -> str:
     """The org's provider catalog."""
     items = providers.list_providers(db(), access, limit=200, cursor=None).items
-    names = {s.id: s.name for s in secrets.list_secrets(db(), access.org, limit=200, cursor=None).items}
+    names = {s.id: s.name for s in secrets.list_secrets(db(), access, limit=200, cursor=None).items}
     return render_template("providers/list.html", items=items, secret_names=names)
 
 

@@ -11,9 +11,11 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
+from app.access import OrgAccess
 from app.db import utcnow
 from app.errors import ConflictError
 from app.identity import service as identity
+from app.identity.schemas import TokenCreate
 from app.models import ApiToken, AuditEvent, Invitation, Membership
 from tests.factories import CTX, Caller, Factory
 
@@ -24,7 +26,7 @@ def _expiring(factory: Factory, caller: Caller, expires_at: datetime | None) -> 
     """Another token of the same user (as the CLI mints them: no parent), with this expiry."""
     with factory.db.session() as s:
         user = identity.get_user_by_email(s, caller.email)
-        _tok, raw = identity.create_token(s, CTX, user, "parent", expires_at)
+        _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="parent", expires_at=expires_at))
     return Caller(caller.client, raw, caller.user_id, caller.email)
 
 
@@ -201,7 +203,7 @@ def test_an_address_without_an_account_accepts_after_signing_up(admin: Caller, o
     invitation = _invite(admin, org, "later@example.test")
     with factory.db.session() as s:
         user = identity.create_user(s, CTX, "later@example.test")
-        _tok, raw = identity.create_token(s, CTX, user, "t")
+        _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="t"))
         user_id = user.id
     later = Caller(admin.client, raw, user_id, "later@example.test")
     assert later.post("invitations/accept", json={"token": invitation["token"]}).status_code == 200
@@ -339,7 +341,7 @@ def test_revoking_never_undoes_an_accept_it_raced(admin: Caller, org: str, facto
         revoker.commit()
         assert invitee.post("invitations/accept", json={"token": invitation["token"]}).status_code == 200
         with pytest.raises(ConflictError):
-            identity.revoke_invitation(revoker, CTX, found, invitation["id"])
+            identity.revoke_invitation(revoker, CTX, OrgAccess.system(found), invitation["id"])
         revoker.commit()
     finally:
         revoker.close()

@@ -272,10 +272,10 @@ def _agent(caller: Caller, slug: str, provider_id: str) -> str:
 
 
 def _run(factory: Factory, slug: str, agent_id: str) -> str:
+    from app.access import OrgAccess
     from app.agents import service as agents
     from app.agents.schemas import RunCreate
     from app.identity import service as identity
-    from app.identity.access import OrgAccess
     from app.models import Role
     from tests.factories import CTX
 
@@ -290,12 +290,15 @@ def _run(factory: Factory, slug: str, agent_id: str) -> str:
 def _invitation(factory: Factory, slug: str) -> str:
     from datetime import timedelta
 
+    from app.access import OrgAccess
     from app.identity import service as identity
+    from app.identity.schemas import MemberAdd
     from tests.factories import CTX
 
     with factory.db.session() as s:
         org = identity.get_org(s, slug)
-        return identity.invite(s, CTX, org, f"invited@{slug}.test", "member", timedelta(days=1)).invitation.id
+        data = MemberAdd(email=f"invited@{slug}.test", role="member")
+        return identity.invite(s, CTX, OrgAccess.system(org), data, timedelta(days=1)).invitation.id
 
 
 def _call(caller: Caller, e: Endpoint, org: str, ids: dict[str, str]) -> Any:

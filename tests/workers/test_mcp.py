@@ -347,9 +347,9 @@ def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legac
 
     from sqlalchemy import event
 
+    from app.access import OrgAccess
     from app.errors import ForbiddenError
     from app.identity import service as identity
-    from app.identity.access import OrgAccess
     from app.mcp import service as mcp_service
     from app.mcp.schemas import McpServerUpdate
     from app.models.identity import Role
