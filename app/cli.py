@@ -142,8 +142,8 @@ def keys_rotate(batch_size: int | None) -> None:
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
     from app.secrets.keyring import Keyring
-    from app.tasks import make_celery
     from app.tasks.keys import RESEAL_TASK
+    from app.worker import make_celery
 
     path = _keyring_file()
     ring = Keyring.load(path)
@@ -314,7 +314,7 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
     from app.models import Job
-    from app.tasks import make_celery
+    from app.worker import make_celery
 
     cfg = settings()
     database = Database()

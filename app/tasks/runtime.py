@@ -295,18 +295,18 @@ def job_task(name: str, *, time_limit: int = 120, max_retries: int = 3) -> Calla
     """Declare a job task: ``@job_task("mcp.validate_server")`` over ``fn(ctx, job)``."""
 
     def decorator(fn: JobFn) -> Any:
-        @shared_task(  # type: ignore[untyped-decorator]
+        def task(self: Task, job_id: str) -> str:
+            return run_job(self, job_id, fn)
+
+        # Set before shared_task: the proxy it returns would build Celery's default app on first use.
+        task.__doc__ = fn.__doc__
+        return shared_task(
             name=name,
             bind=True,
             acks_late=True,
             reject_on_worker_lost=True,
             max_retries=max_retries,
             **time_limits(time_limit),
-        )
-        def task(self: Task, job_id: str) -> str:
-            return run_job(self, job_id, fn)
-
-        task.__doc__ = fn.__doc__
-        return task
+        )(task)
 
     return decorator
