@@ -141,8 +141,8 @@ def keys_rotate(batch_size: int | None) -> None:
     """
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
+    from app.jobs.names import TaskName
     from app.secrets.keyring import Keyring
-    from app.tasks.keys import RESEAL_TASK
     from app.worker import make_celery
 
     path = _keyring_file()
@@ -161,7 +161,7 @@ def keys_rotate(batch_size: int | None) -> None:
                 s,
                 cli_context(),
                 org_id=None,
-                kind=RESEAL_TASK,
+                kind=TaskName.RESEAL_SECRETS,
                 params={"batch_size": batch_size} if batch_size else {},
             )
             job_id = job.id
@@ -226,6 +226,7 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
 
     from app.backfill import service as backfill_service
     from app.jobs import service as jobs
+    from app.jobs.names import TaskName
     from app.secrets.keyring import PublicKeySet
 
     cfg = settings()
@@ -242,7 +243,7 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
             # Recorded as a running job and never published: no worker picks it up.
             with database.session() as s:
                 params: dict[str, Any] = {"batch_size": batch_size, "org": org_slug, "source": "cli"}
-                job_id = jobs.create_job(s, ctx, org_id=None, kind=backfill_service.BACKFILL_TASK, params=params).id
+                job_id = jobs.create_job(s, ctx, org_id=None, kind=TaskName.BACKFILL, params=params).id
                 jobs.take_publications(s)
                 jobs.claim(s, job_id)
 
@@ -310,9 +311,9 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
     import json
     import time
 
-    from app.backfill.verify import VERIFY_TASK
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
+    from app.jobs.names import TaskName
     from app.models import Job
     from app.worker import make_celery
 
@@ -322,7 +323,7 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
     try:
         with database.session() as s:
             params = {"batch_size": batch_size} if batch_size else {}
-            job_id = jobs.create_job(s, cli_context(), org_id=None, kind=VERIFY_TASK, params=params).id
+            job_id = jobs.create_job(s, cli_context(), org_id=None, kind=TaskName.VERIFY, params=params).id
             pubs = jobs.take_publications(s)
         try:
             jobs.Publisher(make_celery(cfg), database).publish(pubs)

@@ -13,11 +13,11 @@ from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import NotFoundError, ValidationFailedError
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp.service import destination as mcp_destination
 from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider
 from app.pagination import Page, paginate
 
-RUN_TASK = "agents.run_agent"
 MAX_NAME = 200
 MAX_PROMPT = 20_000
 MAX_INPUT = 32_000
@@ -263,7 +263,7 @@ def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, te
     session.add(run)
     session.flush()
     params = {"run_id": run.id, **destinations}
-    job = jobs.create_job(session, ctx, org_id=org.id, kind=RUN_TASK, params=params)
+    job = jobs.create_job(session, ctx, org_id=org.id, kind=TaskName.RUN_AGENT, params=params)
     run.job_id = job.id
     audit.record(
         session,

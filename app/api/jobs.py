@@ -12,13 +12,11 @@ from app.api import bp
 from app.api.framework import Result, current_user, request_context, route, session
 from app.api.schemas import JobAccepted, JobError, JobOut, Progress
 from app.backfill import service as backfill_service
-from app.backfill.service import BACKFILL_TASK
-from app.backfill.verify import VERIFY_TASK
 from app.identity.access import org_access as access_of
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.models import Job
 from app.schemas import Strict
-from app.secrets import rotation
 
 
 def job_out(job: Job) -> JobOut:
@@ -88,7 +86,7 @@ def get_admin_job(job_id: str) -> JobOut:
 )
 def ping_workers() -> Result:
     """Queue a no-op job: proves a worker is taking jobs, end to end."""
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind="system.ping"))
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=TaskName.PING))
 
 
 def _instance_job(kind: str, body: Strict | None) -> Result:
@@ -120,7 +118,7 @@ def reseal_keys(body: BatchRequest | None) -> Result:
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
     """
-    return _instance_job(rotation.RESEAL_TASK, body)
+    return _instance_job(TaskName.RESEAL_SECRETS, body)
 
 
 class BackfillRequest(BatchRequest):
@@ -147,7 +145,7 @@ def start_backfill(body: BackfillRequest | None) -> Result:
     The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
     job's result is the summary (counts per kind, failures with reasons, never a value).
     """
-    return _instance_job(BACKFILL_TASK, body)
+    return _instance_job(TaskName.BACKFILL, body)
 
 
 @route(
@@ -169,7 +167,7 @@ def start_verify(body: BatchRequest | None) -> Result:
     the verification record, also shown by ``GET /admin/backfill``; the contract migration
     runs only after one passes.
     """
-    return _instance_job(VERIFY_TASK, body)
+    return _instance_job(TaskName.VERIFY, body)
 
 
 class BackfillStatus(BaseModel):

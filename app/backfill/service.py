@@ -44,6 +44,7 @@ from app.backfill import legacy
 from app.context import RequestContext
 from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
 from app.errors import NotFoundError
+from app.jobs.names import TaskName
 from app.models import Agent, Job, McpServer, Org, Provider, Secret
 from app.providers.service import KIND_RE
 from app.secrets.keyring import PublicKeySet
@@ -52,7 +53,6 @@ from app.secrets.service import NAME_RE, value_hint
 
 log = logging.getLogger("latchkey.backfill")
 
-BACKFILL_TASK = "backfill.run"
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 5000
 MAX_FAILURES_LISTED = 100
@@ -136,7 +136,7 @@ def status(session: Session) -> Status:
 
     run = session.scalar(
         select(Job)
-        .where(Job.kind == BACKFILL_TASK, Job.org_id.is_(None))
+        .where(Job.kind == TaskName.BACKFILL, Job.org_id.is_(None))
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(1)
     )

@@ -45,7 +45,6 @@ from app.secrets.sealing import SealingError, open_sealed, secret_context
 
 log = logging.getLogger("latchkey.backfill")
 
-VERIFY_TASK = "backfill.verify"
 DEFAULT_BATCH_SIZE = 1000
 MAX_FAILURES_LISTED = 100
 KINDS = ("secrets", "mcp_servers", "agents")

@@ -9,6 +9,7 @@ row is not there yet. If the broker refuses the message, the job is marked faile
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -122,7 +123,7 @@ def get_job(session: Session, org_id: str | None, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, org_id: str | None, kinds: list[str], *, limit: int = 50) -> list[Job]:
+def list_jobs(session: Session, org_id: str | None, kinds: Sequence[str], *, limit: int = 50) -> list[Job]:
     """The newest jobs of these kinds, of this org (or instance jobs when ``org_id`` is None)."""
     stmt = select(Job).where(Job.kind.in_(kinds))
     stmt = stmt.where(Job.org_id.is_(None)) if org_id is None else stmt.where(Job.org_id == org_id)

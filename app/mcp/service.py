@@ -21,12 +21,12 @@ from app.egress.urls import UrlError, check_http_url
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
 from app.identity.access import OrgAccess
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp.client import TRANSPORTS, ToolInfo
 from app.models import Job, McpServer, McpTool, Org
 from app.pagination import Page, paginate
 from app.secrets.service import check_secret_ref
 
-VALIDATE_TASK = "mcp.validate_server"
 MAX_URL = 2000
 MAX_NAME = 200
 RAW_CREDENTIAL_REFUSAL = (
@@ -86,7 +86,9 @@ def queue_validation(session: Session, ctx: RequestContext, server: McpServer) -
     server.status = "pending"
     server.status_error_code = None
     server.status_error_message = None
-    return jobs.create_job(session, ctx, org_id=server.org_id, kind=VALIDATE_TASK, params=destination(server))
+    return jobs.create_job(
+        session, ctx, org_id=server.org_id, kind=TaskName.VALIDATE_SERVER, params=destination(server)
+    )
 
 
 def create_server(

@@ -49,6 +49,7 @@ from app.errors import (
     WorkerUnavailableError,
 )
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.jobs.service import Publisher
 from app.models import Org
 from app.secrets import service as secrets
@@ -56,7 +57,6 @@ from app.secrets.sealing import CiphertextBytes, CiphertextError, encode_context
 
 log = logging.getLogger("latchkey.reveal")
 
-REVEAL_TASK = "secrets.reveal_value"
 # How long a sealed reply waits in Redis for the request that asked for it.
 REPLY_TTL_SECONDS = 60
 RATE_WINDOW_SECONDS = 60
@@ -344,7 +344,7 @@ def reveal(
         session,
         ctx,
         org_id=org_id,
-        kind=REVEAL_TASK,
+        kind=TaskName.REVEAL_VALUE,
         params={"secret_id": sid, "reply_public_key": encode_public_key(public_raw)},
     )
     job_id = job.id

@@ -29,6 +29,7 @@ from app.context import Actor, RequestContext
 from app.db import utcnow
 from app.egress import EgressError, EgressPolicy, guarded_async_client, guarded_client
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp.client import McpError, call_tool
 from app.models import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
 from app.observability import redact
@@ -244,7 +245,7 @@ def _loop(
     raise JobFailedError("max_steps", f"the agent did not finish within {MAX_STEPS} steps")
 
 
-@job_task("agents.run_agent", time_limit=300)
+@job_task(TaskName.RUN_AGENT, time_limit=300)
 def run_agent(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Run an agent: resolve its provider's key, loop model turns and tool calls, store masked events."""
     run, agent, provider, tools, changed = _load(ctx, job)

@@ -15,15 +15,15 @@ from app.context import Actor, RequestContext
 from app.db import new_id
 from app.errors import NotFoundError
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.models import Org
 from app.tasks.runtime import JobFailedError, JobView, WorkerContext, batch_size_param, job_task, worker_keyring
 
-BACKFILL_TASK = backfill.BACKFILL_TASK
 WORKER = RequestContext(Actor("worker"))
 log = logging.getLogger("latchkey.backfill")
 
 
-@job_task(BACKFILL_TASK, time_limit=3000, max_retries=3)
+@job_task(TaskName.BACKFILL, time_limit=3000, max_retries=3)
 def run_backfill(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Run the backfill (batched, resumable, idempotent); the summary is the job's result.
 
@@ -154,7 +154,7 @@ def check_cache_invalidation(ctx: WorkerContext, org_id: str) -> dict[str, Any]:
         client.close()
 
 
-@job_task(verify.VERIFY_TASK, time_limit=3000, max_retries=3)
+@job_task(TaskName.VERIFY, time_limit=3000, max_retries=3)
 def run_verify(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Verify the backfill (see app/backfill/verify.py); the verification record is the result."""
     batch_size = batch_size_param(job, verify.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)

@@ -15,6 +15,7 @@ from app.backfill import legacy
 from app.context import Actor, RequestContext
 from app.egress import EgressError, EgressPolicy, guarded_async_client
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp import service as mcp_service
 from app.mcp.client import McpError, list_tools
 from app.models import McpServer
@@ -87,7 +88,7 @@ def _credential(ctx: WorkerContext, snap: Snapshot, reads: list[dict[str, Any]])
     return None, ()
 
 
-@job_task("mcp.validate_server", time_limit=90)
+@job_task(TaskName.VALIDATE_SERVER, time_limit=90)
 def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Connect to the server with its secret, list its tools, and record valid or invalid."""
     snap = _load(ctx, job)
@@ -142,7 +143,7 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     return {"status": "invalid", "error": {"code": code, "message": message}}
 
 
-@periodic_task("mcp.refresh_tools", time_limit=120)
+@periodic_task(TaskName.REFRESH_TOOLS, time_limit=120)
 def refresh_tools(self: Task) -> int:
     """Queue a validation of every valid server, so tool lists follow their servers (beat)."""
     wc = worker_context(self.app)
@@ -153,7 +154,7 @@ def refresh_tools(self: Task) -> int:
                 s,
                 WORKER,
                 org_id=srv.org_id,
-                kind=mcp_service.VALIDATE_TASK,
+                kind=TaskName.VALIDATE_SERVER,
                 # The server as it is now: a refresh that runs after a change ends stale, unsent.
                 params=mcp_service.destination(srv),
             )

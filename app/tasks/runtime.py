@@ -292,7 +292,7 @@ def periodic_task(name: str, *, time_limit: int) -> Callable[[Callable[..., Any]
 
 
 def job_task(name: str, *, time_limit: int = 120, max_retries: int = 3) -> Callable[[JobFn], Any]:
-    """Declare a job task: ``@job_task("mcp.validate_server")`` over ``fn(ctx, job)``."""
+    """Declare a job task: ``@job_task(TaskName.VALIDATE_SERVER)`` over ``fn(ctx, job)``."""
 
     def decorator(fn: JobFn) -> Any:
         def task(self: Task, job_id: str) -> str:

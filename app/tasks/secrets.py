@@ -13,6 +13,7 @@ from sqlalchemy import select
 from app.audit import service as audit
 from app.context import Actor, RequestContext
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.models import Job
 from app.observability.metrics import WORKER_REVEALS
 from app.secrets import reveal
@@ -44,7 +45,7 @@ def _gate(ctx: WorkerContext) -> reveal.RevealGate:
         return gate
 
 
-@periodic_task("secrets.replay_invalidations", time_limit=60)
+@periodic_task(TaskName.REPLAY_INVALIDATIONS, time_limit=60)
 def replay_invalidations(self: Task) -> int:
     """Apply cache invalidations that Redis could not take when their change committed (beat)."""
     wc = worker_context(self.app)
@@ -114,7 +115,7 @@ def _refuse(
     return JobFailedError(code, message)
 
 
-@job_task(reveal.REVEAL_TASK, time_limit=30)
+@job_task(TaskName.REVEAL_VALUE, time_limit=30)
 def reveal_value(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Resolve a secret and seal it to the requesting web request's one-request public key.
 

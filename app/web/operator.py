@@ -15,14 +15,12 @@ from flask import abort, flash, redirect, render_template, url_for
 
 from app.api.framework import request_context
 from app.backfill import service as backfill_service
-from app.backfill.service import BACKFILL_TASK
-from app.backfill.verify import VERIFY_TASK
 from app.jobs import service as jobs
-from app.secrets.rotation import RESEAL_TASK
+from app.jobs.names import TaskName
 from app.web.core import db, page
 
 # The job kinds this page lists, newest first.
-LISTED_KINDS = [BACKFILL_TASK, VERIFY_TASK, RESEAL_TASK]
+LISTED_KINDS = [TaskName.BACKFILL, TaskName.VERIFY, TaskName.RESEAL_SECRETS]
 UNFINISHED = ("queued", "running")
 
 
@@ -41,26 +39,26 @@ class Operation:
 LAUNCHABLE: dict[str, Operation] = {
     "backfill_dry_run": Operation(
         "Backfill: dry run",
-        BACKFILL_TASK,
+        TaskName.BACKFILL,
         "Counts what the backfill would seal and link, and changes nothing.",
         {"dry_run": True},
     ),
     "backfill_run": Operation(
         "Backfill: run",
-        BACKFILL_TASK,
+        TaskName.BACKFILL,
         "Seals legacy plaintext values and links MCP servers and agents to the new secrets and providers.",
         {"dry_run": False},
         danger=True,
     ),
     "backfill_verify": Operation(
         "Verify the backfill",
-        VERIFY_TASK,
+        TaskName.VERIFY,
         "In a worker: every backfilled value against its legacy value, and a live cache check."
         " The contract migration runs only after a verification passed.",
     ),
     "reseal": Operation(
         "Re-seal all secrets",
-        RESEAL_TASK,
+        TaskName.RESEAL_SECRETS,
         "Re-seals every sealed value under the workers' newest key (after a key rotation).",
     ),
 }
