@@ -314,7 +314,7 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
     from app.jobs.names import TaskName
-    from app.models import Job
+    from app.models import Job, JobStatus
     from app.worker import make_celery
 
     cfg = settings()
@@ -342,14 +342,14 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
                     state, done, total = job.status, job.progress_done, job.progress_total
                     result, error = job.result, (job.error_code, job.error_message)
                 bar(done, total or 0)
-                if state in ("succeeded", "failed"):
+                if state in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                     break
                 if time.monotonic() > deadline:
                     _fail(f"verification job {job_id} is still {state} after {timeout}s; is a worker running?")
                 time.sleep(0.25)
     finally:
         database.dispose()
-    if state == "failed" or result is None:
+    if state == JobStatus.FAILED or result is None:
         _fail(f"verification job {job_id} failed: {error[0]}: {error[1]}")
     assert result is not None
     click.echo(json.dumps(result, indent=2, sort_keys=True))

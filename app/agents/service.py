@@ -15,7 +15,7 @@ from app.errors import NotFoundError, ValidationFailedError
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.mcp.service import destination as mcp_destination
-from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider
+from app.models import Agent, AgentRun, AgentTool, Job, JobStatus, McpServer, McpServerStatus, McpTool, Org, Provider
 from app.pagination import Page, paginate
 
 MAX_NAME = 200
@@ -65,7 +65,7 @@ def _tools(session: Session, org: Org, tools: Any) -> list[tuple[str, str]]:
         server = session.scalar(select(McpServer).where(McpServer.org_id == org.id, McpServer.id == server_id))
         if server is None:
             raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", "no MCP server with this id in this org")
-        if server.status != "valid":
+        if server.status != McpServerStatus.VALID:
             raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", f"the MCP server is {server.status}")
         known = session.scalar(select(McpTool.id).where(McpTool.mcp_server_id == server.id, McpTool.name == tool_name))
         if known is None:
@@ -254,7 +254,7 @@ def start_run(session: Session, ctx: RequestContext, org: Org, agent_id: str, te
         id=new_id(),
         org_id=org.id,
         agent_id=agent.id,
-        status="queued",
+        status=JobStatus.QUEUED,
         input=prompt,
         events=[],
         created_by=ctx.actor.id,

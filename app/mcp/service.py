@@ -23,7 +23,7 @@ from app.identity.access import OrgAccess
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.mcp.client import TRANSPORTS, ToolInfo
-from app.models import Job, McpServer, McpTool, Org
+from app.models import Job, McpServer, McpServerStatus, McpTool, Org
 from app.pagination import Page, paginate
 from app.secrets.service import check_secret_ref
 
@@ -83,7 +83,7 @@ def destination(server: McpServer) -> dict[str, Any]:
 
 def queue_validation(session: Session, ctx: RequestContext, server: McpServer) -> Job:
     """Queue a validation of the server as it is now (its destination is recorded in the job)."""
-    server.status = "pending"
+    server.status = McpServerStatus.PENDING
     server.status_error_code = None
     server.status_error_message = None
     return jobs.create_job(
@@ -113,7 +113,7 @@ def create_server(
         url=url,
         transport=transport,
         secret_ref=secret_ref,
-        status="pending",
+        status=McpServerStatus.PENDING,
         tool_count=0,
         created_by=ctx.actor.id,
         updated_by=ctx.actor.id,
@@ -250,12 +250,12 @@ def store_outcome(
                     input_schema=tool.input_schema,
                 )
             )
-        server.status = "valid"
+        server.status = McpServerStatus.VALID
         server.status_error_code = None
         server.status_error_message = None
         server.tool_count = len(tools)
     else:
-        server.status = "invalid"
+        server.status = McpServerStatus.INVALID
         server.status_error_code = error_code
         server.status_error_message = (error_message or "")[:1000]
     session.flush()

@@ -46,6 +46,7 @@ from app.errors import (
     RateLimitedError,
     ServiceUnavailableError,
     UnauthorizedError,
+    WorkerError,
     WorkerUnavailableError,
 )
 from app.jobs import service as jobs
@@ -136,13 +137,11 @@ LIMITER_UNAVAILABLE = "limiter_unavailable"
 NO_USER = "-"
 
 
-class RevealRefusedError(Exception):
+class RevealRefusedError(WorkerError):
     """The worker refuses this reveal; ``code`` is stable, ``message`` safe to show and to log."""
 
     def __init__(self, code: str, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.retry_after = retry_after
 
     def reply(self) -> dict[str, Any]:

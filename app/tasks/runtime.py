@@ -5,7 +5,8 @@ running job whose lease lapsed; a finished job or one held by a live lease is le
 so a redelivered or duplicated message changes nothing), renews the lease while it runs,
 and records succeeded or failed with a stable error code, only while it still holds the
 lease. Transient errors are retried with exponential backoff (the job goes back to queued
-for the retry); everything else fails the job at once with a message that carries no secret.
+for the retry); any other ``WorkerError`` fails the job at once with its code and message
+(which carry no secret), and anything unexpected with ``internal_error``.
 """
 
 from __future__ import annotations
@@ -27,28 +28,20 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
+from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.logs import reset_job_id, set_job_id
+from app.models import JobStatus
 
 log = logging.getLogger("latchkey.worker")
 
 
-class JobFailedError(Exception):
+class JobFailedError(WorkerError):
     """A job ends failed with this stable code and a safe message."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
-
-class TransientError(Exception):
+class TransientError(WorkerError):
     """Worth retrying (a dependency blipped); after the last retry the job fails with ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class JobLostError(Exception):
@@ -217,7 +210,8 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
             return _fail(wc, job_id, holder, exc.code, exc.message)
         except JobLostError:
             return _not_finished(job_id)
-        except JobFailedError as exc:
+        except WorkerError as exc:
+            # Every expected failure (the job's own, a model call, MCP, egress, the resolver).
             return _fail(wc, job_id, holder, exc.code, exc.message)
         except SoftTimeLimitExceeded:
             return _fail(wc, job_id, holder, "timeout", "the job ran out of time")
@@ -227,13 +221,13 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
             return _fail(wc, job_id, holder, "internal_error", "the job failed unexpectedly")
         with wc.db.session() as s:
             finished = jobs.mark_succeeded(s, job_id, result, lease=holder)
-    return "succeeded" if finished else _not_finished(job_id)
+    return JobStatus.SUCCEEDED if finished else _not_finished(job_id)
 
 
 def _fail(wc: WorkerContext, job_id: str, holder: str, code: str, message: str) -> str:
     with wc.db.session() as s:
         finished = jobs.mark_failed(s, job_id, code, message, lease=holder)
-    return "failed" if finished else _not_finished(job_id)
+    return JobStatus.FAILED if finished else _not_finished(job_id)
 
 
 def _not_finished(job_id: str) -> str:

@@ -10,7 +10,7 @@ from app.api.framework import request_context
 from app.errors import ConflictError, FieldError, ValidationFailedError
 from app.identity.access import OrgAccess
 from app.mcp import service as mcp
-from app.models import McpServer
+from app.models import McpServer, McpServerStatus
 from app.secrets import service as secrets
 from app.web.core import db, form_errors, page
 from app.web.secrets import public_keys
@@ -18,7 +18,7 @@ from app.web.secrets import public_keys
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
 NEW_SECRET = "__new__"  # noqa: S105 - the picker option for "create a new secret", not a secret
 # Statuses that will change on their own: the status fragment keeps polling while in one.
-PENDING = ("pending", "validating")
+PENDING = (McpServerStatus.PENDING, McpServerStatus.VALIDATING)
 TRANSPORTS = ("streamable_http", "sse")
 
 

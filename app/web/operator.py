@@ -17,11 +17,12 @@ from app.api.framework import request_context
 from app.backfill import service as backfill_service
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
+from app.models import JobStatus
 from app.web.core import db, page
 
 # The job kinds this page lists, newest first.
 LISTED_KINDS = [TaskName.BACKFILL, TaskName.VERIFY, TaskName.RESEAL_SECRETS]
-UNFINISHED = ("queued", "running")
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass(frozen=True)
