@@ -225,11 +225,3 @@ class JobOut(BaseModel):
 
 class JobAccepted(BaseModel):
     job: JobOut
-
-
-# Health ----------------------------------------------------------------------------------
-
-
-class HealthOut(BaseModel):
-    status: str
-    checks: dict[str, str] = Field(default_factory=dict)
