@@ -7,6 +7,7 @@ worker (the session's, if another test started it) can pick a job up before the 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,8 +61,14 @@ def worker_ctx(settings: Settings) -> Iterator[WorkerContext]:
 
 
 def run_task(celery: Celery, name: TaskName, job_id: str) -> Any:
-    """Run a job task here, as a worker would on a delivery of ``job_id``."""
-    return celery.tasks[name].apply(args=[job_id], task_id=job_id).get(disable_sync_subtasks=False)
+    """Run a job task here, as a worker would on a delivery of ``job_id``.
+
+    In a thread of its own, like a worker's pool thread: the test's main thread may have an
+    event loop running (the browser tests' Playwright), and the MCP client runs its own.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        result = pool.submit(celery.tasks[name].apply, args=[job_id], task_id=job_id).result()
+    return result.get(disable_sync_subtasks=False)
 
 
 def only_job(db: Database, kind: TaskName) -> Job:
