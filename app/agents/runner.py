@@ -36,7 +36,7 @@ from app.egress import EgressError, EgressPolicy, guarded_async_client, guarded_
 from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
-from app.mcp.client import McpError, call_tool
+from app.mcp.client import call_tool
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
 from app.observability import redact
 from app.secrets.resolver import SecretNotFoundError
@@ -261,7 +261,7 @@ def _loop(ctx: Worker, state: RunState, agent: Agent, provider: Provider, tools:
                 try:
                     state.job.ensure_held()
                     is_error, result = _run_tool(ctx, state, tool, call.arguments)
-                except (McpError, EgressError) as exc:
+                except WorkerError as exc:  # a failed tool call (MCP, egress) is the model's to hear about
                     if isinstance(exc, EgressError):
                         egress_audit.denied(
                             ctx.db,
