@@ -57,7 +57,7 @@ def open_database(cfg: Settings) -> Iterator[Database]:
 
     from app.jobs.service import Publisher
     from app.secrets.invalidation import Invalidator
-    from app.tasks import make_celery
+    from app.worker import make_celery
 
     db = Database()
     db.configure(cfg.database_url)
@@ -157,8 +157,8 @@ def keys_rotate(batch_size: int | None) -> None:
     """
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
+    from app.jobs.names import TaskName
     from app.secrets.keyring import Keyring
-    from app.tasks.keys import RESEAL_TASK
 
     path = _keyring_file()
     ring = Keyring.load(path)
@@ -173,7 +173,7 @@ def keys_rotate(batch_size: int | None) -> None:
                 s,
                 cli_context(),
                 org_id=None,
-                kind=RESEAL_TASK,
+                kind=TaskName.RESEAL_SECRETS,
                 params={"batch_size": batch_size} if batch_size else {},
             ).id
     except BrokerUnavailableError:
@@ -232,6 +232,7 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
 
     from app.backfill import service as backfill_service
     from app.jobs import service as jobs
+    from app.jobs.names import TaskName
     from app.secrets.keyring import PublicKeySet
 
     cfg = settings()
@@ -246,9 +247,7 @@ def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
             # Recorded as a running job and never published: no worker picks it up.
             with database.session() as s:
                 params: dict[str, Any] = {"batch_size": batch_size, "org": org_slug, "source": "cli"}
-                job = jobs.create_job(
-                    s, ctx, org_id=None, kind=backfill_service.BACKFILL_TASK, params=params, publish=False
-                )
+                job = jobs.create_job(s, ctx, org_id=None, kind=TaskName.BACKFILL, params=params, publish=False)
                 job_id = job.id
                 jobs.claim(s, job_id)
 
@@ -314,16 +313,16 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
     import json
     import time
 
-    from app.backfill.verify import VERIFY_TASK
     from app.errors import BrokerUnavailableError
     from app.jobs import service as jobs
-    from app.models import Job
+    from app.jobs.names import TaskName
+    from app.models import Job, JobStatus
 
     with open_database(settings()) as database:
         try:
             with database.session() as s:
                 params = {"batch_size": batch_size} if batch_size else {}
-                job_id = jobs.create_job(s, cli_context(), org_id=None, kind=VERIFY_TASK, params=params).id
+                job_id = jobs.create_job(s, cli_context(), org_id=None, kind=TaskName.VERIFY, params=params).id
         except BrokerUnavailableError:
             _fail("the job queue is unavailable; start the broker, or use POST /api/v1/admin/backfill/verify")
         click.echo(f"latchkey: verification job {job_id} queued", err=True)
@@ -339,12 +338,12 @@ def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None
                     state, done, total = job.status, job.progress_done, job.progress_total
                     result, error = job.result, (job.error_code, job.error_message)
                 bar(done, total or 0)
-                if state in ("succeeded", "failed"):
+                if state in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                     break
                 if time.monotonic() > deadline:
                     _fail(f"verification job {job_id} is still {state} after {timeout}s; is a worker running?")
                 time.sleep(0.25)
-    if state == "failed" or result is None:
+    if state == JobStatus.FAILED or result is None:
         _fail(f"verification job {job_id} failed: {error[0]}: {error[1]}")
     assert result is not None
     click.echo(json.dumps(result, indent=2, sort_keys=True))

@@ -67,8 +67,7 @@ def dev_settings(instance: Path, redis_url: str) -> Settings:
         # People read the dev console; production defaults to JSON lines.
         "LATCHKEY_LOG_FORMAT": "text",
     }
-    # Exported too, so anything in this process that reads settings sees the same ones.
-    os.environ.update(env)
+    # Only these: the worker thread and the web app are both built from the returned settings.
     return load_settings(env)
 
 
@@ -102,7 +101,7 @@ def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
 
 
 def start_worker_thread(settings: Settings) -> None:
-    from app.tasks import make_celery
+    from app.worker import make_celery
 
     celery = make_celery(settings)
     worker = celery.Worker(pool="threads", concurrency=2, redirect_stdouts=False, loglevel="WARNING", quiet=True)

@@ -2,6 +2,10 @@
 
 Services raise these; ``app.api.problems`` renders them as problem+json and the UI
 renders them as a page or a flashed message. Messages never contain a secret value.
+
+``WorkerError`` is the other family: failures of worker-side work (a model call, an MCP
+exchange, the egress guard, the resolver, a job), each a stable ``code`` and a ``message``
+safe to show and to log. The job runtime records any of them as the job's error.
 """
 
 from __future__ import annotations
@@ -60,10 +64,6 @@ class VersionMismatchError(LatchkeyError):
     status, code, title = 412, "version_mismatch", "Version mismatch"
 
 
-class PayloadTooLargeError(LatchkeyError):
-    status, code, title = 413, "payload_too_large", "Request body too large"
-
-
 class UnsupportedMediaTypeError(LatchkeyError):
     status, code, title = 415, "unsupported_media_type", "Unsupported media type"
 
@@ -111,3 +111,21 @@ class WorkerUnavailableError(LatchkeyError):
 
 class ServiceUnavailableError(LatchkeyError):
     status, code, title = 503, "unavailable", "Service unavailable"
+
+
+class WorkerError(Exception):
+    """A failure of worker-side work: a stable ``code`` and a ``message`` without secrets.
+
+    ``args`` are ``(code, message)``, so an error rebuilt from them (pickle, JSON) is the same.
+    """
+
+    code: str
+    message: str
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"

@@ -52,7 +52,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["latchkey.db"] = db
     app.extensions["latchkey.public_keys"] = _public_keys(settings)
     from app.jobs.service import Publisher
-    from app.tasks import make_celery
+    from app.worker import make_celery
 
     # The web tier only publishes task messages by name; it never imports or runs tasks.
     app.extensions["latchkey.publisher"] = Publisher(make_celery(settings), db)

@@ -35,7 +35,8 @@ from app import migrate
 from app.config import Settings
 from app.db import Database, new_id
 from app.jobs import service as jobs
-from app.models import Job
+from app.jobs.names import TaskName
+from app.models import Job, JobStatus
 from bench.common import (
     CTX,
     PG_ADMIN_URL,
@@ -154,17 +155,16 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_job(db: Database, producer: Any, kind: str, params: dict[str, Any], timeout: float) -> Job:
-    with db.session() as s:
+def run_job(db: Database, producer: Any, kind: TaskName, params: dict[str, Any], timeout: float) -> Job:
+    db.on_commit("publish", jobs.Publisher(producer, db).publish)
+    with db.session() as s:  # published on commit
         job_id = jobs.create_job(s, CTX, org_id=None, kind=kind, params=params).id
-        pubs = jobs.take_publications(s)
-    jobs.Publisher(producer, db).publish(pubs)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with db.session() as s:
             job = s.get(Job, job_id)
             assert job is not None
-            if job.status in ("succeeded", "failed"):
+            if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 s.expunge(job)
                 return job
         time.sleep(0.2)
@@ -195,8 +195,8 @@ def run(args: argparse.Namespace, report: Report) -> None:
             try:
                 with spawned_worker(settings, log, concurrency=1) as (proc, producer):
                     idle_mb = vm_hwm_mb(proc.pid)
-                    bf = run_job(db, producer, "backfill.run", {"batch_size": args.batch_size}, args.timeout)
-                    vf = run_job(db, producer, "backfill.verify", {"batch_size": args.batch_size}, args.timeout)
+                    bf = run_job(db, producer, TaskName.BACKFILL, {"batch_size": args.batch_size}, args.timeout)
+                    vf = run_job(db, producer, TaskName.VERIFY, {"batch_size": args.batch_size}, args.timeout)
                     peak_mb = vm_hwm_mb(proc.pid)
                 t1 = time.perf_counter()
                 migrate.upgrade(url, "head")

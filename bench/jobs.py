@@ -26,8 +26,8 @@ import redis
 from celery.contrib.testing.worker import start_worker
 
 from app.factory import create_app
-from app.tasks import make_celery
 from app.tasks.runtime import worker_context
+from app.worker import make_celery
 from bench.common import (
     REDIS_URL,
     Goal,

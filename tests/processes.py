@@ -1,4 +1,4 @@
-"""Real worker processes for the tests: ``celery -A app.tasks worker`` with given settings.
+"""Real worker processes for the tests: ``celery -A app.worker worker`` with given settings.
 
 Workers run as separate processes, as in production. (Celery's in-process test worker keeps
 its shutdown flag in module globals, so two of them in one test process stop each other.)
@@ -22,7 +22,7 @@ from celery import Celery
 from pydantic import SecretStr
 
 from app.config import Settings
-from app.tasks import make_celery
+from app.worker import make_celery
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -59,7 +59,7 @@ def spawned_worker(
             "-m",
             "celery",
             "-A",
-            "app.tasks",
+            "app.worker",
             "worker",
             "-P",
             "threads",

@@ -229,7 +229,7 @@ def test_production_celery_worker_without_a_keyring_exits_with_one_line(redis_ur
     # A reachable broker: if the check did not fire, the worker would start and the timeout would trip.
     env.update({"LATCHKEY_ENV": "production", "LATCHKEY_REDIS_URL": redis_url})
     proc = subprocess.run(
-        [str(CELERY), "-A", "app.tasks", "worker", "-P", "solo", "--loglevel", "WARNING"],
+        [str(CELERY), "-A", "app.worker", "worker", "-P", "solo", "--loglevel", "WARNING"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -35,7 +35,7 @@ from app.factory import create_app
 from app.models import Job
 from app.observability import logs, metrics, redact
 from app.observability.redact import MASK, MIN_LENGTH, RedactingFilter
-from app.tasks import _adopt_log_handlers, make_celery
+from app.worker import _adopt_log_handlers, make_celery
 from tests.leaks import find_leaks
 from tests.processes import drop_queue_keys
 
@@ -486,7 +486,7 @@ _WORKER_SCRIPT = textwrap.dedent(
     from app.config import load_settings
     from app.observability import metrics, redact
     from app.observability.redact import RedactingFilter
-    from app.tasks import make_celery
+    from app.worker import make_celery
 
     database_url, redis_url, queue, secret = sys.argv[1:5]
     settings = load_settings({}, env="test", database_url=database_url, redis_url=redis_url)

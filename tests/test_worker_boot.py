@@ -11,7 +11,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from app.config import Environment, Settings
-from app.tasks import make_celery
+from app.worker import make_celery
 from tests.processes import drop_queue_keys
 
 

@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 import httpx2
 
 from app.egress.urls import BASE_URL, UrlError
+from app.errors import WorkerError
 from app.providers.catalog import PROVIDER_TYPES
 
 log = logging.getLogger("latchkey.agents")
@@ -136,7 +137,7 @@ class Endpoint:
     __str__ = __repr__
 
 
-class ProviderError(Exception):
+class ProviderError(WorkerError):
     """A failed model call or an unusable provider entry.
 
     ``code``: provider_auth_failed (401/403), provider_unreachable, provider_timeout, provider_error
@@ -146,13 +147,7 @@ class ProviderError(Exception):
     """
 
     def __init__(self, code: str, message: str | None = None) -> None:
-        message = message if message is not None else MESSAGES.get(code, "the model call failed")
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+        super().__init__(code, message if message is not None else MESSAGES.get(code, "the model call failed"))
 
     @classmethod
     def for_code(cls, code: str, *, status: int | None = None, detail: str | None = None) -> ProviderError:

@@ -15,11 +15,10 @@ from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import NotFoundError, ValidationFailedError
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp.service import destination as mcp_destination
-from app.models import Agent, AgentRun, AgentTool, Job, McpServer, McpTool, Org, Provider
+from app.models import Agent, AgentRun, AgentTool, Job, JobStatus, McpServer, McpServerStatus, McpTool, Org, Provider
 from app.pagination import Page, paginate
-
-RUN_TASK = "agents.run_agent"
 
 
 def _provider(session: Session, org: Org, provider_id: str) -> Provider:
@@ -39,7 +38,7 @@ def _tools(session: Session, org: Org, tools: list[ToolRef] | None) -> list[tupl
         server = session.scalar(select(McpServer).where(McpServer.org_id == org.id, McpServer.id == server_id))
         if server is None:
             raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", "no MCP server with this id in this org")
-        if server.status != "valid":
+        if server.status != McpServerStatus.VALID:
             raise ValidationFailedError.single(f"tools.{i}.mcp_server_id", f"the MCP server is {server.status}")
         known = session.scalar(select(McpTool.id).where(McpTool.mcp_server_id == server.id, McpTool.name == tool_name))
         if known is None:
@@ -215,7 +214,7 @@ def start_run(
         id=new_id(),
         org_id=org.id,
         agent_id=agent.id,
-        status="queued",
+        status=JobStatus.QUEUED,
         input=data.input,
         events=[],
         created_by=ctx.actor.id,
@@ -224,7 +223,7 @@ def start_run(
     session.add(run)
     session.flush()
     params = {"run_id": run.id, **destinations}
-    job = jobs.create_job(session, ctx, org_id=org.id, kind=RUN_TASK, params=params)
+    job = jobs.create_job(session, ctx, org_id=org.id, kind=TaskName.RUN_AGENT, params=params)
     run.job_id = job.id
     audit.record(
         session,

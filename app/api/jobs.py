@@ -12,14 +12,12 @@ from app.access import OrgAccess
 from app.api.blueprint import bp
 from app.api.framework import Result, request_context, route, session
 from app.api.schemas import JobAccepted
-from app.backfill.service import BACKFILL_TASK
 from app.backfill.status import status as migration_status
-from app.backfill.verify import VERIFY_TASK
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.jobs.schemas import JobOut
 from app.models import Job
 from app.schemas import Out, Strict
-from app.secrets import rotation
 
 
 def accepted(job: Job) -> Result:
@@ -73,7 +71,7 @@ def get_admin_job(job_id: str) -> JobOut:
 )
 def ping_workers() -> Result:
     """Queue a no-op job: proves a worker is taking jobs, end to end."""
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind="system.ping"))
+    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=TaskName.PING))
 
 
 def _instance_job(kind: str, body: Strict | None) -> Result:
@@ -105,7 +103,7 @@ def reseal_keys(body: BatchRequest | None) -> Result:
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
     """
-    return _instance_job(rotation.RESEAL_TASK, body)
+    return _instance_job(TaskName.RESEAL_SECRETS, body)
 
 
 class BackfillRequest(BatchRequest):
@@ -132,7 +130,7 @@ def start_backfill(body: BackfillRequest | None) -> Result:
     The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
     job's result is the summary (counts per kind, failures with reasons, never a value).
     """
-    return _instance_job(BACKFILL_TASK, body)
+    return _instance_job(TaskName.BACKFILL, body)
 
 
 @route(
@@ -154,7 +152,7 @@ def start_verify(body: BatchRequest | None) -> Result:
     the verification record, also shown by ``GET /admin/backfill``; the contract migration
     runs only after one passes.
     """
-    return _instance_job(VERIFY_TASK, body)
+    return _instance_job(TaskName.VERIFY, body)
 
 
 class BackfillStatus(Out):

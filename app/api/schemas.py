@@ -33,11 +33,3 @@ class AuditQuery(AuditFilter, ListQuery):
 
 class JobAccepted(BaseModel):
     job: JobOut
-
-
-# Health ----------------------------------------------------------------------------------
-
-
-class HealthOut(BaseModel):
-    status: str
-    checks: dict[str, str] = Field(default_factory=dict)

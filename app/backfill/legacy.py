@@ -47,9 +47,6 @@ agents = sa.table(
     sa.column("model_id", sa.String),
 )
 
-# (table, column) pairs the contract migration drops.
-LEGACY_COLUMNS = (("secrets", "value"), ("mcp_servers", "token"), ("agents", "model"), ("agents", "secret_ref"))
-
 _present: dict[str, bool] = {}
 _lock = threading.Lock()
 

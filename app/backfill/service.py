@@ -52,7 +52,6 @@ from app.secrets.sealing import seal, secret_context
 
 log = logging.getLogger("latchkey.backfill")
 
-BACKFILL_TASK = "backfill.run"
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 5000
 MAX_FAILURES_LISTED = 100

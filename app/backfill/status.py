@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.backfill import legacy, verify
-from app.backfill.service import BACKFILL_TASK
+from app.jobs.names import TaskName
 from app.models import Job
 
 
@@ -29,7 +29,7 @@ def status(session: Session) -> Status:
     """Where the migration stands (the CLI's ``backfill status``, the operator API and page)."""
     run = session.scalar(
         select(Job)
-        .where(Job.kind == BACKFILL_TASK, Job.org_id.is_(None))
+        .where(Job.kind == TaskName.BACKFILL, Job.org_id.is_(None))
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(1)
     )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import secrets as pysecrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,13 +44,12 @@ from app.secrets.sealing import SealingError, open_sealed, secret_context
 
 log = logging.getLogger("latchkey.backfill")
 
-VERIFY_TASK = "backfill.verify"
 DEFAULT_BATCH_SIZE = 1000
 MAX_FAILURES_LISTED = 100
 KINDS = ("secrets", "mcp_servers", "agents")
 
 Progress = Callable[[int, int], None]
-# (org_id) -> the cache check's result; see check_cache_invalidation in app/tasks/backfill.py.
+# (org_id) -> the cache check's result; see app/secrets/cache_probe.py.
 CacheCheck = Callable[[str], dict[str, Any]]
 
 
@@ -329,8 +327,3 @@ def latest(session: Session) -> BackfillVerification | None:
         .order_by(BackfillVerification.finished_at.desc(), BackfillVerification.id.desc())
         .limit(1)
     )
-
-
-def probe_values() -> tuple[str, str]:
-    """Two fresh random values for the cache check's probe secret."""
-    return "probe-" + pysecrets.token_urlsafe(24), "probe-" + pysecrets.token_urlsafe(24)

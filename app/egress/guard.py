@@ -26,6 +26,7 @@ import anyio.to_thread
 import httpx2
 
 from app.egress.urls import DEFAULT_PORTS, UrlError, credential_query_names, split_host_pattern
+from app.errors import WorkerError
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -63,14 +64,13 @@ _DEFAULT_PORTS = DEFAULT_PORTS
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
-class EgressError(Exception):
+class EgressError(WorkerError):
     """An outbound call refused before any connection; ``message`` is safe to show and to log."""
 
     code: str = "egress_error"
 
     def __init__(self, message: str, *, host: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(self.code, message)
         # The destination host, for audit events; never the full URL (its query may hold a token).
         self.host = host
 
@@ -93,7 +93,7 @@ class EgressResolutionError(EgressError):
     code = "egress_unresolvable"
 
 
-class ResponseTooLargeError(Exception):
+class ResponseTooLargeError(WorkerError):
     """A response went over the policy's ``max_response_bytes`` while it was read (the read stopped).
 
     Not an ``EgressError``: nothing was refused before sending. Clients map it to their own
@@ -103,8 +103,7 @@ class ResponseTooLargeError(Exception):
     code = "response_too_large"
 
     def __init__(self, limit: int, host: str | None = None, *, message: str | None = None) -> None:
-        self.message = message or f"the response was larger than {limit} bytes"
-        super().__init__(self.message)
+        super().__init__(self.code, message or f"the response was larger than {limit} bytes")
         self.limit = limit
         self.host = host
 

@@ -9,6 +9,7 @@ row is not there yet. If the broker refuses the message, the job is marked faile
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,7 +56,7 @@ def create_job(
         id=new_id(),
         org_id=org_id,
         kind=kind,
-        status=JobStatus.QUEUED.value,
+        status=JobStatus.QUEUED,
         params=params or {},
         created_by=ctx.actor.id,
         created_at=utcnow(),
@@ -127,7 +128,7 @@ def get_org_job(session: Session, access: OrgAccess, job_id: str) -> Job:
     return get_job(session, access.org.id, job_id)
 
 
-def list_jobs(session: Session, org_id: str | None, kinds: list[str], *, limit: int = 50) -> list[Job]:
+def list_jobs(session: Session, org_id: str | None, kinds: Sequence[str], *, limit: int = 50) -> list[Job]:
     """The newest jobs of these kinds, of this org (or instance jobs when ``org_id`` is None)."""
     stmt = select(Job).where(Job.kind.in_(kinds))
     stmt = stmt.where(Job.org_id.is_(None)) if org_id is None else stmt.where(Job.org_id == org_id)
@@ -158,8 +159,8 @@ def claim(
     """
     now = utcnow()
     takeable = or_(
-        Job.status == JobStatus.QUEUED.value,
-        and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+        Job.status == JobStatus.QUEUED,
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
     )
     stmt = update(Job).where(Job.id == job_id, takeable)
     if max_attempts is not None:
@@ -167,7 +168,7 @@ def claim(
     expires = None if lease_seconds is None else now + timedelta(seconds=lease_seconds)
     claimed = session.scalars(
         stmt.values(
-            status=JobStatus.RUNNING.value,
+            status=JobStatus.RUNNING,
             attempts=Job.attempts + 1,
             leased_by=worker_id,
             lease_expires_at=expires,
@@ -181,7 +182,7 @@ def claim(
 
 
 def _held(job_id: str, worker_id: str) -> Any:
-    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.leased_by == worker_id)
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.leased_by == worker_id)
 
 
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
@@ -216,7 +217,7 @@ def release(session: Session, job_id: str, worker_id: str) -> bool:
             session,
             update(Job)
             .where(_held(job_id, worker_id))
-            .values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=utcnow()),
+            .values(status=JobStatus.QUEUED, leased_by=None, lease_expires_at=None, updated_at=utcnow()),
         )
     )
 
@@ -235,7 +236,7 @@ def set_progress(session: Session, job_id: str, done: int, total: int | None) ->
 # already failed (for instance a reveal that timed out), and a failure cannot undo a success.
 # A worker passes its lease: then only the current holder of the running job can finish it,
 # so a worker whose lease was taken over (it stalled past the lease) cannot finish it too.
-_UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _finish(session: Session, job_id: str, status: JobStatus, lease: str | None, **values: Any) -> bool:
@@ -246,7 +247,7 @@ def _finish(session: Session, job_id: str, status: JobStatus, lease: str | None,
             session,
             update(Job)
             .where(where)
-            .values(status=status.value, finished_at=now, updated_at=now, lease_expires_at=None, **values),
+            .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values),
         )
     )
 
@@ -271,7 +272,7 @@ def stuck_jobs(session: Session, limit: int = 100) -> list[Job]:
     return list(
         session.scalars(
             select(Job)
-            .where(Job.status == JobStatus.QUEUED.value, Job.updated_at < cutoff)
+            .where(Job.status == JobStatus.QUEUED, Job.updated_at < cutoff)
             .order_by(Job.created_at)
             .limit(limit)
         )
@@ -288,7 +289,7 @@ def _lapsed(now: datetime, legacy_after: timedelta) -> Any:
     """Running jobs whose holder stopped renewing: the lease ran out, or (rows claimed before
     leases existed: no lease, no holder) nothing touched them for longer than any task may run."""
     return and_(
-        Job.status == JobStatus.RUNNING.value,
+        Job.status == JobStatus.RUNNING,
         or_(
             Job.lease_expires_at < now,
             and_(Job.lease_expires_at.is_(None), Job.leased_by.is_(None), Job.updated_at < now - legacy_after),
@@ -315,14 +316,14 @@ def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta
         if attempts < max_attempts:
             if updated(
                 session,
-                base.values(status=JobStatus.QUEUED.value, leased_by=None, lease_expires_at=None, updated_at=now),
+                base.values(status=JobStatus.QUEUED, leased_by=None, lease_expires_at=None, updated_at=now),
             ):
                 requeued.append(Publication(job_id, kind))
         else:
             if updated(
                 session,
                 base.values(
-                    status=JobStatus.FAILED.value,
+                    status=JobStatus.FAILED,
                     lease_expires_at=None,
                     error_code="worker_lost",
                     error_message=f"the worker running this job stopped responding ({attempts} attempts)",
@@ -335,9 +336,9 @@ def sweep_leases(session: Session, *, max_attempts: int, legacy_after: timedelta
     # too, instead of being re-sent by requeue_stuck forever.
     exhausted = session.execute(
         update(Job)
-        .where(Job.status == JobStatus.QUEUED.value, Job.attempts >= max_attempts)
+        .where(Job.status == JobStatus.QUEUED, Job.attempts >= max_attempts)
         .values(
-            status=JobStatus.FAILED.value,
+            status=JobStatus.FAILED,
             error_code="attempts_exhausted",
             error_message=f"the job was already tried {max_attempts} times or more",
             finished_at=now,

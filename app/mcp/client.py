@@ -32,6 +32,8 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
+from app.errors import WorkerError
+
 log = logging.getLogger("latchkey.mcp")
 
 Transport = Literal["streamable_http", "sse"]
@@ -76,17 +78,11 @@ class ToolResult:
     structured: Any | None
 
 
-class McpError(Exception):
+class McpError(WorkerError):
     """A failed MCP exchange. `code`: auth_failed, unreachable, timeout, protocol_error, response_too_large."""
 
     def __init__(self, code: str, message: str | None = None) -> None:
-        message = message if message is not None else MESSAGES.get(code, "MCP request failed")
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+        super().__init__(code, message if message is not None else MESSAGES.get(code, "MCP request failed"))
 
     @classmethod
     def for_code(cls, code: str, status: int | None = None) -> McpError:

@@ -19,14 +19,14 @@ from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp import legacy
 from app.mcp.client import ToolInfo
 from app.mcp.schemas import McpServerCreate, McpServerUpdate
-from app.models import Job, McpServer, McpTool
+from app.models import Job, McpServer, McpServerStatus, McpTool
 from app.pagination import Page, paginate
 from app.secrets.service import check_secret_ref
 
-VALIDATE_TASK = "mcp.validate_server"
 RAW_CREDENTIAL_REFUSAL = (
     "raw tokens are not accepted: create a secret (POST /orgs/{org}/secrets) and pass its id as secret_ref"
 )
@@ -61,10 +61,12 @@ def destination(server: McpServer) -> dict[str, Any]:
 
 def queue_validation(session: Session, ctx: RequestContext, server: McpServer) -> Job:
     """Queue a validation of the server as it is now (its destination is recorded in the job)."""
-    server.status = "pending"
+    server.status = McpServerStatus.PENDING
     server.status_error_code = None
     server.status_error_message = None
-    return jobs.create_job(session, ctx, org_id=server.org_id, kind=VALIDATE_TASK, params=destination(server))
+    return jobs.create_job(
+        session, ctx, org_id=server.org_id, kind=TaskName.VALIDATE_SERVER, params=destination(server)
+    )
 
 
 def _refuse_raw_token(access: OrgAccess, data: McpServerCreate | McpServerUpdate) -> None:
@@ -90,7 +92,7 @@ def create_server(
         url=url,
         transport=transport,
         secret_ref=secret_ref,
-        status="pending",
+        status=McpServerStatus.PENDING,
         tool_count=0,
         created_by=ctx.actor.id,
         updated_by=ctx.actor.id,
@@ -225,12 +227,12 @@ def store_outcome(
                     input_schema=tool.input_schema,
                 )
             )
-        server.status = "valid"
+        server.status = McpServerStatus.VALID
         server.status_error_code = None
         server.status_error_message = None
         server.tool_count = len(tools)
     else:
-        server.status = "invalid"
+        server.status = McpServerStatus.INVALID
         server.status_error_code = error_code
         server.status_error_message = (error_message or "")[:1000]
     session.flush()

@@ -3,9 +3,10 @@
 from app.models.audit import AuditEvent, AuditHead
 from app.models.backfill import BackfillVerification
 from app.models.identity import ApiToken, IdempotencyKey, Invitation, Membership, Org, Role, User, WebSession
-from app.models.jobs import Job, JobStatus
+from app.models.jobs import Job
 from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
 from app.models.secrets import CacheInvalidation, Secret
+from app.models.status import JobStatus, McpServerStatus
 
 __all__ = [
     "Agent",
@@ -21,6 +22,7 @@ __all__ = [
     "Job",
     "JobStatus",
     "McpServer",
+    "McpServerStatus",
     "McpTool",
     "Membership",
     "Org",

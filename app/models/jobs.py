@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, Integer, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, UTCDateTime, new_id
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
+from app.models.status import JobStatus, status_type
 
 
 class Job(Base):
@@ -31,7 +24,9 @@ class Job(Base):
     # NULL for instance-level (operator) jobs such as backfill and reseal.
     org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"))
     kind: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, server_default="queued")
+    status: Mapped[JobStatus] = mapped_column(
+        status_type(JobStatus, 16), default=JobStatus.QUEUED, server_default=JobStatus.QUEUED.value
+    )
     # Ids and plain options only; never a secret value.
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

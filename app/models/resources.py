@@ -19,6 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, UTCDateTime, new_id
+from app.models.status import JobStatus, McpServerStatus, status_type
 
 
 class Provider(Base):
@@ -58,7 +59,9 @@ class McpServer(Base):
     url: Mapped[str] = mapped_column(Text)
     transport: Mapped[str] = mapped_column(String(32), default="streamable_http", server_default="streamable_http")
     secret_ref: Mapped[str | None] = mapped_column(String(36))
-    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    status: Mapped[McpServerStatus] = mapped_column(
+        status_type(McpServerStatus, 16), default=McpServerStatus.PENDING, server_default=McpServerStatus.PENDING.value
+    )
     status_error_code: Mapped[str | None] = mapped_column(String(64))
     status_error_message: Mapped[str | None] = mapped_column(String(1000))
     validated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -141,7 +144,9 @@ class AgentRun(Base):
     org_id: Mapped[str] = mapped_column(String(36))
     agent_id: Mapped[str] = mapped_column(String(36))
     job_id: Mapped[str | None] = mapped_column(String(36))
-    status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
+    status: Mapped[JobStatus] = mapped_column(
+        status_type(JobStatus, 16), default=JobStatus.QUEUED, server_default=JobStatus.QUEUED.value
+    )
     input: Mapped[str] = mapped_column(Text)
     output: Mapped[str | None] = mapped_column(Text)
     events: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

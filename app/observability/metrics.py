@@ -108,8 +108,7 @@ class JobsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from sqlalchemy import func, select
 
-        from app.models import Job
-        from app.models.jobs import JobStatus
+        from app.models import Job, JobStatus
 
         ok = GaugeMetricFamily("latchkey_jobs_scrape_success", "1 if the jobs table could be read for this scrape")
         jobs = GaugeMetricFamily(
@@ -172,7 +171,7 @@ class JobsCollector(Collector):
         yield jobs
         yield oldest
 
-        per_status: dict[tuple[str, str], int] = {}
+        per_status: dict[tuple[str, JobStatus], int] = {}
         runs: dict[str, list[float]] = {}
         for kind, status, started, ended in recent:
             per_status[(kind, status)] = per_status.get((kind, status), 0) + 1

@@ -53,6 +53,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
 from app.db import Database, make_engine
+from app.errors import WorkerError
 from app.models import Secret
 from app.observability import redact
 from app.secrets import cachekeys
@@ -91,16 +92,22 @@ ENTRY_FORMAT = "latchkey/l2/v3"
 CLOCK_TOLERANCE = 5.0
 
 
-class SecretNotFoundError(Exception):
+class SecretNotFoundError(WorkerError):
     """No such managed secret in that org (wrong org and missing look the same)."""
 
     code = "secret_not_found"
 
+    def __init__(self, message: str = "secret not found") -> None:
+        super().__init__(self.code, message)
 
-class ResolverUnavailableError(Exception):
+
+class ResolverUnavailableError(WorkerError):
     """The worker cannot open secrets (no keyring); the message says what to configure."""
 
     code = "keyring_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.code, message)
 
 
 class Resolved(NamedTuple):
@@ -237,7 +244,7 @@ class Resolver:
                 if gone == cachekeys.DELETED:
                     # Deletion is final (ids are never reused): answered without any I/O.
                     RESOLVES.labels("tombstone").inc()
-                    raise SecretNotFoundError("secret not found")
+                    raise SecretNotFoundError()
                 l2_known_gone = gone is not None
         # An invalidation that arrives while we read must win over what we read (see _l1_put).
         generation = self._generation
@@ -350,7 +357,7 @@ class Resolver:
         ptr = ptr_bytes.decode()
         if ptr == cachekeys.DELETED:
             RESOLVES.labels("tombstone").inc()
-            raise SecretNotFoundError("secret not found")
+            raise SecretNotFoundError()
         if len(entry) < 29:  # pointer moved, entry not filled yet: a miss
             return None
         try:
@@ -413,7 +420,7 @@ class Resolver:
         row = self.reader.read(org_id, secret_id)
         if row is None:
             RESOLVES.labels("not_found").inc()
-            raise SecretNotFoundError("secret not found")
+            raise SecretNotFoundError()
         version, revision, key_id, ciphertext, hosts = row
         assert ciphertext is not None
         context = secret_context(org_id, secret_id, version)

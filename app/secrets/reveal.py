@@ -47,15 +47,16 @@ from app.errors import (
     RateLimitedError,
     ServiceUnavailableError,
     UnauthorizedError,
+    WorkerError,
     WorkerUnavailableError,
 )
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.secrets import service as secrets
 from app.secrets.sealing import CiphertextBytes, CiphertextError, encode_context, generate_ephemeral, open_with, seal_to
 
 log = logging.getLogger("latchkey.reveal")
 
-REVEAL_TASK = "secrets.reveal_value"
 # How long a sealed reply waits in Redis for the request that asked for it.
 REPLY_TTL_SECONDS = 60
 RATE_WINDOW_SECONDS = 60
@@ -135,13 +136,11 @@ LIMITER_UNAVAILABLE = "limiter_unavailable"
 NO_USER = "-"
 
 
-class RevealRefusedError(Exception):
+class RevealRefusedError(WorkerError):
     """The worker refuses this reveal; ``code`` is stable, ``message`` safe to show and to log."""
 
     def __init__(self, code: str, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.retry_after = retry_after
 
     def reply(self) -> dict[str, Any]:
@@ -343,7 +342,7 @@ def reveal(
         session,
         ctx,
         org_id=org_id,
-        kind=REVEAL_TASK,
+        kind=TaskName.REVEAL_VALUE,
         params={"secret_id": sid, "reply_public_key": encode_public_key(public_raw)},
     )
     job_id = job.id

@@ -39,8 +39,6 @@ from app.secrets.sealing import CiphertextError, open_sealed, seal, secret_conte
 
 log = logging.getLogger("latchkey.rotation")
 
-# The Celery task (and job kind) of the reseal job.
-RESEAL_TASK = "keys.reseal_secrets"
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 5000
 

@@ -9,15 +9,15 @@ from sqlalchemy import select
 from app.audit import service as audit
 from app.context import Actor, RequestContext
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.models import Job
 from app.secrets import rotation
 from app.tasks.runtime import JobFailedError, JobView, WorkerContext, batch_size_param, job_task, worker_keyring
 
-RESEAL_TASK = rotation.RESEAL_TASK
 WORKER = RequestContext(Actor("worker"))
 
 
-@job_task(RESEAL_TASK, time_limit=3000, max_retries=3)
+@job_task(TaskName.RESEAL_SECRETS, time_limit=3000, max_retries=3)
 def reseal_secrets(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Re-seal every sealed value still on an old key to the newest key (batched, resumable).
 

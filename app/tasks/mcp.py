@@ -13,15 +13,17 @@ from sqlalchemy import select
 from app.audit import service as audit
 from app.context import Actor, RequestContext
 from app.egress import EgressError, EgressPolicy, guarded_async_client
+from app.egress import audit as egress_audit
+from app.errors import WorkerError
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.mcp import legacy
 from app.mcp import service as mcp_service
-from app.mcp.client import McpError, list_tools
-from app.models import McpServer
+from app.mcp.client import list_tools
+from app.models import McpServer, McpServerStatus
 from app.observability import redact
 from app.observability.metrics import LEGACY_TOKEN_READS
 from app.secrets.resolver import SecretNotFoundError
-from app.tasks import egress_audit
 from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, periodic_task, worker_context
 
 log = logging.getLogger("latchkey.mcp")
@@ -63,12 +65,19 @@ def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
         if not changed:
             # Before the contract migration, a server not yet backfilled may still carry a raw token.
             token = legacy.token(s, server.org_id, server.id) if server.secret_ref is None else None
-            server.status = "validating"
+            server.status = McpServerStatus.VALIDATING
             return Snapshot(server.org_id, server.id, server.url, server.transport, server.secret_ref, token)
     # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and
     # the server's status is left to the validation its change queued.
     raise egress_audit.stale(
-        ctx, job, changed, org_id=org_id, target_type="mcp_server", target_id=server_id, what="the MCP server"
+        ctx.db,
+        job.id,
+        job.kind,
+        changed,
+        org_id=org_id,
+        target_type="mcp_server",
+        target_id=server_id,
+        what="the MCP server",
     )
 
 
@@ -87,7 +96,7 @@ def _credential(ctx: WorkerContext, snap: Snapshot, reads: list[dict[str, Any]])
     return None, ()
 
 
-@job_task("mcp.validate_server", time_limit=90)
+@job_task(TaskName.VALIDATE_SERVER, time_limit=90)
 def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Connect to the server with its secret, list its tools, and record valid or invalid."""
     snap = _load(ctx, job)
@@ -106,13 +115,14 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
             http_client_factory=factory,
             timeout=ctx.settings.mcp_timeout_seconds,
         )
-    except SecretNotFoundError:
-        code, message = "secret_not_found", "the bound secret no longer exists"
-    except McpError as exc:
+    except WorkerError as exc:  # the resolver, the egress guard, the MCP exchange
         code, message = exc.code, exc.message
-    except EgressError as exc:
-        code, message = exc.code, exc.message
-        egress_audit.denied(ctx, job, exc, org_id=snap.org_id, target_type="mcp_server", target_id=snap.server_id)
+        if isinstance(exc, SecretNotFoundError):
+            message = "the bound secret no longer exists"
+        elif isinstance(exc, EgressError):
+            egress_audit.denied(
+                ctx.db, job.id, exc, org_id=snap.org_id, target_type="mcp_server", target_id=snap.server_id
+            )
     with ctx.db.session() as s:
         job.ensure_held(s)  # only the job's current holder records the outcome
         server = s.scalar(
@@ -131,29 +141,29 @@ def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
             target_id=snap.server_id,
             details={
                 "job_id": job.id,
-                "status": "valid" if tools is not None else "invalid",
+                "status": McpServerStatus.VALID if tools is not None else McpServerStatus.INVALID,
                 "error_code": code,
                 "secrets": reads,
                 "stale": stale,
             },
         )
     if tools is not None:
-        return {"status": "valid", "tool_count": len(tools)}
-    return {"status": "invalid", "error": {"code": code, "message": message}}
+        return {"status": McpServerStatus.VALID, "tool_count": len(tools)}
+    return {"status": McpServerStatus.INVALID, "error": {"code": code, "message": message}}
 
 
-@periodic_task("mcp.refresh_tools", time_limit=120)
+@periodic_task(TaskName.REFRESH_TOOLS, time_limit=120)
 def refresh_tools(self: Task) -> int:
     """Queue a validation of every valid server, so tool lists follow their servers (beat)."""
     wc = worker_context(self.app)
     with wc.db.session() as s:
-        servers = s.scalars(select(McpServer).where(McpServer.status == "valid")).all()
+        servers = s.scalars(select(McpServer).where(McpServer.status == McpServerStatus.VALID)).all()
         queued = [
             jobs.create_job(
                 s,
                 WORKER,
                 org_id=srv.org_id,
-                kind=mcp_service.VALIDATE_TASK,
+                kind=TaskName.VALIDATE_SERVER,
                 # The server as it is now: a refresh that runs after a change ends stale, unsent.
                 params=mcp_service.destination(srv),
             )

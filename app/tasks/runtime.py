@@ -5,7 +5,8 @@ running job whose lease lapsed; a finished job or one held by a live lease is le
 so a redelivered or duplicated message changes nothing), renews the lease while it runs,
 and records succeeded or failed with a stable error code, only while it still holds the
 lease. Transient errors are retried with exponential backoff (the job goes back to queued
-for the retry); everything else fails the job at once with a message that carries no secret.
+for the retry); any other ``WorkerError`` fails the job at once with its code and message
+(which carry no secret), and anything unexpected with ``internal_error``.
 """
 
 from __future__ import annotations
@@ -27,28 +28,20 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Database
+from app.errors import WorkerError
 from app.jobs import service as jobs
+from app.models import JobStatus
 from app.observability.logs import reset_job_id, set_job_id
 
 log = logging.getLogger("latchkey.worker")
 
 
-class JobFailedError(Exception):
+class JobFailedError(WorkerError):
     """A job ends failed with this stable code and a safe message."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
-
-class TransientError(Exception):
+class TransientError(WorkerError):
     """Worth retrying (a dependency blipped); after the last retry the job fails with ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class JobLostError(Exception):
@@ -88,7 +81,9 @@ class JobView:
 class WorkerContext:
     """Per-process resources of a worker: settings, database, keyring, Redis, resolver."""
 
-    def __init__(self, settings: Settings, celery: Any) -> None:
+    def __init__(self, settings: Settings, celery: Any = None) -> None:
+        """``celery``: the app job messages go out through; without one (the agent runner's
+        tests), queuing a job is an error (``app.db.UnitOfWorkError``), never a silent drop."""
         from redis import Redis
 
         from app.jobs.service import Publisher
@@ -103,7 +98,8 @@ class WorkerContext:
             "invalidate",
             Invalidator(redis, self.db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue).flush,
         )
-        self.db.on_commit("publish", Publisher(celery, self.db).publish)
+        if celery is not None:
+            self.db.on_commit("publish", Publisher(celery, self.db).publish)
         self.hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._resolver: Any = None
@@ -229,7 +225,8 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
             return _fail(wc, job_id, holder, exc.code, exc.message)
         except JobLostError:
             return _not_finished(job_id)
-        except JobFailedError as exc:
+        except WorkerError as exc:
+            # Every expected failure (the job's own, a model call, MCP, egress, the resolver).
             return _fail(wc, job_id, holder, exc.code, exc.message)
         except SoftTimeLimitExceeded:
             return _fail(wc, job_id, holder, "timeout", "the job ran out of time")
@@ -239,13 +236,13 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
             return _fail(wc, job_id, holder, "internal_error", "the job failed unexpectedly")
         with wc.db.session() as s:
             finished = jobs.mark_succeeded(s, job_id, result, lease=holder)
-    return "succeeded" if finished else _not_finished(job_id)
+    return JobStatus.SUCCEEDED if finished else _not_finished(job_id)
 
 
 def _fail(wc: WorkerContext, job_id: str, holder: str, code: str, message: str) -> str:
     with wc.db.session() as s:
         finished = jobs.mark_failed(s, job_id, code, message, lease=holder)
-    return "failed" if finished else _not_finished(job_id)
+    return JobStatus.FAILED if finished else _not_finished(job_id)
 
 
 def _not_finished(job_id: str) -> str:
@@ -304,21 +301,21 @@ def periodic_task(name: str, *, time_limit: int) -> Callable[[Callable[..., Any]
 
 
 def job_task(name: str, *, time_limit: int = 120, max_retries: int = 3) -> Callable[[JobFn], Any]:
-    """Declare a job task: ``@job_task("mcp.validate_server")`` over ``fn(ctx, job)``."""
+    """Declare a job task: ``@job_task(TaskName.VALIDATE_SERVER)`` over ``fn(ctx, job)``."""
 
     def decorator(fn: JobFn) -> Any:
-        @shared_task(  # type: ignore[untyped-decorator]
+        def task(self: Task, job_id: str) -> str:
+            return run_job(self, job_id, fn)
+
+        # Set before shared_task: the proxy it returns would build Celery's default app on first use.
+        task.__doc__ = fn.__doc__
+        return shared_task(
             name=name,
             bind=True,
             acks_late=True,
             reject_on_worker_lost=True,
             max_retries=max_retries,
             **time_limits(time_limit),
-        )
-        def task(self: Task, job_id: str) -> str:
-            return run_job(self, job_id, fn)
-
-        task.__doc__ = fn.__doc__
-        return task
+        )(task)
 
     return decorator

@@ -12,7 +12,9 @@ from sqlalchemy import select
 
 from app.audit import service as audit
 from app.context import Actor, RequestContext
+from app.errors import WorkerError
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.models import Job
 from app.observability.metrics import WORKER_REVEALS
 from app.secrets import reveal
@@ -44,7 +46,7 @@ def _gate(ctx: WorkerContext) -> reveal.RevealGate:
         return gate
 
 
-@periodic_task("secrets.replay_invalidations", time_limit=60)
+@periodic_task(TaskName.REPLAY_INVALIDATIONS, time_limit=60)
 def replay_invalidations(self: Task) -> int:
     """Apply cache invalidations that Redis could not take when their change committed (beat)."""
     wc = worker_context(self.app)
@@ -86,18 +88,20 @@ def _admit(ctx: WorkerContext, org_id: str, user_id: str | None) -> None:
         client.close()
 
 
+# What the job's error says when the resolver refuses (its own messages are for the worker log).
+REFUSAL_MESSAGES = {
+    SecretNotFoundError.code: "the secret does not exist",
+    ResolverUnavailableError.code: "the worker cannot open secrets (no keyring)",
+}
+
+
 def _refuse(
-    ctx: WorkerContext,
-    job: JobView,
-    secret_id: str,
-    reply_public_key: str,
-    user_id: str | None,
-    code: str,
-    message: str,
-    reply: dict[str, Any] | None = None,
+    ctx: WorkerContext, job: JobView, secret_id: str, reply_public_key: str, user_id: str | None, exc: WorkerError
 ) -> JobFailedError:
     """Audit and count a reveal the worker did not serve, tell the waiting request; the job's error."""
     assert job.org_id is not None
+    code, message = exc.code, REFUSAL_MESSAGES.get(exc.code, exc.message)
+    reply = exc.reply() if isinstance(exc, reveal.RevealRefusedError) else None
     WORKER_REVEALS.labels("refused", code).inc()
     log.warning("reveal job %s refused: %s (org %s, secret %s)", job.id, code, job.org_id, secret_id)
     with ctx.db.session() as s:
@@ -114,7 +118,7 @@ def _refuse(
     return JobFailedError(code, message)
 
 
-@job_task(reveal.REVEAL_TASK, time_limit=30)
+@job_task(TaskName.REVEAL_VALUE, time_limit=30)
 def reveal_value(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Resolve a secret and seal it to the requesting web request's one-request public key.
 
@@ -141,26 +145,11 @@ def reveal_value(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     user_id = _requested_by(ctx, job.id)
     try:
         _admit(ctx, job.org_id, user_id)
-    except reveal.RevealRefusedError as exc:
-        raise _refuse(ctx, job, secret_id, reply_public_key, user_id, exc.code, exc.message, exc.reply()) from None
-
-    try:
         resolved = ctx.resolver.resolve(job.org_id, secret_id)
-    except SecretNotFoundError:
-        # Deleted since the request checked: tell it at once instead of letting it time out.
-        raise _refuse(
-            ctx, job, secret_id, reply_public_key, user_id, "secret_not_found", "the secret does not exist"
-        ) from None
-    except ResolverUnavailableError:
-        raise _refuse(
-            ctx,
-            job,
-            secret_id,
-            reply_public_key,
-            user_id,
-            "keyring_unavailable",
-            "the worker cannot open secrets (no keyring)",
-        ) from None
+    except WorkerError as exc:
+        # Refused by the gate, or the secret was deleted since the request checked, or this
+        # worker has no keyring: tell the waiting request at once instead of letting it time out.
+        raise _refuse(ctx, job, secret_id, reply_public_key, user_id, exc) from None
 
     # Audited before the value leaves this frame: nothing is served without the worker's record.
     with ctx.db.session() as s:

@@ -9,18 +9,19 @@ from typing import Any
 from celery import Task
 
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.tasks.runtime import VISIBILITY_TIMEOUT, JobView, WorkerContext, job_task, periodic_task, worker_context
 
 log = logging.getLogger("latchkey.worker")
 
 
-@job_task("system.ping", time_limit=10)
+@job_task(TaskName.PING, time_limit=10)
 def ping(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Do nothing but prove a worker picks up jobs (and measure the queue's overhead)."""
     return {"pong": True, "worker": ctx.hostname}
 
 
-@periodic_task("jobs.requeue_stuck", time_limit=60)
+@periodic_task(TaskName.REQUEUE_STUCK, time_limit=60)
 def requeue_stuck(self: Task) -> int:
     """Re-publish jobs left in ``queued`` (their message was lost); beat runs this.
 
@@ -39,7 +40,7 @@ def requeue_stuck(self: Task) -> int:
     return len(stuck)
 
 
-@periodic_task("jobs.sweep_leases", time_limit=60)
+@periodic_task(TaskName.SWEEP_LEASES, time_limit=60)
 def sweep_leases(self: Task) -> dict[str, int]:
     """Recover jobs whose worker died (lease expired): re-queue and re-publish them, or fail
     them with ``worker_lost`` once they used ``LATCHKEY_JOB_MAX_ATTEMPTS``; beat runs this."""

@@ -13,14 +13,14 @@ from app.agents.schemas import AgentCreate, RunCreate
 from app.api.framework import request_context
 from app.errors import NotFoundError, ValidationFailedError
 from app.mcp import service as mcp
-from app.models import Agent, AgentRun, McpTool
+from app.models import Agent, AgentRun, JobStatus, McpServerStatus, McpTool
 from app.providers import service as providers
 from app.schemas import validated
 from app.web.core import db, form_errors, page
 
 FIELDS = ("name", "provider_id", "model_id", "system_prompt", "tools", "input")
 # Run statuses that will still change: the events fragment keeps polling while in one.
-RUNNING = ("queued", "running")
+RUNNING = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _form() -> dict[str, Any]:
@@ -45,7 +45,9 @@ def _tool_refs(values: list[str]) -> list[dict[str, str]]:
 
 
 def _render(access: OrgAccess, form: dict[str, Any], errors: dict[str, str]) -> str:
-    servers = [s for s in mcp.list_servers(db(), access, limit=200, cursor=None).items if s.status == "valid"]
+    servers = [
+        s for s in mcp.list_servers(db(), access, limit=200, cursor=None).items if s.status == McpServerStatus.VALID
+    ]
     tools: dict[str, list[McpTool]] = {s.id: [] for s in servers}
     if servers:
         for tool in db().scalars(

@@ -12,7 +12,7 @@ from app.errors import ConflictError, FieldError, ValidationFailedError
 from app.mcp import catalog
 from app.mcp import service as mcp
 from app.mcp.schemas import McpServerCreate, McpServerUpdate
-from app.models import McpServer
+from app.models import McpServer, McpServerStatus
 from app.schemas import validated
 from app.secrets import service as secrets
 from app.secrets.schemas import SecretCreate
@@ -22,7 +22,7 @@ from app.web.secrets import public_keys
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
 NEW_SECRET = "__new__"  # noqa: S105 - the picker option for "create a new secret", not a secret
 # Statuses that will change on their own: the status fragment keeps polling while in one.
-PENDING = ("pending", "validating")
+PENDING = (McpServerStatus.PENDING, McpServerStatus.VALIDATING)
 
 
 def _form() -> dict[str, str]:

@@ -14,16 +14,15 @@ from typing import Any
 from flask import abort, flash, redirect, render_template, url_for
 
 from app.api.framework import request_context
-from app.backfill.service import BACKFILL_TASK
 from app.backfill.status import status as migration_status
-from app.backfill.verify import VERIFY_TASK
 from app.jobs import service as jobs
-from app.secrets.rotation import RESEAL_TASK
+from app.jobs.names import TaskName
+from app.models import JobStatus
 from app.web.core import db, page
 
 # The job kinds this page lists, newest first.
-LISTED_KINDS = [BACKFILL_TASK, VERIFY_TASK, RESEAL_TASK]
-UNFINISHED = ("queued", "running")
+LISTED_KINDS = [TaskName.BACKFILL, TaskName.VERIFY, TaskName.RESEAL_SECRETS]
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -41,26 +40,26 @@ class Operation:
 LAUNCHABLE: dict[str, Operation] = {
     "backfill_dry_run": Operation(
         "Backfill: dry run",
-        BACKFILL_TASK,
+        TaskName.BACKFILL,
         "Counts what the backfill would seal and link, and changes nothing.",
         {"dry_run": True},
     ),
     "backfill_run": Operation(
         "Backfill: run",
-        BACKFILL_TASK,
+        TaskName.BACKFILL,
         "Seals legacy plaintext values and links MCP servers and agents to the new secrets and providers.",
         {"dry_run": False},
         danger=True,
     ),
     "backfill_verify": Operation(
         "Verify the backfill",
-        VERIFY_TASK,
+        TaskName.VERIFY,
         "In a worker: every backfilled value against its legacy value, and a live cache check."
         " The contract migration runs only after a verification passed.",
     ),
     "reseal": Operation(
         "Re-seal all secrets",
-        RESEAL_TASK,
+        TaskName.RESEAL_SECRETS,
         "Re-seals every sealed value under the workers' newest key (after a key rotation).",
     ),
 }

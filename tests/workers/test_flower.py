@@ -1,4 +1,4 @@
-"""Operators can watch the workers with Flower: ``celery -A app.tasks flower``."""
+"""Operators can watch the workers with Flower: ``celery -A app.worker flower``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_flower_runs_against_the_app_and_sees_the_worker(worker: Celery, setting
     port = _free_port()
     env = settings_env(settings) | {"FLOWER_UNAUTHENTICATED_API": "true"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "app.tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [sys.executable, "-m", "celery", "-A", "app.worker", "flower", f"--port={port}", "--address=127.0.0.1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -135,7 +135,7 @@ def always_down(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
 
 
 def _eager(settings: Any, name: str, db: Any) -> tuple[str, Any]:
-    from app.tasks import make_celery
+    from app.worker import make_celery
 
     app = make_celery(settings)
     with db.session() as s:

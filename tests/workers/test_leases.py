@@ -24,8 +24,8 @@ from app.db import Database, utcnow
 from app.factory import create_app
 from app.jobs import service as jobs
 from app.models import AgentRun, AuditEvent, Job
-from app.tasks import make_celery
 from app.tasks.runtime import worker_context
+from app.worker import make_celery
 from tests.factories import CTX, Factory, drop_queued
 from tests.llm_server import LlmTestServer
 from tests.processes import drop_queue_keys, spawned_worker

@@ -25,6 +25,7 @@ from app.context import Actor, RequestContext
 from app.db import Database, utcnow
 from app.factory import create_app
 from app.jobs import service as jobs
+from app.jobs.names import TaskName
 from app.models import AuditEvent, Job
 from app.secrets import reveal
 from app.secrets.sealing import CiphertextError, generate_ephemeral
@@ -54,7 +55,7 @@ def _job_count(db: Database) -> int:
 
 def _reveal_jobs(db: Database) -> list[Job]:
     with db.session() as s:
-        return list(s.scalars(select(Job).where(Job.kind == reveal.REVEAL_TASK).order_by(Job.created_at)))
+        return list(s.scalars(select(Job).where(Job.kind == TaskName.REVEAL_VALUE).order_by(Job.created_at)))
 
 
 def _finished(db: Database, job_id: str) -> Job:
@@ -287,7 +288,7 @@ def _manual_job(db: Database, org_id: str, secret_id: str, public_raw: bytes) ->
             s,
             CTX,
             org_id=org_id,
-            kind=reveal.REVEAL_TASK,
+            kind=TaskName.REVEAL_VALUE,
             params={"secret_id": secret_id, "reply_public_key": reveal.encode_public_key(public_raw)},
         )
         drop_queued(s)
@@ -312,15 +313,15 @@ def test_running_the_task_twice_for_one_job_is_harmless(
     job_id = _manual_job(db, org_id, secret["id"], public_raw)
     key = reveal.reply_key(job_id)
     try:
-        assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "succeeded"
+        assert worker.send_task(TaskName.REVEAL_VALUE, args=[job_id]).get(timeout=20) == "succeeded"
         # A redelivery of a finished job does nothing.
-        assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "skipped"
+        assert worker.send_task(TaskName.REVEAL_VALUE, args=[job_id]).get(timeout=20) == "skipped"
         assert rclient.llen(key) == 1
         # A redelivery after its worker died mid-run (lease lapsed): runs again, pushes a second sealed reply.
         with db.session() as s:
             lapsed = utcnow() - timedelta(seconds=1)
             s.execute(update(Job).where(Job.id == job_id).values(status="running", lease_expires_at=lapsed))
-        assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "succeeded"
+        assert worker.send_task(TaskName.REVEAL_VALUE, args=[job_id]).get(timeout=20) == "succeeded"
         replies = rclient.lrange(key, 0, -1)
         assert len(replies) == 2
         assert 0 < rclient.ttl(key) <= reveal.REPLY_TTL_SECONDS
@@ -351,7 +352,7 @@ def test_the_worker_answers_not_found_at_once_for_a_missing_secret(
         job_id = _manual_job(db, org_id, missing, public_raw)
         key = reveal.reply_key(job_id)
         try:
-            assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "failed"
+            assert worker.send_task(TaskName.REVEAL_VALUE, args=[job_id]).get(timeout=20) == "failed"
             [sealed] = rclient.lrange(key, 0, -1)
             assert reveal.open_reply(private_key, sealed, org_id, missing, job_id) == {"error": "secret_not_found"}
             with db.session() as s:
@@ -371,12 +372,12 @@ def test_a_job_with_a_bad_reply_key_fails_without_resolving(
             s,
             CTX,
             org_id=_org_id(db, secret["id"]),
-            kind=reveal.REVEAL_TASK,
+            kind=TaskName.REVEAL_VALUE,
             params={"secret_id": secret["id"], "reply_public_key": "not base64!"},
         )
         drop_queued(s)
         job_id = job.id
-    assert worker.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20) == "failed"
+    assert worker.send_task(TaskName.REVEAL_VALUE, args=[job_id]).get(timeout=20) == "failed"
     with db.session() as s:
         row = s.get(Job, job_id)
         assert row is not None and (row.error_code, row.resolved_secrets) == ("invalid_params", None)
@@ -424,7 +425,7 @@ def _forged_reveal(db: Database, org_id: str, secret_id: str, created_by: str | 
             s,
             RequestContext(Actor("user", created_by)),
             org_id=org_id,
-            kind=reveal.REVEAL_TASK,
+            kind=TaskName.REVEAL_VALUE,
             params={"secret_id": secret_id, "reply_public_key": reveal.encode_public_key(public_raw)},
         )
         drop_queued(s)
@@ -436,7 +437,7 @@ def _run_forged(
 ) -> tuple[Job, dict[str, Any]]:
     """Publish a forged reveal job; the finished row and the opened reply."""
     job_id, private_key = _forged_reveal(db, org_id, secret_id, created_by)
-    producer.send_task(reveal.REVEAL_TASK, args=[job_id]).get(timeout=20)
+    producer.send_task(TaskName.REVEAL_VALUE, args=[job_id]).get(timeout=20)
     key = reveal.reply_key(job_id)
     try:
         [sealed] = rclient.lrange(key, 0, -1)

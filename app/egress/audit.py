@@ -1,4 +1,4 @@
-"""Audit events for the worker's egress decisions, shared by every task that sends a credential.
+"""Audit events for the worker's egress decisions, shared by every job that sends a credential.
 
 * ``egress.denied``: the guard refused a destination (a private address, a host outside the
   secret's ``allowed_hosts``, a redirect); names the host and the code, never the secret.
@@ -13,18 +13,27 @@ from typing import Any
 
 from app.audit import service as audit
 from app.context import Actor, RequestContext
-from app.egress import EgressError
-from app.tasks.runtime import JobFailedError, JobView, WorkerContext
+from app.db import Database
+from app.egress.guard import EgressError
+from app.errors import WorkerError
 
 WORKER = RequestContext(Actor("worker"))
-STALE = "stale"
+
+
+class StaleDestinationError(WorkerError):
+    """The destination bound to a job changed after it was queued; nothing was sent."""
+
+    code = "stale"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.code, message)
 
 
 def denied(
-    ctx: WorkerContext, job: JobView, exc: EgressError, *, org_id: str, target_type: str, target_id: str, **extra: Any
+    db: Database, job_id: str, exc: EgressError, *, org_id: str, target_type: str, target_id: str, **extra: Any
 ) -> None:
     """Record that the egress guard refused ``exc.host`` for this job."""
-    with ctx.db.session() as s:
+    with db.session() as s:
         audit.record(
             s,
             WORKER,
@@ -32,7 +41,7 @@ def denied(
             org_id=org_id,
             target_type=target_type,
             target_id=target_id,
-            details={"code": exc.code, "host": exc.host, "job_id": job.id, **extra},
+            details={"code": exc.code, "host": exc.host, "job_id": job_id, **extra},
         )
 
 
@@ -47,14 +56,22 @@ def changed_fields(recorded: Any, current: Any, prefix: str = "") -> list[str]:
 
 
 def stale(
-    ctx: WorkerContext, job: JobView, changed: list[str], *, org_id: str, target_type: str, target_id: str, what: str
-) -> JobFailedError:
+    db: Database,
+    job_id: str,
+    kind: str,
+    changed: list[str],
+    *,
+    org_id: str,
+    target_type: str,
+    target_id: str,
+    what: str,
+) -> StaleDestinationError:
     """Audit a stale destination; returns the ``stale`` failure for the caller to raise.
 
     Called before any secret is resolved: a job sends a credential only to the destination that
     was bound to it when the job was queued *and* still is when it runs.
     """
-    with ctx.db.session() as s:
+    with db.session() as s:
         audit.record(
             s,
             WORKER,
@@ -62,8 +79,8 @@ def stale(
             org_id=org_id,
             target_type=target_type,
             target_id=target_id,
-            details={"code": STALE, "job_id": job.id, "kind": job.kind, "changed": changed},
+            details={"code": StaleDestinationError.code, "job_id": job_id, "kind": kind, "changed": changed},
         )
-    return JobFailedError(
-        STALE, f"{what} changed after this job was queued ({', '.join(changed)}); nothing was sent: queue it again"
+    return StaleDestinationError(
+        f"{what} changed after this job was queued ({', '.join(changed)}); nothing was sent: queue it again"
     )

@@ -1,0 +1,158 @@
+"""The worker entry: ``celery -A app.worker worker`` / ``beat`` / ``flower``.
+
+``make_celery(settings)`` builds a Celery app from settings (the web tier and the CLI use it
+to publish, the dev server to run a worker thread). The process's own app, ``celery``, is
+built from the environment only when Celery's command line asks this module for it: importing
+``app.worker`` reads no environment and opens no connection.
+
+Task messages carry ids only (JSON serializer, never pickle), are acknowledged after the
+task finishes (``acks_late``) so a crashed worker's job is redelivered, and are bounded
+by time limits that every task declares (soft and hard together, app/tasks/runtime.py).
+The tasks themselves are declared with ``shared_task`` in ``app.tasks.*`` and bind to
+whichever app the process built.
+
+Monitoring: task events are on, so ``celery -A app.worker flower`` works (see
+docs/observability.md). Celery's logging signals hand the worker's handlers to
+``app.observability.logs`` (our format, secret values redacted); task signals feed the worker metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from app.config import ConfigError, Settings, load_settings
+from app.jobs.names import TaskName
+from app.secrets.checks import check_worker_keys
+from app.tasks.runtime import VISIBILITY_TIMEOUT
+
+# Modules whose tasks every worker registers.
+TASK_MODULES = [
+    "app.tasks.system",
+    "app.tasks.secrets",
+    "app.tasks.mcp",
+    "app.tasks.agents",
+    "app.tasks.keys",
+    "app.tasks.backfill",
+]
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """What beat sends, and how often (seconds)."""
+    return {
+        "requeue-stuck-jobs": {"task": TaskName.REQUEUE_STUCK, "schedule": 60.0},
+        "sweep-job-leases": {"task": TaskName.SWEEP_LEASES, "schedule": settings.job_sweep_seconds},
+        "replay-cache-invalidations": {"task": TaskName.REPLAY_INVALIDATIONS, "schedule": 10.0},
+        "refresh-mcp-tools": {"task": TaskName.REFRESH_TOOLS, "schedule": settings.mcp_refresh_seconds},
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings`` (a producer, or a worker once it runs)."""
+    celery = Celery("latchkey", set_as_current=False, include=TASK_MODULES)
+    celery.conf.update(
+        broker_url=settings.effective_broker_url,
+        # The result backend is internal plumbing; job state lives in the jobs table.
+        result_backend=settings.redis_url,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Every Latchkey task declares its soft and hard limit together
+        # (app.tasks.runtime.time_limits); these defaults only bound Celery's built-in tasks.
+        task_time_limit=300,
+        task_soft_time_limit=270,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        # An unacknowledged message is delivered again after this: just above the longest hard
+        # time limit, so a message is never redelivered while its task may still be running.
+        # Recovering a dead worker's job is the lease sweep's business, not this timeout's.
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        # Celery keeps handlers already on the root logger; the ones it adds are adopted by
+        # the after_setup_* signals below (our format and the redacting filter).
+        worker_hijack_root_logger=False,
+        # Events for Flower / `celery events`: task names, ids and arguments (job ids only).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=settings.queue,
+        broker_connection_timeout=3,
+        beat_schedule=beat_schedule(settings),
+    )
+    celery.conf["latchkey_settings"] = settings
+    return celery
+
+
+@functools.cache
+def process_app() -> Celery:
+    """This process's app, built once from the environment (the worker, beat or Flower process)."""
+    return make_celery(load_settings())
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery -A app.worker` looks up `app.worker.celery`: the process entry, and the only
+    # place the environment is read for a worker.
+    if name == "celery":
+        return process_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Worker process wiring ------------------------------------------------------------------------
+#
+# Celery's signals are process-wide. The worker_init handlers act only for an app built by
+# make_celery (one that carries its settings); the others only run inside a worker or a task.
+
+
+def _settings_of(sender: Any) -> Settings | None:
+    app = getattr(sender, "app", None)
+    return app.conf.get("latchkey_settings") if app is not None else None
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _start_worker_metrics(sender: Any = None, **_: Any) -> None:
+    settings = _settings_of(sender)
+    if settings is not None and settings.worker_metrics_port is not None:
+        from app.observability.metrics import start_worker_metrics
+
+        start_worker_metrics(settings.worker_metrics_port)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _check_worker_config(sender: Any = None, **_: Any) -> None:
+    # A production worker without its keyring (or with dev keys) must not start.
+    settings = _settings_of(sender)
+    if settings is not None:
+        try:
+            check_worker_keys(settings)
+        except ConfigError as exc:
+            # Celery swallows exceptions raised by signal handlers; SystemExit is not swallowed.
+            sys.stderr.write(f"latchkey worker: {exc}\n")
+            raise SystemExit(2) from None
+
+
+@signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
+@signals.after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _adopt_log_handlers(logger: Any = None, **_: Any) -> None:
+    from app.observability.logs import adopt_handlers
+
+    adopt_handlers(logger)
+
+
+@signals.task_prerun.connect  # type: ignore[untyped-decorator]
+def _task_prerun(task_id: str | None = None, **_: Any) -> None:
+    from app.observability import metrics
+
+    metrics.task_started(task_id)
+
+
+@signals.task_postrun.connect  # type: ignore[untyped-decorator]
+def _task_postrun(
+    task_id: str | None = None, task: Any = None, retval: Any = None, state: str | None = None, **_: Any
+) -> None:
+    from app.observability import metrics
+
+    metrics.task_finished(task_id, getattr(task, "name", None), state, retval)

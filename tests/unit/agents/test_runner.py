@@ -1,0 +1,152 @@
+"""The agent loop called directly (no Celery): the real model stand-in, a real database session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from sqlalchemy import select
+
+from app.agents import runner
+from app.config import Settings
+from app.db import Database
+from app.errors import WorkerError
+from app.jobs.names import TaskName
+from app.models import AgentRun, AuditEvent, Job, JobStatus
+from app.tasks.runtime import JobView, WorkerContext
+from tests.factories import Caller, Factory
+from tests.llm_server import LlmTestServer
+from tests.unit.worker_support import PROVIDER_KEY, agent, parked_web, provider, start_run, worker_ctx
+
+
+@pytest.fixture
+def web(settings: Settings) -> Iterator[Flask]:
+    with parked_web(settings) as app:
+        yield app
+
+
+@pytest.fixture
+def factory(db: Database, web: Flask) -> Factory:
+    return Factory(db, web.test_client())
+
+
+@pytest.fixture
+def ctx(settings: Settings) -> Iterator[WorkerContext]:
+    with worker_ctx(settings) as context:
+        yield context
+
+
+@pytest.fixture
+def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
+    llm_server.reset()
+    llm_server.api_key = None
+    yield llm_server
+    llm_server.reset()
+
+
+def _view(db: Database, run_id: str) -> JobView:
+    """The run's job as a worker sees it once claimed (no lease: nothing to lose)."""
+    with db.session() as s:
+        job = s.scalars(select(Job).where(Job.kind == TaskName.RUN_AGENT)).one()
+        assert job.params["run_id"] == run_id
+        return JobView(job.id, job.org_id, job.kind, dict(job.params), attempts=1)
+
+
+def _run_row(db: Database, run_id: str) -> AgentRun:
+    with db.session() as s:
+        row = s.get(AgentRun, run_id)
+        assert row is not None
+        s.expunge(row)
+        return row
+
+
+def test_a_run_stores_its_output_events_usage_and_reads(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin: Caller = factory.user(org, "admin")
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    llm.script([{"text": "Hello from the model"}])
+    job = _view(db, run_id)
+
+    assert runner.run(ctx, job) == {"run_id": run_id, "status": JobStatus.SUCCEEDED, "steps": 1}
+
+    row = _run_row(db, run_id)
+    assert (row.status, row.output, row.error_code) == (JobStatus.SUCCEEDED, "Hello from the model", None)
+    assert [e["type"] for e in row.events] == ["status", "final"]
+    assert row.usage is not None and row.usage["steps"] == 1
+    assert row.finished_at is not None
+    assert len(llm.requests) == 1
+    assert PROVIDER_KEY in llm.requests[0].headers["authorization"]
+    with db.session() as s:
+        stored = s.get(Job, job.id)
+        assert stored is not None and len(stored.resolved_secrets or []) == 1
+        finished = s.scalars(select(AuditEvent).where(AuditEvent.action == "agent.run_finished")).one()
+        assert finished.details["status"] == "succeeded" and finished.target_id == run_id
+
+
+def test_a_value_the_model_echoes_is_masked_in_the_output_and_events(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    llm.script([{"text": f"your key is {PROVIDER_KEY}"}])
+
+    runner.run(ctx, _view(db, run_id))
+
+    row = _run_row(db, run_id)
+    assert row.output == "your key is ***"
+    assert PROVIDER_KEY not in str(row.events)
+
+
+def test_a_refused_provider_key_fails_the_run_with_the_providers_code(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    llm.api_key = "some-other-key"
+
+    with pytest.raises(WorkerError) as info:
+        runner.run(ctx, _view(db, run_id))
+
+    assert info.value.code == "provider_auth_failed"
+    row = _run_row(db, run_id)
+    assert (row.status, row.error_code) == (JobStatus.FAILED, "provider_auth_failed")
+    assert row.events[-1]["type"] == "error" and row.events[-1]["code"] == "provider_auth_failed"
+    assert row.error_message == info.value.message
+
+
+def test_a_destination_changed_after_queueing_is_stale_and_nothing_is_sent(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    provider_id = provider(admin, org, factory, llm)
+    run_id = start_run(admin, org, agent(admin, org, provider_id))
+    moved = admin.patch(f"orgs/{org}/providers/{provider_id}", json={"config": {"base_url": llm.url + "/v2"}})
+    assert moved.status_code == 200, moved.get_json()
+
+    with pytest.raises(WorkerError) as info:
+        runner.run(ctx, _view(db, run_id))
+
+    assert info.value.code == "stale"
+    assert llm.requests == []
+    row = _run_row(db, run_id)
+    assert (row.status, row.error_code) == (JobStatus.FAILED, "stale")
+    with db.session() as s:
+        assert s.scalars(select(AuditEvent).where(AuditEvent.action == "egress.stale")).one().target_id == run_id
+
+
+def test_a_model_that_never_stops_calling_tools_ends_with_max_steps(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    llm.script([{"tool_calls": [{"name": "nope", "arguments": {}}]}] * runner.MAX_STEPS)
+
+    with pytest.raises(WorkerError) as info:
+        runner.run(ctx, _view(db, run_id))
+
+    assert info.value.code == "max_steps"
+    row = _run_row(db, run_id)
+    assert [e["code"] for e in row.events if e["type"] == "tool_error"] == ["unknown_tool"] * runner.MAX_STEPS
+    assert len(llm.requests) == runner.MAX_STEPS
