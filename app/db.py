@@ -11,18 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    DateTime,
-    Engine,
-    MetaData,
-    Table,
-    bindparam,
-    create_engine,
-    event,
-    insert,
-    text,
-    update,
-)
+from sqlalchemy import DateTime, Engine, MetaData, Table, bindparam, create_engine, event, insert, text, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker

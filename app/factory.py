@@ -70,7 +70,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     from app.api import bp as api_bp
     from app.api import problems
-    from app.api.framework import close_session
+    from app.api.request import close_session
     from app.health import bp as health_bp
 
     app.register_blueprint(api_bp)

@@ -14,7 +14,8 @@ from flask import Blueprint, Response, current_app, request
 from kombu.connection import Connection
 from sqlalchemy import text
 
-from app.api.framework import current_db, json_response
+from app.api.request import current_db
+from app.api.responses import json_response
 from app.config import Settings
 from app.errors import NotFoundError, UnauthorizedError
 from app.observability import metrics as obs_metrics

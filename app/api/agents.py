@@ -8,7 +8,8 @@ from app.access import OrgAccess
 from app.agents import service as agents
 from app.agents.schemas import AgentCreate, AgentList, AgentOut, AgentUpdate, RunCreate, RunOut
 from app.api.blueprint import bp
-from app.api.framework import Result, request_context, route, session
+from app.api.request import request_context, session
+from app.api.routing import Result, route
 from app.api.schemas import ListQuery
 from app.jobs.schemas import JobOut
 

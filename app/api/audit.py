@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.framework import route, session
+from app.api.request import session
+from app.api.routing import route
 from app.api.schemas import AuditQuery
 from app.audit import service as audit
 from app.audit.schemas import AuditEventList

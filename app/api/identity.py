@@ -8,7 +8,8 @@ from flask import current_app, g, url_for
 
 from app.access import OrgAccess, orgs_of
 from app.api.blueprint import bp
-from app.api.framework import Result, current_user, request_context, route, session
+from app.api.request import current_user, request_context, session
+from app.api.routing import Result, route
 from app.identity import service as identity
 from app.identity.schemas import (
     InvitationAccept,

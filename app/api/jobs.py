@@ -10,7 +10,8 @@ from werkzeug.routing import BaseConverter
 
 from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.framework import Result, request_context, route, session
+from app.api.request import request_context, session
+from app.api.routing import Result, route
 from app.api.schemas import JobAccepted
 from app.backfill.status import status as migration_status
 from app.jobs import service as jobs

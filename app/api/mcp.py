@@ -6,8 +6,9 @@ from pydantic import ConfigDict, Field
 
 from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.framework import Result, request_context, route, session
 from app.api.jobs import accepted
+from app.api.request import request_context, session
+from app.api.routing import Result, route
 from app.api.schemas import JobAccepted, ListQuery
 from app.jobs.schemas import JobOut
 from app.mcp import service as mcp

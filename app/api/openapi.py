@@ -12,7 +12,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from app.api.blueprint import bp
-from app.api.framework import ROUTES, RouteSpec, json_response
+from app.api.responses import json_response
+from app.api.routing import ROUTES, RouteSpec
 
 REF = "#/components/schemas/{model}"
 _PATH_PARAM = re.compile(r"<(?:[a-z_]+:)?([a-z_]+)>")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.framework import Result, request_context, route, session
+from app.api.request import request_context, session
+from app.api.routing import Result, route
 from app.api.schemas import ListQuery
 from app.providers import service as providers
 from app.providers.schemas import ProviderCreate, ProviderList, ProviderOut, ProviderUpdate

@@ -6,7 +6,8 @@ from flask import Response, after_this_request, current_app, request
 
 from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.framework import Result, request_context, route, session
+from app.api.request import request_context, session
+from app.api.routing import Result, route
 from app.api.schemas import ListQuery
 from app.errors import RateLimitedError, ServiceUnavailableError
 from app.secrets import reveal as reveals

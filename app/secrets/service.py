@@ -16,13 +16,7 @@ from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import flush_or_raise, new_id, utcnow
-from app.errors import (
-    ConflictError,
-    NotFoundError,
-    SecretInUseError,
-    ValidationFailedError,
-    VersionMismatchError,
-)
+from app.errors import ConflictError, NotFoundError, SecretInUseError, ValidationFailedError, VersionMismatchError
 from app.models import McpServer, Org, Provider, Secret
 from app.pagination import Page, paginate
 from app.secrets import cachekeys, invalidation

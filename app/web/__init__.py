@@ -11,7 +11,8 @@ from flask import Flask
 
 # View modules register their routes on ``bp`` when imported.
 from app.web import agents, auth, mcp, operator, providers, secrets  # noqa: F401
-from app.web.core import bp, init_app, security_headers
+from app.web.blueprint import bp
+from app.web.pages import init_app, security_headers
 
 __all__ = ["bp", "init_app", "register", "security_headers"]
 

@@ -10,13 +10,14 @@ from sqlalchemy import select
 from app.access import OrgAccess
 from app.agents import service as agents
 from app.agents.schemas import AgentCreate, RunCreate
-from app.api.framework import request_context
+from app.api.request import request_context
 from app.errors import NotFoundError, ValidationFailedError
 from app.mcp import service as mcp
 from app.models import Agent, AgentRun, JobStatus, McpServerStatus, McpTool
 from app.providers import service as providers
 from app.schemas import validated
-from app.web.core import db, form_errors, page
+from app.web.forms import form_errors
+from app.web.pages import db, page
 
 FIELDS = ("name", "provider_id", "model_id", "system_prompt", "tools", "input")
 # Run statuses that will still change: the events fragment keeps polling while in one.

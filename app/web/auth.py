@@ -17,21 +17,14 @@ from werkzeug.wrappers import Response
 
 from app.access import org_access as access_of
 from app.access import orgs_of
-from app.api.framework import commit, request_context
+from app.api.request import commit, request_context
 from app.audit import service as audit
 from app.errors import RateLimitedError, ServiceUnavailableError, UnauthorizedError
 from app.identity import service as identity
 from app.models import Org, User
-from app.web.core import (
-    bp,
-    check_csrf,
-    current_user_or_none,
-    db,
-    end_session,
-    page,
-    safe_next,
-    start_session,
-)
+from app.web.blueprint import bp
+from app.web.pages import db, page
+from app.web.signin import check_csrf, current_user_or_none, end_session, safe_next, start_session
 
 log = logging.getLogger("latchkey.web")
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import flash, redirect, render_template, request, url_for
 
 from app.access import OrgAccess
-from app.api.framework import request_context
+from app.api.request import request_context
 from app.errors import ConflictError, FieldError, ValidationFailedError
 from app.mcp import catalog
 from app.mcp import service as mcp
@@ -16,7 +16,8 @@ from app.models import McpServer, McpServerStatus
 from app.schemas import validated
 from app.secrets import service as secrets
 from app.secrets.schemas import SecretCreate
-from app.web.core import db, form_errors, page
+from app.web.forms import form_errors
+from app.web.pages import db, page
 from app.web.secrets import public_keys
 
 FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")

@@ -13,12 +13,12 @@ from typing import Any
 
 from flask import abort, flash, redirect, render_template, url_for
 
-from app.api.framework import request_context
+from app.api.request import request_context
 from app.backfill.status import status as migration_status
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.models import JobStatus
-from app.web.core import db, page
+from app.web.pages import db, page
 
 # The job kinds this page lists, newest first.
 LISTED_KINDS = [TaskName.BACKFILL, TaskName.VERIFY, TaskName.RESEAL_SECRETS]

@@ -7,7 +7,7 @@ from typing import Any
 from flask import flash, redirect, render_template, request, url_for
 
 from app.access import OrgAccess
-from app.api.framework import request_context
+from app.api.request import request_context
 from app.errors import ConflictError, ValidationFailedError
 from app.models import Provider
 from app.providers import catalog
@@ -15,7 +15,8 @@ from app.providers import service as providers
 from app.providers.schemas import ProviderCreate, ProviderUpdate
 from app.schemas import validated
 from app.secrets import service as secrets
-from app.web.core import db, form_errors, page
+from app.web.forms import form_errors
+from app.web.pages import db, page
 
 FIELDS = ("name", "provider_type", "kind", "model_id", "base_url", "account_id", "gateway_id", "secret_ref")
 CONFIG_FIELDS = ("base_url", "account_id", "gateway_id")

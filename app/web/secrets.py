@@ -8,7 +8,7 @@ from typing import Any
 from flask import Response, current_app, flash, jsonify, redirect, render_template, request, url_for
 
 from app.access import OrgAccess
-from app.api.framework import request_context
+from app.api.request import request_context
 from app.api.secrets import NO_STORE, reveal_now
 from app.audit import service as audit
 from app.audit.schemas import AuditFilter
@@ -24,7 +24,8 @@ from app.schemas import validated
 from app.secrets import service as secrets
 from app.secrets.keyring import PublicKeySet
 from app.secrets.schemas import SecretCreate, SecretOut, SecretUpdate
-from app.web.core import REVEAL_HIDE_SECONDS, db, form_errors, int_or_none, invalid, page
+from app.web.forms import form_errors, int_or_none, invalid
+from app.web.pages import REVEAL_HIDE_SECONDS, db, page
 
 FIELDS = ("name", "value", "description", "allowed_hosts")
 AUDIT_TRAIL_LIMIT = 50

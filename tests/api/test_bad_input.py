@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
-from app.api import framework
+from app.api import idempotency
 from app.config import ConfigError, Environment, Settings, load_settings
 from app.factory import create_app
 from app.models import AuditEvent, IdempotencyKey, Secret
@@ -438,7 +438,7 @@ def _stored_digest(db: Any) -> str:
 
 def _digest_of(app: Flask, path: str, body: dict[str, Any]) -> str:
     with app.test_request_context(path, method="POST", data=json.dumps(body), content_type="application/json"):
-        return framework._request_hmac()
+        return idempotency.request_digest()
 
 
 def test_idempotency_digest_does_not_cover_the_secret_value(app: Flask, admin: Caller, org: str, db: Any) -> None:

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from app.api.framework import ROUTES
+from app.api.routing import ROUTES
 from app.db import Database
 from app.models import AuditEvent, Membership, Org, Secret
 from tests.conftest import empty_tables

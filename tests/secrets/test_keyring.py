@@ -9,13 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.secrets.keyring import (
-    Keyring,
-    KeyringError,
-    PublicKey,
-    PublicKeySet,
-    UnknownKeyError,
-)
+from app.secrets.keyring import Keyring, KeyringError, PublicKey, PublicKeySet, UnknownKeyError
 
 VECTOR = Path(__file__).parent / "vectors" / "sealing_kat.json"
 KID_RE = re.compile(r"^lk-\d{8}-[0-9a-f]{8}$")

@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 
 from app.config import Settings
 from app.factory import create_app
-from app.web.core import REVEAL_HIDE_SECONDS
+from app.web.pages import REVEAL_HIDE_SECONDS
 from tests.factories import Caller, Factory
 from tests.mcp_server import McpTestServer
 

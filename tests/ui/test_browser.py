@@ -14,14 +14,7 @@ from playwright.sync_api import Page, expect
 from tests.factories import Factory
 from tests.llm_server import LlmTestServer
 from tests.mcp_server import McpTestServer
-from tests.ui.conftest import (
-    HIDE_SECONDS,
-    json_fetch,
-    mcp_server_via_api,
-    person,
-    shot,
-    sign_in,
-)
+from tests.ui.conftest import HIDE_SECONDS, json_fetch, mcp_server_via_api, person, shot, sign_in
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.agents.schemas import AgentCreate, AgentUpdate, RunCreate
-from app.api.framework import field_errors
+from app.schemas import field_errors
 
 
 def _refusals(model: Any, body: dict[str, Any]) -> list[tuple[str, str]]:

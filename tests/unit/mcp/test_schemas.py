@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.api.framework import field_errors
 from app.mcp.schemas import McpServerCreate, McpServerUpdate
+from app.schemas import field_errors
 
 BASE = {"name": "S", "url": "https://mcp.example/mcp"}
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.api.framework import field_errors
 from app.errors import ValidationFailedError
 from app.providers.schemas import ProviderCreate, ProviderUpdate
+from app.schemas import field_errors
 
 BASE = {"name": "P", "provider_type": "openai", "model_id": "m", "secret_ref": "s1"}
 
