@@ -1,24 +1,15 @@
-"""Jobs: an org's jobs for its members; instance jobs for operators."""
+"""Jobs: an org's jobs, for its members to follow (instance jobs: app.api.operator)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask.blueprints import BlueprintSetupState
-from pydantic import Field
-from werkzeug.routing import BaseConverter
-
 from app.access import OrgAccess
 from app.api.blueprint import bp
-from app.api.request import request_context, session
+from app.api.request import session
 from app.api.routing import Result, route
 from app.api.schemas import JobAccepted
-from app.backfill.status import status as migration_status
 from app.jobs import service as jobs
-from app.jobs.names import TaskName
 from app.jobs.schemas import JobOut
 from app.models import Job
-from app.schemas import Out, Strict
 
 
 def accepted(job: Job) -> Result:
@@ -30,142 +21,3 @@ def accepted(job: Job) -> Result:
 def get_org_job(access: OrgAccess, job_id: str) -> JobOut:
     """A job of the org: status, progress, result (never a secret) and error."""
     return JobOut.model_validate(jobs.get_org_job(session(), access, job_id))
-
-
-class InstanceJobId(BaseConverter):
-    """An instance job id: any segment but ``ping``, which is ``POST /admin/jobs/ping``.
-
-    Without it ``/admin/jobs/ping`` also matches the GET rule, so its 405 would advertise a GET.
-    """
-
-    regex = r"(?!ping$)[^/]+"
-
-
-@bp.record_once
-def _register_converter(state: BlueprintSetupState) -> None:
-    state.app.url_map.converters.setdefault("instance_job_id", InstanceJobId)
-
-
-@route(
-    bp,
-    "/admin/jobs/<instance_job_id:job_id>",
-    "GET",
-    response=JobOut,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 404],
-)
-def get_admin_job(job_id: str) -> JobOut:
-    """An instance job (backfill, verification, re-seal, ping) for operators."""
-    return JobOut.model_validate(jobs.get_job(session(), None, job_id))
-
-
-@route(
-    bp,
-    "/admin/jobs/ping",
-    "POST",
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 503],
-)
-def ping_workers() -> Result:
-    """Queue a no-op job: proves a worker is taking jobs, end to end."""
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=TaskName.PING))
-
-
-def _instance_job(kind: str, body: Strict | None) -> Result:
-    """Queue an instance job whose params are the optional JSON body's fields that were given."""
-    params = {k: v for k, v in body.model_dump().items() if v is not None} if body is not None else {}
-    return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
-
-
-class BatchRequest(Strict):
-    """Optional body of the batched operator jobs (``/admin/keys/reseal``, ``/admin/backfill/verify``)."""
-
-    batch_size: int | None = Field(default=None, ge=1, le=5000)
-
-
-@route(
-    bp,
-    "/admin/keys/reseal",
-    "POST",
-    body=BatchRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
-def reseal_keys(body: BatchRequest | None) -> Result:
-    """Queue a re-seal of every sealed value to the workers' newest key (after a rotation).
-
-    The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
-    """
-    return _instance_job(TaskName.RESEAL_SECRETS, body)
-
-
-class BackfillRequest(BatchRequest):
-    """Optional body of ``POST /admin/backfill``."""
-
-    dry_run: bool | None = None
-
-
-@route(
-    bp,
-    "/admin/backfill",
-    "POST",
-    body=BackfillRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
-def start_backfill(body: BackfillRequest | None) -> Result:
-    """Queue the backfill: legacy plaintext secrets, MCP tokens and agent keys into sealed secrets.
-
-    The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
-    job's result is the summary (counts per kind, failures with reasons, never a value).
-    """
-    return _instance_job(TaskName.BACKFILL, body)
-
-
-@route(
-    bp,
-    "/admin/backfill/verify",
-    "POST",
-    body=BatchRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
-def start_verify(body: BatchRequest | None) -> Result:
-    """Queue the backfill verification (in a worker: every backfilled value against the legacy one).
-
-    The body is optional: ``{"batch_size": N}`` (1..5000, default 1000). The job's result is
-    the verification record, also shown by ``GET /admin/backfill``; the contract migration
-    runs only after one passes.
-    """
-    return _instance_job(TaskName.VERIFY, body)
-
-
-class BackfillStatus(Out):
-    legacy_columns: bool = Field(description="false once the contract migration has dropped them")
-    remaining: dict[str, int] = Field(description="legacy rows not yet migrated, per kind")
-    latest_run: JobOut | None
-    latest_verification: dict[str, Any] | None = Field(
-        description="counts, failures (never a value), unmigrated rows, cache check, times"
-    )
-
-
-@route(bp, "/admin/backfill", "GET", response=BackfillStatus, auth="operator", tags=["admin"], errors=[401, 403])
-def backfill_status() -> BackfillStatus:
-    """Where the legacy migration stands: rows left, the latest backfill run and verification."""
-    return BackfillStatus.model_validate(migration_status(session()))
