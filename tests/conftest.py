@@ -20,10 +20,12 @@ from app.config import Settings, load_settings
 from app.db import Base, Database
 from app.factory import create_app
 from app.secrets.keyring import Keyring
-from tests import backends
-from tests.factories import Caller, Factory
-from tests.llm_server import LlmTestServer
-from tests.processes import worker_process
+from app.web.core import REVEAL_HIDE_SECONDS
+from tests.support import backends
+from tests.support.factories import Caller, Factory
+from tests.support.llm_server import LlmTestServer
+from tests.support.processes import worker_process
+from tests.support.web import HIDE_SECONDS
 
 # Tables the tests never empty: Alembic's bookkeeping.
 KEEP = {"alembic_version"}
@@ -136,6 +138,20 @@ def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def ui_app(settings: Settings) -> Iterator[Flask]:
+    """The app the UI tests use (test client and browser alike), with a short reveal hide delay."""
+    application = create_app(settings)
+    application.config[REVEAL_HIDE_SECONDS] = HIDE_SECONDS
+    yield application
+    application.extensions["latchkey.db"].dispose()
+
+
+@pytest.fixture
+def ui_client(ui_app: Flask) -> FlaskClient:
+    return ui_app.test_client()
 
 
 @pytest.fixture
