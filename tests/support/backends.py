@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 
@@ -87,13 +88,27 @@ def database_url(tmp_dir: Path) -> str:
     return pg or f"sqlite:///{tmp_dir / 'test.db'}"
 
 
+def worker_index() -> int:
+    """0 without xdist, else N for worker ``gwN``."""
+    suffix = worker_suffix()
+    return int(suffix[2:]) if suffix.startswith("gw") else 0
+
+
 def redis_url() -> str:
+    """The Redis (db) of this session: each xdist worker gets a db of its own.
+
+    Sign-in limits (per address: always 127.0.0.1 here), Celery's control and event traffic and
+    the leak scans all see the whole db, so two workers must never share one. An explicit
+    ``LATCHKEY_TEST_REDIS_URL`` names the first db (worker gwN uses db + N); without it the
+    local Redis is used from db 15 downwards.
+    """
     explicit = os.environ.get("LATCHKEY_TEST_REDIS_URL")
     if explicit:
-        return explicit
+        parts = urlsplit(explicit)
+        base = int(parts.path.strip("/") or 0)
+        return urlunsplit(parts._replace(path=f"/{base + worker_index()}"))
     if not forced_sqlite() and _reachable(REDIS_HOST, REDIS_PORT):
-        db = 15 - (int(worker_suffix()[2:]) if worker_suffix().startswith("gw") else 0)
-        return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+        return f"redis://{REDIS_HOST}:{REDIS_PORT}/{15 - worker_index()}"
     from fakeredis import TcpFakeServer
 
     server = TcpFakeServer(("127.0.0.1", 0))

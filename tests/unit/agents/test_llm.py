@@ -481,6 +481,8 @@ def test_vendor_defaults() -> None:
         ("anthropic", {}, f"{KEY} with spaces"),
         ("mystery", {}, KEY),
     ],
+    # Stable ids (the key is random per process): xdist workers must collect the same names.
+    ids=lambda value: value.replace(KEY, "KEY") if isinstance(value, str) else None,
 )
 def test_invalid_provider_entries(provider_type: str, config: dict[str, Any], key: str) -> None:
     with pytest.raises(ProviderError) as info:
