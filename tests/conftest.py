@@ -104,9 +104,9 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 
 @pytest.fixture(scope="session")
-def db(settings: Settings) -> Iterator[Database]:
+def db(database_url: str) -> Iterator[Database]:
     database = Database()
-    database.configure(settings.database_url)
+    database.configure(database_url)
     yield database
     database.dispose()
 
@@ -127,7 +127,9 @@ def empty_tables(database: Database) -> None:
 def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
     # Resolved before the test: pytest forbids requesting new fixtures during teardown. A test
     # marked shared_data reads rows a module-scoped fixture made (and empties at its teardown).
-    uses_db = {"db", "app"} & set(request.fixturenames)
+    # A test on the rolled-back ``db_session`` (tests/unit) leaves nothing behind to empty.
+    names = set(request.fixturenames)
+    uses_db = {"db", "app"} & names and "db_session" not in names
     shared = request.node.get_closest_marker("shared_data") is not None
     database = request.getfixturevalue("db") if uses_db and not shared else None
     yield
