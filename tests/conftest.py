@@ -226,6 +226,18 @@ def worker(settings: Settings, app: Any, redis_url: str, worker_log: Path) -> It
         client.close()
 
 
+TESTS = Path(__file__).resolve().parent
+LANES = ("unit", "functional", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Each test carries its lane's marker, so `-m "not e2e"` selects the in-process lanes.
+    for item in items:
+        lane = item.path.relative_to(TESTS).parts[0]
+        if lane in LANES:
+            item.add_marker(lane)
+
+
 def pytest_report_header(config: Any) -> list[str]:
     return [
         "latchkey backends: "

@@ -52,7 +52,9 @@ def live_server(ui_app: Flask) -> Iterator[str]:
     thread.join(5)
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: while Playwright's sync API is open, the main thread has a running
+# event loop, so any later test calling asyncio.run() (tests/unit/egress, tests/unit/mcp) would fail.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (.ci/run does)")
