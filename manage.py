@@ -26,10 +26,11 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 LOCK = ROOT / "requirements" / "dev.lock"
 STAMP = VENV / ".latchkey-installed"
 # xdist workers for the test command (each gets its own database, Redis db, queue and worker
-# process; see tests/support/backends.py). Measured on the 2-core CI box: see docs/contributing.md.
+# process; see tests/support/backends.py). Chosen by measuring on the 2-core box: docs/contributing.md.
 TEST_WORKERS = "2"
-# Branch coverage of app/ must not drop below this (today's figure, rounded down a little).
-COVERAGE_FLOOR = "85"
+# Branch coverage of app/ must not drop below this: 85.0% when it was set (PostgreSQL run; code
+# that runs only inside worker subprocesses is not measured), rounded down a little.
+COVERAGE_FLOOR = "84"
 
 
 def _fingerprint() -> str:
@@ -58,7 +59,9 @@ def pytest_args(rest: list[str]) -> list[str]:
     """The test command's pytest arguments: xdist and --durations unless given, plus the lane flags."""
     args = [a for a in rest if a not in ("--fast", "--coverage")]
     if not any(a.startswith(("-n", "--numprocesses", "-pno:xdist")) or a == "no:xdist" for a in args):
-        args = ["-n", TEST_WORKERS, "--dist", "loadfile", *args]
+        # The unit lane is CPU-bound and short: xdist's start-up costs more than it saves there.
+        workers = "0" if "--fast" in rest else TEST_WORKERS
+        args = ["-n", workers, "--dist", "loadfile", *args]
     if not any(a.startswith("--durations") for a in args):
         args.append("--durations=25")
     if "--coverage" in rest:

@@ -269,22 +269,22 @@ def test_a_lost_invalidation_is_served_only_until_the_ttls_expire(
     sid = factory.secret(admin, org, value="stale-for-a-while")["id"]
     org_id = _org_id(db, org)
     short = Resolver(db, keyring, redis.Redis.from_url(redis_url), l1_max_age=0.5, l2_ttl=1, namespace=settings.queue)
+    # Built before the fill: only the edit itself may run inside the 0.5 s L1 window (a loaded
+    # machine, xdist or coverage can make building an app take longer than that).
+    cut_off = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
     try:
         assert short.wait_until_listening()
         short.resolve(org_id, sid)
         short.flush_fills()
-        cut_off = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
-        try:
-            resp = cut_off.test_client().patch(
-                f"/api/v1/orgs/{org}/secrets/{sid}", json={"value": "fresh"}, headers=admin.headers()
-            )
-            assert resp.status_code == 200
-        finally:
-            cut_off.extensions["latchkey.db"].dispose()
+        resp = cut_off.test_client().patch(
+            f"/api/v1/orgs/{org}/secrets/{sid}", json={"value": "fresh"}, headers=admin.headers()
+        )
+        assert resp.status_code == 200
         assert short.resolve(org_id, sid).value == "stale-for-a-while"  # nobody told this worker
         time.sleep(1.3)  # past both the L1 max age and the L2 TTL
         assert short.resolve(org_id, sid).value == "fresh"
     finally:
+        cut_off.extensions["latchkey.db"].dispose()
         short.close()
 
 
