@@ -230,12 +230,20 @@ TESTS = Path(__file__).resolve().parent
 LANES = ("unit", "functional", "e2e")
 
 
+def _lane(item: pytest.Item) -> str:
+    return item.path.relative_to(TESTS).parts[0]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Each test carries its lane's marker, so `-m "not e2e"` selects the in-process lanes.
     for item in items:
-        lane = item.path.relative_to(TESTS).parts[0]
-        if lane in LANES:
-            item.add_marker(lane)
+        if _lane(item) in LANES:
+            item.add_marker(_lane(item))
+    # Lanes run in order, e2e last (on every xdist worker too): once an e2e test has started the
+    # session's worker process, it consumes every job a later test queues, and a test-client
+    # test that queued one (an agent run, a validation) would then race that job with the
+    # truncation after it.
+    items.sort(key=lambda item: LANES.index(_lane(item)) if _lane(item) in LANES else -1)
 
 
 def pytest_report_header(config: Any) -> list[str]:
