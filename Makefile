@@ -1,13 +1,19 @@
 # Every target goes through manage.py, which installs the pinned dependencies first.
 PY ?= python3
 
-.PHONY: dev test lint check lock bench
+.PHONY: dev test test-fast coverage lint check lock bench
 
 dev:            ## run Latchkey on embedded defaults
 	$(PY) manage.py dev
 
-test:           ## run the whole test suite
+test:           ## run the whole test suite (on xdist workers, with the 25 slowest durations)
 	$(PY) manage.py test
+
+test-fast:      ## the unit lane only (tests/unit): services on a rolled-back session, pure code
+	$(PY) manage.py test --fast
+
+coverage:       ## the whole suite with branch coverage of app/, failing under the floor
+	$(PY) manage.py test --coverage
 
 lint:           ## ruff (lint + format check), mypy and the import contracts (lint-imports)
 	$(PY) manage.py lint

@@ -52,7 +52,7 @@ from bench.common import (
     throwaway_database,
     write_json,
 )
-from tests.processes import spawned_worker
+from tests.support.processes import spawned_worker
 
 CHUNK = 5000
 

@@ -20,10 +20,12 @@ from app.config import Settings, load_settings
 from app.db import Base, Database
 from app.factory import create_app
 from app.secrets.keyring import Keyring
-from tests import backends
-from tests.factories import Caller, Factory
-from tests.llm_server import LlmTestServer
-from tests.processes import worker_process
+from app.web.pages import REVEAL_HIDE_SECONDS
+from tests.support import backends
+from tests.support.factories import Caller, Factory
+from tests.support.llm_server import LlmTestServer
+from tests.support.processes import worker_process
+from tests.support.web import HIDE_SECONDS
 
 # Tables the tests never empty: Alembic's bookkeeping.
 KEEP = {"alembic_version"}
@@ -124,7 +126,9 @@ def empty_tables(database: Database) -> None:
 def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
     # Resolved before the test: pytest forbids requesting new fixtures during teardown. A test
     # marked shared_data reads rows a module-scoped fixture made (and empties at its teardown).
-    uses_db = {"db", "app"} & set(request.fixturenames)
+    # A test on the rolled-back ``db_session`` (tests/unit) leaves nothing behind to empty.
+    names = set(request.fixturenames)
+    uses_db = {"db", "app"} & names and "db_session" not in names
     shared = request.node.get_closest_marker("shared_data") is not None
     database = request.getfixturevalue("db") if uses_db and not shared else None
     yield
@@ -135,6 +139,20 @@ def _clean_database(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def ui_app(settings: Settings) -> Iterator[Flask]:
+    """The app the UI tests use (test client and browser alike), with a short reveal hide delay."""
+    application = create_app(settings)
+    application.config[REVEAL_HIDE_SECONDS] = HIDE_SECONDS
+    yield application
+    application.extensions["latchkey.db"].dispose()
+
+
+@pytest.fixture
+def ui_client(ui_app: Flask) -> FlaskClient:
+    return ui_app.test_client()
 
 
 @pytest.fixture
@@ -205,6 +223,26 @@ def worker(settings: Settings, app: Any, redis_url: str, worker_log: Path) -> It
             client.delete(*leftovers)
     finally:
         client.close()
+
+
+TESTS = Path(__file__).resolve().parent
+LANES = ("unit", "functional", "e2e")
+
+
+def _lane(item: pytest.Item) -> str:
+    return item.path.relative_to(TESTS).parts[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Each test carries its lane's marker, so `-m "not e2e"` selects the in-process lanes.
+    for item in items:
+        if _lane(item) in LANES:
+            item.add_marker(_lane(item))
+    # Lanes run in order, e2e last (on every xdist worker too): once an e2e test has started the
+    # session's worker process, it consumes every job a later test queues, and a test-client
+    # test that queued one (an agent run, a validation) would then race that job with the
+    # truncation after it.
+    items.sort(key=lambda item: LANES.index(_lane(item)) if _lane(item) in LANES else -1)
 
 
 def pytest_report_header(config: Any) -> list[str]:

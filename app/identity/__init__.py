@@ -1,0 +1,1 @@
+"""Identity: orgs, users, memberships, invitations, API tokens and web sessions."""

@@ -1,0 +1,1 @@
+"""Jobs: the jobs table's life cycle (queue, claim, lease, finish) and every task name."""

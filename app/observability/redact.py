@@ -8,7 +8,7 @@ Lessons taken from Airflow's SecretsMasker (see docs/observability.md):
 * a value is also matched in the encodings it is likely to be logged in: URL-quoted
   (``quote`` and ``quote_plus``), JSON- and ``repr``-escaped, hex, and base64 (standard and
   URL-safe, at the three byte alignments, matched inside a longer base64 run as in
-  tests/leaks.py: the characters that depend only on the value, less the last two; the
+  tests/support/leaks.py: the characters that depend only on the value, less the last two; the
   neighbouring characters that carry some of the value's bits are masked with it);
 * the registry is bounded, by count and by size (least recently registered values are
   forgotten first), and thread-safe; reads take no lock.

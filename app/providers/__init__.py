@@ -1,0 +1,1 @@
+"""The provider catalog: which model, where, and which secret holds its key."""

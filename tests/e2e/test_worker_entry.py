@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from app.config import Settings
-from tests.processes import settings_env
+from tests.support.processes import settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = Path(sys.executable).with_name("celery")

@@ -21,9 +21,9 @@ from app.jobs.names import TaskName
 from app.models import Job
 from app.tasks.runtime import WorkerContext
 from app.worker import make_celery
-from tests.factories import Caller, Factory
-from tests.llm_server import LlmTestServer
-from tests.workers.conftest import parked_app
+from tests.support.factories import Caller, Factory
+from tests.support.llm_server import LlmTestServer
+from tests.support.workers import parked_app
 
 PROVIDER_KEY = "sk-provider-" + "u" * 30
 

@@ -15,8 +15,8 @@ from app.errors import WorkerError
 from app.jobs.names import TaskName
 from app.models import AgentRun, AuditEvent, Job, JobStatus
 from app.tasks.runtime import JobView, WorkerContext
-from tests.factories import Caller, Factory
-from tests.llm_server import LlmTestServer
+from tests.support.factories import Caller, Factory
+from tests.support.llm_server import LlmTestServer
 from tests.unit.worker_support import PROVIDER_KEY, agent, parked_web, provider, start_run, worker_ctx
 
 

@@ -11,7 +11,7 @@ from app.db import Database
 from app.errors import ForbiddenError
 from app.identity import service as identity
 from app.models import Role
-from tests.factories import Factory
+from tests.support.factories import Factory
 
 
 def test_a_member_cannot_list_the_audit_log(db: Database, factory: Factory, org: str) -> None:

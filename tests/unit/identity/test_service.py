@@ -15,7 +15,7 @@ from app.errors import ForbiddenError
 from app.identity import service as identity
 from app.identity.schemas import MemberAdd, MemberUpdate
 from app.models import AuditEvent, Invitation, Membership, Role
-from tests.factories import CTX, Caller, Factory
+from tests.support.factories import CTX, Caller, Factory
 
 MUTATIONS: dict[str, Callable[..., Any]] = {
     "add_member": lambda s, access, other: identity.add_member(

@@ -18,7 +18,7 @@ from app.secrets import reveal as reveals
 from app.secrets import service as secrets
 from app.secrets.keyring import Keyring
 from app.secrets.schemas import SecretCreate, SecretUpdate
-from tests.factories import CTX, Caller, Factory
+from tests.support.factories import CTX, Caller, Factory
 
 
 def _counts(db: Database) -> tuple[int, int, int, int]:

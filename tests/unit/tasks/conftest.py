@@ -10,8 +10,8 @@ from flask import Flask
 
 from app.config import Settings
 from app.db import Database
-from tests.factories import Factory
-from tests.llm_server import LlmTestServer
+from tests.support.factories import Factory
+from tests.support.llm_server import LlmTestServer
 from tests.unit.worker_support import parked_web, task_app
 
 

@@ -8,8 +8,8 @@ from sqlalchemy import func, select
 from app.db import Database
 from app.jobs.names import TaskName
 from app.models import AgentRun, AuditEvent, Job, JobStatus
-from tests.factories import Factory
-from tests.llm_server import LlmTestServer
+from tests.support.factories import Factory
+from tests.support.llm_server import LlmTestServer
 from tests.unit.worker_support import agent, only_job, provider, run_task, start_run
 
 

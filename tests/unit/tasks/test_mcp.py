@@ -12,8 +12,8 @@ from sqlalchemy import select
 from app.db import Database
 from app.jobs.names import TaskName
 from app.models import Job, JobStatus, McpServer, McpServerStatus, McpTool
-from tests.factories import Caller, Factory
-from tests.mcp_server import McpTestServer
+from tests.support.factories import Caller, Factory
+from tests.support.mcp_server import McpTestServer
 from tests.unit.worker_support import run_task
 
 TOKEN = "mcp-unit-token-" + "k" * 20

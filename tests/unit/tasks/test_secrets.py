@@ -17,7 +17,7 @@ from app.jobs.names import TaskName
 from app.models import AuditEvent, CacheInvalidation, Job, JobStatus, Secret
 from app.secrets import cachekeys, reveal
 from app.secrets.sealing import generate_ephemeral
-from tests.factories import CTX, Factory
+from tests.support.factories import CTX, Factory
 from tests.unit.worker_support import run_task
 
 VALUE = "reveal-me-" + "r" * 20

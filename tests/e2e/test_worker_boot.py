@@ -1,0 +1,82 @@
+"""The Celery wiring: safe message settings, and a worker that boots against the real broker."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import celery.contrib.testing.tasks  # noqa: F401  (registers `celery.ping`, which start_worker's check runs)
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from app.config import Environment, Settings
+from app.worker import make_celery
+from tests.support.processes import drop_queue_keys
+
+
+@pytest.fixture
+def celery_app(settings: Settings) -> Iterator[Celery]:
+    app = make_celery(settings)
+    yield app
+    app.close()
+
+
+def test_messages_are_json_only_and_acknowledged_late(settings: Settings, celery_app: Celery) -> None:
+    conf = celery_app.conf
+    assert conf.task_serializer == "json"
+    assert conf.result_serializer == "json"
+    assert list(conf.accept_content) == ["json"]
+    assert "pickle" not in conf.accept_content and "pickle" not in (conf.result_accept_content or [])
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_time_limit and conf.task_soft_time_limit and conf.task_soft_time_limit < conf.task_time_limit
+
+
+def test_broker_and_settings_come_from_the_given_settings(settings: Settings, celery_app: Celery) -> None:
+    assert celery_app.conf.broker_url == settings.effective_broker_url
+    assert celery_app.conf["latchkey_settings"] is settings
+    other = make_celery(settings.model_copy(update={"broker_url": "redis://broker.invalid:6379/3"}))
+    try:
+        assert other.conf.broker_url == "redis://broker.invalid:6379/3"
+        # Separate apps do not share configuration.
+        assert celery_app.conf.broker_url == settings.effective_broker_url
+    finally:
+        other.close()
+
+
+def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, redis_url: str) -> None:
+    # A private queue and node name, so a concurrent test session on the same Redis cannot interfere.
+    queue = f"latchkey-test-{uuid.uuid4().hex[:12]}"
+    celery_app.conf.task_default_queue = queue
+    hostname = f"{queue}@localhost"
+    try:
+        # perform_ping_check runs the `celery.ping` task through the broker and the result backend.
+        with start_worker(
+            celery_app,
+            pool="solo",
+            perform_ping_check=True,
+            ping_task_timeout=15,
+            hostname=hostname,
+            shutdown_timeout=15,
+        ) as worker:
+            assert worker.hostname == hostname
+            replies = celery_app.control.ping(destination=[hostname], timeout=5)
+            assert replies == [{hostname: {"ok": "pong"}}]
+    finally:
+        drop_queue_keys(redis_url, queue)
+
+
+def test_worker_refuses_to_boot_in_production_without_a_keyring(settings: Settings) -> None:
+    production = settings.model_copy(update={"env": Environment.PRODUCTION, "private_keys_file": None})
+    app = make_celery(production)
+    try:
+        with (
+            pytest.raises(SystemExit) as info,
+            start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=5),
+        ):
+            pytest.fail("the worker started without its keyring")
+        assert info.value.code == 2
+    finally:
+        app.close()

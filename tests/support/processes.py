@@ -1,0 +1,115 @@
+"""Real worker processes for the tests: ``celery -A app.worker worker`` with given settings.
+
+Workers run as separate processes, as in production. (Celery's in-process test worker keeps
+its shutdown flag in module globals, so two of them in one test process stop each other.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import redis
+from celery import Celery
+from pydantic import SecretStr
+
+from app.config import Settings
+from app.worker import make_celery
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The LATCHKEY_* environment that reproduces ``settings`` in another process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATCHKEY_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, tuple | list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, Enum):
+            value = value.value
+        env[f"LATCHKEY_{name.upper()}"] = str(value)
+    return env
+
+
+@contextmanager
+def spawned_worker(
+    settings: Settings, log_path: Path, concurrency: int = 4, include: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], Celery]]:
+    """Start a worker process consuming ``settings.queue``; yields it (tests may kill it) and a producer.
+
+    ``include`` names extra modules the worker imports (test-only tasks, e.g. tests.support.lease_tasks).
+    """
+    node = f"test-{uuid.uuid4().hex[:8]}@localhost"
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "app.worker",
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            str(concurrency),
+            "-n",
+            node,
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+            *(["--include", ",".join(include)] if include else []),
+        ],
+        env=settings_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    producer = make_celery(settings)
+    try:
+        deadline = time.monotonic() + 30
+        while not producer.control.ping(destination=[node], timeout=0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start; see {log_path}")
+        yield proc, producer
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        producer.close()
+        log.close()
+
+
+@contextmanager
+def worker_process(settings: Settings, log_path: Path, concurrency: int = 4) -> Iterator[Celery]:
+    """Start a worker process consuming ``settings.queue``; yields a producer app for that queue."""
+    with spawned_worker(settings, log_path, concurrency) as (_proc, producer):
+        yield producer
+
+
+def drop_queue_keys(redis_url: str, queue: str) -> None:
+    """Delete the broker keys of a test's own queue (SCAN, never KEYS or FLUSHDB)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        leftovers = list(client.scan_iter(match=f"*{queue}*"))
+        if leftovers:
+            client.delete(*leftovers)
+    finally:
+        client.close()
