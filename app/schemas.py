@@ -10,9 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.errors import FieldError, ValidationFailedError
@@ -23,6 +31,19 @@ M = TypeVar("M", bound=BaseModel)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Patch(Strict):
+    """A partial update: only the fields sent change (``model_dump(exclude_unset=True)``), and at
+    least one must be sent. ``NOTHING_TO_CHANGE`` is the message an empty body gets."""
+
+    NOTHING_TO_CHANGE: ClassVar[str] = "give at least one field to change"
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> Self:
+        if not self.model_fields_set:
+            raise refuse(self.NOTHING_TO_CHANGE)
+        return self
 
 
 class Out(BaseModel):

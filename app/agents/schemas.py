@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, computed_field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, computed_field
 
 from app.agents import catalog
-from app.schemas import Strict, refuse
+from app.schemas import Patch, Strict
 
 Name = Annotated[str, Field(min_length=1, max_length=catalog.MAX_NAME), AfterValidator(catalog.name)]
 ModelId = Annotated[
@@ -39,7 +39,7 @@ class AgentCreate(Strict):
     tools: Tools = None
 
 
-class AgentUpdate(Strict):
+class AgentUpdate(Patch):
     """The fields to change (tools: the whole new selection)."""
 
     # An explicit null is refused by the field's own rule where the field cannot be empty.
@@ -48,12 +48,6 @@ class AgentUpdate(Strict):
     model_id: ModelId = None
     system_prompt: SystemPrompt = None
     tools: Tools = None
-
-    @model_validator(mode="after")
-    def _something(self) -> Self:
-        if not self.model_fields_set:
-            raise refuse("give at least one field to change")
-        return self
 
 
 class AgentOut(BaseModel):

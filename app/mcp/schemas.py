@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 from app.mcp import catalog
-from app.schemas import Strict, refuse
+from app.schemas import Patch, Strict
 
 Name = Annotated[str, Field(min_length=1, max_length=catalog.MAX_NAME), AfterValidator(catalog.name)]
 Url = Annotated[str, Field(min_length=1, max_length=catalog.MAX_URL), AfterValidator(catalog.url)]
@@ -26,8 +26,10 @@ class McpServerCreate(Strict):
     token: Any = TOKEN
 
 
-class McpServerUpdate(Strict):
+class McpServerUpdate(Patch):
     """The fields to change; a new URL, transport or secret re-queues validation."""
+
+    NOTHING_TO_CHANGE = "give at least one of name, url, transport, secret_ref"
 
     # An explicit null is refused by the field's own rule (secret_ref: null unbinds).
     name: Annotated[Name | None, AfterValidator(catalog.name)] = None
@@ -35,12 +37,6 @@ class McpServerUpdate(Strict):
     transport: Annotated[Transport | None, AfterValidator(catalog.transport)] = None
     secret_ref: str | None = None
     token: Any = TOKEN
-
-    @model_validator(mode="after")
-    def _something(self) -> Self:
-        if not self.model_fields_set:
-            raise refuse("give at least one of name, url, transport, secret_ref")
-        return self
 
 
 class StatusError(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from app.providers import catalog
-from app.schemas import Strict, refuse
+from app.schemas import Patch, Strict
 
 Name = Annotated[str, Field(min_length=1, max_length=catalog.MAX_NAME), AfterValidator(catalog.name)]
 ProviderType = Annotated[
@@ -37,7 +37,7 @@ class ProviderCreate(Strict):
         return self
 
 
-class ProviderUpdate(Strict):
+class ProviderUpdate(Patch):
     """The fields to change; type, kind and config are checked together against the row."""
 
     # An explicit null is refused by the field's own rule (each takes None).
@@ -47,12 +47,6 @@ class ProviderUpdate(Strict):
     model_id: Annotated[ModelId | None, AfterValidator(catalog.model_id)] = None
     config: dict[str, Any] | None = None
     secret_ref: str | None = None
-
-    @model_validator(mode="after")
-    def _something(self) -> Self:
-        if not self.model_fields_set:
-            raise refuse("give at least one field to change")
-        return self
 
 
 class ProviderOut(BaseModel):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from app.observability import redact
-from app.schemas import Out, Strict, checked
+from app.schemas import Out, Patch, Strict, checked
 from app.secrets.catalog import (
     MAX_ALLOWED_HOSTS,
     MAX_DESCRIPTION,
@@ -47,8 +47,10 @@ class SecretCreate(Strict):
     allowed_hosts: Hosts | None = HOSTS
 
 
-class SecretUpdate(Strict):
+class SecretUpdate(Patch):
     """A partial edit: only the fields given change (``description``/``allowed_hosts`` null clears them)."""
+
+    NOTHING_TO_CHANGE = "give at least one of value, name, description, allowed_hosts"
 
     name: Name | None = None
     value: Value | None = None
@@ -61,12 +63,6 @@ class SecretUpdate(Strict):
         if given is None:  # only a field that was sent is validated: null names nothing to set
             raise PydanticCustomError("value_error", "must not be null")
         return given
-
-    @model_validator(mode="after")
-    def _something(self) -> SecretUpdate:
-        if not self.model_fields_set:
-            raise PydanticCustomError("value_error", "give at least one of value, name, description, allowed_hosts")
-        return self
 
 
 class SecretUserOut(BaseModel):
