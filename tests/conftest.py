@@ -72,6 +72,15 @@ def llm_server() -> Iterator[LlmTestServer]:
         yield server
 
 
+@pytest.fixture
+def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
+    """The model stand-in, reset (no recorded calls, no required key) before and after the test."""
+    llm_server.reset()
+    llm_server.api_key = None
+    yield llm_server
+    llm_server.reset()
+
+
 @pytest.fixture(scope="session")
 def settings(
     database_url: str, redis_url: str, keyring: Keyring, keyring_path: Path, llm_server: LlmTestServer

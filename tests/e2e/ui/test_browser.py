@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-import pytest
 from celery import Celery
 from playwright.sync_api import Page, expect
 
@@ -16,14 +14,6 @@ from tests.support.factories import Factory
 from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
 from tests.support.web import HIDE_SECONDS, person
-
-
-@pytest.fixture
-def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
-    llm_server.reset()
-    llm_server.api_key = None
-    yield llm_server
-    llm_server.reset()
 
 
 def test_admin_creates_a_secret_and_an_mcp_server_that_turns_valid(

@@ -27,14 +27,6 @@ def mcp_server() -> Iterator[McpTestServer]:
         yield server
 
 
-@pytest.fixture
-def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
-    llm_server.reset()
-    llm_server.api_key = None
-    yield llm_server
-    llm_server.reset()
-
-
 def _provider(
     admin: Caller,
     org: str,

@@ -37,14 +37,6 @@ def ctx(settings: Settings) -> Iterator[WorkerContext]:
         yield context
 
 
-@pytest.fixture
-def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
-    llm_server.reset()
-    llm_server.api_key = None
-    yield llm_server
-    llm_server.reset()
-
-
 def _view(db: Database, run_id: str) -> JobView:
     """The run's job as a worker sees it once claimed (no lease: nothing to lose)."""
     with db.session() as s:

@@ -11,7 +11,6 @@ from flask import Flask
 from app.config import Settings
 from app.db import Database
 from tests.support.factories import Factory
-from tests.support.llm_server import LlmTestServer
 from tests.unit.worker_support import parked_web, task_app
 
 
@@ -31,11 +30,3 @@ def web(settings: Settings) -> Iterator[Flask]:
 def factory(db: Database, web: Flask) -> Factory:
     """Rows made through a web app whose job messages nobody consumes: the test runs the jobs."""
     return Factory(db, web.test_client())
-
-
-@pytest.fixture
-def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
-    llm_server.reset()
-    llm_server.api_key = None
-    yield llm_server
-    llm_server.reset()
