@@ -28,9 +28,9 @@ STAMP = VENV / ".latchkey-installed"
 # xdist workers for the test command (each gets its own database, Redis db, queue and worker
 # process; see tests/support/backends.py). Chosen by measuring on the 2-core box: docs/contributing.md.
 TEST_WORKERS = "2"
-# Branch coverage of app/ must not drop below this: 85.0% when it was set (PostgreSQL run; code
+# Branch coverage of app/ must not drop below this: 88.7% when it was set (PostgreSQL run; code
 # that runs only inside worker subprocesses is not measured), rounded down a little.
-COVERAGE_FLOOR = 88
+COVERAGE_FLOOR = "88"
 
 
 def _fingerprint() -> str:
