@@ -21,21 +21,20 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.agents import service as agents_service
 from app.agents.llm import Message, ModelTurn, ToolCall, ToolSpec, complete, endpoint_for
 from app.audit import service as audit
-from app.config import Settings
 from app.context import Actor, RequestContext
-from app.db import Database, utcnow
+from app.db import utcnow
 from app.egress import EgressError, EgressPolicy, guarded_async_client, guarded_client
 from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
+from app.jobs.context import RunJob, Worker
 from app.mcp.client import call_tool
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
 from app.observability import redact
@@ -46,37 +45,6 @@ WORKER = RequestContext(Actor("worker"))
 MAX_STEPS = 10
 _TOOL_NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
 MAX_TOOL_RESULT = 20_000
-
-
-class Worker(Protocol):
-    """What a run needs of the process it runs in (a worker's ``WorkerContext``)."""
-
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def db(self) -> Database: ...
-
-    @property
-    def resolver(self) -> Any: ...
-
-
-class RunJob(Protocol):
-    """The job a run belongs to (a worker's ``JobView``): its id, params, and whether it is still ours."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def org_id(self) -> str | None: ...
-
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def params(self) -> dict[str, Any]: ...
-
-    def ensure_held(self, session: Session | None = None) -> None: ...
 
 
 class RunFailedError(WorkerError):

@@ -236,3 +236,12 @@ def store_outcome(
         server.status_error_code = error_code
         server.status_error_message = (error_message or "")[:1000]
     session.flush()
+
+
+def queue_refresh(session: Session, ctx: RequestContext) -> int:
+    """Queue a validation of every valid server, so tool lists follow their servers (beat's refresh)."""
+    servers = session.scalars(select(McpServer).where(McpServer.status == McpServerStatus.VALID)).all()
+    for server in servers:
+        # The server as it is now: a refresh that runs after a change ends stale, unsent.
+        jobs.create_job(session, ctx, org_id=server.org_id, kind=TaskName.VALIDATE_SERVER, params=destination(server))
+    return len(servers)

@@ -1,172 +1,28 @@
-"""MCP tasks: validate a server (initialize + tools/list with its secret), refresh tool lists."""
+"""MCP tasks: validate a server (``app.mcp.validation``), and beat's refresh of every valid server's tools."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from celery import Task
-from sqlalchemy import select
 
-from app.audit import service as audit
 from app.context import Actor, RequestContext
-from app.egress import EgressError, EgressPolicy, guarded_async_client
-from app.egress import audit as egress_audit
-from app.errors import WorkerError
-from app.jobs import service as jobs
 from app.jobs.names import TaskName
-from app.mcp import legacy
 from app.mcp import service as mcp_service
-from app.mcp.client import list_tools
-from app.models import McpServer, McpServerStatus
-from app.observability import redact
-from app.observability.metrics import LEGACY_TOKEN_READS
-from app.secrets.resolver import SecretNotFoundError
-from app.tasks.runtime import JobFailedError, JobView, WorkerContext, job_task, periodic_task, worker_context
-
-log = logging.getLogger("latchkey.mcp")
+from app.mcp import validation
+from app.tasks.runtime import JobView, WorkerContext, job_task, periodic_task, worker_context
 
 WORKER = RequestContext(Actor("worker"))
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the validation is about; the outcome is stored only if the server still matches it."""
-
-    org_id: str
-    server_id: str
-    url: str
-    transport: str
-    secret_ref: str | None
-    legacy_token: str | None
-
-    def matches(self, server: McpServer) -> bool:
-        """The server still is where this validation connected (one definition: ``destination``)."""
-        return mcp_service.destination(server) == {
-            "server_id": self.server_id,
-            "url": self.url,
-            "transport": self.transport,
-            "secret_ref": self.secret_ref,
-        }
-
-
-def _load(ctx: WorkerContext, job: JobView) -> Snapshot:
-    """The server the job was queued for, checked against its recorded destination first."""
-    recorded = {key: job.params.get(key) for key in ("server_id", "url", "transport", "secret_ref")}
-    server_id = str(recorded["server_id"] or "")
-    with ctx.db.session() as s:
-        server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
-        if server is None:
-            raise JobFailedError("not_found", "the MCP server no longer exists")
-        org_id = server.org_id
-        changed = egress_audit.changed_fields(recorded, mcp_service.destination(server))
-        if not changed:
-            # Before the contract migration, a server not yet backfilled may still carry a raw token.
-            token = legacy.token(s, server.org_id, server.id) if server.secret_ref is None else None
-            server.status = McpServerStatus.VALIDATING
-            return Snapshot(server.org_id, server.id, server.url, server.transport, server.secret_ref, token)
-    # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and
-    # the server's status is left to the validation its change queued.
-    raise egress_audit.stale(
-        ctx.db,
-        job.id,
-        job.kind,
-        changed,
-        org_id=org_id,
-        target_type="mcp_server",
-        target_id=server_id,
-        what="the MCP server",
-    )
-
-
-def _credential(ctx: WorkerContext, snap: Snapshot, reads: list[dict[str, Any]]) -> tuple[str | None, tuple[str, ...]]:
-    """The bearer token to send and the hosts it may go to."""
-    if snap.secret_ref is not None:
-        resolved = ctx.resolver.resolve(snap.org_id, snap.secret_ref)
-        reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
-        return resolved.value, resolved.allowed_hosts
-    if snap.legacy_token:
-        # Pre-backfill rows still carry a raw token: used, but counted and logged as deprecated.
-        LEGACY_TOKEN_READS.labels("mcp_server").inc()
-        redact.register(snap.legacy_token)
-        log.warning("deprecated: MCP server %s still uses a legacy raw token (run the backfill)", snap.server_id)
-        return snap.legacy_token, ()
-    return None, ()
 
 
 @job_task(TaskName.VALIDATE_SERVER, time_limit=90)
 def validate_server(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
     """Connect to the server with its secret, list its tools, and record valid or invalid."""
-    snap = _load(ctx, job)
-    reads: list[dict[str, Any]] = []
-    tools = None
-    code: str | None = None
-    message: str | None = None
-    try:
-        job.ensure_held()  # a worker that lost its lease sends nothing
-        token, allowed_hosts = _credential(ctx, snap, reads)
-        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), allowed_hosts)
-        tools = list_tools(
-            snap.url,
-            transport=snap.transport,
-            token=token,
-            http_client_factory=factory,
-            timeout=ctx.settings.mcp_timeout_seconds,
-        )
-    except WorkerError as exc:  # the resolver, the egress guard, the MCP exchange
-        code, message = exc.code, exc.message
-        if isinstance(exc, SecretNotFoundError):
-            message = "the bound secret no longer exists"
-        elif isinstance(exc, EgressError):
-            egress_audit.denied(
-                ctx.db, job.id, exc, org_id=snap.org_id, target_type="mcp_server", target_id=snap.server_id
-            )
-    with ctx.db.session() as s:
-        job.ensure_held(s)  # only the job's current holder records the outcome
-        server = s.scalar(
-            select(McpServer).where(McpServer.org_id == snap.org_id, McpServer.id == snap.server_id).with_for_update()
-        )
-        stale = server is None or not snap.matches(server)
-        if server is not None and not stale:
-            mcp_service.store_outcome(s, server, tools=tools, error_code=code, error_message=message)
-        jobs.record_resolved(s, job.id, reads)
-        audit.record(
-            s,
-            WORKER,
-            "mcp_server.validate",
-            org_id=snap.org_id,
-            target_type="mcp_server",
-            target_id=snap.server_id,
-            details={
-                "job_id": job.id,
-                "status": McpServerStatus.VALID if tools is not None else McpServerStatus.INVALID,
-                "error_code": code,
-                "secrets": reads,
-                "stale": stale,
-            },
-        )
-    if tools is not None:
-        return {"status": McpServerStatus.VALID, "tool_count": len(tools)}
-    return {"status": McpServerStatus.INVALID, "error": {"code": code, "message": message}}
+    return validation.validate(ctx, job)
 
 
 @periodic_task(TaskName.REFRESH_TOOLS, time_limit=120)
 def refresh_tools(self: Task) -> int:
     """Queue a validation of every valid server, so tool lists follow their servers (beat)."""
-    wc = worker_context(self.app)
-    with wc.db.session() as s:
-        servers = s.scalars(select(McpServer).where(McpServer.status == McpServerStatus.VALID)).all()
-        queued = [
-            jobs.create_job(
-                s,
-                WORKER,
-                org_id=srv.org_id,
-                kind=TaskName.VALIDATE_SERVER,
-                # The server as it is now: a refresh that runs after a change ends stale, unsent.
-                params=mcp_service.destination(srv),
-            )
-            for srv in servers
-        ]
-    return len(queued)
+    with worker_context(self.app).db.session() as s:
+        return mcp_service.queue_refresh(s, WORKER)
