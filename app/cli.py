@@ -403,9 +403,12 @@ def org() -> None:
 def org_create(slug: str, name: str | None) -> None:
     """Create an org with SLUG."""
     from app.identity import service as identity
+    from app.identity.schemas import OrgCreate
+    from app.schemas import validated
 
+    data = validated(OrgCreate, {"slug": slug, "name": name})
     with unit_of_work() as s:
-        created = identity.create_org(s, cli_context(), slug, name)
+        created = identity.create_org(s, cli_context(), data)
         click.echo(created.id)
 
 
@@ -422,10 +425,16 @@ def user() -> None:
 def user_create(email: str, operator: bool, password_stdin: bool) -> None:
     """Create a user (token-only unless --password-stdin)."""
     from app.identity import service as identity
+    from app.identity.schemas import UserCreate
+    from app.schemas import validated
 
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
+    # An empty line on stdin means no password, as it always has: a token-only user.
+    data = validated(
+        UserCreate, {"email": email, "password": password, "operator": operator}, blank_is_none=("password",)
+    )
     with unit_of_work() as s:
-        created = identity.create_user(s, cli_context(), email, password, operator=operator)
+        created = identity.create_user(s, cli_context(), data)
         click.echo(created.id)
 
 

@@ -79,17 +79,19 @@ def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
     """
     from app.access import OrgAccess
     from app.identity import service as identity
-    from app.identity.schemas import TokenCreate
+    from app.identity.schemas import OrgCreate, PasswordSet, TokenCreate, UserCreate
     from app.models import ApiToken, Org, Role, User
 
     password = _random.token_urlsafe(12)
     with db.session() as s:
-        org = s.scalar(select(Org).where(Org.slug == DEMO_ORG)) or identity.create_org(s, ctx, DEMO_ORG, "Demo")
+        org = s.scalar(select(Org).where(Org.slug == DEMO_ORG)) or identity.create_org(
+            s, ctx, OrgCreate(slug=DEMO_ORG, name="Demo")
+        )
         user = s.scalar(select(User).where(User.email == DEMO_ADMIN))
         if user is None:
-            user = identity.create_user(s, ctx, DEMO_ADMIN, password, operator=True)
+            user = identity.create_user(s, ctx, UserCreate(email=DEMO_ADMIN, password=password, operator=True))
         else:
-            identity.set_password(s, ctx, user, password)
+            identity.set_password(s, ctx, user, PasswordSet(password=password))
             user.is_operator = True
         identity.add_member(s, ctx, OrgAccess.system(org), user, Role.ADMIN)
         # One live dev token at a time: earlier ones printed by previous runs are revoked.

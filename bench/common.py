@@ -27,7 +27,7 @@ from app.config import Settings, load_settings
 from app.context import Actor, RequestContext
 from app.db import Database
 from app.identity import service as identity
-from app.identity.schemas import TokenCreate
+from app.identity.schemas import OrgCreate, TokenCreate, UserCreate
 from app.secrets.keyring import Keyring
 
 PG_ADMIN_URL = os.environ.get("LATCHKEY_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -122,8 +122,10 @@ class Principal:
 def make_user(db: Database, *, org_slug: str | None = None, role: str = "admin", operator: bool = False) -> Principal:
     """An org (when ``org_slug``), a user in it and an API token, through the real services."""
     with db.session() as s:
-        org = identity.create_org(s, CTX, org_slug, org_slug.title()) if org_slug else None
-        user = identity.create_user(s, CTX, f"bench-{os.getpid()}-{next(_seq)}@example.test", operator=operator)
+        org = identity.create_org(s, CTX, OrgCreate(slug=org_slug, name=org_slug.title())) if org_slug else None
+        user = identity.create_user(
+            s, CTX, UserCreate(email=f"bench-{os.getpid()}-{next(_seq)}@example.test", operator=operator)
+        )
         if org is not None:
             identity.add_member(s, CTX, OrgAccess.system(org), user, role)
         _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="bench"))

@@ -1,4 +1,4 @@
-"""The rules of identity's fields: org slugs, email addresses, token names and expiries."""
+"""The rules of identity's fields: org slugs and names, email addresses, passwords, token names and expiries."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ from app.db import utcnow
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
 MAX_TOKEN_NAME = 100
+MAX_ORG_NAME = 200
+MIN_PASSWORD = 12
+MAX_PASSWORD = 1024
+
+
+def check_slug(slug: str) -> str:
+    """An org's path segment in the API."""
+    if not SLUG_RE.match(slug):
+        raise ValueError("lowercase letters, digits and inner hyphens, 1 to 63 characters")
+    return slug
+
+
+def org_name(name: str | None, slug: str) -> str:
+    """The name shown for an org: the slug when none is given, cut at :data:`MAX_ORG_NAME`."""
+    return (name or slug)[:MAX_ORG_NAME]
 
 
 def normalize_email(email: str) -> str:
@@ -18,6 +33,15 @@ def normalize_email(email: str) -> str:
     if not EMAIL_RE.match(email):
         raise ValueError("not a valid email address")
     return email
+
+
+def check_password_length(password: str) -> str:
+    """A login password: :data:`MIN_PASSWORD` to :data:`MAX_PASSWORD` characters."""
+    if len(password) < MIN_PASSWORD:
+        raise ValueError(f"must be at least {MIN_PASSWORD} characters")
+    if len(password) > MAX_PASSWORD:
+        raise ValueError(f"must be at most {MAX_PASSWORD} characters")
+    return password
 
 
 def check_token_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Identity's input and output models: the caller, API tokens, memberships, invitations."""
+"""Identity's input and output models: orgs, users and passwords, the caller, API tokens, memberships, invitations."""
 
 from __future__ import annotations
 
@@ -7,10 +7,38 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from app.identity.catalog import check_token_name, in_the_future, normalize_email
+from app.identity.catalog import (
+    check_password_length,
+    check_slug,
+    check_token_name,
+    in_the_future,
+    normalize_email,
+    org_name,
+)
 from app.schemas import Out, Strict, UtcDateTime, checked
 
 RoleName = Annotated[str, Field(pattern="^(admin|member)$")]
+Password = Annotated[str, checked(check_password_length)]
+
+
+class OrgCreate(Strict):
+    slug: Annotated[str, checked(check_slug)]
+    name: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return org_name(self.name, self.slug)
+
+
+class UserCreate(Strict):
+    email: Annotated[str, checked(normalize_email)]
+    # repr=False (both models): a model holding a password may end up in a log line or a traceback.
+    password: Password | None = Field(default=None, repr=False, description="None: API tokens only, no sign-in.")
+    operator: bool = Field(default=False, description="An instance operator.")
+
+
+class PasswordSet(Strict):
+    password: Password = Field(repr=False)
 
 
 class OrgRef(Out):

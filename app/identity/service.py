@@ -19,9 +19,7 @@ from app.audit import service as audit
 from app.context import RequestContext
 from app.db import updated, utcnow
 from app.errors import ConflictError, NotFoundError, UnauthorizedError, ValidationFailedError
-from app.identity import catalog
-from app.identity.catalog import SLUG_RE
-from app.identity.schemas import MemberAdd, MemberOut, MemberUpdate, TokenCreate
+from app.identity.schemas import MemberAdd, MemberOut, MemberUpdate, OrgCreate, PasswordSet, TokenCreate, UserCreate
 from app.models import ApiToken, Invitation, Membership, Org, Role, User, WebSession
 
 TOKEN_PREFIX = "lk_"  # noqa: S105 - a marker, not a token
@@ -34,24 +32,16 @@ LAST_USED_GRANULARITY = timedelta(minutes=1)
 _hasher = PasswordHasher()
 
 
-def normalize_email(email: str) -> str:
-    """An address given outside an input model (the CLI's ``user create``): 422 on ``email``."""
-    try:
-        return catalog.normalize_email(email)
-    except ValueError as exc:
-        raise ValidationFailedError.single("email", str(exc)) from None
-
-
-def create_org(session: Session, ctx: RequestContext, slug: str, name: str | None = None) -> Org:
+def create_org(session: Session, ctx: RequestContext, data: OrgCreate) -> Org:
     """Create an org; the slug is its path segment in the API."""
-    if not SLUG_RE.match(slug):
-        raise ValidationFailedError.single("slug", "lowercase letters, digits and inner hyphens, 1 to 63 characters")
-    if session.scalar(select(Org.id).where(Org.slug == slug)):
-        raise ConflictError(f"org {slug!r} already exists")
-    org = Org(slug=slug, name=(name or slug)[:200])
+    if session.scalar(select(Org.id).where(Org.slug == data.slug)):
+        raise ConflictError(f"org {data.slug!r} already exists")
+    org = Org(slug=data.slug, name=data.display_name)
     session.add(org)
     session.flush()
-    audit.record(session, ctx, "org.create", org_id=org.id, target_type="org", target_id=org.id, details={"slug": slug})
+    audit.record(
+        session, ctx, "org.create", org_id=org.id, target_type="org", target_id=org.id, details={"slug": data.slug}
+    )
     return org
 
 
@@ -62,22 +52,13 @@ def get_org(session: Session, slug: str) -> Org:
     return org
 
 
-def hash_password(password: str) -> str:
-    if len(password) < 12:
-        raise ValidationFailedError.single("password", "must be at least 12 characters")
-    if len(password) > 1024:
-        raise ValidationFailedError.single("password", "must be at most 1024 characters")
-    return _hasher.hash(password)
-
-
-def create_user(
-    session: Session, ctx: RequestContext, email: str, password: str | None = None, *, operator: bool = False
-) -> User:
-    """Create a user (an instance operator when ``operator``)."""
-    email = normalize_email(email)
+def create_user(session: Session, ctx: RequestContext, data: UserCreate) -> User:
+    """Create a user (an instance operator when ``data.operator``)."""
+    email, operator = data.email, data.operator
     if session.scalar(select(User.id).where(User.email == email)):
         raise ConflictError(f"user {email!r} already exists")
-    user = User(email=email, password_hash=hash_password(password) if password else None, is_operator=operator)
+    password_hash = _hasher.hash(data.password) if data.password is not None else None
+    user = User(email=email, password_hash=password_hash, is_operator=operator)
     session.add(user)
     session.flush()
     audit.record(
@@ -92,9 +73,9 @@ def create_user(
     return user
 
 
-def set_password(session: Session, ctx: RequestContext, user: User, password: str) -> None:
+def set_password(session: Session, ctx: RequestContext, user: User, data: PasswordSet) -> None:
     """Change a password; every web session of the user ends with it."""
-    user.password_hash = hash_password(password)
+    user.password_hash = _hasher.hash(data.password)
     audit.record(session, ctx, "user.set_password", org_id=None, target_type="user", target_id=user.id)
     revoke_sessions(session, ctx, user)
 

@@ -20,7 +20,7 @@ from app.access import OrgAccess
 from app.config import Settings
 from app.db import Database
 from app.identity import service as identity
-from app.identity.schemas import TokenCreate
+from app.identity.schemas import OrgCreate, TokenCreate, UserCreate
 from app.secrets.keyring import Keyring
 from tests.support.factories import CTX
 
@@ -91,8 +91,8 @@ def gunicorn(production_env: dict[str, str]) -> Iterator[int]:
 
 def test_gunicorn_serves_the_api_in_production_mode(gunicorn: int, db: Database) -> None:
     with db.session() as s:
-        org = identity.create_org(s, CTX, "prod")
-        user = identity.create_user(s, CTX, "prod-admin@example.test")
+        org = identity.create_org(s, CTX, OrgCreate(slug="prod"))
+        user = identity.create_user(s, CTX, UserCreate(email="prod-admin@example.test"))
         identity.add_member(s, CTX, OrgAccess.system(org), user, "admin")
         _tok, token = identity.create_token(s, CTX, user, TokenCreate(name="t"))
     auth = {"Authorization": f"Bearer {token}"}

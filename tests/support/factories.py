@@ -14,7 +14,7 @@ from app.access import OrgAccess
 from app.context import Actor, RequestContext
 from app.db import AFTER_COMMIT, Database
 from app.identity import service as identity
-from app.identity.schemas import TokenCreate
+from app.identity.schemas import OrgCreate, TokenCreate, UserCreate
 
 CTX = RequestContext(Actor("system"), request_id="test")
 _seq = itertools.count(1)
@@ -59,7 +59,7 @@ class Factory:
     def org(self, slug: str | None = None) -> str:
         slug = slug or f"org-{next(_seq)}"
         with self.db.session() as s:
-            identity.create_org(s, CTX, slug, slug.title())
+            identity.create_org(s, CTX, OrgCreate(slug=slug, name=slug.title()))
         return slug
 
     def user(
@@ -67,7 +67,7 @@ class Factory:
     ) -> Caller:
         email = f"user{next(_seq)}@example.test"
         with self.db.session() as s:
-            user = identity.create_user(s, CTX, email, password, operator=operator)
+            user = identity.create_user(s, CTX, UserCreate(email=email, password=password, operator=operator))
             if org:
                 identity.add_member(s, CTX, OrgAccess.system(identity.get_org(s, org)), user, role)
             _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="test"))

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.identity import service as identity
+from app.identity.schemas import OrgCreate
 from app.models import Org
 from app.secrets.keyring import Keyring, PublicKeySet
 from tests.support.factories import CTX
@@ -56,13 +57,13 @@ def db_session(unit_db: Database, request: pytest.FixtureRequest) -> Iterator[Se
 @pytest.fixture
 def org_row(db_session: Session) -> Org:
     """An org made on the rolled-back session."""
-    return identity.create_org(db_session, CTX, "unit-org", "Unit Org")
+    return identity.create_org(db_session, CTX, OrgCreate(slug="unit-org", name="Unit Org"))
 
 
 @pytest.fixture
 def other_org_row(db_session: Session) -> Org:
     """A second org: its rows must stay invisible from :func:`org_row`."""
-    return identity.create_org(db_session, CTX, "unit-other", "Unit Other")
+    return identity.create_org(db_session, CTX, OrgCreate(slug="unit-other", name="Unit Other"))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.identity import service as identity
+from app.identity.schemas import OrgCreate
 from app.models import Org
 from tests.support.factories import CTX
 
@@ -30,7 +31,7 @@ def _orgs_seen_elsewhere(db: Database) -> int:
 @pytest.mark.parametrize("attempt", [1, 2])
 def test_a_committed_write_is_gone_after_the_test(db_session: Session, unit_db: Database, attempt: int) -> None:
     # Both attempts create the same slug: the second one only succeeds if the first was rolled back.
-    identity.create_org(db_session, CTX, SLUG, "Probe")
+    identity.create_org(db_session, CTX, OrgCreate(slug=SLUG, name="Probe"))
     db_session.commit()
     assert db_session.scalar(select(Org.name).where(Org.slug == SLUG)) == "Probe"
     # Released savepoint, open outer transaction: no other connection sees the row.
@@ -38,9 +39,9 @@ def test_a_committed_write_is_gone_after_the_test(db_session: Session, unit_db: 
 
 
 def test_a_rollback_inside_the_test_keeps_the_session_usable(db_session: Session) -> None:
-    identity.create_org(db_session, CTX, SLUG, "Probe")
+    identity.create_org(db_session, CTX, OrgCreate(slug=SLUG, name="Probe"))
     db_session.rollback()
     assert db_session.scalar(select(Org.id).where(Org.slug == SLUG)) is None
-    identity.create_org(db_session, CTX, SLUG, "Again")
+    identity.create_org(db_session, CTX, OrgCreate(slug=SLUG, name="Again"))
     db_session.flush()
     assert db_session.scalar(select(Org.name).where(Org.slug == SLUG)) == "Again"

@@ -15,7 +15,7 @@ from app.access import OrgAccess
 from app.db import utcnow
 from app.errors import ConflictError
 from app.identity import service as identity
-from app.identity.schemas import TokenCreate
+from app.identity.schemas import TokenCreate, UserCreate
 from app.models import ApiToken, AuditEvent, Invitation, Membership
 from tests.support.factories import CTX, Caller, Factory
 
@@ -202,7 +202,7 @@ def test_an_invitation_is_bound_to_its_address(admin: Caller, org: str, factory:
 def test_an_address_without_an_account_accepts_after_signing_up(admin: Caller, org: str, factory: Factory) -> None:
     invitation = _invite(admin, org, "later@example.test")
     with factory.db.session() as s:
-        user = identity.create_user(s, CTX, "later@example.test")
+        user = identity.create_user(s, CTX, UserCreate(email="later@example.test"))
         _tok, raw = identity.create_token(s, CTX, user, TokenCreate(name="t"))
         user_id = user.id
     later = Caller(admin.client, raw, user_id, "later@example.test")

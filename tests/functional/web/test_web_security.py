@@ -426,12 +426,15 @@ def test_sign_out_everywhere_through_the_api(ui_client: FlaskClient, factory: Fa
 
 def test_a_password_change_ends_existing_sessions(ui_client: FlaskClient, factory: Factory, org: str) -> None:
     from app.identity import service as identity
+    from app.identity.schemas import PasswordSet
     from tests.support.factories import CTX
 
     user = person(factory, org)
     client_sign_in(ui_client, user.email)
     with factory.db.session() as s:
-        identity.set_password(s, CTX, identity.get_user_by_email(s, user.email), "another-long-password")
+        identity.set_password(
+            s, CTX, identity.get_user_by_email(s, user.email), PasswordSet(password="another-long-password")
+        )
     assert ui_client.get(f"/orgs/{org}/secrets").status_code == 302
     # The rows are revoked too, not only refused by the password fingerprint.
     assert all(r.revoked_at is not None for r in _sessions_of(factory, user.user_id))

@@ -8,15 +8,16 @@ from sqlalchemy.orm import Session
 from app.access import OrgAccess
 from app.errors import ConflictError, NotFoundError, UnauthorizedError, ValidationFailedError
 from app.identity import service as identity
-from app.identity.schemas import MemberUpdate
+from app.identity.schemas import MemberUpdate, OrgCreate, UserCreate
 from app.models import Org, Role, User
+from app.schemas import validated
 from tests.support.factories import CTX
 
 PASSWORD = "unit-password-correct-horse"
 
 
 def _user(session: Session, email: str) -> User:
-    return identity.create_user(session, CTX, email, PASSWORD)
+    return identity.create_user(session, CTX, UserCreate(email=email, password=PASSWORD))
 
 
 def _admin(org: Org) -> OrgAccess:
@@ -25,9 +26,9 @@ def _admin(org: Org) -> OrgAccess:
 
 def test_org_slugs_are_checked_and_unique(db_session: Session, org_row: Org) -> None:
     with pytest.raises(ConflictError):
-        identity.create_org(db_session, CTX, org_row.slug)
+        identity.create_org(db_session, CTX, OrgCreate(slug=org_row.slug))
     with pytest.raises(ValidationFailedError):
-        identity.create_org(db_session, CTX, "Not A Slug")
+        identity.create_org(db_session, CTX, validated(OrgCreate, {"slug": "Not A Slug"}))
 
 
 def test_the_last_admin_can_be_neither_removed_nor_demoted(db_session: Session, org_row: Org) -> None:
