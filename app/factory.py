@@ -100,7 +100,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     @app.before_request
     def _request_id() -> None:
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if REQUEST_ID_RE.match(incoming) else random_token(12)
+        g.request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else random_token(12)
 
     @app.after_request
     def _headers(resp: Response) -> Response:

@@ -178,7 +178,7 @@ def parse_model(model: str) -> tuple[str, str] | None:
     """Legacy ``{kind}/{model_id}`` -> (kind, model_id); None when malformed."""
     kind, sep, model_id = model.partition("/")
     kind, model_id = kind.strip().lower(), model_id.strip()
-    if not sep or not model_id or len(model_id) > 200 or not KIND_RE.match(kind):
+    if not sep or not model_id or len(model_id) > 200 or not KIND_RE.fullmatch(kind):
         return None
     return kind, model_id
 
@@ -312,7 +312,7 @@ class _Run:
         self.walk(t, columns, legacy.secret_pending(), self._seal_legacy, self.summary.secrets, {})
 
     def _seal_legacy(self, s: Session, rows: list[Any], _known: dict[Any, str]) -> Outcome:
-        unnamed = [r for r in rows if not (r.name and NAME_RE.match(r.name))]
+        unnamed = [r for r in rows if not (r.name and NAME_RE.fullmatch(r.name))]
         given = dict(
             zip(
                 [r.id for r in unnamed],

@@ -175,6 +175,6 @@ def split_host_pattern(entry: str) -> tuple[str, int | None]:
 
 
 def _port(text: str) -> int:
-    if not _PORT_RE.match(text) or not 0 < int(text) <= 65535:
+    if not _PORT_RE.fullmatch(text) or not 0 < int(text) <= 65535:
         raise UrlError("must have a port from 1 to 65535")
     return int(text)

@@ -17,7 +17,7 @@ MAX_PASSWORD = 1024
 
 def check_slug(slug: str) -> str:
     """An org's path segment in the API."""
-    if not SLUG_RE.match(slug):
+    if not SLUG_RE.fullmatch(slug):
         raise ValueError("lowercase letters, digits and inner hyphens, 1 to 63 characters")
     return slug
 
@@ -30,7 +30,7 @@ def org_name(name: str | None, slug: str) -> str:
 def normalize_email(email: str) -> str:
     """Lowercased and trimmed; ValueError unless it looks like an address."""
     email = email.strip().lower()
-    if not EMAIL_RE.match(email):
+    if not EMAIL_RE.fullmatch(email):
         raise ValueError("not a valid email address")
     return email
 

@@ -62,7 +62,7 @@ def shape(ptype: str, kind: str | None, config: Mapping[str, Any] | None) -> Sha
         if kind not in (None, fixed):
             raise ValidationFailedError.single("kind", f"must be {fixed!r} for provider_type {ptype!r}")
         kind = fixed
-    elif kind is None or not KIND_RE.match(kind):
+    elif kind is None or not KIND_RE.fullmatch(kind):
         raise ValidationFailedError.single("kind", "lowercase letters, digits, '.', '_' or '-', e.g. 'openai'")
     config = {} if config is None else config
     allowed, required = CONFIG_KEYS[ptype]
@@ -79,7 +79,7 @@ def shape(ptype: str, kind: str | None, config: Mapping[str, Any] | None) -> Sha
             raise ValidationFailedError.single("config.base_url", str(exc)) from None
     for key in ("account_id", "gateway_id"):
         if key in config:
-            if not isinstance(config[key], str) or not GATEWAY_ID_RE.match(config[key]):
+            if not isinstance(config[key], str) or not GATEWAY_ID_RE.fullmatch(config[key]):
                 raise ValidationFailedError.single(f"config.{key}", "letters, digits, '_' or '-' (max 64)")
             clean[key] = config[key]
     return Shape(ptype, kind, clean)

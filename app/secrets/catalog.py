@@ -23,7 +23,7 @@ _HOST_SHAPE = "must be a host like 'api.example.com', a pattern like '*.example.
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(NAME_RULE)
     return name
 
@@ -58,7 +58,7 @@ def normalize_host(host: str) -> str:
         norm = f"[{address.compressed}]"
     else:
         norm = name.rstrip(".")
-        if len(norm) > 253 or not HOST_RE.match(norm):
+        if len(norm) > 253 or not HOST_RE.fullmatch(norm):
             raise ValueError(_HOST_SHAPE)
     return norm if port is None else f"{norm}:{port}"
 

@@ -69,7 +69,7 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64_key(value: object, what: str) -> bytes:
-    if not isinstance(value, str) or not _B64_KEY_RE.match(value):
+    if not isinstance(value, str) or not _B64_KEY_RE.fullmatch(value):
         raise KeyringError(f"{what} must be 32 bytes as base64url")
     try:
         raw = base64.urlsafe_b64decode(value.rstrip("=") + "=")
@@ -98,7 +98,7 @@ def _parse_time(value: object, kid: str) -> datetime:
 
 
 def _check_kid(kid: object, dev: object) -> str:
-    if not isinstance(kid, str) or not _KID_RE.match(kid):
+    if not isinstance(kid, str) or not _KID_RE.fullmatch(kid):
         raise KeyringError("key id must look like lk-YYYYMMDD-xxxxxxxx or dev-YYYYMMDD-xxxxxxxx")
     if not isinstance(dev, bool):
         raise KeyringError(f"key {kid}: dev must be true or false")

@@ -372,7 +372,8 @@ def reveal(
         log.error("reveal job %s: the reply did not open", job_id)
         raise ServiceUnavailableError("the worker's reply could not be opened; try again") from None
     if "error" in reply:
-        code = reply["error"] if isinstance(reply["error"], str) and _ERROR_CODE_RE.match(reply["error"]) else "error"
+        given = reply["error"]
+        code = given if isinstance(given, str) and _ERROR_CODE_RE.fullmatch(given) else "error"
         if code == "secret_not_found":  # deleted between our check and the worker's read
             raise NotFoundError("secret not found")
         # The worker's own controls (RevealGate): the same answers as the web tier's checks.

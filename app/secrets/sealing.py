@@ -68,7 +68,7 @@ class Sealed:
 
 def encode_context(label: str, *fields: str | int) -> bytes:
     """Unambiguous binding context: ``label|`` then each field tagged and length-prefixed."""
-    if not _LABEL_RE.match(label):
+    if not _LABEL_RE.fullmatch(label):
         raise ValueError("context label must match [a-z0-9][a-z0-9._-]*")
     out = [label.encode("ascii"), b"|"]
     for value in fields:
@@ -109,7 +109,7 @@ def _info(kid: str, context: bytes) -> bytes:
 def _seal(public_key: X25519PublicKey, kid: str, plaintext: bytes, context: bytes) -> bytes:
     if not isinstance(plaintext, bytes):
         raise TypeError("plaintext must be bytes")
-    if not _KID_RE.match(kid):
+    if not _KID_RE.fullmatch(kid):
         raise ValueError("invalid key id")
     info = _info(kid, context)
     try:
@@ -137,7 +137,7 @@ def _parse(ciphertext: CiphertextBytes) -> tuple[str, bytes]:
     if len(data) < header_len + _ENC_LEN + _TAG_LEN:
         raise CiphertextError("ciphertext is truncated")
     kid = data[2:header_len].decode("ascii", errors="replace")
-    if not _KID_RE.match(kid):
+    if not _KID_RE.fullmatch(kid):
         raise CiphertextError("ciphertext header is malformed")
     return kid, data[header_len:]
 

@@ -78,3 +78,10 @@ def test_a_password_never_shows_in_a_models_repr() -> None:
 
 def test_unknown_fields_are_refused() -> None:
     assert _refusals(OrgCreate, {"slug": "acme", "owner": "x"}) == [("owner", "unknown field")]
+
+
+@pytest.mark.parametrize("slug", ["abc\n", "abc\r\n", "\nabc"])
+def test_a_slug_with_a_line_break_is_refused(slug: str) -> None:
+    # ``$`` alone would match before a trailing newline: the rule matches the whole value.
+    with pytest.raises(ValidationFailedError):
+        validated(OrgCreate, {"slug": slug})
