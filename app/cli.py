@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.orm import Session
 
+from app import extensions
 from app.config import ConfigError, Settings, load_settings
 from app.context import cli_context
 from app.db import Database
@@ -20,7 +21,8 @@ from app.errors import LatchkeyError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> None:
+    """Print ``latchkey: MESSAGE`` on stderr and exit with ``code``."""
     click.echo(f"latchkey: {message}", err=True)
     sys.exit(code)
 
@@ -33,14 +35,14 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            _fail(str(exc), 2)
+            fail(str(exc), 2)
         except LatchkeyError as exc:
-            _fail(exc.detail)
+            fail(exc.detail)
         except Exception as exc:
             from app.secrets.keyring import KeyringError
 
             if isinstance(exc, KeyringError):
-                _fail(str(exc))
+                fail(str(exc))
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -111,7 +113,7 @@ def db_downgrade(revision: str) -> None:
     try:
         migrate.downgrade(settings().database_url, revision)
     except RuntimeError as exc:  # a migration refusing to lose data says why
-        _fail(str(exc))
+        fail(str(exc))
 
 
 # keys --------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ RESEAL_HINT = "queue the re-seal later with: POST /api/v1/admin/keys/reseal (ope
 def _keyring_file() -> Path:
     path = settings().private_keys_file
     if path is None:
-        _fail("set LATCHKEY_PRIVATE_KEYS_FILE to the keyring file (the workers' keyring)")
+        fail("set LATCHKEY_PRIVATE_KEYS_FILE to the keyring file (the workers' keyring)")
     assert path is not None
     return Path(path)
 
@@ -177,7 +179,7 @@ def keys_rotate(batch_size: int | None) -> None:
                 params={"batch_size": batch_size} if batch_size else {},
             ).id
     except BrokerUnavailableError:
-        _fail(f"key {kid} was added, but the job queue is unavailable; {RESEAL_HINT}")
+        fail(f"key {kid} was added, but the job queue is unavailable; {RESEAL_HINT}")
     click.echo(f"latchkey: re-seal job {job_id} queued", err=True)
 
 
@@ -193,199 +195,20 @@ def keys_retire(key_id: str) -> None:
     ring = Keyring.load(path)
     ring.private_key(key_id)  # unknown kid: a one-line KeyringError
     if key_id == ring.current_kid:
-        _fail(f"refusing to retire {key_id}: it is the current (newest) key; rotate first")
+        fail(f"refusing to retire {key_id}: it is the current (newest) key; rotate first")
     web_keys = settings().public_keys
     if web_keys and PublicKeySet.parse(web_keys).current.kid == key_id:
-        _fail(f"refusing to retire {key_id}: LATCHKEY_PUBLIC_KEYS still seals new values to it")
+        fail(f"refusing to retire {key_id}: LATCHKEY_PUBLIC_KEYS still seals new values to it")
     with unit_of_work() as s:
         using = rotation.count_using(s, key_id)
     if using:
         where = ", ".join(f"{n} in {col}" for col, n in using.items())
-        _fail(
+        fail(
             f"refusing to retire {key_id}: {sum(using.values())} sealed value(s) still use it ({where}); {RESEAL_HINT}"
         )
     ring.remove_key(key_id)
     ring.write(path, overwrite=True)
     click.echo(ring.public_set().dumps())
-
-
-# backfill ----------------------------------------------------------------------------------
-
-
-@main.group()
-def backfill() -> None:
-    """Move legacy plaintext secrets, MCP tokens and agent keys into sealed secrets."""
-
-
-@backfill.command("run")
-@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
-@click.option("--batch-size", type=click.IntRange(1, 5000), default=200, show_default=True, help="Rows per batch.")
-@click.option("--org", "org_slug", default=None, metavar="SLUG", help="Only this org.")
-@one_line_errors
-def backfill_run(dry_run: bool, batch_size: int, org_slug: str | None) -> None:
-    """Run the backfill here (batched, resumable, idempotent); prints the summary as JSON.
-
-    Seals with LATCHKEY_PUBLIC_KEYS (no private key needed). A real run is recorded as a
-    ``backfill.run`` job, so ``latchkey backfill status`` shows it.
-    """
-    import json
-
-    from app.backfill import service as backfill_service
-    from app.jobs import service as jobs
-    from app.jobs.names import TaskName
-    from app.secrets.keyring import PublicKeySet
-
-    cfg = settings()
-    if not cfg.public_keys:
-        _fail("set LATCHKEY_PUBLIC_KEYS to the public key set (printed by `latchkey keys generate`)")
-    assert cfg.public_keys is not None
-    keys = PublicKeySet.parse(cfg.public_keys)
-    ctx = cli_context()
-    job_id: str | None = None
-    with open_database(cfg) as database:
-        if not dry_run:
-            # Recorded as a running job and never published: no worker picks it up.
-            with database.session() as s:
-                params: dict[str, Any] = {"batch_size": batch_size, "org": org_slug, "source": "cli"}
-                job = jobs.create_job(s, ctx, org_id=None, kind=TaskName.BACKFILL, params=params, publish=False)
-                job_id = job.id
-                jobs.claim(s, job_id)
-
-        def record(done: int, total: int) -> None:
-            if job_id is not None:
-                with database.session() as s:
-                    jobs.set_progress(s, job_id, done, total)
-
-        try:
-            with _progress_bar() as bar:
-
-                def progress(done: int, total: int) -> None:
-                    record(done, total)
-                    bar(done, total)
-
-                summary = backfill_service.run_backfill(
-                    database, keys, ctx, dry_run=dry_run, batch_size=batch_size, org_slug=org_slug, progress=progress
-                )
-        except BaseException as exc:
-            if job_id is not None:
-                with database.session() as s:
-                    jobs.mark_failed(
-                        s, job_id, "interrupted", f"the backfill stopped: {type(exc).__name__}; run it again"
-                    )
-            raise
-        result = summary.as_dict()
-        if job_id is not None:
-            with database.session() as s:
-                jobs.mark_succeeded(s, job_id, result)
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
-    if summary.failed:
-        click.echo(f'latchkey: {summary.failed} row(s) were not migrated; see "failures"', err=True)
-
-
-@contextmanager
-def _progress_bar(label: str = "backfill") -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar when stdout is a terminal; otherwise nothing."""
-    if not sys.stdout.isatty():
-        yield lambda done, total: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        yield update
-
-
-@backfill.command("verify")
-@click.option("--batch-size", type=click.IntRange(1, 5000), default=None, help="Rows per batch (default 1000).")
-@click.option("--no-wait", is_flag=True, help="Queue the job, print its id, and return.")
-@click.option("--timeout", type=click.IntRange(1), default=3600, show_default=True, help="Seconds to wait.")
-@one_line_errors
-def backfill_verify(batch_size: int | None, no_wait: bool, timeout: int) -> None:
-    """Queue the verification on a worker and follow it; prints the verification record (JSON).
-
-    Exit 0 when it passed, 1 when it found a failure or an unmigrated row (see "failures").
-    Only workers can open sealed values, so this needs a running worker.
-    """
-    import json
-    import time
-
-    from app.errors import BrokerUnavailableError
-    from app.jobs import service as jobs
-    from app.jobs.names import TaskName
-    from app.models import Job, JobStatus
-
-    with open_database(settings()) as database:
-        try:
-            with database.session() as s:
-                params = {"batch_size": batch_size} if batch_size else {}
-                job_id = jobs.create_job(s, cli_context(), org_id=None, kind=TaskName.VERIFY, params=params).id
-        except BrokerUnavailableError:
-            _fail("the job queue is unavailable; start the broker, or use POST /api/v1/admin/backfill/verify")
-        click.echo(f"latchkey: verification job {job_id} queued", err=True)
-        if no_wait:
-            click.echo(job_id)
-            return
-        deadline = time.monotonic() + timeout
-        with _progress_bar("verify") as bar:
-            while True:
-                with database.session() as s:
-                    job = s.get(Job, job_id)
-                    assert job is not None
-                    state, done, total = job.status, job.progress_done, job.progress_total
-                    result, error = job.result, (job.error_code, job.error_message)
-                bar(done, total or 0)
-                if state in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-                    break
-                if time.monotonic() > deadline:
-                    _fail(f"verification job {job_id} is still {state} after {timeout}s; is a worker running?")
-                time.sleep(0.25)
-    if state == JobStatus.FAILED or result is None:
-        _fail(f"verification job {job_id} failed: {error[0]}: {error[1]}")
-    assert result is not None
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
-    if not result["passed"]:
-        _fail(
-            f"verification failed: {len(result['failures'])} failure(s), {result['unmigrated']} unmigrated row(s), "
-            f"cache check {'ok' if result['cache_check'].get('ok') else 'not ok'}"
-        )
-
-
-@backfill.command("status")
-@one_line_errors
-def backfill_status() -> None:
-    """Rows left to migrate, the latest backfill run and the latest verification (JSON)."""
-    import json
-
-    from app.backfill.status import status as migration_status
-
-    with unit_of_work() as s:
-        status = migration_status(s)
-        if status.latest_run is None and status.latest_verification is None:
-            _fail(f"no backfill has run yet; start one with `latchkey backfill run` (remaining: {status.remaining})")
-        job = status.latest_run
-        run = None
-        if job is not None:
-            run = {
-                "id": job.id,
-                "status": job.status,
-                "params": job.params,
-                "progress": {"done": job.progress_done, "total": job.progress_total},
-                "result": job.result,
-                "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-                "created_at": job.created_at.isoformat() if job.created_at else None,
-                "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-            }
-        out = {
-            "legacy_columns": status.legacy_columns,
-            "remaining": status.remaining,
-            "run": run,
-            "verification": status.latest_verification,
-        }
-    click.echo(json.dumps(out, indent=2, sort_keys=True))
 
 
 # orgs, users, members, tokens -------------------------------------------------------------
@@ -525,7 +348,7 @@ def audit_verify(org_slug: str | None) -> None:
                 click.echo(f"  {problem}")
             failed += 0 if report.ok else 1
     if failed:
-        _fail(f"{failed} audit chain(s) failed verification")
+        fail(f"{failed} audit chain(s) failed verification")
 
 
 # dev ---------------------------------------------------------------------------------------
@@ -541,6 +364,11 @@ def dev(host: str, port: int, instance_dir: Path) -> None:
     from app.devserver import run
 
     run(host=host, port=port, instance_dir=instance_dir)
+
+
+# The extensions' command groups (app/extensions.py), e.g. `latchkey backfill`.
+for _ext in extensions.modules("cli"):
+    main.add_command(_ext.group)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,19 +24,20 @@ from typing import Any
 
 from celery import Celery, signals
 
+from app import extensions
 from app.config import ConfigError, Settings, load_settings
 from app.jobs.names import TaskName
 from app.secrets.checks import check_worker_keys
 from app.tasks.runtime import VISIBILITY_TIMEOUT
 
-# Modules whose tasks every worker registers.
+# Modules whose tasks every worker registers: app/tasks/ and the extensions' (app/extensions.py).
 TASK_MODULES = [
     "app.tasks.system",
     "app.tasks.secrets",
     "app.tasks.mcp",
     "app.tasks.agents",
     "app.tasks.keys",
-    "app.tasks.backfill",
+    *extensions.module_names("tasks"),
 ]
 
 

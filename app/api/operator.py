@@ -1,11 +1,10 @@
-"""Operator endpoints (``/api/v1/admin/...``): instance jobs - key re-seal, backfill, verification, worker ping.
+"""Operator endpoints (``/api/v1/admin/...``): instance jobs - key re-seal, worker ping, any instance job by id.
 
-Instance operators only (``auth="operator"``); the jobs they start belong to no org.
+Instance operators only (``auth="operator"``); the jobs they start belong to no org. The
+backfill's endpoints (``/admin/backfill``) are the legacy package's (``app/backfill/api.py``).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from flask.blueprints import BlueprintSetupState
 from pydantic import Field
@@ -16,11 +15,10 @@ from app.api.jobs import accepted
 from app.api.request import request_context, session
 from app.api.routing import Result, route
 from app.api.schemas import JobAccepted
-from app.backfill.status import status as migration_status
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.jobs.schemas import JobOut
-from app.schemas import Out, Strict
+from app.schemas import Strict
 
 
 class InstanceJobId(BaseConverter):
@@ -66,7 +64,7 @@ def ping_workers() -> Result:
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=TaskName.PING))
 
 
-def _instance_job(kind: str, body: Strict | None) -> Result:
+def instance_job(kind: str, body: Strict | None) -> Result:
     """Queue an instance job whose params are the optional JSON body's fields that were given."""
     params = {k: v for k, v in body.model_dump().items() if v is not None} if body is not None else {}
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
@@ -95,68 +93,4 @@ def reseal_keys(body: BatchRequest | None) -> Result:
 
     The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
     """
-    return _instance_job(TaskName.RESEAL_SECRETS, body)
-
-
-class BackfillRequest(BatchRequest):
-    """Optional body of ``POST /admin/backfill``."""
-
-    dry_run: bool | None = None
-
-
-@route(
-    bp,
-    "/admin/backfill",
-    "POST",
-    body=BackfillRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
-def start_backfill(body: BackfillRequest | None) -> Result:
-    """Queue the backfill: legacy plaintext secrets, MCP tokens and agent keys into sealed secrets.
-
-    The body is optional: ``{"dry_run": true, "batch_size": N}`` (1..5000, default 200). The
-    job's result is the summary (counts per kind, failures with reasons, never a value).
-    """
-    return _instance_job(TaskName.BACKFILL, body)
-
-
-@route(
-    bp,
-    "/admin/backfill/verify",
-    "POST",
-    body=BatchRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
-def start_verify(body: BatchRequest | None) -> Result:
-    """Queue the backfill verification (in a worker: every backfilled value against the legacy one).
-
-    The body is optional: ``{"batch_size": N}`` (1..5000, default 1000). The job's result is
-    the verification record, also shown by ``GET /admin/backfill``; the contract migration
-    runs only after one passes.
-    """
-    return _instance_job(TaskName.VERIFY, body)
-
-
-class BackfillStatus(Out):
-    legacy_columns: bool = Field(description="false once the contract migration has dropped them")
-    remaining: dict[str, int] = Field(description="legacy rows not yet migrated, per kind")
-    latest_run: JobOut | None
-    latest_verification: dict[str, Any] | None = Field(
-        description="counts, failures (never a value), unmigrated rows, cache check, times"
-    )
-
-
-@route(bp, "/admin/backfill", "GET", response=BackfillStatus, auth="operator", tags=["admin"], errors=[401, 403])
-def backfill_status() -> BackfillStatus:
-    """Where the legacy migration stands: rows left, the latest backfill run and verification."""
-    return BackfillStatus.model_validate(migration_status(session()))
+    return instance_job(TaskName.RESEAL_SECRETS, body)

@@ -1,18 +1,19 @@
 """Where a server not yet backfilled finds its raw legacy token (until the contract migration).
 
 The MCP code asks here and never reads a legacy column itself: the legacy package
-(``app/backfill``) is the only code that knows them, and this module is the one place that
-registers it. After the contract migration, delete ``app/backfill/`` and empty ``SOURCES``
-(docs/legacy.md): every question here then answers "no legacy token".
+(``app/backfill``) is the only code that knows them, and it is found through the one
+registration point (app/extensions.py) as ``app.backfill.legacy``. After the contract
+migration the package and its entry there go (docs/legacy.md): ``SOURCES`` is then empty and
+every question here answers "no legacy token".
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 from sqlalchemy.orm import Session
 
-from app.backfill import legacy as backfill_legacy
+from app import extensions
 
 
 class TokenSource(Protocol):
@@ -21,8 +22,8 @@ class TokenSource(Protocol):
     def has_mcp_token(self, session: Session, org_id: str, server_id: str) -> bool: ...
 
 
-# The registration: the one line outside the legacy package that names it.
-SOURCES: tuple[TokenSource, ...] = (backfill_legacy,)
+# Every extension's ``legacy`` module answers these questions (app/extensions.py).
+SOURCES = cast(tuple[TokenSource, ...], tuple(extensions.modules("legacy")))
 
 
 def token(session: Session, org_id: str, server_id: str) -> str | None:

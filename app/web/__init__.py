@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from flask import Flask
 
+from app import extensions
+
 # View modules register their routes on ``bp`` when imported.
 from app.web import agents, auth, mcp, operator, providers, secrets  # noqa: F401
 from app.web.blueprint import bp
@@ -18,6 +20,10 @@ __all__ = ["bp", "init_app", "register", "security_headers"]
 
 
 def register(app: Flask) -> None:
-    """Mount the UI at ``/`` with its error pages and cookie settings."""
+    """Mount the UI at ``/`` with its error pages and cookie settings, and the extensions' UI parts."""
     app.register_blueprint(bp)
+    # An extension's ``web`` module may bring a blueprint (its templates) and an operator-page part.
+    for module in extensions.modules("web"):
+        if hasattr(module, "bp"):
+            app.register_blueprint(module.bp)
     init_app(app)

@@ -1,4 +1,4 @@
-"""The backfill and verify jobs on the worker side (see app/backfill/)."""
+"""The worker's ``backfill.run`` and ``backfill.verify`` tasks, registered by app/worker.py."""
 
 from __future__ import annotations
 
