@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import Settings
-from tests.e2e.workers.test_agents import _agent, _mcp, _provider, _run, llm, mcp_server
+from tests.e2e.workers.test_agents import _agent, _mcp, _provider, _run, mcp_server
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
 from tests.support.workers import extra_worker
 
-__all__ = ["llm", "mcp_server"]  # fixtures, reused from the agent tests
+__all__ = ["mcp_server"]  # a fixture, reused from the agent tests
 
 CAP = 64 * 1024
 
