@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import migrate
-from app.access import OrgAccess
+from app.access import OrgAccess, OrgRole
 from app.config import Settings, load_settings
 from app.context import Actor, RequestContext
 from app.db import Database
@@ -119,7 +119,9 @@ class Principal:
     org_slug: str | None = None
 
 
-def make_user(db: Database, *, org_slug: str | None = None, role: str = "admin", operator: bool = False) -> Principal:
+def make_user(
+    db: Database, *, org_slug: str | None = None, role: OrgRole = "admin", operator: bool = False
+) -> Principal:
     """An org (when ``org_slug``), a user in it and an API token, through the real services."""
     with db.session() as s:
         org = identity.create_org(s, CTX, OrgCreate(slug=org_slug, name=org_slug.title())) if org_slug else None
