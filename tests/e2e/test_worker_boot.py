@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import celery.contrib.testing.tasks  # noqa: F401  (registers `celery.ping`, which start_worker's check runs)
 import pytest
@@ -13,6 +17,9 @@ from celery.contrib.testing.worker import start_worker
 from app.config import Environment, Settings
 from app.worker import make_celery
 from tests.support.processes import drop_queue_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+CELERY = Path(sys.executable).parent / "celery"
 
 
 @pytest.fixture
@@ -80,3 +87,23 @@ def test_worker_refuses_to_boot_in_production_without_a_keyring(settings: Settin
         assert info.value.code == 2
     finally:
         app.close()
+
+
+def test_production_celery_worker_without_a_keyring_exits_with_one_line(redis_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATCHKEY_")}
+    # A reachable broker: if the check did not fire, the worker would start and the timeout would trip.
+    env.update({"LATCHKEY_ENV": "production", "LATCHKEY_REDIS_URL": redis_url})
+    proc = subprocess.run(
+        [str(CELERY), "-A", "app.worker", "worker", "-P", "solo", "--loglevel", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode != 0
+    naming = [line for line in proc.stderr.splitlines() if "LATCHKEY_PRIVATE_KEYS_FILE" in line]
+    assert len(naming) == 1, proc.stderr
+    assert naming[0].startswith("latchkey worker: ")
+    assert "Traceback" not in proc.stderr
+    assert "ready" not in proc.stdout + proc.stderr
