@@ -21,11 +21,8 @@ from app.jobs.names import TaskName
 from app.models import Job
 from app.tasks.runtime import WorkerContext
 from app.worker import make_celery
-from tests.support.factories import Caller, Factory
-from tests.support.llm_server import LlmTestServer
+from tests.support.factories import Caller
 from tests.support.workers import parked_app
-
-PROVIDER_KEY = "sk-provider-" + "u" * 30
 
 
 @contextmanager
@@ -76,32 +73,6 @@ def only_job(db: Database, kind: TaskName) -> Job:
         job = s.scalars(select(Job).where(Job.kind == kind)).one()
         s.expunge(job)
         return job
-
-
-def provider(admin: Caller, org: str, factory: Factory, llm: LlmTestServer, key: str = PROVIDER_KEY) -> str:
-    secret = factory.secret(admin, org, value=key)["id"]
-    body: dict[str, Any] = {
-        "name": "P",
-        "provider_type": "openai_compatible",
-        "kind": "openai",
-        "model_id": "test-model",
-        "secret_ref": secret,
-        "config": {"base_url": llm.url + "/v1"},
-    }
-    resp = admin.post(f"orgs/{org}/providers", json=body)
-    assert resp.status_code == 201, resp.get_json()
-    provider_id: str = resp.get_json()["id"]
-    return provider_id
-
-
-def agent(caller: Caller, org: str, provider_id: str, tools: list[dict[str, str]] | None = None) -> str:
-    resp = caller.post(
-        f"orgs/{org}/agents",
-        json={"name": "Bot", "provider_id": provider_id, "system_prompt": "You are helpful.", "tools": tools or []},
-    )
-    assert resp.status_code == 201, resp.get_json()
-    agent_id: str = resp.get_json()["id"]
-    return agent_id
 
 
 def start_run(caller: Caller, org: str, agent_id: str, text: str = "hello") -> str:

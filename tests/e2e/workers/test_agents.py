@@ -11,13 +11,13 @@ from sqlalchemy import select
 
 from app.models import Job
 from tests.conftest import GATEWAY_TOKEN
+from tests.support.agents import PROVIDER_KEY, agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.leaks import dump_database, find_leaks
 from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
 from tests.support.workers import wait_for
 
-PROVIDER_KEY = "sk-provider-" + "p" * 30
 MCP_TOKEN = "mcp-agent-token-" + "m" * 20
 
 
@@ -25,32 +25,6 @@ MCP_TOKEN = "mcp-agent-token-" + "m" * 20
 def mcp_server() -> Iterator[McpTestServer]:
     with McpTestServer(token=MCP_TOKEN) as server:
         yield server
-
-
-def _provider(
-    admin: Caller,
-    org: str,
-    factory: Factory,
-    llm: LlmTestServer,
-    provider_type: str = "openai_compatible",
-    key: str = PROVIDER_KEY,
-) -> tuple[str, str]:
-    secret = factory.secret(admin, org, value=key)["id"]
-    body: dict[str, Any] = {
-        "name": f"P-{provider_type}",
-        "provider_type": provider_type,
-        "model_id": "test-model",
-        "secret_ref": secret,
-    }
-    if provider_type == "openai_compatible":
-        body |= {"kind": "openai", "config": {"base_url": llm.url + "/v1"}}
-    elif provider_type in ("openai", "anthropic"):
-        body["config"] = {"base_url": llm.url + ("/v1" if provider_type == "openai" else "")}
-    else:
-        body |= {"kind": "openai", "config": {"account_id": "acct1", "gateway_id": "gw1"}}
-    resp = admin.post(f"orgs/{org}/providers", json=body)
-    assert resp.status_code == 201, resp.get_json()
-    return resp.get_json()["id"], secret
 
 
 def _mcp(admin: Caller, org: str, factory: Factory, server: McpTestServer) -> str:
@@ -65,16 +39,6 @@ def _mcp(admin: Caller, org: str, factory: Factory, server: McpTestServer) -> st
     wait_for(valid)
     server_id: str = created["id"]
     return server_id
-
-
-def _agent(caller: Caller, org: str, provider_id: str, tools: list[dict[str, str]] | None = None) -> str:
-    resp = caller.post(
-        f"orgs/{org}/agents",
-        json={"name": "Bot", "provider_id": provider_id, "system_prompt": "You are helpful.", "tools": tools or []},
-    )
-    assert resp.status_code == 201, resp.get_json()
-    agent_id: str = resp.get_json()["id"]
-    return agent_id
 
 
 def _run(caller: Caller, org: str, agent_id: str, text: str = "hello") -> dict[str, Any]:
@@ -102,9 +66,9 @@ def _headers_only(llm: LlmTestServer, value: str, header: str) -> None:
 def test_openai_style_run_sends_the_key_only_in_the_authorization_header(
     worker: Celery, llm: LlmTestServer, member: Caller, admin: Caller, org: str, factory: Factory, db: Any
 ) -> None:
-    provider_id, secret = _provider(admin, org, factory, llm)
+    provider_id, secret = provider(admin, org, factory, llm)
     llm.script([{"text": "Hello from the model"}])
-    run = _run(member, org, _agent(member, org, provider_id))
+    run = _run(member, org, agent(member, org, provider_id))
     assert run["status"] == "succeeded", run
     assert run["output"] == "Hello from the model"
     assert [e["type"] for e in run["events"]] == ["status", "final"]
@@ -119,9 +83,9 @@ def test_openai_style_run_sends_the_key_only_in_the_authorization_header(
 def test_anthropic_run_sends_the_key_only_as_x_api_key(
     worker: Celery, llm: LlmTestServer, admin: Caller, org: str, factory: Factory
 ) -> None:
-    provider_id, _ = _provider(admin, org, factory, llm, "anthropic")
+    provider_id, _ = provider(admin, org, factory, llm, "anthropic")
     llm.script([{"text": "Hi from claude"}])
-    run = _run(admin, org, _agent(admin, org, provider_id))
+    run = _run(admin, org, agent(admin, org, provider_id))
     assert (run["status"], run["output"]) == ("succeeded", "Hi from claude")
     _headers_only(llm, PROVIDER_KEY, "x-api-key")
     assert llm.requests[0].path == "/v1/messages"
@@ -130,9 +94,9 @@ def test_anthropic_run_sends_the_key_only_as_x_api_key(
 def test_gateway_run_sends_the_gateway_token_and_the_key_each_in_its_own_header(
     worker: Celery, llm: LlmTestServer, admin: Caller, org: str, factory: Factory
 ) -> None:
-    provider_id, _ = _provider(admin, org, factory, llm, "cloudflare_ai_gateway")
+    provider_id, _ = provider(admin, org, factory, llm, "cloudflare_ai_gateway")
     llm.script([{"text": "via the gateway"}])
-    run = _run(admin, org, _agent(admin, org, provider_id))
+    run = _run(admin, org, agent(admin, org, provider_id))
     assert run["status"] == "succeeded", run
     req = llm.requests[0]
     assert req.path == "/acct1/gw1/compat/chat/completions"
@@ -144,9 +108,9 @@ def test_gateway_run_sends_the_gateway_token_and_the_key_each_in_its_own_header(
 def test_a_tool_call_runs_on_the_real_mcp_server_with_its_secret(
     worker: Celery, llm: LlmTestServer, mcp_server: McpTestServer, admin: Caller, org: str, factory: Factory
 ) -> None:
-    provider_id, _ = _provider(admin, org, factory, llm)
+    provider_id, _ = provider(admin, org, factory, llm)
     server_id = _mcp(admin, org, factory, mcp_server)
-    agent_id = _agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
     llm.script([{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]}, {"text": "The sum is 5"}])
     mark = len(mcp_server.seen_tokens)
     run = _run(admin, org, agent_id, "what is 2+3?")
@@ -165,9 +129,9 @@ def test_a_tool_call_runs_on_the_real_mcp_server_with_its_secret(
 def test_an_unselected_tool_is_refused(
     worker: Celery, llm: LlmTestServer, mcp_server: McpTestServer, admin: Caller, org: str, factory: Factory
 ) -> None:
-    provider_id, _ = _provider(admin, org, factory, llm)
+    provider_id, _ = provider(admin, org, factory, llm)
     server_id = _mcp(admin, org, factory, mcp_server)
-    agent_id = _agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
     llm.script([{"tool_calls": [{"name": "whoami", "arguments": {}}]}, {"text": "ok"}])
     run = _run(admin, org, agent_id)
     errors = [e for e in run["events"] if e["type"] == "tool_error"]
@@ -184,9 +148,9 @@ def test_a_model_that_prints_its_key_and_echoes_everything_leaks_nothing(
     db: Any,
     worker_log: Any,
 ) -> None:
-    provider_id, _ = _provider(admin, org, factory, llm)
+    provider_id, _ = provider(admin, org, factory, llm)
     server_id = _mcp(admin, org, factory, mcp_server)
-    agent_id = _agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "echo"}])
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "echo"}])
     # The model "knows" the keys and tries every way out: tool arguments, a tool that echoes
     # them back into its context, and its final answer.
     llm.script(
@@ -222,9 +186,9 @@ def test_an_invalid_mcp_server_fails_the_run_with_a_clear_event(
 ) -> None:
     from app.models import McpServer
 
-    provider_id, _ = _provider(admin, org, factory, llm)
+    provider_id, _ = provider(admin, org, factory, llm)
     server_id = _mcp(admin, org, factory, mcp_server)
-    agent_id = _agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
     with db.session() as s:
         row = s.get(McpServer, server_id)
         assert row is not None
@@ -239,8 +203,8 @@ def test_an_invalid_mcp_server_fails_the_run_with_a_clear_event(
 def test_rotating_the_provider_secret_sends_the_new_value_next_run(
     worker: Celery, llm: LlmTestServer, admin: Caller, org: str, factory: Factory
 ) -> None:
-    provider_id, secret = _provider(admin, org, factory, llm)
-    agent_id = _agent(admin, org, provider_id)
+    provider_id, secret = provider(admin, org, factory, llm)
+    agent_id = agent(admin, org, provider_id)
     assert _run(admin, org, agent_id)["status"] == "succeeded"
     rotated = "sk-rotated-" + "r" * 30
     assert admin.patch(f"orgs/{org}/secrets/{secret}", json={"value": rotated}).status_code == 200
@@ -253,10 +217,10 @@ def test_rotating_the_provider_secret_sends_the_new_value_next_run(
 def test_agent_validation(
     admin: Caller, org: str, factory: Factory, llm: LlmTestServer, mcp_server: McpTestServer, worker: Celery
 ) -> None:
-    provider_id, _ = _provider(admin, org, factory, llm)
+    provider_id, _ = provider(admin, org, factory, llm)
     assert admin.post(f"orgs/{org}/agents", json={"name": "X"}).status_code == 422
     other = factory.org()
-    foreign, _ = _provider(factory.user(other, "admin"), other, factory, llm)
+    foreign, _ = provider(factory.user(other, "admin"), other, factory, llm)
     resp = admin.post(f"orgs/{org}/agents", json={"name": "X", "provider_id": foreign})
     assert resp.status_code == 422 and resp.get_json()["errors"][0]["field"] == "provider_id"
     server_id = _mcp(admin, org, factory, mcp_server)
@@ -272,8 +236,8 @@ def test_a_gateway_run_without_the_global_token_fails_with_gateway_token_missing
 ) -> None:
     from tests.support.workers import extra_worker
 
-    provider_id, _ = _provider(admin, org, factory, llm, "cloudflare_ai_gateway")
-    agent_id = _agent(admin, org, provider_id)
+    provider_id, _ = provider(admin, org, factory, llm, "cloudflare_ai_gateway")
+    agent_id = agent(admin, org, provider_id)
     with extra_worker(settings, gateway_token=None) as (_celery, web):
         untokened = Caller(web.test_client(), admin.token, admin.user_id, admin.email)
         run = _run(untokened, org, agent_id)
@@ -286,19 +250,19 @@ def test_masking_is_per_run_so_another_orgs_value_is_no_oracle(
 ) -> None:
     # Org A's provider key: resolved by the worker in A's run, so its process-wide log registry holds it.
     a_value = "Winter2025!Pass-" + "w" * 12
-    a_provider, _ = _provider(admin, org, factory, llm, key=a_value)
+    a_provider, _ = provider(admin, org, factory, llm, key=a_value)
     llm.script([{"text": f"your key is {a_value}"}])
-    a_run = _run(admin, org, _agent(admin, org, a_provider), f"cand2={a_value}")
+    a_run = _run(admin, org, agent(admin, org, a_provider), f"cand2={a_value}")
     assert a_run["status"] == "succeeded", a_run
     assert a_run["output"] == "your key is ***"
     assert a_value not in str(a_run["events"])
     # Org B types the same string: it is B's own text, and B's run never resolved it.
     other = factory.org()
     b_admin = factory.user(other, "admin")
-    b_provider, _ = _provider(b_admin, other, factory, llm)
+    b_provider, _ = provider(b_admin, other, factory, llm)
     llm.reset()
     llm.script([{"echo": True}])
-    b_run = _run(b_admin, other, _agent(b_admin, other, b_provider), f"cand2={a_value}")
+    b_run = _run(b_admin, other, agent(b_admin, other, b_provider), f"cand2={a_value}")
     assert b_run["status"] == "succeeded", b_run
     assert f"cand2={a_value}" in b_run["output"]
     assert f"cand2={a_value}" in b_run["events"][-1]["output"]
@@ -325,7 +289,7 @@ def test_a_denied_model_call_fails_the_run_and_writes_an_egress_denied_event(
         },
     )
     assert resp.status_code == 201, resp.get_json()
-    run = _run(admin, org, _agent(admin, org, resp.get_json()["id"]))
+    run = _run(admin, org, agent(admin, org, resp.get_json()["id"]))
     assert (run["status"], run["error"]["code"]) == ("failed", "secret_destination_denied")
     assert llm.requests == []
     with db.session() as s:

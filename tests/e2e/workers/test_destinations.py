@@ -27,6 +27,7 @@ from app.factory import create_app
 from app.models import AuditEvent, McpServer
 from app.tasks import mcp as mcp_tasks
 from app.tasks.runtime import worker_context
+from tests.support.agents import agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
@@ -156,28 +157,6 @@ def test_a_beat_refresh_queued_before_a_repoint_sends_nothing(held: Held, db: Da
         assert row is not None and row.status == "pending"  # left to the re-point's validation
 
 
-def _provider(caller: Caller, f: Factory, org: str, llm: LlmTestServer, key: str) -> tuple[str, str]:
-    secret = f.secret(caller, org, value=key)["id"]
-    body = {
-        "name": f"P-{uuid.uuid4().hex[:6]}",
-        "provider_type": "openai_compatible",
-        "kind": "openai",
-        "model_id": "test-model",
-        "secret_ref": secret,
-        "config": {"base_url": llm.url + "/v1"},
-    }
-    resp = caller.post(f"orgs/{org}/providers", json=body)
-    assert resp.status_code == 201, resp.get_json()
-    return resp.get_json()["id"], secret
-
-
-def _agent(caller: Caller, org: str, provider_id: str, tools: list[dict[str, str]] | None = None) -> str:
-    resp = caller.post(f"orgs/{org}/agents", json={"name": "Bot", "provider_id": provider_id, "tools": tools or []})
-    assert resp.status_code == 201, resp.get_json()
-    agent_id: str = resp.get_json()["id"]
-    return agent_id
-
-
 def _queue_run(caller: Caller, org: str, agent_id: str) -> tuple[str, str]:
     resp = caller.post(f"orgs/{org}/agents/{agent_id}/runs", json={"input": "hello"})
     assert resp.status_code == 202, resp.get_json()
@@ -199,9 +178,9 @@ def test_an_agent_run_queued_before_its_provider_changed_sends_nothing(held: Hel
     org = f.org()
     admin, member = f.user(org, "admin"), f.user(org, "member")
     with LlmTestServer() as llm, LlmTestServer() as attacker:
-        provider_id, _secret = _provider(admin, f, org, llm, PROVIDER_KEY)
+        provider_id, _secret = provider(admin, org, f, llm, key=PROVIDER_KEY)
         other = f.secret(admin, org, value=OTHER_KEY)["id"]
-        agent_id = _agent(member, org, provider_id)
+        agent_id = agent(member, org, provider_id)
         with held.paused():
             run_id, job_id = _queue_run(member, org, agent_id)
             patch = {"config": {"base_url": attacker.url + "/v1"}} if change == "base_url" else {"secret_ref": other}
@@ -225,10 +204,10 @@ def test_an_agent_run_queued_before_its_tool_server_was_repointed_sends_nothing(
     org = f.org()
     admin = f.user(org, "admin")
     with LlmTestServer() as llm, McpTestServer(token=TOKEN) as good, McpTestServer(token=TOKEN) as elsewhere:
-        provider_id, _secret = _provider(admin, f, org, llm, PROVIDER_KEY)
+        provider_id, _secret = provider(admin, org, f, llm, key=PROVIDER_KEY)
         secret = f.secret(admin, org, value=TOKEN)["id"]
         server_id = _server(admin, org, good.url, secret)
-        agent_id = _agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
+        agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "add"}])
         llm.script([{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}, {"text": "3"}])
         with held.paused():
             run_id, job_id = _queue_run(admin, org, agent_id)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import Settings
-from tests.e2e.workers.test_agents import _agent, _mcp, _provider, _run, mcp_server
+from tests.e2e.workers.test_agents import _mcp, _run, mcp_server
+from tests.support.agents import agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
@@ -27,9 +28,9 @@ def test_an_endless_model_reply_fails_the_run_with_response_too_large(
 ) -> None:
     with extra_worker(settings, max_response_bytes=CAP) as (_producer, web):
         caller = _through(web, admin)
-        provider_id, _ = _provider(caller, org, factory, llm)
+        provider_id, _ = provider(caller, org, factory, llm)
         llm.script([{"stream_bytes": 0}])  # never ends by itself
-        run = _run(caller, org, _agent(caller, org, provider_id))
+        run = _run(caller, org, agent(caller, org, provider_id))
     assert run["status"] == "failed", run
     assert run["error"]["code"] == "response_too_large"
     assert run["events"][-1]["type"] == "error" and run["events"][-1]["code"] == "response_too_large"
@@ -47,9 +48,9 @@ def test_an_oversized_tool_result_is_a_tool_error_with_response_too_large(
 ) -> None:
     with extra_worker(settings, max_response_bytes=CAP) as (_producer, web):
         caller = _through(web, admin)
-        provider_id, _ = _provider(caller, org, factory, llm)
+        provider_id, _ = provider(caller, org, factory, llm)
         server_id = _mcp(caller, org, factory, mcp_server)  # its tools/list fits under the cap
-        agent_id = _agent(caller, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "echo"}])
+        agent_id = agent(caller, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "echo"}])
         # The model's tool call fits under the cap; the server's answer (the text as content and as
         # structured content) does not.
         text = "x" * (CAP * 3 // 4)

@@ -15,9 +15,10 @@ from app.errors import WorkerError
 from app.jobs.names import TaskName
 from app.models import AgentRun, AuditEvent, Job, JobStatus
 from app.tasks.runtime import JobView, WorkerContext
+from tests.support.agents import PROVIDER_KEY, agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
-from tests.unit.worker_support import PROVIDER_KEY, agent, parked_web, provider, start_run, worker_ctx
+from tests.unit.worker_support import parked_web, start_run, worker_ctx
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_a_run_stores_its_output_events_usage_and_reads(
     ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
 ) -> None:
     admin: Caller = factory.user(org, "admin")
-    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)[0]))
     llm.script([{"text": "Hello from the model"}])
     job = _view(db, run_id)
 
@@ -81,7 +82,7 @@ def test_a_value_the_model_echoes_is_masked_in_the_output_and_events(
     ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
 ) -> None:
     admin = factory.user(org, "admin")
-    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)[0]))
     llm.script([{"text": f"your key is {PROVIDER_KEY}"}])
 
     runner.run(ctx, _view(db, run_id))
@@ -95,7 +96,7 @@ def test_a_refused_provider_key_fails_the_run_with_the_providers_code(
     ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
 ) -> None:
     admin = factory.user(org, "admin")
-    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)[0]))
     llm.api_key = "some-other-key"
 
     with pytest.raises(WorkerError) as info:
@@ -112,7 +113,7 @@ def test_a_destination_changed_after_queueing_is_stale_and_nothing_is_sent(
     ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
 ) -> None:
     admin = factory.user(org, "admin")
-    provider_id = provider(admin, org, factory, llm)
+    provider_id, _ = provider(admin, org, factory, llm)
     run_id = start_run(admin, org, agent(admin, org, provider_id))
     moved = admin.patch(f"orgs/{org}/providers/{provider_id}", json={"config": {"base_url": llm.url + "/v2"}})
     assert moved.status_code == 200, moved.get_json()
@@ -132,7 +133,7 @@ def test_a_model_that_never_stops_calling_tools_ends_with_max_steps(
     ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
 ) -> None:
     admin = factory.user(org, "admin")
-    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    run_id = start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)[0]))
     llm.script([{"tool_calls": [{"name": "nope", "arguments": {}}]}] * runner.MAX_STEPS)
 
     with pytest.raises(WorkerError) as info:

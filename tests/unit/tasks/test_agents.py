@@ -8,14 +8,15 @@ from sqlalchemy import func, select
 from app.db import Database
 from app.jobs.names import TaskName
 from app.models import AgentRun, AuditEvent, Job, JobStatus
+from tests.support.agents import agent, provider
 from tests.support.factories import Factory
 from tests.support.llm_server import LlmTestServer
-from tests.unit.worker_support import agent, only_job, provider, run_task, start_run
+from tests.unit.worker_support import only_job, run_task, start_run
 
 
 def _queued(factory: Factory, org: str, llm: LlmTestServer) -> str:
     admin = factory.user(org, "admin")
-    return start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)))
+    return start_run(admin, org, agent(admin, org, provider(admin, org, factory, llm)[0]))
 
 
 def test_the_task_records_the_run_and_its_job(
