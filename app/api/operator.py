@@ -6,6 +6,9 @@ backfill's endpoints (``/admin/backfill``) are the legacy package's (``app/backf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flask.blueprints import BlueprintSetupState
 from pydantic import Field
 from werkzeug.routing import BaseConverter
@@ -70,24 +73,29 @@ def instance_job(kind: str, body: Strict | None) -> Result:
     return accepted(jobs.create_job(session(), request_context(), org_id=None, kind=kind, params=params))
 
 
+def instance_job_route(rule: str, body: type[Strict]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare ``POST rule``: an operator queues an instance job; the JSON body is optional (202)."""
+    return route(
+        bp,
+        rule,
+        "POST",
+        body=body,
+        body_required=False,
+        response=JobAccepted,
+        status=202,
+        auth="operator",
+        tags=["admin"],
+        errors=[401, 403, 415, 422, 503],
+    )
+
+
 class BatchRequest(Strict):
     """Optional body of the batched operator jobs (``/admin/keys/reseal``, ``/admin/backfill/verify``)."""
 
     batch_size: int | None = Field(default=None, ge=1, le=5000)
 
 
-@route(
-    bp,
-    "/admin/keys/reseal",
-    "POST",
-    body=BatchRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
+@instance_job_route("/admin/keys/reseal", BatchRequest)
 def reseal_keys(body: BatchRequest | None) -> Result:
     """Queue a re-seal of every sealed value to the workers' newest key (after a rotation).
 

@@ -10,10 +10,9 @@ from typing import Any
 from pydantic import Field
 
 from app.api.blueprint import bp
-from app.api.operator import BatchRequest, instance_job
+from app.api.operator import BatchRequest, instance_job, instance_job_route
 from app.api.request import session
 from app.api.routing import Result, route
-from app.api.schemas import JobAccepted
 from app.backfill.status import status as migration_status
 from app.jobs.names import TaskName
 from app.jobs.schemas import JobOut
@@ -26,18 +25,7 @@ class BackfillRequest(BatchRequest):
     dry_run: bool | None = None
 
 
-@route(
-    bp,
-    "/admin/backfill",
-    "POST",
-    body=BackfillRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
+@instance_job_route("/admin/backfill", BackfillRequest)
 def start_backfill(body: BackfillRequest | None) -> Result:
     """Queue the backfill: legacy plaintext secrets, MCP tokens and agent keys into sealed secrets.
 
@@ -47,18 +35,7 @@ def start_backfill(body: BackfillRequest | None) -> Result:
     return instance_job(TaskName.BACKFILL, body)
 
 
-@route(
-    bp,
-    "/admin/backfill/verify",
-    "POST",
-    body=BatchRequest,
-    body_required=False,
-    response=JobAccepted,
-    status=202,
-    auth="operator",
-    tags=["admin"],
-    errors=[401, 403, 415, 422, 503],
-)
+@instance_job_route("/admin/backfill/verify", BatchRequest)
 def start_verify(body: BatchRequest | None) -> Result:
     """Queue the backfill verification (in a worker: every backfilled value against the legacy one).
 
