@@ -76,12 +76,12 @@ def get_secret(session: Session, access: OrgAccess, secret_id: str) -> SecretOut
     return _out(session, _row(session, access.org, secret_id))
 
 
-def check_secret_ref(session: Session, org: Org, secret_ref: Any) -> str:
+def check_secret_ref(session: Session, org: Org, secret_ref: str | None) -> str:
     """A reference to a managed secret of ``org`` (422 on ``secret_ref`` otherwise).
 
     Another org's secret looks exactly like a missing one.
     """
-    if not isinstance(secret_ref, str) or not secret_ref:
+    if not secret_ref:  # None (an explicit null in an edit) or empty
         raise ValidationFailedError.single("secret_ref", "must be the id of a secret of this org")
     found = session.scalar(
         select(Secret.id).where(Secret.org_id == org.id, Secret.id == secret_ref, Secret.ciphertext.is_not(None))
