@@ -2,11 +2,12 @@
 
 from app.models.audit import AuditEvent, AuditHead
 from app.models.backfill import BackfillVerification
+from app.models.connections import McpConnection, OAuthFlow
 from app.models.identity import ApiToken, IdempotencyKey, Invitation, Membership, Org, Role, User, WebSession
 from app.models.jobs import Job
 from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
 from app.models.secrets import CacheInvalidation, Secret
-from app.models.status import JobStatus, McpServerStatus
+from app.models.status import ConnectionStatus, FlowStatus, JobStatus, McpServerStatus
 
 __all__ = [
     "Agent",
@@ -17,14 +18,18 @@ __all__ = [
     "AuditHead",
     "BackfillVerification",
     "CacheInvalidation",
+    "ConnectionStatus",
+    "FlowStatus",
     "IdempotencyKey",
     "Invitation",
     "Job",
     "JobStatus",
+    "McpConnection",
     "McpServer",
     "McpServerStatus",
     "McpTool",
     "Membership",
+    "OAuthFlow",
     "Org",
     "Provider",
     "Role",

@@ -41,6 +41,8 @@ class McpServer(Base):
         UniqueConstraint("org_id", "id"),
         ForeignKeyConstraint(["org_id", "secret_ref"], ["secrets.org_id", "secrets.id"]),
         Index("ix_mcp_servers_org_id_secret_ref", "org_id", "secret_ref"),
+        ForeignKeyConstraint(["org_id", "oauth_client_secret_ref"], ["secrets.org_id", "secrets.id"]),
+        Index("ix_mcp_servers_org_id_oauth_client_secret_ref", "org_id", "oauth_client_secret_ref"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -49,6 +51,16 @@ class McpServer(Base):
     url: Mapped[str] = mapped_column(Text)
     transport: Mapped[str] = mapped_column(String(32), default="streamable_http", server_default="streamable_http")
     secret_ref: Mapped[str | None] = mapped_column(String(36))
+    # How the server is authenticated (app.mcp.catalog.AUTH_TYPES): "static" (secret_ref and
+    # headers, or nothing), "oauth" (connections made by people) or "oauth_client_credentials".
+    auth_type: Mapped[str] = mapped_column(String(32), default="static", server_default="static")
+    # For OAuth: one connection for the org ("org") or one per member ("user").
+    connection_scope: Mapped[str] = mapped_column(String(8), default="org", server_default="org")
+    # A pre-registered OAuth client (else registration happens at connect time).
+    oauth_client_id: Mapped[str | None] = mapped_column(String(255))
+    oauth_client_secret_ref: Mapped[str | None] = mapped_column(String(36))
+    oauth_client_auth: Mapped[str | None] = mapped_column(String(32))
+    oauth_scopes: Mapped[list[str] | None] = mapped_column(JSON)
     status: Mapped[McpServerStatus] = mapped_column(
         status_type(McpServerStatus, 16), default=McpServerStatus.PENDING, server_default=McpServerStatus.PENDING.value
     )

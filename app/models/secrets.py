@@ -23,6 +23,9 @@ class Secret(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
     name: Mapped[str] = mapped_column(String(128))
+    # "managed": an org's own secret (the secrets API and UI); "connection": the tokens of an MCP
+    # connection (app/models/connections.py), never listed, revealed, edited or bound by anyone.
+    kind: Mapped[str] = mapped_column(String(16), default="managed", server_default="managed")
     description: Mapped[str | None] = mapped_column(String(1000))
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     key_id: Mapped[str] = mapped_column(String(64), index=True)

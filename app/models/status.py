@@ -30,6 +30,31 @@ class McpServerStatus(StrEnum):
     INVALID = "invalid"
 
 
+class ConnectionStatus(StrEnum):
+    """An MCP connection (OAuth tokens held for an org or a user), as stored.
+
+    ``expired`` is also what a caller is shown for a connected row whose access token ran out
+    and that has no refresh token left to renew it with. ``revoking``: disconnected by a user,
+    the worker is revoking the tokens at the server; never used again.
+    """
+
+    CONNECTED = "connected"
+    AUTH_REQUIRED = "auth_required"
+    EXPIRED = "expired"
+    ERROR = "error"
+    REVOKING = "revoking"
+
+
+class FlowStatus(StrEnum):
+    """An OAuth authorization in progress: prepared by a worker, completed once by its user."""
+
+    PREPARING = "preparing"
+    PENDING = "pending"
+    EXCHANGING = "exchanging"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
 def status_type(enum: type[StrEnum], length: int) -> Enum:
     """The column type for ``enum``: its values (not its member names) in a ``VARCHAR(length)``."""
     return Enum(

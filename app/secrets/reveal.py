@@ -23,12 +23,8 @@ version, never the value.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Iterable
@@ -48,21 +44,17 @@ from app.errors import (
     ServiceUnavailableError,
     UnauthorizedError,
     WorkerError,
-    WorkerUnavailableError,
 )
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
+from app.secrets import replies
 from app.secrets import service as secrets
-from app.secrets.sealing import CiphertextBytes, CiphertextError, encode_context, generate_ephemeral, open_with, seal_to
+from app.secrets.sealing import CiphertextBytes, encode_context
 
 log = logging.getLogger("latchkey.reveal")
 
-# How long a sealed reply waits in Redis for the request that asked for it.
-REPLY_TTL_SECONDS = 60
+REPLY_TTL_SECONDS = replies.REPLY_TTL_SECONDS
 RATE_WINDOW_SECONDS = 60
-# Never block on Redis for longer than this share of the client's socket timeout.
-_WAIT_SLICE_SHARE = 0.5
-_ERROR_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 class RevealDisabledError(ForbiddenError):
@@ -81,9 +73,10 @@ class RevealResult:
 
 # Shared by the web tier and the worker --------------------------------------------------------
 
-
-def reply_key(job_id: str) -> str:
-    return f"lk:reveal:{job_id}"
+reply_key = replies.reply_key
+encode_public_key = replies.encode_public_key
+decode_public_key = replies.decode_public_key
+push_reply = replies.push_reply
 
 
 def rate_key(user_id: str, window: int) -> str:
@@ -95,35 +88,14 @@ def reply_context(org_id: str, secret_id: str, job_id: str) -> bytes:
     return encode_context("reveal", org_id, secret_id, job_id)
 
 
-def encode_public_key(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def decode_public_key(text: Any) -> bytes:
-    """The reply public key from a job's params; ValueError when it is not 32 base64 bytes."""
-    if not isinstance(text, str):
-        raise ValueError("reply public key must be a base64 string")
-    try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise ValueError("reply public key is not valid base64") from None
-    if len(raw) != 32:
-        raise ValueError("reply public key must be 32 bytes")
-    return raw
-
-
 def seal_reply(reply_public_key: str, org_id: str, secret_id: str, job_id: str, payload: dict[str, Any]) -> bytes:
     """Worker side: seal a reply (``{"value", "version"}`` or ``{"error"}``) to the request's key."""
-    plaintext = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return seal_to(decode_public_key(reply_public_key), plaintext, reply_context(org_id, secret_id, job_id))
+    return replies.seal_reply(reply_public_key, reply_context(org_id, secret_id, job_id), payload)
 
 
-def push_reply(client: Redis, job_id: str, sealed: bytes) -> None:
-    """Worker side: hand the sealed reply over; it expires if nobody is waiting any more."""
-    pipe = client.pipeline(transaction=True)
-    pipe.rpush(reply_key(job_id), sealed)
-    pipe.expire(reply_key(job_id), REPLY_TTL_SECONDS)
-    pipe.execute()
+def open_reply(private_key: Any, sealed: CiphertextBytes, org_id: str, secret_id: str, job_id: str) -> dict[str, Any]:
+    """Open a reply with the request's private key; CiphertextError/ValueError when it is not one."""
+    return replies.open_reply(private_key, sealed, reply_context(org_id, secret_id, job_id))
 
 
 # Worker side: the controls a compromised web tier cannot switch off ---------------------------
@@ -282,39 +254,6 @@ def check_rate_limit(client: Redis, user_id: str, limit: int, *, now: float | No
         )
 
 
-def _wait_reply(client: Redis, key: str, timeout: float) -> bytes | None:
-    """BLPOP the reply until ``timeout``; None when nothing came.
-
-    The wait is cut into slices shorter than the client's socket timeout, so a long reveal
-    timeout never trips the socket timeout of a client shared with fast commands.
-    """
-    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    slice_max = max(0.05, socket_timeout * _WAIT_SLICE_SHARE) if socket_timeout else timeout
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining < 0.01:  # BLPOP with 0 would block forever
-            return None
-        item = client.blpop([key], timeout=min(remaining, slice_max))
-        if item is not None:
-            data = item[1]
-            return data.encode("latin-1") if isinstance(data, str) else bytes(data)
-
-
-def open_reply(private_key: Any, sealed: CiphertextBytes, org_id: str, secret_id: str, job_id: str) -> dict[str, Any]:
-    """Open a reply with the request's private key; CiphertextError/ValueError when it is not one."""
-    plaintext = open_with(private_key, sealed, reply_context(org_id, secret_id, job_id))
-    reply = json.loads(plaintext.decode("utf-8"))
-    if not isinstance(reply, dict):
-        raise ValueError("reply is not an object")
-    return reply
-
-
-def _fail(session: Session, job_id: str, code: str, message: str) -> None:
-    jobs.mark_failed(session, job_id, code, message)
-    session.commit()
-
-
 def reveal(
     session: Session,
     ctx: RequestContext,
@@ -337,43 +276,22 @@ def reveal(
     org_id, sid = access.org.id, secret.id
     check_rate_limit(redis, ctx.actor.id, rate_limit)
 
-    private_key, public_raw = generate_ephemeral()
+    private_key, public_key = replies.new_key_pair()
     job = jobs.create_job(
         session,
         ctx,
         org_id=org_id,
         kind=TaskName.REVEAL_VALUE,
-        params={"secret_id": sid, "reply_public_key": encode_public_key(public_raw)},
+        params={"secret_id": sid, "reply_public_key": public_key},
     )
     job_id = job.id
     # The request waits for the worker, so the job goes out now (on commit), not after the handler.
     session.commit()
-
-    key = reply_key(job_id)
-    try:
-        sealed = _wait_reply(redis, key, timeout)
-    except RedisError as exc:
-        log.error("reveal job %s: reply channel unavailable: %s", job_id, type(exc).__name__)
-        _fail(session, job_id, "unavailable", "the reveal reply channel was unavailable")
-        raise ServiceUnavailableError("the reveal reply channel is unavailable; try again shortly") from None
-    if sealed is None:
-        log.warning("reveal job %s: no worker answered within %.1f s", job_id, timeout)
-        _fail(session, job_id, "worker_unavailable", "no worker answered the reveal in time")
-        raise WorkerUnavailableError(f"no worker answered within {timeout:g} s; try again")
-    try:
-        # A redelivered job may have pushed a second (sealed) reply: drop it with the key.
-        redis.delete(key)
-    except RedisError:
-        pass  # it expires on its own
-
-    try:
-        reply = open_reply(private_key, sealed, org_id, sid, job_id)
-    except (CiphertextError, ValueError):
-        log.error("reveal job %s: the reply did not open", job_id)
-        raise ServiceUnavailableError("the worker's reply could not be opened; try again") from None
-    if "error" in reply:
-        given = reply["error"]
-        code = given if isinstance(given, str) and _ERROR_CODE_RE.fullmatch(given) else "error"
+    reply = replies.wait_for_reply(
+        session, redis, job_id, private_key, reply_context(org_id, sid, job_id), timeout=timeout, what="reveal"
+    )
+    code = replies.error_code(reply)
+    if code is not None:
         if code == "secret_not_found":  # deleted between our check and the worker's read
             raise NotFoundError("secret not found")
         # The worker's own controls (RevealGate): the same answers as the web tier's checks.

@@ -28,8 +28,13 @@ from app.secrets.sealing import seal, secret_context
 # Queries ---------------------------------------------------------------------------------
 
 
+# An org's own secrets. A connection's tokens (kind "connection", app/mcp/tokens.py) are in the
+# same table, for the same sealing, rotation and cache, but no one lists, reveals, edits or binds them.
+MANAGED = "managed"
+
+
 def _managed(org_id: str) -> Any:
-    return select(Secret).where(Secret.org_id == org_id, Secret.ciphertext.is_not(None))
+    return select(Secret).where(Secret.org_id == org_id, Secret.kind == MANAGED, Secret.ciphertext.is_not(None))
 
 
 def _row(session: Session, org: Org, secret_id: str, *, for_update: bool = False) -> Secret:
@@ -84,7 +89,9 @@ def check_secret_ref(session: Session, org: Org, secret_ref: str | None) -> str:
     if not secret_ref:  # None (an explicit null in an edit) or empty
         raise ValidationFailedError.single("secret_ref", "must be the id of a secret of this org")
     found = session.scalar(
-        select(Secret.id).where(Secret.org_id == org.id, Secret.id == secret_ref, Secret.ciphertext.is_not(None))
+        select(Secret.id).where(
+            Secret.org_id == org.id, Secret.id == secret_ref, Secret.kind == MANAGED, Secret.ciphertext.is_not(None)
+        )
     )
     if found is None:
         raise ValidationFailedError.single("secret_ref", "no secret with this id in this org")

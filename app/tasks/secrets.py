@@ -15,10 +15,11 @@ from app.context import Actor, RequestContext
 from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
-from app.models import Job
+from app.models import Job, Secret
 from app.observability.metrics import WORKER_REVEALS
 from app.secrets import reveal
 from app.secrets.invalidation import Invalidator
+from app.secrets.service import MANAGED
 from app.secrets.resolver import ResolverUnavailableError, SecretNotFoundError
 from app.tasks.runtime import (
     JobFailedError,
@@ -76,6 +77,15 @@ def _requested_by(ctx: WorkerContext, job_id: str) -> str | None:
     """The job row's ``created_by``: whom the per-user limit counts (advisory: the web tier writes it)."""
     with ctx.db.session() as s:
         return s.scalar(select(Job.created_by).where(Job.id == job_id))
+
+
+def _revealable(ctx: WorkerContext, org_id: str, secret_id: str) -> None:
+    """Only an org's own secrets are revealed: a connection's tokens (kind ``connection``) are
+    never, whatever a job row says (a forged one names any id), and look like a missing secret."""
+    with ctx.db.session() as s:
+        kind = s.scalar(select(Secret.kind).where(Secret.org_id == org_id, Secret.id == secret_id))
+    if kind != MANAGED:
+        raise SecretNotFoundError()
 
 
 def _admit(ctx: WorkerContext, org_id: str, user_id: str | None) -> None:
@@ -144,6 +154,7 @@ def reveal_value(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
 
     user_id = _requested_by(ctx, job.id)
     try:
+        _revealable(ctx, job.org_id, secret_id)
         _admit(ctx, job.org_id, user_id)
         resolved = ctx.resolver.resolve(job.org_id, secret_id)
     except WorkerError as exc:
