@@ -74,6 +74,11 @@ class Settings(BaseModel):
     secret_l2_max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Bound on one MCP exchange (handshake + tools/list or a tool call).
     mcp_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    # This deployment's own address as browsers reach it: OAuth authorization servers send the
+    # user back to {public_url}/oauth/callback (web tier), and workers register that redirect URI.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$")
+    # How long a started OAuth authorization may be completed (the ceiling: 10 minutes).
+    oauth_flow_ttl_seconds: int = Field(default=600, ge=30, le=600)
     # How often beat re-validates valid MCP servers to refresh their tool lists.
     mcp_refresh_seconds: float = Field(default=6 * 3600, ge=60)
     log_level: str = "INFO"
@@ -145,6 +150,10 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
+
+    @property
+    def oauth_redirect_uri(self) -> str | None:
+        return self.public_url.rstrip("/") + "/oauth/callback" if self.public_url else None
 
     @property
     def effective_worker_redis_url(self) -> str:

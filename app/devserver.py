@@ -52,7 +52,7 @@ def start_embedded_redis() -> str:
     return f"redis://127.0.0.1:{server.server_address[1]}/0"
 
 
-def dev_settings(instance: Path, redis_url: str) -> Settings:
+def dev_settings(instance: Path, redis_url: str, public_url: str = "http://127.0.0.1:5080") -> Settings:
     ring_path, public_keys = _dev_keyring(instance)
     env = {
         "LATCHKEY_ENV": Environment.DEVELOPMENT.value,
@@ -66,6 +66,8 @@ def dev_settings(instance: Path, redis_url: str) -> Settings:
         "LATCHKEY_EGRESS_ALLOW_HTTP_HOSTS": "127.0.0.1,localhost",
         # People read the dev console; production defaults to JSON lines.
         "LATCHKEY_LOG_FORMAT": "text",
+        # Where an OAuth authorization server sends the browser back (/oauth/callback).
+        "LATCHKEY_PUBLIC_URL": public_url,
     }
     # Only these: the worker thread and the web app are both built from the returned settings.
     return load_settings(env)
@@ -115,7 +117,7 @@ def run(host: str = "127.0.0.1", port: int = 5080, instance_dir: Path = Path("in
     from app.factory import create_app
 
     instance_dir.mkdir(parents=True, exist_ok=True)
-    settings = dev_settings(instance_dir, start_embedded_redis())
+    settings = dev_settings(instance_dir, start_embedded_redis(), f"http://{host}:{port}")
     migrate.upgrade(settings.database_url)
     app = create_app(settings)
     password, token = seed(app.extensions["latchkey.db"], cli_context())

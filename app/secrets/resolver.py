@@ -272,6 +272,24 @@ class Resolver:
         _DB_LATENCY.observe(time.perf_counter() - start)
         return resolved
 
+    def resolve_current(self, org_id: str, secret_id: str) -> Resolved:
+        """The secret as the database has it now, past both caches (which it then refreshes).
+
+        For a caller that knows a newer version was just committed elsewhere (a connection's
+        token refresh, single-flight across workers) and must not wait for the invalidation.
+        """
+        generation = self._generation
+        read_at = time.time()
+        resolved, ptr = self._from_database(org_id, secret_id)
+        k = (org_id, secret_id)
+        with self._l1_lock:
+            self._l1.pop(k, None)
+        self._l1_put(k, resolved, generation)
+        if self.redis is not None:
+            self._fills_pending += 1
+            self._fills.put((org_id, secret_id, ptr, resolved, read_at))
+        return resolved
+
     # -- L1 ----------------------------------------------------------------------------
 
     def _l1_put(self, k: tuple[str, str], resolved: Resolved, generation: int, max_age: float | None = None) -> None:

@@ -19,8 +19,8 @@ from app.models import Job, Secret
 from app.observability.metrics import WORKER_REVEALS
 from app.secrets import reveal
 from app.secrets.invalidation import Invalidator
-from app.secrets.service import MANAGED
 from app.secrets.resolver import ResolverUnavailableError, SecretNotFoundError
+from app.secrets.service import MANAGED
 from app.tasks.runtime import (
     JobFailedError,
     JobView,

@@ -12,7 +12,7 @@ from flask import Flask
 from app import extensions
 
 # View modules register their routes on ``bp`` when imported.
-from app.web import agents, auth, mcp, operator, providers, secrets  # noqa: F401
+from app.web import agents, auth, connections, mcp, operator, providers, secrets  # noqa: F401
 from app.web.blueprint import bp
 from app.web.pages import init_app, security_headers
 

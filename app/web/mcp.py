@@ -9,7 +9,7 @@ from flask import flash, redirect, render_template, request, url_for
 from app.access import OrgAccess
 from app.api.request import request_context
 from app.errors import ConflictError, FieldError, ValidationFailedError
-from app.mcp import catalog
+from app.mcp import catalog, connections
 from app.mcp import service as mcp
 from app.mcp.schemas import McpServerCreate, McpServerUpdate
 from app.models import McpServer, McpServerStatus
@@ -45,6 +45,7 @@ def _render(
         transports=catalog.TRANSPORTS,
         new_secret=NEW_SECRET,
         pending=PENDING,
+        connection=connections.for_caller(db(), request_context(), [server]).get(server.id) if server else None,
     )
 
 

@@ -1,0 +1,624 @@
+"""MCP connections on the worker: prepare an authorization, redeem its code, use, refresh and revoke tokens.
+
+A connection's tokens are the sealed value of a secret of kind ``connection`` (one per
+connection, a new version per refresh), so they are resolved like any secret: an L1 hit, or
+one Redis GET on L2. The sealed JSON names the org, server and subject it belongs to and is
+checked against the connection row on every use: a row pointed at another connection's secret
+opens nothing. The secret's ``allowed_hosts`` are the MCP server's own host, so an access token
+can only ever be sent to the server it was issued for.
+
+A refresh is single-flight across every worker and process: a short Redis lock picks one
+redeemer; the others wait and adopt the version it commits. The write itself is a compare-and-
+set on the secret's version, and an ``invalid_grant`` seen while another worker's newer version
+exists is adopted too, so a rotating refresh token is redeemed once and no job fails for it.
+``invalid_grant`` (consent revoked, refresh token expired) moves the connection to
+``auth_required`` and deletes its tokens in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import redis
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.context import Actor, RequestContext
+from app.db import new_id, utcnow
+from app.egress import EgressPolicy, guarded_client
+from app.egress.urls import DEFAULT_PORTS
+from app.errors import WorkerError
+from app.jobs.context import Worker
+from app.mcp.oauth import AuthServer, OAuthClient, OAuthError, TokenSet, token_request
+from app.models import ConnectionStatus, McpConnection, McpServer, Secret
+from app.models.connections import ORG_SUBJECT, user_subject
+from app.observability import redact
+from app.secrets import cachekeys, invalidation
+from app.secrets.sealing import encode_context, seal, secret_context
+
+log = logging.getLogger("latchkey.oauth")
+WORKER = RequestContext(Actor("worker"))
+
+PAYLOAD_FORMAT: Final = "latchkey/mcp-connection/v1"
+# Renew this long before expiry (at most a quarter of the token's life, for short-lived tokens).
+REFRESH_MARGIN_SECONDS: Final = 30.0
+# The single-flight lock: held at most this long, waited for at most this long.
+LOCK_TTL_SECONDS: Final = 30.0
+LOCK_WAIT_SECONDS: Final = 25.0
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+class AuthRequiredError(WorkerError):
+    """The server needs a connection the caller (or the org) does not have, or that lost its consent."""
+
+    def __init__(self, server_name: str, reason: str = "needs a connection") -> None:
+        super().__init__("auth_required", f"MCP server {server_name!r} {reason}: connect it and try again")
+
+
+def subject_for(server: McpServer, user_id: str | None) -> str:
+    """Whose connection a call uses: the org's, or (per-user servers) the calling user's."""
+    if server.auth_type == "oauth" and server.connection_scope == "user":
+        if not user_id:
+            raise AuthRequiredError(server.name, "needs a user's own connection, and this job has no user")
+        return user_subject(user_id)
+    return ORG_SUBJECT
+
+
+def host_pattern(url: str) -> str:
+    """The ``allowed_hosts`` entry that allows exactly this URL's host and port."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    shown = f"[{host}]" if ":" in host else host
+    port = parts.port
+    if port is None or port == DEFAULT_PORTS.get(parts.scheme):
+        return shown
+    return f"{shown}:{port}"
+
+
+def flow_context(org_id: str, flow_id: str, server_id: str, subject: str) -> bytes:
+    return encode_context("oauth-flow", org_id, flow_id, server_id, subject)
+
+
+def code_context(org_id: str, flow_id: str) -> bytes:
+    return encode_context("oauth-code", org_id, flow_id)
+
+
+def state_hash(state: str) -> str:
+    return hashlib.sha256(state.encode("utf-8")).hexdigest()
+
+
+def new_state() -> str:
+    return secrets.token_urlsafe(32)
+
+
+# The sealed payload ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Everything one connection's tokens need: the tokens, the client, the authorization server."""
+
+    org_id: str
+    server_id: str
+    subject: str
+    tokens: TokenSet
+    client: OAuthClient
+    auth_server: AuthServer
+    resource: str
+    grant_type: str = "authorization_code"
+
+    def dumps(self) -> bytes:
+        data = {
+            "format": PAYLOAD_FORMAT,
+            "org": self.org_id,
+            "server": self.server_id,
+            "subject": self.subject,
+            "tokens": self.tokens.as_dict(),
+            # A pre-registered client's secret is not copied here: it is resolved from its own
+            # secret on every use, so rotating it takes effect at once.
+            "client": {
+                "client_id": self.client.client_id,
+                "auth_method": self.client.auth_method,
+                "secret": self.client.secret if not self.client.secret_hosts else None,
+            },
+            "as": {
+                "issuer": self.auth_server.issuer,
+                "authorization_endpoint": self.auth_server.authorization_endpoint,
+                "token_endpoint": self.auth_server.token_endpoint,
+                "revocation_endpoint": self.auth_server.revocation_endpoint,
+            },
+            "resource": self.resource,
+            "grant_type": self.grant_type,
+        }
+        return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def loads(cls, raw: str, *, org_id: str, server_id: str, subject: str) -> Grant:
+        """Parse a payload, refusing one that belongs to another org, server or subject."""
+        try:
+            data = json.loads(raw)
+            ok = (
+                data.get("format") == PAYLOAD_FORMAT
+                and data.get("org") == org_id
+                and data.get("server") == server_id
+                and data.get("subject") == subject
+            )
+            if not ok:
+                raise ValueError("bound elsewhere")
+            client, server = data["client"], data["as"]
+            return cls(
+                org_id=org_id,
+                server_id=server_id,
+                subject=subject,
+                tokens=TokenSet.from_dict(data["tokens"]),
+                client=OAuthClient(client["client_id"], client["auth_method"], client.get("secret")),
+                auth_server=AuthServer(
+                    issuer=server["issuer"],
+                    authorization_endpoint=server.get("authorization_endpoint") or "",
+                    token_endpoint=server["token_endpoint"],
+                    revocation_endpoint=server.get("revocation_endpoint"),
+                ),
+                resource=data["resource"],
+                grant_type=data.get("grant_type") or "authorization_code",
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.error("connection tokens of server %s (%s) do not belong to it: refused", server_id, subject)
+            raise WorkerError("connection_invalid", "the connection's stored tokens do not belong to it") from None
+
+    def with_tokens(self, tokens: TokenSet) -> Grant:
+        return Grant(
+            self.org_id,
+            self.server_id,
+            self.subject,
+            tokens,
+            self.client,
+            self.auth_server,
+            self.resource,
+            self.grant_type,
+        )
+
+
+def _expires_soon(tokens: TokenSet, now: float) -> bool:
+    if tokens.expires_at is None:
+        return False
+    lifetime = max(0.0, tokens.expires_at - (tokens.issued_at or tokens.expires_at))
+    margin = min(REFRESH_MARGIN_SECONDS, lifetime / 4)
+    return now >= tokens.expires_at - margin
+
+
+def _dt(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, UTC) if epoch is not None else None
+
+
+# Storing tokens ------------------------------------------------------------------------------------
+
+
+def store(session: Session, ctx: Worker, connection: McpConnection, server: McpServer, grant: Grant) -> int:
+    """Seal ``grant`` as the connection's next token version (a new secret on first connect); the version."""
+    keys = ctx.resolver.keyring.public_set()
+    now = utcnow()
+    hosts = [host_pattern(server.url)]
+    if connection.secret_id is None:
+        secret_id = new_id()
+        sealed = seal(keys, grant.dumps(), secret_context(connection.org_id, secret_id, 1))
+        session.add(
+            Secret(
+                id=secret_id,
+                org_id=connection.org_id,
+                name=f"~connection:{connection.id}",
+                kind="connection",
+                ciphertext=sealed.ciphertext,
+                key_id=sealed.key_id,
+                version=1,
+                allowed_hosts=hosts,
+                created_by="worker",
+                updated_by="worker",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.flush()
+        connection.secret_id = secret_id
+        version = 1
+    else:
+        row = session.execute(
+            select(Secret.version).where(Secret.org_id == connection.org_id, Secret.id == connection.secret_id)
+        ).one()
+        written = _write_version(session, ctx, connection.org_id, connection.secret_id, row.version, grant, hosts)
+        if written is None:  # pragma: no cover - the caller holds the connection row lock
+            raise WorkerError("connection_conflict", "the connection changed while it was being written")
+        version = written
+    _mark_connected(connection, grant, now)
+    return version
+
+
+def _write_version(
+    session: Session, ctx: Worker, org_id: str, secret_id: str, seen: int, grant: Grant, hosts: list[str]
+) -> int | None:
+    """Compare-and-set the next version over ``seen``; None when another writer got there first."""
+    keys = ctx.resolver.keyring.public_set()
+    version = seen + 1
+    sealed = seal(keys, grant.dumps(), secret_context(org_id, secret_id, version))
+    now = utcnow()
+    result = session.execute(
+        update(Secret)
+        .where(Secret.org_id == org_id, Secret.id == secret_id, Secret.version == seen)
+        .values(
+            ciphertext=sealed.ciphertext,
+            key_id=sealed.key_id,
+            version=version,
+            revision=Secret.revision + 1,
+            allowed_hosts=hosts,
+            updated_at=now,
+            rotated_at=now,
+            updated_by="worker",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    revision = session.scalar(select(Secret.revision).where(Secret.id == secret_id))
+    invalidation.stage(session, org_id, secret_id, cachekeys.pointer(version, int(revision or 1)))
+    return version
+
+
+def _mark_connected(connection: McpConnection, grant: Grant, now: datetime) -> None:
+    connection.status = ConnectionStatus.CONNECTED
+    connection.scopes = list(grant.tokens.scopes)
+    connection.has_refresh_token = grant.tokens.refresh_token is not None
+    connection.expires_at = _dt(grant.tokens.expires_at)
+    connection.error_code = None
+    connection.error_message = None
+    connection.updated_at = now
+
+
+def drop_tokens(session: Session, connection: McpConnection, status: ConnectionStatus, code: str, message: str) -> None:
+    """The tokens are dead: delete them and record why (one transaction with the caller's other writes)."""
+    secret_id = connection.secret_id
+    connection.secret_id = None
+    connection.status = status
+    connection.has_refresh_token = False
+    connection.expires_at = None
+    connection.error_code = code
+    connection.error_message = message[:1000]
+    connection.updated_at = utcnow()
+    session.flush()
+    if secret_id is not None:
+        session.execute(delete(Secret).where(Secret.org_id == connection.org_id, Secret.id == secret_id))
+        invalidation.stage(session, connection.org_id, secret_id, cachekeys.DELETED)
+
+
+# Using tokens ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """An access token ready to send, and what the job records about it."""
+
+    token: str
+    secret_id: str
+    version: int
+    host_rules: tuple[tuple[str, ...], ...]
+    values: tuple[str, ...]
+    connection_id: str
+
+
+def _client_secret(ctx: Worker, server: McpServer, client: OAuthClient) -> OAuthClient:
+    """The pre-registered client's secret, resolved now (only ever sent where its secret allows)."""
+    if server.oauth_client_secret_ref is None or client.client_id != server.oauth_client_id:
+        return client
+    resolved = ctx.resolver.resolve(server.org_id, server.oauth_client_secret_ref)
+    method = server.oauth_client_auth or client.auth_method
+    return OAuthClient(client.client_id, method, resolved.value, tuple(resolved.allowed_hosts) or ("*",))
+
+
+def client_factory(ctx: Worker) -> Any:
+    policy = EgressPolicy.from_settings(ctx.settings)
+
+    def factory(hosts: Sequence[str]) -> Any:
+        # "*" stands for "a pre-registered secret with no host restriction".
+        allowed = tuple(h for h in hosts if h != "*")
+        return guarded_client(policy, allowed or None, timeout=ctx.settings.mcp_timeout_seconds)
+
+    return factory
+
+
+def _load_connection(session: Session, org_id: str, server_id: str, subject: str) -> McpConnection | None:
+    return session.scalar(
+        select(McpConnection).where(
+            McpConnection.org_id == org_id, McpConnection.mcp_server_id == server_id, McpConnection.subject == subject
+        )
+    )
+
+
+def _open(ctx: Worker, connection: McpConnection, *, current: bool = False) -> tuple[Grant, int]:
+    assert connection.secret_id is not None
+    resolve = ctx.resolver.resolve_current if current else ctx.resolver.resolve
+    resolved = resolve(connection.org_id, connection.secret_id)
+    grant = Grant.loads(
+        resolved.value, org_id=connection.org_id, server_id=connection.mcp_server_id, subject=connection.subject
+    )
+    for value in grant.tokens.values():
+        redact.register(value)
+    return grant, resolved.version
+
+
+def access(ctx: Worker, server: McpServer, user_id: str | None, *, force_refresh: bool = False) -> Access:
+    """A current access token for ``server`` on behalf of ``user_id`` (or the org); refreshed if due."""
+    subject = subject_for(server, user_id)
+    with ctx.db.session() as s:
+        connection = _load_connection(s, server.org_id, server.id, subject)
+        if connection is not None:
+            s.expunge(connection)
+    if server.auth_type == "oauth_client_credentials":
+        if connection is None or connection.secret_id is None or connection.status != ConnectionStatus.CONNECTED:
+            return _client_credentials(ctx, server, seen_version=None)
+    elif connection is None or connection.status != ConnectionStatus.CONNECTED or connection.secret_id is None:
+        reason = "needs a connection" if connection is None else f"connection is {connection.status}"
+        if connection is not None and connection.status == ConnectionStatus.AUTH_REQUIRED:
+            reason = "lost its authorization"
+        raise AuthRequiredError(server.name, reason)
+    grant, version = _open(ctx, connection)
+    if force_refresh or _expires_soon(grant.tokens, time.time()):
+        if server.auth_type == "oauth_client_credentials":
+            return _client_credentials(ctx, server, seen_version=version)
+        grant, version = _refresh(ctx, server, connection, grant, version)
+    return Access(
+        token=grant.tokens.access_token,
+        secret_id=connection.secret_id or "",
+        version=version,
+        host_rules=((host_pattern(server.url),),),
+        values=grant.tokens.values(),
+        connection_id=connection.id,
+    )
+
+
+class _Lock:
+    """A short Redis lock naming one redeemer per connection (the worker Redis, shared by every worker)."""
+
+    def __init__(self, ctx: Worker, connection_id: str) -> None:
+        self.client = redis.Redis.from_url(
+            ctx.settings.effective_worker_redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self.key = f"lk:oauth:refresh:{ctx.settings.queue}:{connection_id}"
+        self.holder = secrets.token_hex(8)
+
+    def acquire(self) -> bool:
+        try:
+            return bool(self.client.set(self.key, self.holder, nx=True, px=int(LOCK_TTL_SECONDS * 1000)))
+        except redis.RedisError as exc:
+            message = f"the refresh lock is unavailable ({type(exc).__name__})"
+            raise WorkerError("refresh_lock_unavailable", message) from None
+
+    def release(self) -> None:
+        try:
+            self.client.eval(_RELEASE, 1, self.key, self.holder)
+        except redis.RedisError:
+            pass  # it expires on its own
+        finally:
+            self.client.close()
+
+
+def _current_version(ctx: Worker, connection: McpConnection) -> tuple[int | None, ConnectionStatus | None]:
+    with ctx.db.session() as s:
+        row = s.execute(
+            select(Secret.version, McpConnection.status)
+            .join(
+                Secret, (Secret.id == McpConnection.secret_id) & (Secret.org_id == McpConnection.org_id), isouter=True
+            )
+            .where(McpConnection.id == connection.id)
+        ).first()
+    if row is None:
+        return None, None
+    return row[0], row[1]
+
+
+def _adopt(ctx: Worker, server: McpServer, connection: McpConnection, seen: int) -> tuple[Grant, int] | None:
+    """The newer version another worker committed, if there is one now."""
+    version, status = _current_version(ctx, connection)
+    if status is not None and status != ConnectionStatus.CONNECTED:
+        raise AuthRequiredError(server.name, "lost its authorization")
+    if version is None:
+        raise AuthRequiredError(server.name, "lost its authorization")
+    if version > seen:
+        return _open(ctx, connection, current=True)
+    return None
+
+
+def _refresh(ctx: Worker, server: McpServer, connection: McpConnection, grant: Grant, seen: int) -> tuple[Grant, int]:
+    """Renew the access token once across every worker; the others wait and adopt its version."""
+    if grant.tokens.refresh_token is None:
+        with ctx.db.session() as s:
+            row = s.get(McpConnection, connection.id, with_for_update=True)
+            if row is not None:
+                row.status = ConnectionStatus.EXPIRED
+                row.updated_at = utcnow()
+        raise AuthRequiredError(server.name, "has an expired token and no refresh token")
+    lock = _Lock(ctx, connection.id)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    try:
+        while not lock.acquire():
+            adopted = _adopt(ctx, server, connection, seen)
+            if adopted is not None:
+                return adopted
+            if time.monotonic() > deadline:
+                raise WorkerError("refresh_timeout", "another worker's token refresh did not finish in time")
+            time.sleep(0.05)
+        # Holding the lock: someone may have finished just before we took it.
+        adopted = _adopt(ctx, server, connection, seen)
+        if adopted is not None:
+            return adopted
+        return _redeem(ctx, server, connection, grant, seen)
+    finally:
+        lock.release()
+
+
+def _redeem(ctx: Worker, server: McpServer, connection: McpConnection, grant: Grant, seen: int) -> tuple[Grant, int]:
+    client = _client_secret(ctx, server, grant.client)
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": grant.tokens.refresh_token or "",
+        "resource": grant.resource,
+    }
+    try:
+        tokens = token_request(client_factory(ctx), grant.auth_server, client, form)
+    except OAuthError as exc:
+        if exc.code != "invalid_grant":
+            raise
+        # A rotating token another worker redeemed (its lock lapsed): adopt its version.
+        adopted = _adopt(ctx, server, connection, seen)
+        if adopted is not None:
+            return adopted
+        with ctx.db.session() as s:
+            row = s.get(McpConnection, connection.id, with_for_update=True)
+            if row is not None and row.secret_id == connection.secret_id:
+                drop_tokens(s, row, ConnectionStatus.AUTH_REQUIRED, exc.code, exc.message)
+            audit.record(
+                s,
+                WORKER,
+                "mcp_connection.refresh_failed",
+                org_id=connection.org_id,
+                target_type="mcp_server",
+                target_id=server.id,
+                details={"connection_id": connection.id, "subject": connection.subject, "code": exc.code},
+            )
+        raise AuthRequiredError(server.name, "lost its authorization (the refresh was refused)") from None
+    if tokens.refresh_token is None:
+        # RFC 6749 §6: no new refresh token means the old one stays valid.
+        tokens = TokenSet(
+            tokens.access_token,
+            grant.tokens.refresh_token,
+            tokens.expires_at,
+            tokens.issued_at,
+            tokens.scopes or grant.tokens.scopes,
+        )
+    for value in tokens.values():
+        redact.register(value)
+    renewed = grant.with_tokens(tokens)
+    with ctx.db.session() as s:
+        row = s.get(McpConnection, connection.id, with_for_update=True)
+        if row is None or row.secret_id != connection.secret_id:
+            raise AuthRequiredError(server.name, "was disconnected")
+        version = _write_version(
+            s, ctx, row.org_id, connection.secret_id or "", seen, renewed, [host_pattern(server.url)]
+        )
+        if version is None:
+            raise WorkerError("connection_conflict", "another worker wrote the connection's tokens first")
+        _mark_connected(row, renewed, utcnow())
+        audit.record(
+            s,
+            WORKER,
+            "mcp_connection.refresh",
+            org_id=row.org_id,
+            target_type="mcp_server",
+            target_id=server.id,
+            details={"connection_id": row.id, "subject": row.subject, "version": version},
+        )
+    log.info("connection %s refreshed (version %s)", connection.id, version)
+    return renewed, version
+
+
+def _client_credentials(ctx: Worker, server: McpServer, *, seen_version: int | None) -> Access:
+    """Machine to machine: a token from the client credentials grant, cached until it expires."""
+    from app.mcp import oauth
+
+    if not server.oauth_client_id or not server.oauth_client_secret_ref:
+        raise WorkerError("oauth_not_configured", "the server's client credentials are not configured")
+    lock = _Lock(ctx, f"cc:{server.id}")
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    try:
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise WorkerError("refresh_timeout", "another worker's token request did not finish in time")
+            time.sleep(0.05)
+        with ctx.db.session() as s:
+            connection = _load_connection(s, server.org_id, server.id, ORG_SUBJECT)
+            if connection is not None:
+                s.expunge(connection)
+        if (
+            connection is not None
+            and connection.secret_id is not None
+            and connection.status == ConnectionStatus.CONNECTED
+        ):
+            grant, version = _open(ctx, connection, current=True)
+            if (seen_version is None or version > seen_version) and not _expires_soon(grant.tokens, time.time()):
+                return Access(
+                    grant.tokens.access_token,
+                    connection.secret_id,
+                    version,
+                    ((host_pattern(server.url),),),
+                    grant.tokens.values(),
+                    connection.id,
+                )
+        with client_factory(ctx)(()) as http:
+            found = oauth.discover(http, server.url)
+        client = _client_secret(
+            ctx, server, OAuthClient(server.oauth_client_id, server.oauth_client_auth or "client_secret_basic")
+        )
+        form = {"grant_type": "client_credentials", "resource": found.resource}
+        scopes = server.oauth_scopes or list(found.scopes)
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        tokens = token_request(client_factory(ctx), found.server, client, form)
+        for value in tokens.values():
+            redact.register(value)
+        grant = Grant(
+            server.org_id,
+            server.id,
+            ORG_SUBJECT,
+            tokens,
+            OAuthClient(client.client_id, client.auth_method),
+            found.server,
+            found.resource,
+            "client_credentials",
+        )
+        with ctx.db.session() as s:
+            row = _load_connection(s, server.org_id, server.id, ORG_SUBJECT)
+            if row is None:
+                now = utcnow()
+                row = McpConnection(
+                    id=new_id(),
+                    org_id=server.org_id,
+                    mcp_server_id=server.id,
+                    subject=ORG_SUBJECT,
+                    user_id=None,
+                    status=ConnectionStatus.CONNECTED,
+                    scopes=[],
+                    wanted_scopes=[],
+                    connected_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(row)
+                s.flush()
+            live = s.get(McpServer, server.id)
+            if live is None:
+                raise WorkerError("not_found", "the MCP server no longer exists")
+            version = store(s, ctx, row, live, grant)
+            secret_id = row.secret_id or ""
+            audit.record(
+                s,
+                WORKER,
+                "mcp_connection.token",
+                org_id=server.org_id,
+                target_type="mcp_server",
+                target_id=server.id,
+                details={"connection_id": row.id, "grant_type": "client_credentials", "version": version},
+            )
+            connection_id = row.id
+        return Access(
+            tokens.access_token, secret_id, version, ((host_pattern(server.url),),), tokens.values(), connection_id
+        )
+    finally:
+        lock.release()

@@ -1,0 +1,73 @@
+"""MCP connection pages: Connect / Reconnect / Disconnect, the OAuth callback, and "My connections"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, flash, redirect, render_template, request, url_for
+
+from app.access import OrgAccess
+from app.api.request import request_context
+from app.mcp import connections
+from app.mcp import service as mcp
+from app.models import User
+from app.web.pages import db, page
+from app.web.secrets import public_keys
+from app.web.signin import current_user_or_none
+
+
+@page("/orgs/<org>/connections", org_role="member")
+def my_connections(access: OrgAccess) -> str:
+    """The org's OAuth servers and the connection the caller's runs use on each."""
+    rows = connections.my_connections(db(), request_context(), access)
+    return render_template("mcp/connections.html", rows=rows)
+
+
+@page("/orgs/<org>/mcp-servers/<server_id>/connect", ["POST"], org_role="member")
+def connect_mcp_server(access: OrgAccess, server_id: str) -> Any:
+    """Send the user to the authorization server (a worker prepares the URL)."""
+    settings = current_app.config["LATCHKEY_SETTINGS"]
+    start = connections.connect(
+        db(),
+        request_context(),
+        access,
+        server_id,
+        redis=current_app.extensions["latchkey.redis"],
+        timeout=settings.reveal_timeout_seconds + settings.mcp_timeout_seconds,
+        flow_ttl=settings.oauth_flow_ttl_seconds,
+    )
+    return redirect(start.authorization_url, code=303)
+
+
+@page("/orgs/<org>/mcp-servers/<server_id>/disconnect", ["POST"], org_role="member")
+def disconnect_mcp_server(access: OrgAccess, server_id: str) -> Any:
+    """Disconnect now; a worker revokes the tokens at the server."""
+    connections.disconnect(db(), request_context(), access, server_id)
+    flash("Disconnected.", "success")
+    return redirect(
+        request.form.get("next") or url_for("web.mcp_server_detail", org=access.org.slug, server_id=server_id)
+    )
+
+
+@page("/oauth/callback")
+def oauth_callback() -> Any:
+    """Where the authorization server sends the user back: the code goes, sealed, to a worker."""
+    user = current_user_or_none()
+    assert isinstance(user, User)  # page() signs the visitor in first
+    _job, server, org = connections.complete(
+        db(),
+        request_context(),
+        user,
+        public_keys(),
+        state=request.args.get("state"),
+        code=request.args.get("code"),
+        error=request.args.get("error"),
+    )
+    flash(f"Connected to {server.name}; listing its tools now.", "success")
+    return redirect(url_for("web.mcp_server_detail", org=org.slug, server_id=server.id))
+
+
+def connection_of(access: OrgAccess, server_id: str) -> Any:
+    """The caller's connection state on one server (for the detail page), None if it has none."""
+    server = mcp.get_server(db(), access, server_id)
+    return connections.for_caller(db(), request_context(), [server]).get(server.id)
