@@ -100,6 +100,7 @@ def settings(
         egress_allow_private=True,
         egress_allow_http_hosts="127.0.0.1,localhost",
         mcp_timeout_seconds=2.0,
+        public_url="http://127.0.0.1:5080",
         gateway_token=GATEWAY_TOKEN,
         ai_gateway_base_url=llm_server.url,
     )

@@ -22,7 +22,7 @@ from app.access import OrgAccess, org_access
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
-from app.errors import BadRequestError, ConflictError, LatchkeyError, NotFoundError, UnauthorizedError
+from app.errors import ConflictError, ForbiddenError, LatchkeyError, NotFoundError, UnauthorizedError
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.mcp import authorization, grants
@@ -38,11 +38,13 @@ class OAuthNotConfiguredError(ConflictError):
     code, title = "oauth_not_configured", "The MCP server does not use OAuth connections"
 
 
-class InvalidStateError(BadRequestError):
+class InvalidStateError(NotFoundError):
+    """Unknown, another user's, used or expired: all look alike (nothing to learn from which)."""
+
     code, title = "invalid_state", "Unknown, used or expired authorization"
 
 
-class AuthorizationDeniedError(BadRequestError):
+class AuthorizationDeniedError(ForbiddenError):
     code, title = "authorization_denied", "The authorization server did not grant access"
 
 

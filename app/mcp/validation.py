@@ -21,7 +21,7 @@ from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
-from app.mcp import legacy, service
+from app.mcp import grants, legacy, service
 from app.mcp.client import list_tools
 from app.models import McpServer, McpServerStatus
 from app.observability import redact
@@ -47,32 +47,46 @@ class Snapshot:
     transport: str
     secret_ref: str | None
     legacy_token: str | None
+    # service.destination() of the server when the validation began.
+    recorded: dict[str, Any]
+    # Whose connection an OAuth server is called with (None: the org's).
+    user_id: str | None = None
+    server: McpServer | None = None
 
     def matches(self, server: McpServer) -> bool:
         """The server still is where this validation connected (one definition: ``destination``)."""
-        return service.destination(server) == {
-            "server_id": self.server_id,
-            "url": self.url,
-            "transport": self.transport,
-            "secret_ref": self.secret_ref,
-        }
+        return service.destination(server) == self.recorded
 
 
 def _load(ctx: Worker, job: RunJob) -> Snapshot:
     """The server the job was queued for, checked against its recorded destination first."""
-    recorded = {key: job.params.get(key) for key in ("server_id", "url", "transport", "secret_ref")}
-    server_id = str(recorded["server_id"] or "")
+    server_id = str(job.params.get("server_id") or "")
     with ctx.db.session() as s:
         server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
         if server is None:
             raise ServerGoneError("not_found", "the MCP server no longer exists")
         org_id = server.org_id
-        changed = egress_audit.changed_fields(recorded, service.destination(server))
+        current = service.destination(server)
+        recorded = {key: job.params.get(key) for key in current}
+        changed = egress_audit.changed_fields(recorded, current)
         if not changed:
             # Before the contract migration, a server not yet backfilled may still carry a raw token.
             token = legacy.token(s, server.org_id, server.id) if server.secret_ref is None else None
             server.status = McpServerStatus.VALIDATING
-            return Snapshot(server.org_id, server.id, server.url, server.transport, server.secret_ref, token)
+            user_id = job.params.get("user_id")
+            s.flush()
+            s.expunge(server)
+            return Snapshot(
+                server.org_id,
+                server.id,
+                server.url,
+                server.transport,
+                server.secret_ref,
+                token,
+                current,
+                user_id if isinstance(user_id, str) else None,
+                server,
+            )
     # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and
     # the server's status is left to the validation its change queued.
     raise egress_audit.stale(
@@ -89,6 +103,10 @@ def _load(ctx: Worker, job: RunJob) -> Snapshot:
 
 def _credential(ctx: Worker, snap: Snapshot, reads: list[dict[str, Any]]) -> tuple[str | None, tuple[str, ...]]:
     """The bearer token to send and the hosts it may go to."""
+    if snap.server is not None and snap.server.auth_type != "static":
+        granted = grants.access(ctx, snap.server, snap.user_id)
+        reads.append({"secret_id": granted.secret_id, "version": granted.version})
+        return granted.token, granted.host_rules[0]
     if snap.secret_ref is not None:
         resolved = ctx.resolver.resolve(snap.org_id, snap.secret_ref)
         reads.append({"secret_id": resolved.secret_id, "version": resolved.version})

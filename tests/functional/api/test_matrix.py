@@ -28,6 +28,8 @@ class Endpoint:
     path: str  # {org}, {secret}, {user} are filled in per case
     admin_only: bool
     body: dict[str, Any] | None = None
+    # Succeeding needs a real authorization server and a worker: tests/e2e/workers/test_oauth_connections.py.
+    succeeds_in: str | None = None
 
     @property
     def rule(self) -> str:
@@ -37,6 +39,7 @@ class Endpoint:
             .replace("{user}", "<user_id>")
             .replace("{job}", "<job_id>")
             .replace("{mcp}", "<server_id>")
+            .replace("{oauth}", "<server_id>")
             .replace("{provider}", "<provider_id>")
             .replace("{agent}", "<agent_id>")
             .replace("{run}", "<run_id>")
@@ -70,6 +73,15 @@ ENDPOINTS = [
     Endpoint("DELETE", "orgs/{org}/mcp-servers/{mcp}", True),
     Endpoint("POST", "orgs/{org}/mcp-servers/{mcp}/validate", False),
     Endpoint("GET", "orgs/{org}/mcp-servers/{mcp}/tools", False),
+    # A per-user OAuth server: members connect and disconnect themselves.
+    Endpoint(
+        "POST",
+        "orgs/{org}/mcp-servers/{oauth}/connect",
+        False,
+        succeeds_in="tests/e2e/workers/test_oauth_connections.py",
+    ),
+    Endpoint("GET", "orgs/{org}/mcp-servers/{oauth}/connection", False),
+    Endpoint("DELETE", "orgs/{org}/mcp-servers/{oauth}/connection", False),
     Endpoint("GET", "orgs/{org}/providers", False),
     Endpoint(
         "POST",
@@ -136,6 +148,8 @@ class World:
     other_job: str
     mcp: str
     other_mcp: str
+    oauth: str
+    other_oauth: str
     provider: str
     other_provider: str
     agent: str
@@ -192,6 +206,8 @@ def _build_world(factory: Factory, home: str, away: str) -> World:
         # Bound to secrets of their own, so deleting the world's secret is still allowed.
         mcp=_mcp(factory, org, factory.secret(admin, org, name="HOME_MCP")["id"]),
         other_mcp=_mcp(factory, other, factory.secret(other_admin, other, name="AWAY_MCP")["id"]),
+        oauth=_oauth(factory, org, [admin.user_id, member.user_id]),
+        other_oauth=_oauth(factory, other, [other_admin.user_id, other_member.user_id]),
         provider=home_provider,
         other_provider=away_provider,
         agent=home_agent,
@@ -230,6 +246,7 @@ def _ids(world: World, *, own: bool, user: str) -> dict[str, str]:
         "secret": w.secret if own else w.other_secret,
         "job": w.job if own else w.other_job,
         "mcp": w.mcp if own else w.other_mcp,
+        "oauth": w.oauth if own else w.other_oauth,
         "provider": w.provider if own else w.other_provider,
         "agent": w.agent if own else w.other_agent,
         "run": w.run if own else w.other_run,
@@ -253,6 +270,42 @@ def _mcp(factory: Factory, slug: str, secret_id: str) -> str:
             secret_ref=secret_id,
         )
         s.add(server)
+        return server.id
+
+
+def _oauth(factory: Factory, slug: str, connected_users: list[str]) -> str:
+    """A per-user OAuth server, and a connection (rows only) for each of these users."""
+    from app.db import new_id, utcnow
+    from app.identity import service as identity
+    from app.models import ConnectionStatus, McpConnection, McpServer
+    from app.models.connections import user_subject
+
+    with factory.db.session() as s:
+        org_id = identity.get_org(s, slug).id
+        server = McpServer(
+            id=new_id(),
+            org_id=org_id,
+            name="OAuth",
+            url="https://oauth.test/mcp",
+            auth_type="oauth",
+            connection_scope="user",
+        )
+        s.add(server)
+        s.flush()
+        for user_id in connected_users:
+            s.add(
+                McpConnection(
+                    id=new_id(),
+                    org_id=org_id,
+                    mcp_server_id=server.id,
+                    subject=user_subject(user_id),
+                    user_id=user_id,
+                    status=ConnectionStatus.CONNECTED,
+                    scopes=[],
+                    wanted_scopes=[],
+                    connected_at=utcnow(),
+                )
+            )
         return server.id
 
 
@@ -326,7 +379,7 @@ def test_another_orgs_ids_are_404(shared_world: World, endpoint: Endpoint, db: A
     world = shared_world
     has_ids = any(
         p in endpoint.path
-        for p in ("{secret}", "{user}", "{job}", "{mcp}", "{provider}", "{agent}", "{run}", "{invitation}")
+        for p in ("{secret}", "{user}", "{job}", "{mcp}", "{oauth}", "{provider}", "{agent}", "{run}", "{invitation}")
     )
     if has_ids:
         # The caller's own org in the path, with the other org's resource ids.
@@ -370,13 +423,15 @@ def test_missing_or_invalid_token_is_401(
     assert resp.get_json()["code"] == "unauthorized"
 
 
-@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.admin_only], ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize(
+    "endpoint", [e for e in ORG_SCOPED if not e.admin_only and not e.succeeds_in], ids=lambda e: f"{e.method} {e.path}"
+)
 def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> None:
     resp = _call(world.member, endpoint, world.org, _ids(world, own=True, user=world.admin.user_id))
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
 
-@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.succeeds_in], ids=lambda e: f"{e.method} {e.path}")
 def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: pytest.FixtureRequest) -> None:
     if endpoint.path.endswith("/reveal"):
         request.getfixturevalue("worker")  # a reveal is answered by a worker
