@@ -706,6 +706,11 @@ ORG_ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/orgs/<org>/mcp-servers/<server_id>/status", "member"),
     ("POST", "/orgs/<org>/mcp-servers/<server_id>/validate", "member"),
     ("POST", "/orgs/<org>/mcp-servers/<server_id>/delete", "admin"),
+    # Per-user OAuth servers: any member connects and disconnects themselves (the world's server
+    # is not an OAuth one: 409; tests/e2e/ui covers a real connection).
+    ("POST", "/orgs/<org>/mcp-servers/<server_id>/connect", "member"),
+    ("POST", "/orgs/<org>/mcp-servers/<server_id>/disconnect", "member"),
+    ("GET", "/orgs/<org>/connections", "member"),
     ("GET", "/orgs/<org>/agents", "member"),
     ("GET", "/orgs/<org>/agents/new", "member"),
     ("POST", "/orgs/<org>/agents/new", "member"),
