@@ -6,8 +6,9 @@ database, settings, a resolver and the job: the tests call it directly.
 Before anything is resolved, the rows are compared with the destinations recorded when the run
 was queued (provider endpoint and key, each tool server's URL and secret): a run whose
 destinations changed since ends ``stale`` and sends nothing. The provider key and each MCP
-server's token are then resolved here and go only into HTTP headers (model calls through the
-egress guard, tool calls through the MCP client). The model sees the system prompt, the user's
+server's credentials (its bearer secret and header secrets, ``app.mcp.credentials``) are then
+resolved here, once per run, and go only into HTTP headers (model calls through the egress
+guard, tool calls through the MCP client). The model sees the system prompt, the user's
 input, and tool results, all passed through the run's own masker first; the stored output,
 events and errors are masked too. That masker holds only the values resolved in this run (and
 the worker's gateway token), never the process-wide registry of every org's values: masking
@@ -36,6 +37,7 @@ from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
 from app.mcp.client import call_tool
+from app.mcp.credentials import HeaderSpec, ServerCredentials, header_specs, static_credentials
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
 from app.observability import redact
 from app.secrets.resolver import SecretNotFoundError
@@ -57,6 +59,7 @@ class BoundTool:
     url: str
     transport: str
     secret_ref: str | None
+    headers: tuple[HeaderSpec, ...]
     status: McpServerStatus
     spec: ToolSpec
     tool_name: str
@@ -74,6 +77,8 @@ class RunState:
     masker: redact.Registry = field(default_factory=redact.Registry)
     # secret id -> what it resolved to, for the tool calls.
     resolved: dict[str, Any] = field(default_factory=dict)
+    # MCP server id -> the headers and host rules of its tool calls, built once per run.
+    credentials: dict[str, ServerCredentials] = field(default_factory=dict)
 
     def event(self, kind: str, **data: Any) -> None:
         # Masked on the way in: nothing that reaches the run row can carry a value of this run.
@@ -123,7 +128,14 @@ def _load(ctx: Worker, job: RunJob) -> tuple[AgentRun, Agent, Provider, list[Bou
             spec = ToolSpec(exposed, tool.description if tool else None, tool.input_schema if tool else {})
             tools.append(
                 BoundTool(
-                    server.id, server.url, server.transport, server.secret_ref, server.status, spec, link.tool_name
+                    server.id,
+                    server.url,
+                    server.transport,
+                    server.secret_ref,
+                    header_specs(server),
+                    server.status,
+                    spec,
+                    link.tool_name,
                 )
             )
         current = agents_service.run_destinations(provider, [server for _link, server, _tool in rows])
@@ -151,20 +163,26 @@ def _tool_result_text(content: list[dict[str, Any]], structured: Any) -> str:
     return text[:MAX_TOOL_RESULT]
 
 
+def _credentials(ctx: Worker, state: RunState, tool: BoundTool) -> ServerCredentials:
+    """The tool's server's headers and host rules; its secrets resolved once per run (and so in the masker)."""
+    creds = state.credentials.get(tool.server_id)
+    if creds is None:
+        creds = state.credentials[tool.server_id] = static_credentials(
+            partial(_resolve, ctx, state), tool.secret_ref, tool.headers
+        )
+    return creds
+
+
 def _run_tool(ctx: Worker, state: RunState, tool: BoundTool, arguments: dict[str, Any]) -> tuple[bool, str]:
-    """Call one tool on its MCP server with that server's secret; (is_error, text for the model)."""
-    token: str | None = None
-    hosts: tuple[str, ...] = ()
-    if tool.secret_ref is not None:
-        resolved = _resolve(ctx, state, tool.secret_ref)
-        token, hosts = resolved.value, resolved.allowed_hosts
-    factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), hosts)
+    """Call one tool on its MCP server with that server's credentials; (is_error, text for the model)."""
+    creds = _credentials(ctx, state, tool)
+    factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), host_rules=creds.host_rules)
     result = call_tool(
         tool.url,
         tool.tool_name,
         arguments,
         transport=tool.transport,
-        token=token,
+        headers=creds.headers,
         http_client_factory=factory,
         timeout=ctx.settings.mcp_timeout_seconds,
     )
@@ -176,8 +194,7 @@ def _loop(ctx: Worker, state: RunState, agent: Agent, provider: Provider, tools:
     # Every secret the run may send is resolved up front, so that the run's masker knows each of
     # them from the first model turn on (and a missing one fails the run before the model is called).
     for bound in tools:
-        if bound.secret_ref is not None:
-            _resolve(ctx, state, bound.secret_ref)
+        _credentials(ctx, state, bound)
     gateway = ctx.settings.gateway_token.get_secret_value() if ctx.settings.gateway_token else None
     if gateway:
         redact.register(gateway)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 from app.mcp import catalog
-from app.schemas import Patch, Strict
+from app.schemas import Patch, Strict, refuse
 
 Name = Annotated[str, Field(min_length=1, max_length=catalog.MAX_NAME), AfterValidator(catalog.name)]
 Url = Annotated[str, Field(min_length=1, max_length=catalog.MAX_URL), AfterValidator(catalog.url)]
@@ -16,6 +16,46 @@ Transport = Annotated[str, Field(pattern=catalog.TRANSPORT_PATTERN)]
 SECRET_REF = Field(default=None, description="Id of a secret of this org, sent as the bearer token.")
 # Declared so that the refusal can say what to do instead (app.mcp.service refuses it).
 TOKEN = Field(default=None, description="Not accepted: create a secret and pass secret_ref.")
+HEADERS = Field(
+    default=None,
+    max_length=catalog.MAX_HEADERS,
+    description=(
+        f"Headers sent on every request, each a template over one secret (at most {catalog.MAX_HEADERS}). "
+        "A list replaces the whole set; [] removes every header."
+    ),
+)
+
+
+class HeaderIn(Strict):
+    """One credential header: ``name: value``, where ``value`` holds ``{{secret}}`` once."""
+
+    name: Annotated[str, Field(min_length=1, max_length=catalog.MAX_HEADER_NAME), AfterValidator(catalog.header_name)]
+    value: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=catalog.MAX_HEADER_TEMPLATE,
+            description=f"The header's value, with {catalog.PLACEHOLDER} where the secret's value goes.",
+        ),
+        AfterValidator(catalog.header_template),
+    ]
+    secret_ref: str = Field(description="Id of a secret of this org, substituted for {{secret}} at send time.")
+
+
+class HeaderOut(BaseModel):
+    """A credential header as stored: the template holds only the placeholder, never a value."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    value: str = Field(validation_alias="template")
+    secret_ref: str
+
+
+def _a_list(value: list[HeaderIn] | None) -> list[HeaderIn]:
+    if value is None:
+        raise refuse("must be a list of headers ([] removes every header)")
+    return value
 
 
 class McpServerCreate(Strict):
@@ -23,19 +63,21 @@ class McpServerCreate(Strict):
     url: Url
     transport: Transport = "streamable_http"
     secret_ref: str | None = SECRET_REF
+    headers: list[HeaderIn] | None = HEADERS
     token: Any = TOKEN
 
 
 class McpServerUpdate(Patch):
-    """The fields to change; a new URL, transport or secret re-queues validation."""
+    """The fields to change; a new URL, transport, secret or header set re-queues validation."""
 
-    NOTHING_TO_CHANGE = "give at least one of name, url, transport, secret_ref"
+    NOTHING_TO_CHANGE = "give at least one of name, url, transport, secret_ref, headers"
 
     # An explicit null is refused by the field's own rule (secret_ref: null unbinds).
     name: Annotated[Name | None, AfterValidator(catalog.name)] = None
     url: Annotated[Url | None, AfterValidator(catalog.url)] = None
     transport: Annotated[Transport | None, AfterValidator(catalog.transport)] = None
     secret_ref: str | None = None
+    headers: Annotated[list[HeaderIn] | None, AfterValidator(_a_list)] = HEADERS
     token: Any = TOKEN
 
 
@@ -52,6 +94,7 @@ class McpServerOut(BaseModel):
     url: str
     transport: str
     secret_ref: str | None
+    headers: list[HeaderOut]
     status: str = Field(description="pending | validating | valid | invalid")
     status_error_code: str | None = Field(exclude=True)
     status_error_message: str | None = Field(exclude=True)

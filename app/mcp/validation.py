@@ -23,6 +23,7 @@ from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
 from app.mcp import legacy, service
 from app.mcp.client import list_tools
+from app.mcp.credentials import HeaderSpec, ServerCredentials, bearer_headers, header_specs, static_credentials
 from app.models import McpServer, McpServerStatus
 from app.observability import redact
 from app.observability.metrics import LEGACY_TOKEN_READS
@@ -46,35 +47,44 @@ class Snapshot:
     url: str
     transport: str
     secret_ref: str | None
+    headers: tuple[HeaderSpec, ...]
     legacy_token: str | None
+    # service.destination(server) when the job started: the one definition of "still the same server".
+    recorded: dict[str, Any]
 
     def matches(self, server: McpServer) -> bool:
         """The server still is where this validation connected (one definition: ``destination``)."""
-        return service.destination(server) == {
-            "server_id": self.server_id,
-            "url": self.url,
-            "transport": self.transport,
-            "secret_ref": self.secret_ref,
-        }
+        return service.destination(server) == self.recorded
 
 
 def _load(ctx: Worker, job: RunJob) -> Snapshot:
     """The server the job was queued for, checked against its recorded destination first."""
-    recorded = {key: job.params.get(key) for key in ("server_id", "url", "transport", "secret_ref")}
-    server_id = str(recorded["server_id"] or "")
+    recorded = service.recorded_destination(job.params)
+    server_id = str(recorded.get("server_id") or "")
     with ctx.db.session() as s:
         server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
         if server is None:
             raise ServerGoneError("not_found", "the MCP server no longer exists")
         org_id = server.org_id
-        changed = egress_audit.changed_fields(recorded, service.destination(server))
+        current = service.destination(server)
+        # A job queued before destinations were recorded (no url) compares as changed: it fails closed.
+        changed = egress_audit.changed_fields(recorded, current)
         if not changed:
             # Before the contract migration, a server not yet backfilled may still carry a raw token.
             token = legacy.token(s, server.org_id, server.id) if server.secret_ref is None else None
             server.status = McpServerStatus.VALIDATING
-            return Snapshot(server.org_id, server.id, server.url, server.transport, server.secret_ref, token)
-    # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and
-    # the server's status is left to the validation its change queued.
+            return Snapshot(
+                server.org_id,
+                server.id,
+                server.url,
+                server.transport,
+                server.secret_ref,
+                header_specs(server),
+                token,
+                current,
+            )
+    # Unbound, re-bound, re-pointed or given other headers since the job was queued: nothing is
+    # resolved or sent, and the server's status is left to the validation its change queued.
     raise egress_audit.stale(
         ctx.db,
         job.id,
@@ -87,19 +97,15 @@ def _load(ctx: Worker, job: RunJob) -> Snapshot:
     )
 
 
-def _credential(ctx: Worker, snap: Snapshot, reads: list[dict[str, Any]]) -> tuple[str | None, tuple[str, ...]]:
-    """The bearer token to send and the hosts it may go to."""
-    if snap.secret_ref is not None:
-        resolved = ctx.resolver.resolve(snap.org_id, snap.secret_ref)
-        reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
-        return resolved.value, resolved.allowed_hosts
-    if snap.legacy_token:
+def _credentials(ctx: Worker, snap: Snapshot) -> ServerCredentials:
+    """The headers to send and the host rules they impose (``app.mcp.credentials``), or the legacy token."""
+    if snap.secret_ref is None and not snap.headers and snap.legacy_token:
         # Pre-backfill rows still carry a raw token: used, but counted and logged as deprecated.
         LEGACY_TOKEN_READS.labels("mcp_server").inc()
         redact.register(snap.legacy_token)
         log.warning("deprecated: MCP server %s still uses a legacy raw token (run the backfill)", snap.server_id)
-        return snap.legacy_token, ()
-    return None, ()
+        return ServerCredentials(headers=bearer_headers(snap.legacy_token), values=(snap.legacy_token,))
+    return static_credentials(partial(ctx.resolver.resolve, snap.org_id), snap.secret_ref, snap.headers)
 
 
 def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
@@ -111,12 +117,13 @@ def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
     message: str | None = None
     try:
         job.ensure_held()  # a worker that lost its lease sends nothing
-        token, allowed_hosts = _credential(ctx, snap, reads)
-        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), allowed_hosts)
+        creds = _credentials(ctx, snap)
+        reads.extend(creds.reads)
+        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), host_rules=creds.host_rules)
         tools = list_tools(
             snap.url,
             transport=snap.transport,
-            token=token,
+            headers=creds.headers,
             http_client_factory=factory,
             timeout=ctx.settings.mcp_timeout_seconds,
         )

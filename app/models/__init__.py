@@ -4,7 +4,7 @@ from app.models.audit import AuditEvent, AuditHead
 from app.models.backfill import BackfillVerification
 from app.models.identity import ApiToken, IdempotencyKey, Invitation, Membership, Org, Role, User, WebSession
 from app.models.jobs import Job
-from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
+from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpServerHeader, McpTool, Provider
 from app.models.secrets import CacheInvalidation, Secret
 from app.models.status import JobStatus, McpServerStatus
 
@@ -22,6 +22,7 @@ __all__ = [
     "Job",
     "JobStatus",
     "McpServer",
+    "McpServerHeader",
     "McpServerStatus",
     "McpTool",
     "Membership",
