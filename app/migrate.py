@@ -10,8 +10,9 @@ from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # The last expand revision (every table and column the code needs, legacy columns still
-# there: 0007-0009 branch from 0005, see migrations/versions/0010), and the one that drops them.
-PRE_CONTRACT = "0009"
+# there: 0007-0009 and 0011 branch from 0005, see migrations/versions/0010 and 0012), and the one
+# that drops them.
+PRE_CONTRACT = "0011"
 CONTRACT = "0006"
 
 
@@ -29,10 +30,11 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 def downgrade(database_url: str, revision: str) -> None:
     cfg = alembic_config(database_url)
     command.downgrade(cfg, revision)
-    if revision == PRE_CONTRACT and CONTRACT in current(database_url):
-        # 0009 is not below the contract (they are two branches of 0005), so reaching it leaves
-        # 0006 applied: undo the contract too, which is what "back to the expand state" means.
-        command.downgrade(cfg, "contract@-1")
+    if revision == PRE_CONTRACT and current(database_url) - {PRE_CONTRACT}:
+        # The last expand step is not below the contract (they are two branches of 0005), so reaching
+        # it leaves 0006 (and the merge 0010) applied: undo the contract branch down to 0005 too, which
+        # is what "back to the expand state" means.
+        command.downgrade(cfg, "contract@0005")
 
 
 def current(database_url: str) -> set[str]:

@@ -1,12 +1,15 @@
 """MCP server header credentials: headers whose values are templates over secrets (issue #12).
 
 An expand step: a new table, nothing existing changes (a server without headers behaves as
-before). Names are unique per server case-insensitively: ``name_key`` holds the lower-cased
+before). Like 0007-0009 it branches from the expand line (0009), not from the contract, since the
+running code needs it on an installation still mid-migration; 0012 joins it to 0010.
+
+Names are unique per server case-insensitively: ``name_key`` holds the lower-cased
 name under a unique constraint (an index on ``lower(name)`` cannot be reflected, so
 ``alembic check`` could not compare it).
 
 Revision ID: 0011
-Revises: 0010
+Revises: 0009
 Create Date: 2026-12-01
 """
 
@@ -16,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
