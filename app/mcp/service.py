@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app.access import OrgAccess
 from app.audit import service as audit
@@ -36,7 +36,7 @@ RAW_CREDENTIAL_REFUSAL = (
 
 def list_servers(session: Session, access: OrgAccess, *, limit: int, cursor: str | None) -> Page[McpServer]:
     """The org's servers (any member)."""
-    stmt = select(McpServer).where(McpServer.org_id == access.org.id)
+    stmt = select(McpServer).where(McpServer.org_id == access.org.id).options(selectinload(McpServer.headers))
     return paginate(session, stmt, McpServer.id, limit=limit, cursor=cursor)
 
 
@@ -284,6 +284,7 @@ def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, serv
     if _holds_credential(session, server) and not access.is_admin:
         raise ForbiddenError("deleting a server with a bound secret needs the org admin role")
     session.execute(delete(McpTool).where(McpTool.mcp_server_id == server.id))
+    session.execute(delete(McpServerHeader).where(McpServerHeader.mcp_server_id == server.id))
     session.delete(server)
     session.flush()
     audit.record(

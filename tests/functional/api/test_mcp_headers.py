@@ -137,6 +137,12 @@ def test_a_secret_used_by_a_header_cannot_be_deleted(admin: Caller, org: str, fa
     assert resp.status_code == 409 and resp.get_json()["code"] == "secret_in_use"
     assert admin.patch(f"orgs/{org}/mcp-servers/{server['id']}", json={"headers": []}).status_code == 200
     assert admin.delete(f"orgs/{org}/secrets/{key}").status_code == 204
+    # Deleting the server (an admin's) frees its header secrets too.
+    other = factory.secret(admin, org)["id"]
+    server = _create(admin, org, headers=[_header(other)]).get_json()
+    assert admin.delete(f"orgs/{org}/secrets/{other}").status_code == 409
+    assert admin.delete(f"orgs/{org}/mcp-servers/{server['id']}").status_code == 204
+    assert admin.delete(f"orgs/{org}/secrets/{other}").status_code == 204
 
 
 def test_the_openapi_document_describes_headers(client: Any) -> None:

@@ -63,10 +63,13 @@ def test_every_token_is_a_name_unless_reserved(name: str) -> None:
         assert reserved
 
 
-@given(st.text(min_size=1, max_size=40).filter(lambda t: any(c not in TCHARS for c in t)))
-def test_anything_with_a_non_token_character_is_refused(name: str) -> None:
+NON_TOKEN = st.characters().filter(lambda c: c not in TCHARS)
+
+
+@given(st.text(alphabet=TCHARS, max_size=20), NON_TOKEN, st.text(max_size=20))
+def test_anything_with_a_non_token_character_is_refused(before: str, bad: str, after: str) -> None:
     with pytest.raises(PydanticCustomError):
-        catalog.header_name(name)
+        catalog.header_name(before + bad + after)
 
 
 @pytest.mark.parametrize("template", ["{{secret}}", "token {{secret}}", "Bearer {{secret}} ", "k={{secret}};v=1"])
@@ -101,10 +104,10 @@ def test_a_visible_ascii_text_around_one_placeholder_is_a_template(text: str) ->
         assert catalog.header_template(template) == template
 
 
-@given(st.text(min_size=1, max_size=50).filter(lambda t: any(c in t for c in "\r\n\x00")))
-def test_a_line_break_or_nul_anywhere_is_refused(text: str) -> None:
+@given(st.text(max_size=30), st.sampled_from(["\r", "\n", "\x00", "\r\n"]), st.text(max_size=30))
+def test_a_line_break_or_nul_anywhere_is_refused(before: str, bad: str, after: str) -> None:
     with pytest.raises(PydanticCustomError):
-        catalog.header_template(text + "{{secret}}")
+        catalog.header_template(before + bad + after + "{{secret}}")
 
 
 def test_names_are_unique_case_insensitively() -> None:
