@@ -6,8 +6,9 @@ database, settings, a resolver and the job: the tests call it directly.
 Before anything is resolved, the rows are compared with the destinations recorded when the run
 was queued (provider endpoint and key, each tool server's URL and secret): a run whose
 destinations changed since ends ``stale`` and sends nothing. The provider key and each MCP
-server's token are then resolved here and go only into HTTP headers (model calls through the
-egress guard, tool calls through the MCP client). The model sees the system prompt, the user's
+server's credentials (its bearer secret and header secrets, ``app.mcp.credentials``) are then
+resolved here, once per run, and go only into HTTP headers (model calls through the egress
+guard, tool calls through the MCP client). The model sees the system prompt, the user's
 input, and tool results, all passed through the run's own masker first; the stored output,
 events and errors are masked too. That masker holds only the values resolved in this run (and
 the worker's gateway token), never the process-wide registry of every org's values: masking
@@ -35,7 +36,8 @@ from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
-from app.mcp.client import call_tool
+from app.mcp.client import McpError, call_tool
+from app.mcp.credentials import HeaderSpec, ServerCredentials, header_specs, server_credentials, static_credentials
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
 from app.observability import redact
 from app.secrets.resolver import SecretNotFoundError
@@ -57,9 +59,12 @@ class BoundTool:
     url: str
     transport: str
     secret_ref: str | None
+    headers: tuple[HeaderSpec, ...]
     status: McpServerStatus
     spec: ToolSpec
     tool_name: str
+    # The row itself (detached), for the server's auth: an OAuth server's token is the connection's.
+    server: McpServer | None = None
 
 
 @dataclass
@@ -67,6 +72,8 @@ class RunState:
     org_id: str
     run_id: str
     job: RunJob
+    # Who started the run: a per-user OAuth server is called with this user's connection, never another's.
+    user_id: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     reads: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "steps": 0})
@@ -74,6 +81,8 @@ class RunState:
     masker: redact.Registry = field(default_factory=redact.Registry)
     # secret id -> what it resolved to, for the tool calls.
     resolved: dict[str, Any] = field(default_factory=dict)
+    # MCP server id -> the headers and host rules of its tool calls, built once per run.
+    credentials: dict[str, ServerCredentials] = field(default_factory=dict)
 
     def event(self, kind: str, **data: Any) -> None:
         # Masked on the way in: nothing that reaches the run row can carry a value of this run.
@@ -123,7 +132,15 @@ def _load(ctx: Worker, job: RunJob) -> tuple[AgentRun, Agent, Provider, list[Bou
             spec = ToolSpec(exposed, tool.description if tool else None, tool.input_schema if tool else {})
             tools.append(
                 BoundTool(
-                    server.id, server.url, server.transport, server.secret_ref, server.status, spec, link.tool_name
+                    server.id,
+                    server.url,
+                    server.transport,
+                    server.secret_ref,
+                    header_specs(server),
+                    server.status,
+                    spec,
+                    link.tool_name,
+                    server,
                 )
             )
         current = agents_service.run_destinations(provider, [server for _link, server, _tool in rows])
@@ -151,24 +168,47 @@ def _tool_result_text(content: list[dict[str, Any]], structured: Any) -> str:
     return text[:MAX_TOOL_RESULT]
 
 
+def _credentials(ctx: Worker, state: RunState, tool: BoundTool, *, force_refresh: bool = False) -> ServerCredentials:
+    """The tool's server's headers and host rules; its secrets resolved once per run (and so in the masker)."""
+    creds = state.credentials.get(tool.server_id)
+    if creds is None or force_refresh:
+        resolve = partial(_resolve, ctx, state)
+        if tool.server is None:  # pragma: no cover - _load always keeps the row
+            creds = static_credentials(resolve, tool.secret_ref, tool.headers)
+        else:
+            creds = server_credentials(
+                ctx, tool.server, state.user_id, resolve, tool.headers, force_refresh=force_refresh
+            )
+        for value in creds.values:  # a connection's token is not resolved through _resolve
+            state.masker.register(value)
+        state.reads.extend(r for r in creds.reads if r not in state.reads)
+        state.credentials[tool.server_id] = creds
+    return creds
+
+
 def _run_tool(ctx: Worker, state: RunState, tool: BoundTool, arguments: dict[str, Any]) -> tuple[bool, str]:
-    """Call one tool on its MCP server with that server's secret; (is_error, text for the model)."""
-    token: str | None = None
-    hosts: tuple[str, ...] = ()
-    if tool.secret_ref is not None:
-        resolved = _resolve(ctx, state, tool.secret_ref)
-        token, hosts = resolved.value, resolved.allowed_hosts
-    factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), hosts)
-    result = call_tool(
-        tool.url,
-        tool.tool_name,
-        arguments,
-        transport=tool.transport,
-        token=token,
-        http_client_factory=factory,
-        timeout=ctx.settings.mcp_timeout_seconds,
-    )
-    return result.is_error, _tool_result_text(result.content, result.structured)
+    """Call one tool on its MCP server with that server's credentials; (is_error, text for the model)."""
+    oauth = tool.server is not None and tool.server.auth_type != "static"
+    for attempt in (1, 2):
+        creds = _credentials(ctx, state, tool, force_refresh=attempt == 2)
+        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), host_rules=creds.host_rules)
+        try:
+            result = call_tool(
+                tool.url,
+                tool.tool_name,
+                arguments,
+                transport=tool.transport,
+                headers=creds.headers,
+                http_client_factory=factory,
+                timeout=ctx.settings.mcp_timeout_seconds,
+            )
+        except McpError as exc:
+            # An OAuth token the server no longer takes (revoked or expired early): renew it once.
+            if oauth and exc.code == "auth_failed" and attempt == 1:
+                continue
+            raise
+        return result.is_error, _tool_result_text(result.content, result.structured)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _loop(ctx: Worker, state: RunState, agent: Agent, provider: Provider, tools: list[BoundTool], text: str) -> str:
@@ -176,8 +216,7 @@ def _loop(ctx: Worker, state: RunState, agent: Agent, provider: Provider, tools:
     # Every secret the run may send is resolved up front, so that the run's masker knows each of
     # them from the first model turn on (and a missing one fails the run before the model is called).
     for bound in tools:
-        if bound.secret_ref is not None:
-            _resolve(ctx, state, bound.secret_ref)
+        _credentials(ctx, state, bound)
     gateway = ctx.settings.gateway_token.get_secret_value() if ctx.settings.gateway_token else None
     if gateway:
         redact.register(gateway)
@@ -257,7 +296,7 @@ def run(ctx: Worker, job: RunJob) -> dict[str, Any]:
     with the code and masked message the run row got, for the job to record too.
     """
     run, agent, provider, tools, changed = _load(ctx, job)
-    state = RunState(run.org_id, run.id, job)
+    state = RunState(run.org_id, run.id, job, user_id=run.created_by)
     state.event("status", status=JobStatus.RUNNING)
     output: str | None = None
     code: str | None = None

@@ -20,6 +20,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio.to_thread
@@ -266,15 +267,35 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
+HostRules = tuple[tuple[str, ...], ...]
+
+
+def host_rules_of(allowed_hosts: Sequence[str] | None, host_rules: Sequence[Sequence[str]] = ()) -> HostRules:
+    """Every non-empty host list a destination must match: ``allowed_hosts`` (one secret's) and ``host_rules``
+    (one per secret a request carries). An empty list restricts nothing, so it is dropped."""
+    if isinstance(allowed_hosts, str):
+        raise TypeError("allowed_hosts must be a sequence of host patterns, not a string")
+    if isinstance(host_rules, str) or any(isinstance(rule, str) for rule in host_rules):
+        raise TypeError("host_rules must be a sequence of sequences of host patterns")
+    rules = [tuple(allowed_hosts)] if allowed_hosts else []
+    rules += [tuple(rule) for rule in host_rules if rule]
+    return tuple(rules)
+
+
 def check_destination(
     url: str | httpx2.URL,
     policy: EgressPolicy,
     allowed_hosts: Sequence[str] | None = None,
+    *,
+    host_rules: Sequence[Sequence[str]] = (),
 ) -> Destination:
-    """Refuse ``url`` unless its scheme, host and every resolved address are allowed; return what was checked."""
-    # allowed_hosts is the secret's host list; None or empty means the secret does not restrict hosts.
-    if isinstance(allowed_hosts, str):
-        raise TypeError("allowed_hosts must be a sequence of host patterns, not a string")
+    """Refuse ``url`` unless its scheme, host and every resolved address are allowed; return what was checked.
+
+    ``allowed_hosts`` is one secret's host list; ``host_rules`` holds one list per secret when a
+    request carries several (header credentials). The host must match *every* non-empty list;
+    None or empty means that secret does not restrict hosts.
+    """
+    rules = host_rules_of(allowed_hosts, host_rules)
     try:
         parsed = url if isinstance(url, httpx2.URL) else httpx2.URL(url)
     except (httpx2.InvalidURL, TypeError, ValueError):
@@ -296,9 +317,15 @@ def check_destination(
         raise EgressDeniedError("a credential in the destination URL's query is not allowed", host=host)
     port = parsed.port or _DEFAULT_PORTS[scheme]
     # Before DNS: a secret must not even cause a lookup of a name it may not be sent to.
-    if allowed_hosts and not host_matches(host, allowed_hosts, port=port, scheme=scheme):
+    refused = sum(1 for rule in rules if not host_matches(host, rule, port=port, scheme=scheme))
+    if refused:
         where = host if port == _DEFAULT_PORTS[scheme] else f"{host} port {port}"
-        raise DestinationDeniedError(f"host {where} is not in the secret's allowed hosts", host=host)
+        if len(rules) == 1:
+            raise DestinationDeniedError(f"host {where} is not in the secret's allowed hosts", host=host)
+        raise DestinationDeniedError(
+            f"host {where} is not in the allowed hosts of {refused} of the {len(rules)} secrets sent with it",
+            host=host,
+        )
 
     addresses = _resolve(host, port)
     # Every address, not just the first: a resolver may hand them out in any order.
@@ -415,9 +442,10 @@ class _PerHostPools(Generic[PoolT]):
         allowed_hosts: Sequence[str] | None,
         ssl_context: ssl.SSLContext | None,
         make_pool: Callable[..., PoolT],
+        host_rules: Sequence[Sequence[str]] = (),
     ) -> None:
         self._policy = policy
-        self._allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
+        self._host_rules = host_rules_of(allowed_hosts, host_rules)
         self._ssl_context = _default_ssl_context(ssl_context)
         self._make_pool = make_pool
         self._pools: dict[tuple[str, str, int], PoolT] = {}
@@ -445,13 +473,14 @@ class GuardedTransport(_PerHostPools[httpx2.HTTPTransport], httpx2.BaseTransport
         policy: EgressPolicy,
         allowed_hosts: Sequence[str] | None = None,
         *,
+        host_rules: Sequence[Sequence[str]] = (),
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(policy, allowed_hosts, ssl_context, httpx2.HTTPTransport)
+        super().__init__(policy, allowed_hosts, ssl_context, httpx2.HTTPTransport, host_rules)
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         """Check ``request``; send it to the first checked address that accepts a connection."""
-        destination = check_destination(request.url, self._policy, self._allowed_hosts)
+        destination = check_destination(request.url, self._policy, host_rules=self._host_rules)
         pool = self._pool(destination)
         last_error: httpx2.ConnectError | None = None
         for address in destination.addresses:
@@ -492,14 +521,17 @@ class AsyncGuardedTransport(_PerHostPools[httpx2.AsyncHTTPTransport], httpx2.Asy
         policy: EgressPolicy,
         allowed_hosts: Sequence[str] | None = None,
         *,
+        host_rules: Sequence[Sequence[str]] = (),
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(policy, allowed_hosts, ssl_context, httpx2.AsyncHTTPTransport)
+        super().__init__(policy, allowed_hosts, ssl_context, httpx2.AsyncHTTPTransport, host_rules)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         """Check ``request`` (DNS in a worker thread); send it to the first checked address that accepts."""
         # getaddrinfo blocks, so it must not run on the event loop the MCP SDK streams on.
-        destination = await anyio.to_thread.run_sync(check_destination, request.url, self._policy, self._allowed_hosts)
+        destination = await anyio.to_thread.run_sync(
+            partial(check_destination, request.url, self._policy, host_rules=self._host_rules)
+        )
         pool = self._pool(destination)
         last_error: httpx2.ConnectError | None = None
         for address in destination.addresses:
@@ -552,13 +584,18 @@ def guarded_async_client(
     policy: EgressPolicy,
     allowed_hosts: Sequence[str] | None = None,
     *,
+    host_rules: Sequence[Sequence[str]] = (),
     headers: Mapping[str, str] | None = None,
     timeout: httpx2.Timeout | float = 10.0,
     event_hooks: EventHooks | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> httpx2.AsyncClient:
-    """An ``httpx2.AsyncClient`` (e.g. for the MCP SDK) whose every request goes through the egress guard."""
-    transport = AsyncGuardedTransport(policy, allowed_hosts, ssl_context=ssl_context)
+    """An ``httpx2.AsyncClient`` (e.g. for the MCP SDK) whose every request goes through the egress guard.
+
+    ``host_rules``: one ``allowed_hosts`` list per secret the client's headers carry; the
+    destination must match each non-empty one (and ``allowed_hosts``, if given).
+    """
+    transport = AsyncGuardedTransport(policy, allowed_hosts, host_rules=host_rules, ssl_context=ssl_context)
     return httpx2.AsyncClient(transport=transport, **_client_kwargs(headers, timeout, event_hooks))
 
 
@@ -566,11 +603,12 @@ def guarded_client(
     policy: EgressPolicy,
     allowed_hosts: Sequence[str] | None = None,
     *,
+    host_rules: Sequence[Sequence[str]] = (),
     headers: Mapping[str, str] | None = None,
     timeout: httpx2.Timeout | float = 10.0,
     event_hooks: EventHooks | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> httpx2.Client:
     """An ``httpx2.Client`` (for provider and gateway calls) whose every request goes through the egress guard."""
-    transport = GuardedTransport(policy, allowed_hosts, ssl_context=ssl_context)
+    transport = GuardedTransport(policy, allowed_hosts, host_rules=host_rules, ssl_context=ssl_context)
     return httpx2.Client(transport=transport, **_client_kwargs(headers, timeout, event_hooks))

@@ -1,12 +1,15 @@
 """What an MCP server record may hold: its transports, limits and its one URL rule.
 
 The transports are the ones ``app.mcp.client`` speaks; ``app.mcp.schemas`` builds the API
-bodies and UI forms from these rules.
+bodies and UI forms from these rules. Header credentials (issue #12) follow the rules here too:
+a header name is an RFC 9110 token outside the reserved set, its value a template holding
+``{{secret}}`` exactly once.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Final
 
 from app.egress.urls import DESTINATION_URL, UrlError
@@ -17,10 +20,17 @@ __all__ = [
     "AUTH_TYPES",
     "CLIENT_AUTH_METHODS",
     "CONNECTION_SCOPES",
+    "MAX_HEADERS",
+    "MAX_HEADER_NAME",
+    "MAX_HEADER_TEMPLATE",
     "MAX_NAME",
     "MAX_URL",
+    "PLACEHOLDER",
     "TRANSPORTS",
     "TRANSPORT_PATTERN",
+    "header_name",
+    "header_names",
+    "header_template",
     "name",
     "scopes",
     "transport",
@@ -78,3 +88,87 @@ def transport(value: str | None) -> str:
     if value not in TRANSPORTS:
         raise refuse("must be " + " or ".join(repr(t) for t in TRANSPORTS))
     return value
+
+
+# Header credentials ------------------------------------------------------------------------
+
+PLACEHOLDER: Final = "{{secret}}"
+MAX_HEADERS: Final = 8
+MAX_HEADER_NAME: Final = 128
+MAX_HEADER_TEMPLATE: Final = 1000
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Visible ASCII and the space; no CR, LF, NUL or other control character (RFC 9110 field-vchar).
+_TEMPLATE_CHARS: Final = re.compile(r"[\x20-\x7e]*")
+# Names the transport, the MCP protocol or proxies own: a credential header must not override them.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "cookie",
+        "set-cookie",
+        "accept",
+        "accept-encoding",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "last-event-id",
+        "origin",
+        "forwarded",
+    }
+)
+RESERVED_PREFIXES: Final = ("proxy-", "sec-", "x-forwarded-")
+BEARER_HEADER: Final = "authorization"
+
+
+def header_name(value: str | None) -> str:
+    """An RFC 9110 token of at most 128 characters, not one the transport or protocol owns."""
+    if value is None or not _TOKEN.fullmatch(value) or len(value) > MAX_HEADER_NAME:
+        raise refuse(
+            f"must be a header name of 1 to {MAX_HEADER_NAME} letters, digits or !#$%&'*+-.^_`|~ (no spaces or colons)"
+        )
+    key = value.lower()
+    if key in RESERVED_HEADERS or key.startswith(RESERVED_PREFIXES):
+        raise refuse("this header is set by the HTTP client or the MCP protocol: pick another header name")
+    return value
+
+
+def header_template(value: str | None) -> str:
+    """The header's value with the secret's place marked: ``{{secret}}`` exactly once, visible ASCII and spaces."""
+    if value is None or len(value) > MAX_HEADER_TEMPLATE:
+        raise refuse(f"must be at most {MAX_HEADER_TEMPLATE} characters, with {PLACEHOLDER} where the secret goes")
+    if not _TEMPLATE_CHARS.fullmatch(value):
+        raise refuse("may hold only visible ASCII characters and spaces (no line breaks or control characters)")
+    if value.count(PLACEHOLDER) != 1:
+        raise refuse(f"must contain {PLACEHOLDER} exactly once, where the secret's value goes")
+    return value
+
+
+def header_names(names: Sequence[str], *, bearer: bool) -> list[tuple[int, str]]:
+    """What is wrong with a server's set of header names: ``[(index, message)]``, empty when none.
+
+    At most ``MAX_HEADERS``; unique case-insensitively; no ``Authorization`` when the server
+    also sends its ``secret_ref`` as the bearer token (``bearer``).
+    """
+    problems: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for i, value in enumerate(names):
+        key = value.lower()
+        if key in seen:
+            problems.append(
+                (i, f"is the same name as header {seen[key] + 1} (header names are compared case-insensitively)")
+            )
+        elif bearer and key == BEARER_HEADER:
+            problems.append(
+                (i, "Authorization is already sent as the bearer token of secret_ref: remove secret_ref or this header")
+            )
+        seen.setdefault(key, i)
+    return problems

@@ -13,6 +13,9 @@ guard (any exception with a `code` of `egress_denied` or `secret_destination_den
 re-raised unchanged so the caller can map it; the guard's `egress_unresolvable` (a DNS failure)
 becomes `McpError("unreachable")`.
 
+Credentials go in request headers: `token=` is the bearer shorthand (`Authorization: Bearer`),
+`headers=` any others (what `app.mcp.credentials` built); a 401/403 is `auth_failed` either way.
+
 `http_client_factory` must pass `event_hooks` on to the client it builds: the response hook is how
 a 401/403 becomes `auth_failed` (the SDK itself reports only a generic JSON-RPC error).
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
@@ -131,8 +134,10 @@ class _WatchedStream(httpx2.AsyncByteStream):
 class _Exchange:
     """One connection's settings and what the response hook saw."""
 
-    def __init__(self, token: str | None, timeout: float, factory: HttpClientFactory) -> None:
-        self.headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    def __init__(
+        self, token: str | None, timeout: float, factory: HttpClientFactory, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.headers = _request_headers(token, headers)
         self.timeout = timeout
         self.factory = factory
         self.error_status: int | None = None
@@ -257,6 +262,16 @@ def _run(operation: Callable[[_Exchange], Awaitable[_T]], exchange: _Exchange, w
     raise RuntimeError("app.mcp.client is synchronous: call it from a thread without a running event loop")
 
 
+def _request_headers(token: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers of every request: ``token`` as the bearer shorthand, then the caller's own headers."""
+    out = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    for name, value in (headers or {}).items():
+        if token is not None and name.lower() == "authorization":
+            raise ValueError("give either token or an Authorization header, not both")
+        out[name] = value
+    return out
+
+
 def _check_args(url: str, transport: str, timeout: float) -> Transport:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown MCP transport {transport!r}")
@@ -271,7 +286,8 @@ def list_tools(
     url: str,
     *,
     transport: str = "streamable_http",
-    token: str | None,
+    token: str | None = None,
+    headers: Mapping[str, str] | None = None,
     http_client_factory: HttpClientFactory,
     timeout: float = 10.0,
 ) -> list[ToolInfo]:
@@ -297,7 +313,7 @@ def list_tools(
                 seen.add(cursor)
         raise _ProtocolViolation("tools/list did not end")
 
-    return _run(operation, _Exchange(token, timeout, http_client_factory), "tools/list")
+    return _run(operation, _Exchange(token, timeout, http_client_factory, headers), "tools/list")
 
 
 def call_tool(
@@ -306,7 +322,8 @@ def call_tool(
     arguments: dict[str, Any],
     *,
     transport: str = "streamable_http",
-    token: str | None,
+    token: str | None = None,
+    headers: Mapping[str, str] | None = None,
     http_client_factory: HttpClientFactory,
     timeout: float = 10.0,
 ) -> ToolResult:
@@ -322,7 +339,7 @@ def call_tool(
             structured=result.structured_content,
         )
 
-    return _run(operation, _Exchange(token, timeout, http_client_factory), "tools/call")
+    return _run(operation, _Exchange(token, timeout, http_client_factory, headers), "tools/call")
 
 
 __all__ = [

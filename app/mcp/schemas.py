@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 from app.mcp import catalog
-from app.schemas import Patch, Strict
+from app.schemas import Patch, Strict, refuse
 
 Name = Annotated[str, Field(min_length=1, max_length=catalog.MAX_NAME), AfterValidator(catalog.name)]
 Url = Annotated[str, Field(min_length=1, max_length=catalog.MAX_URL), AfterValidator(catalog.url)]
@@ -67,19 +67,62 @@ class CallbackIn(Strict):
     code: str = Field(min_length=1, max_length=4096)
 
 
+HEADERS = Field(
+    default=None,
+    max_length=catalog.MAX_HEADERS,
+    description=(
+        f"Headers sent on every request, each a template over one secret (at most {catalog.MAX_HEADERS}). "
+        "A list replaces the whole set; [] removes every header."
+    ),
+)
+
+
+class HeaderIn(Strict):
+    """One credential header: ``name: template``, where ``template`` holds ``{{secret}}`` once."""
+
+    name: Annotated[str, Field(min_length=1, max_length=catalog.MAX_HEADER_NAME), AfterValidator(catalog.header_name)]
+    template: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=catalog.MAX_HEADER_TEMPLATE,
+            description=f"The header's value, with {catalog.PLACEHOLDER} where the secret's value goes.",
+        ),
+        AfterValidator(catalog.header_template),
+    ]
+    secret_ref: str = Field(description="Id of a secret of this org, substituted for {{secret}} at send time.")
+
+
+class HeaderOut(BaseModel):
+    """A credential header as stored: the template holds only the placeholder, never a value."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    template: str
+    secret_ref: str
+
+
+def _a_list(value: list[HeaderIn] | None) -> list[HeaderIn]:
+    if value is None:
+        raise refuse("must be a list of headers ([] removes every header)")
+    return value
+
+
 class McpServerCreate(Strict):
     name: Name
     url: Url
     transport: Transport = "streamable_http"
     secret_ref: str | None = SECRET_REF
     auth: AuthIn | None = None
+    headers: list[HeaderIn] | None = HEADERS
     token: Any = TOKEN
 
 
 class McpServerUpdate(Patch):
-    """The fields to change; a new URL, transport or secret re-queues validation."""
+    """The fields to change; a new URL, transport, secret or header set re-queues validation."""
 
-    NOTHING_TO_CHANGE = "give at least one of name, url, transport, secret_ref, auth"
+    NOTHING_TO_CHANGE = "give at least one of name, url, transport, secret_ref, headers, auth"
 
     # An explicit null is refused by the field's own rule (secret_ref: null unbinds).
     name: Annotated[Name | None, AfterValidator(catalog.name)] = None
@@ -87,6 +130,7 @@ class McpServerUpdate(Patch):
     transport: Annotated[Transport | None, AfterValidator(catalog.transport)] = None
     secret_ref: str | None = None
     auth: AuthIn | None = None
+    headers: Annotated[list[HeaderIn] | None, AfterValidator(_a_list)] = HEADERS
     token: Any = TOKEN
 
 
@@ -112,6 +156,7 @@ class McpServerOut(BaseModel):
     connection: ConnectionOut | None = Field(
         default=None, description="OAuth servers: the connection the caller's runs use (theirs, or the org's)."
     )
+    headers: list[HeaderOut]
     status: str = Field(description="pending | validating | valid | invalid")
     status_error_code: str | None = Field(exclude=True)
     status_error_message: str | None = Field(exclude=True)

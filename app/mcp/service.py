@@ -1,29 +1,40 @@
 """MCP server records: create, edit, delete, validate, tools.
 
-Binding a secret to a server, or changing the URL of a server that has one, sends that
-secret to a new destination: only org admins may do either (a member could otherwise point
-a server at their own host and receive the secret). Members may add and edit servers that
-carry no secret, read everything and ask for a validation.
+Binding a secret to a server (as its bearer ``secret_ref`` or in a credential header), or
+changing the URL of a server that has one, sends that secret to a new destination: only org
+admins may do either (a member could otherwise point a server at their own host and receive
+the secret). Members may add and edit servers that carry no secret, read everything and ask
+for a validation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
 from app.db import new_id, utcnow
-from app.errors import ForbiddenError, NotFoundError, ValidationFailedError
+from app.errors import FieldError, ForbiddenError, NotFoundError, ValidationFailedError
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
-from app.mcp import legacy
+from app.mcp import catalog, legacy
 from app.mcp.client import ToolInfo
-from app.mcp.schemas import AuthIn, McpServerCreate, McpServerUpdate
-from app.models import ConnectionStatus, Job, McpConnection, McpServer, McpServerStatus, McpTool, OAuthFlow
+from app.mcp.schemas import AuthIn, HeaderIn, McpServerCreate, McpServerUpdate
+from app.models import (
+    ConnectionStatus,
+    Job,
+    McpConnection,
+    McpServer,
+    McpServerHeader,
+    McpServerStatus,
+    McpTool,
+    OAuthFlow,
+)
 from app.pagination import Page, paginate
 from app.secrets.service import check_secret_ref
 
@@ -34,7 +45,7 @@ RAW_CREDENTIAL_REFUSAL = (
 
 def list_servers(session: Session, access: OrgAccess, *, limit: int, cursor: str | None) -> Page[McpServer]:
     """The org's servers (any member)."""
-    stmt = select(McpServer).where(McpServer.org_id == access.org.id)
+    stmt = select(McpServer).where(McpServer.org_id == access.org.id).options(selectinload(McpServer.headers))
     return paginate(session, stmt, McpServer.id, limit=limit, cursor=cursor)
 
 
@@ -56,22 +67,54 @@ def get_server(session: Session, access: OrgAccess, server_id: str, *, for_updat
     return server
 
 
+# The keys of a destination; ``headers`` only when the server has any, so the destination of a
+# server without header credentials (and the params of its jobs) is what it was before them.
+DESTINATION_KEYS = (
+    "server_id",
+    "url",
+    "transport",
+    "secret_ref",
+    "headers",
+    "auth_type",
+    "connection_scope",
+    "oauth_client_secret_ref",
+)
+
+
+def header_rows(server: McpServer) -> list[dict[str, str]]:
+    """The server's credential headers in order: name, template and secret id (never a value)."""
+    return [{"name": h.name, "template": h.template, "secret_ref": h.secret_ref} for h in server.headers]
+
+
 def destination(server: McpServer) -> dict[str, Any]:
-    """Where a job would send this server's credential: ids, URL, transport and auth, never a value.
+    """Where a job would send this server's credentials: ids, URL, transport, header templates and
+    auth, never a value.
 
     Recorded in the params of every job that will connect to the server (validation, agent runs),
-    and compared with the row by the worker before it resolves the secret: a job whose server
-    was unbound, re-bound or re-pointed since it was queued ends ``stale`` without connecting.
+    and compared with the row by the worker before it resolves a secret: a job whose server
+    was unbound, re-bound, re-pointed or given other headers since it was queued ends ``stale``
+    without connecting.
     """
-    return {
+    found: dict[str, Any] = {
         "server_id": server.id,
         "url": server.url,
         "transport": server.transport,
         "secret_ref": server.secret_ref,
-        "auth_type": server.auth_type,
-        "connection_scope": server.connection_scope,
-        "oauth_client_secret_ref": server.oauth_client_secret_ref,
     }
+    headers = header_rows(server)
+    if headers:
+        found["headers"] = headers
+    if server.auth_type != "static":
+        # OAuth servers only, so a static server's destination (and its queued jobs) is unchanged.
+        found["auth_type"] = server.auth_type
+        found["connection_scope"] = server.connection_scope
+        found["oauth_client_secret_ref"] = server.oauth_client_secret_ref
+    return found
+
+
+def recorded_destination(params: dict[str, Any]) -> dict[str, Any]:
+    """The destination a job recorded (its params hold ``destination(server)``)."""
+    return {key: params[key] for key in DESTINATION_KEYS if key in params}
 
 
 def queue_validation(session: Session, ctx: RequestContext, server: McpServer, *, user_id: str | None = None) -> Job:
@@ -153,17 +196,70 @@ def _has_connections(session: Session, server: McpServer) -> bool:
     )
 
 
+def _check_headers(
+    session: Session, access: OrgAccess, headers: Sequence[HeaderIn], *, bearer: bool
+) -> list[dict[str, str]]:
+    """The header set as it will be stored, every secret checked as ``secret_ref`` is (org admin)."""
+    problems = [
+        FieldError(f"headers.{i}.name", message)
+        for i, message in catalog.header_names([h.name for h in headers], bearer=bearer)
+    ]
+    if problems:
+        raise ValidationFailedError(problems)
+    rows = []
+    for i, header in enumerate(headers):
+        try:
+            ref = check_secret_ref(session, access.org, header.secret_ref)
+        except ValidationFailedError as exc:
+            # The same answer as for secret_ref (another org's id is a missing one), on this header's field.
+            raise ValidationFailedError(
+                [FieldError(f"headers.{i}.secret_ref", e.message) for e in exc.errors]
+            ) from None
+        rows.append({"name": header.name, "template": header.template, "secret_ref": ref})
+    return rows
+
+
+def _set_headers(session: Session, server: McpServer, rows: list[dict[str, str]]) -> None:
+    """Replace the server's header set as a whole."""
+    session.execute(delete(McpServerHeader).where(McpServerHeader.mcp_server_id == server.id))
+    session.flush()
+    for position, row in enumerate(rows):
+        session.add(
+            McpServerHeader(
+                org_id=server.org_id,
+                mcp_server_id=server.id,
+                position=position,
+                name=row["name"],
+                name_key=row["name"].lower(),
+                template=row["template"],
+                secret_ref=row["secret_ref"],
+            )
+        )
+    session.flush()
+    session.expire(server, ["headers"])
+
+
+def _audited_headers(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What an audit event says of a header set: names and secret ids (the template is not a value, but
+    need not be repeated)."""
+    return [{"name": row["name"], "secret_ref": row["secret_ref"]} for row in rows]
+
+
 def create_server(
     session: Session, ctx: RequestContext, access: OrgAccess, data: McpServerCreate
 ) -> tuple[McpServer, Job]:
     """Add a server and queue its first validation (any member; binding a secret: org admin)."""
     _refuse_raw_token(access, data)
     name, url, transport, secret_ref = data.name, data.url, data.transport, data.secret_ref
+    headers = data.headers or []
+    if (secret_ref is not None or headers) and not access.is_admin:
+        raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
     if secret_ref is not None:
-        if not access.is_admin:
-            raise ForbiddenError("binding a secret to an MCP server needs the org admin role")
         secret_ref = check_secret_ref(session, access.org, secret_ref)
+    header_set = _check_headers(session, access, headers, bearer=secret_ref is not None)
     auth = _check_auth(session, access, data.auth, secret_ref)
+    if auth["auth_type"] != "static" and headers and any(h["name"].lower() == "authorization" for h in header_set):
+        raise ValidationFailedError.single("headers", "an OAuth server sends its own Authorization header")
     now = utcnow()
     server = McpServer(
         id=new_id(),
@@ -182,6 +278,7 @@ def create_server(
     )
     session.add(server)
     session.flush()
+    _set_headers(session, server, header_set)
     audit.record(
         session,
         ctx,
@@ -194,6 +291,7 @@ def create_server(
             "url": url,
             "transport": transport,
             "secret_ref": secret_ref,
+            "headers": _audited_headers(header_set),
             "auth_type": auth["auth_type"],
             "oauth_client_secret_ref": auth["oauth_client_secret_ref"],
         },
@@ -204,7 +302,7 @@ def create_server(
 def update_server(
     session: Session, ctx: RequestContext, access: OrgAccess, server_id: str, data: McpServerUpdate
 ) -> tuple[McpServer, Job | None]:
-    """Edit a server; a new URL, transport or secret re-queues validation (a secret involved: org admin)."""
+    """Edit a server; a new URL, transport, secret or header set re-queues validation (a secret involved: org admin)."""
     _refuse_raw_token(access, data)
     sent = data.model_dump(exclude_unset=True)
     name, url, transport = data.name, data.url, data.transport
@@ -221,6 +319,23 @@ def update_server(
             raise ForbiddenError("unbinding a secret from an MCP server needs the org admin role")
         server.secret_ref = new_ref
         changed.append("secret_ref")
+    if data.headers is not None:
+        wanted = [{"name": h.name, "template": h.template, "secret_ref": h.secret_ref} for h in data.headers]
+        if wanted != header_rows(server):
+            # Before any lookup: a member's 403 never depends on which secret ids exist.
+            if not access.is_admin:
+                raise ForbiddenError("changing the credential headers of an MCP server needs the org admin role")
+            # Checked against the server's secret_ref as it is after this edit.
+            _set_headers(
+                session, server, _check_headers(session, access, data.headers, bearer=server.secret_ref is not None)
+            )
+            changed.append("headers")
+    # A new bearer secret_ref must not meet an Authorization header already stored.
+    rebound = "secret_ref" in changed and "headers" not in changed and server.secret_ref is not None
+    if rebound and catalog.header_names([h.name for h in server.headers], bearer=True):
+        raise ValidationFailedError.single(
+            "secret_ref", "the server already sends an Authorization header: remove that header first"
+        )
     if url is not None and url != server.url:
         if _holds_credential(session, server) and not access.is_admin:
             raise ForbiddenError("changing the URL of a server with a bound secret needs the org admin role")
@@ -230,12 +345,12 @@ def update_server(
         server.transport = transport
         changed.append("transport")
     if "auth" in sent:
-        wanted = _check_auth(session, access, data.auth, server.secret_ref)
-        current = {key: getattr(server, key) for key in wanted}
-        if wanted != current:
+        auth = _check_auth(session, access, data.auth, server.secret_ref)
+        current = {key: getattr(server, key) for key in auth}
+        if auth != current:
             if server.oauth_client_secret_ref is not None and not access.is_admin:
                 raise ForbiddenError("changing the auth of a server with a client secret needs the org admin role")
-            for key, value in wanted.items():
+            for key, value in auth.items():
                 setattr(server, key, value)
             changed.append("auth")
     if {"url", "transport", "auth"} & set(changed) and _has_connections(session, server):
@@ -257,15 +372,25 @@ def update_server(
         org_id=access.org.id,
         target_type="mcp_server",
         target_id=server.id,
-        details={"changed": changed, "url": server.url, "secret_ref": server.secret_ref},
+        details={
+            "changed": changed,
+            "url": server.url,
+            "secret_ref": server.secret_ref,
+            "headers": _audited_headers(header_rows(server)),
+        },
     )
-    job = queue_validation(session, ctx, server) if {"url", "transport", "secret_ref", "auth"} & set(changed) else None
+    job = (
+        queue_validation(session, ctx, server)
+        if {"url", "transport", "secret_ref", "headers", "auth"} & set(changed)
+        else None
+    )
     return server, job
 
 
 def _holds_credential(session: Session, server: McpServer) -> bool:
-    """A bound secret, or (before the contract migration) a legacy raw token not yet backfilled."""
-    if server.secret_ref is not None or server.oauth_client_secret_ref is not None:
+    """A bound secret (bearer, header or OAuth client secret), a connection's tokens, or (before the
+    contract migration) a legacy raw token not yet backfilled."""
+    if server.secret_ref is not None or server.headers or server.oauth_client_secret_ref is not None:
         return True
     if _has_connections(session, server):
         return True
@@ -278,6 +403,7 @@ def delete_server(session: Session, ctx: RequestContext, access: OrgAccess, serv
     if _holds_credential(session, server) and not access.is_admin:
         raise ForbiddenError("deleting a server with a bound secret needs the org admin role")
     session.execute(delete(McpTool).where(McpTool.mcp_server_id == server.id))
+    session.execute(delete(McpServerHeader).where(McpServerHeader.mcp_server_id == server.id))
     _drop_connections(session, server)
     session.execute(delete(McpConnection).where(McpConnection.mcp_server_id == server.id))
     session.execute(delete(OAuthFlow).where(OAuthFlow.mcp_server_id == server.id))

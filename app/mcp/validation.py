@@ -21,8 +21,16 @@ from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
-from app.mcp import grants, legacy, service
+from app.mcp import legacy, service
 from app.mcp.client import list_tools
+from app.mcp.credentials import (
+    HeaderSpec,
+    ServerCredentials,
+    bearer_headers,
+    header_specs,
+    server_credentials,
+    static_credentials,
+)
 from app.models import McpServer, McpServerStatus
 from app.observability import redact
 from app.observability.metrics import LEGACY_TOKEN_READS
@@ -46,8 +54,9 @@ class Snapshot:
     url: str
     transport: str
     secret_ref: str | None
+    headers: tuple[HeaderSpec, ...]
     legacy_token: str | None
-    # service.destination() of the server when the validation began.
+    # service.destination(server) when the job started: the one definition of "still the same server".
     recorded: dict[str, Any]
     # Whose connection an OAuth server is called with (None: the org's).
     user_id: str | None = None
@@ -60,20 +69,22 @@ class Snapshot:
 
 def _load(ctx: Worker, job: RunJob) -> Snapshot:
     """The server the job was queued for, checked against its recorded destination first."""
-    server_id = str(job.params.get("server_id") or "")
+    recorded = service.recorded_destination(job.params)
+    server_id = str(recorded.get("server_id") or "")
     with ctx.db.session() as s:
         server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
         if server is None:
             raise ServerGoneError("not_found", "the MCP server no longer exists")
         org_id = server.org_id
         current = service.destination(server)
-        recorded = {key: job.params.get(key) for key in current}
+        # A job queued before destinations were recorded (no url) compares as changed: it fails closed.
         changed = egress_audit.changed_fields(recorded, current)
         if not changed:
             # Before the contract migration, a server not yet backfilled may still carry a raw token.
             token = legacy.token(s, server.org_id, server.id) if server.secret_ref is None else None
             server.status = McpServerStatus.VALIDATING
             user_id = job.params.get("user_id")
+            specs = header_specs(server)
             s.flush()
             s.expunge(server)
             return Snapshot(
@@ -82,13 +93,14 @@ def _load(ctx: Worker, job: RunJob) -> Snapshot:
                 server.url,
                 server.transport,
                 server.secret_ref,
+                specs,
                 token,
                 current,
                 user_id if isinstance(user_id, str) else None,
                 server,
             )
-    # Unbound, re-bound or re-pointed since the job was queued: nothing is resolved or sent, and
-    # the server's status is left to the validation its change queued.
+    # Unbound, re-bound, re-pointed or given other headers since the job was queued: nothing is
+    # resolved or sent, and the server's status is left to the validation its change queued.
     raise egress_audit.stale(
         ctx.db,
         job.id,
@@ -101,23 +113,18 @@ def _load(ctx: Worker, job: RunJob) -> Snapshot:
     )
 
 
-def _credential(ctx: Worker, snap: Snapshot, reads: list[dict[str, Any]]) -> tuple[str | None, tuple[str, ...]]:
-    """The bearer token to send and the hosts it may go to."""
-    if snap.server is not None and snap.server.auth_type != "static":
-        granted = grants.access(ctx, snap.server, snap.user_id)
-        reads.append({"secret_id": granted.secret_id, "version": granted.version})
-        return granted.token, granted.host_rules[0]
-    if snap.secret_ref is not None:
-        resolved = ctx.resolver.resolve(snap.org_id, snap.secret_ref)
-        reads.append({"secret_id": resolved.secret_id, "version": resolved.version})
-        return resolved.value, resolved.allowed_hosts
-    if snap.legacy_token:
+def _credentials(ctx: Worker, snap: Snapshot) -> ServerCredentials:
+    """The headers to send and the host rules they impose (``app.mcp.credentials``), or the legacy token."""
+    if snap.secret_ref is None and not snap.headers and snap.legacy_token:
         # Pre-backfill rows still carry a raw token: used, but counted and logged as deprecated.
         LEGACY_TOKEN_READS.labels("mcp_server").inc()
         redact.register(snap.legacy_token)
         log.warning("deprecated: MCP server %s still uses a legacy raw token (run the backfill)", snap.server_id)
-        return snap.legacy_token, ()
-    return None, ()
+        return ServerCredentials(headers=bearer_headers(snap.legacy_token), values=(snap.legacy_token,))
+    resolve = partial(ctx.resolver.resolve, snap.org_id)
+    if snap.server is None:  # pragma: no cover - _load always keeps the row
+        return static_credentials(resolve, snap.secret_ref, snap.headers)
+    return server_credentials(ctx, snap.server, snap.user_id, resolve, snap.headers)
 
 
 def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
@@ -129,12 +136,13 @@ def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
     message: str | None = None
     try:
         job.ensure_held()  # a worker that lost its lease sends nothing
-        token, allowed_hosts = _credential(ctx, snap, reads)
-        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), allowed_hosts)
+        creds = _credentials(ctx, snap)
+        reads.extend(creds.reads)
+        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), host_rules=creds.host_rules)
         tools = list_tools(
             snap.url,
             transport=snap.transport,
-            token=token,
+            headers=creds.headers,
             http_client_factory=factory,
             timeout=ctx.settings.mcp_timeout_seconds,
         )

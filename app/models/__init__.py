@@ -5,7 +5,7 @@ from app.models.backfill import BackfillVerification
 from app.models.connections import McpConnection, OAuthFlow
 from app.models.identity import ApiToken, IdempotencyKey, Invitation, Membership, Org, Role, User, WebSession
 from app.models.jobs import Job
-from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpTool, Provider
+from app.models.resources import Agent, AgentRun, AgentTool, McpServer, McpServerHeader, McpTool, Provider
 from app.models.secrets import CacheInvalidation, Secret
 from app.models.status import ConnectionStatus, FlowStatus, JobStatus, McpServerStatus
 
@@ -26,6 +26,7 @@ __all__ = [
     "JobStatus",
     "McpConnection",
     "McpServer",
+    "McpServerHeader",
     "McpServerStatus",
     "McpTool",
     "Membership",

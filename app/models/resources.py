@@ -73,6 +73,37 @@ class McpServer(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
     # The legacy raw ``token`` (revision 0001) is not mapped; see app/backfill/legacy.py.
+    # Read-only: app.mcp.service replaces the set (its rows) as a whole.
+    headers: Mapped[list[McpServerHeader]] = relationship(viewonly=True, order_by="McpServerHeader.position")
+
+
+class McpServerHeader(Base):
+    """A header sent on every request to an MCP server: a template over one secret (``X-API-Key: {{secret}}``).
+
+    The template holds only the ``{{secret}}`` placeholder, never a value; a worker substitutes
+    the resolved secret at send time (``app.mcp.credentials``). Names are stored as given and
+    unique per server case-insensitively.
+    """
+
+    __tablename__ = "mcp_server_headers"
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id", "mcp_server_id"], ["mcp_servers.org_id", "mcp_servers.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["org_id", "secret_ref"], ["secrets.org_id", "secrets.id"]),
+        Index("ix_mcp_server_headers_org_id_secret_ref", "org_id", "secret_ref"),
+        UniqueConstraint("mcp_server_id", "name_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(String(36))
+    mcp_server_id: Mapped[str] = mapped_column(String(36))
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(128))
+    # ``name`` lower-cased: one header name per server, compared case-insensitively as HTTP does.
+    # (A column, not an index on ``lower(name)``: expression indexes cannot be reflected, so
+    # ``alembic check`` could not compare the models with the migrations.)
+    name_key: Mapped[str] = mapped_column(String(128))
+    template: Mapped[str] = mapped_column(String(1000))
+    secret_ref: Mapped[str] = mapped_column(String(36))
 
 
 class Agent(Base):

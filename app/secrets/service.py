@@ -17,7 +17,7 @@ from app.audit import service as audit
 from app.context import RequestContext
 from app.db import flush_or_raise, new_id, utcnow
 from app.errors import ConflictError, NotFoundError, SecretInUseError, ValidationFailedError, VersionMismatchError
-from app.models import McpServer, Org, Provider, Secret
+from app.models import McpServer, McpServerHeader, Org, Provider, Secret
 from app.pagination import Page, paginate
 from app.secrets import cachekeys, invalidation
 from app.secrets.catalog import value_hint
@@ -49,7 +49,7 @@ def _row(session: Session, org: Org, secret_id: str, *, for_update: bool = False
 
 
 def _users(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, list[SecretUserOut]]:
-    """Every provider and MCP server referencing each secret."""
+    """Every provider and MCP server referencing each secret (an MCP server as its bearer or in a header)."""
     users: dict[str, list[SecretUserOut]] = defaultdict(list)
     if not secret_ids:
         return users
@@ -62,6 +62,16 @@ def _users(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, li
         for ref, rid, name in rows:
             if ref is not None:
                 users[ref].append(SecretUserOut(type=kind, id=rid, name=name))
+    header_users = session.execute(
+        select(McpServerHeader.secret_ref, McpServer.id, McpServer.name)
+        .join(McpServer, (McpServer.org_id == McpServerHeader.org_id) & (McpServer.id == McpServerHeader.mcp_server_id))
+        .where(McpServerHeader.org_id == org_id, McpServerHeader.secret_ref.in_(secret_ids))
+        .order_by(McpServer.id, McpServerHeader.position)
+    ).all()
+    for ref, rid, name in header_users:
+        user = SecretUserOut(type="mcp_server", id=rid, name=name)
+        if user not in users[ref]:  # once per server, however many of its headers use the secret
+            users[ref].append(user)
     return users
 
 

@@ -1,7 +1,8 @@
-"""MCP server pages: list, add and edit (with a secret picker or a new secret), live status, tools."""
+"""MCP server pages: list, add and edit (secret picker, new secret, credential headers), live status, tools."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import flash, redirect, render_template, request, url_for
@@ -24,6 +25,48 @@ FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secr
 NEW_SECRET = "__new__"  # noqa: S105 - the picker option for "create a new secret", not a secret
 # Statuses that will change on their own: the status fragment keeps polling while in one.
 PENDING = (McpServerStatus.PENDING, McpServerStatus.VALIDATING)
+# The header editor's rows: headers-<i>-name, headers-<i>-template, headers-<i>-secret_ref (i need not be dense:
+# the browser removes rows). More rows than this are not read; the service refuses more than MAX_HEADERS anyway.
+HEADER_FIELD = re.compile(r"headers-(\d{1,2})-(name|template|secret_ref)")
+HEADER_PARTS = ("name", "template", "secret_ref")
+
+
+def _header_rows() -> list[dict[str, str]]:
+    """The header editor's rows as submitted, in order; a row without a name and a secret is left out (blank)."""
+    rows: dict[int, dict[str, str]] = {}
+    for key, value in request.form.items():
+        match = HEADER_FIELD.fullmatch(key)
+        if match:
+            rows.setdefault(int(match[1]), {"idx": match[1]})[match[2]] = value.strip()
+    kept = []
+    for idx in sorted(rows):
+        row = {part: rows[idx].get(part, "") for part in HEADER_PARTS} | {"idx": str(idx)}
+        if row["name"] or row["secret_ref"]:
+            kept.append(row)
+    return kept
+
+
+def _rows_of(server: McpServer | None) -> list[dict[str, str]]:
+    if server is None:
+        return []
+    return [
+        {"idx": str(i), "name": h.name, "template": h.template, "secret_ref": h.secret_ref}
+        for i, h in enumerate(server.headers)
+    ]
+
+
+def _header_errors(exc: ValidationFailedError, rows: list[dict[str, str]]) -> dict[str, str]:
+    """``headers.<k>.<part>`` (k: the k-th submitted row) as the message next to that row's field."""
+    out: dict[str, str] = {}
+    for e in exc.errors:
+        parts = e.field.split(".")
+        if parts[0] != "headers":
+            continue
+        if len(parts) >= 3 and parts[1].isdigit() and int(parts[1]) < len(rows) and parts[2] in HEADER_PARTS:
+            out.setdefault(f"headers-{rows[int(parts[1])]['idx']}-{parts[2]}", e.message)
+        else:
+            out.setdefault("headers", e.message)
+    return out
 
 
 def _form() -> dict[str, str]:
@@ -32,15 +75,25 @@ def _form() -> dict[str, str]:
 
 
 def _render(
-    access: OrgAccess, server: McpServer | None, form: dict[str, str], errors: dict[str, str], template: str
+    access: OrgAccess,
+    server: McpServer | None,
+    form: dict[str, str],
+    errors: dict[str, str],
+    template: str,
+    header_rows: list[dict[str, str]] | None = None,
 ) -> str:
     tools = mcp.list_tools(db(), access, server.id) if server is not None else []
+    rows = _rows_of(server) if header_rows is None else header_rows
     return render_template(
         template,
         server=server,
         tools=tools,
         form=form,
         errors=errors,
+        header_rows=rows,
+        next_header_idx=max((int(r["idx"]) for r in rows), default=-1) + 1,
+        placeholder=catalog.PLACEHOLDER,
+        max_headers=catalog.MAX_HEADERS,
         secret_options=secrets.list_secrets(db(), access, limit=200, cursor=None).items,
         transports=catalog.TRANSPORTS,
         new_secret=NEW_SECRET,
@@ -71,10 +124,16 @@ def _secret_ref(access: OrgAccess, form: dict[str, str]) -> str | None:
     return secret.id
 
 
-def _refused(exc: ValidationFailedError | ConflictError) -> dict[str, str]:
+def _refused(exc: ValidationFailedError | ConflictError, rows: list[dict[str, str]]) -> dict[str, str]:
     if isinstance(exc, ConflictError):
         return {"_general": exc.detail}
-    return form_errors(exc, FIELDS)
+    others = [e for e in exc.errors if e.field.split(".")[0] != "headers"]
+    errors = form_errors(ValidationFailedError(others), FIELDS) if others else {}
+    return errors | _header_errors(exc, rows)
+
+
+def _headers(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{part: row[part] for part in HEADER_PARTS} for row in rows]
 
 
 @page("/orgs/<org>/mcp-servers", org_role="member")
@@ -90,15 +149,18 @@ def new_mcp_server(access: OrgAccess) -> Any:
     if request.method == "GET":
         return _render(access, None, {"transport": "streamable_http"}, {}, "mcp/form.html")
     form = _form()
+    rows = _header_rows() if access.is_admin else []  # members' form has no header editor
     try:
         values: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
         ref = _secret_ref(access, form)
         if ref is not None:
             values["secret_ref"] = ref
+        if rows:
+            values["headers"] = _headers(rows)
         server, _job = mcp.create_server(db(), request_context(), access, validated(McpServerCreate, values))
     except (ValidationFailedError, ConflictError) as exc:
         db().rollback()
-        return _render(access, None, form, _refused(exc), "mcp/form.html"), (exc.status)
+        return _render(access, None, form, _refused(exc, rows), "mcp/form.html", rows), (exc.status)
     flash(f"MCP server {server.name} added; validating it now.", "success")
     return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server.id))
 
@@ -119,17 +181,19 @@ def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
     if request.method == "GET":
         return _render(access, server, _form_of(server), {}, "mcp/detail.html")
     form = _form()
+    rows = _header_rows() if access.is_admin else []
     try:
         values: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
-        if access.is_admin:  # members cannot bind secrets; their form has no picker
+        if access.is_admin:  # members cannot bind secrets; their form has no picker and no header editor
             values["secret_ref"] = _secret_ref(access, form)
+            values["headers"] = _headers(rows)
         data = validated(McpServerUpdate, values)
         server, job = mcp.update_server(db(), request_context(), access, server_id, data)
     except (ValidationFailedError, ConflictError) as exc:
         db().rollback()
         server = mcp.get_server(db(), access, server_id)
-        errors = _refused(exc)
-        return _render(access, server, form, errors, "mcp/detail.html"), exc.status
+        errors = _refused(exc, rows)
+        return _render(access, server, form, errors, "mcp/detail.html", rows if access.is_admin else None), exc.status
     flash("Saved; validating it again." if job else "Saved.", "success")
     return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server.id))
 

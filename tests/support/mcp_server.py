@@ -5,6 +5,9 @@ port, over either transport (Streamable HTTP at `/mcp`, SSE at `/sse`). It recor
 bearer token it is sent (`seen_tokens`), lets a test change the accepted token at runtime
 (`set_token`), can make every HTTP request slow (`delay_seconds`) for timeout tests, and can
 split tools/list into pages (`page_size`) or make it never end (`endless_pages`).
+Header credentials: `require_headers={"X-API-Key": "k1"}` answers 401 to any request without
+exactly those headers (`bearer=False` drops the bearer check, e.g. for `Authorization: token ...`),
+and `seen_headers` records every request's headers (names lower-cased).
 No pytest fixtures here: tests wrap it as they need.
 
     with McpTestServer(transport="sse") as server:
@@ -77,6 +80,13 @@ class _RecordAndDelay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            seen = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
+            self.owner.seen_headers.append(seen)
+            required = self.owner.require_headers
+            if any(seen.get(name.lower()) != value for name, value in required.items()):
+                await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
+                return
             for name, value in scope.get("headers", []):
                 if name.lower() == b"authorization":
                     raw = value.decode("latin-1")
@@ -107,18 +117,21 @@ class _PagedServer(MCPServer):
         return ListToolsResult(tools=tools[start:end], next_cursor=str(end) if end < len(tools) else None)
 
 
-def build_server(verifier: _TokenVerifier, resource_url: str, stopping: threading.Event) -> _PagedServer:
-    """The test MCP server: four tools behind bearer auth."""
-    mcp = _PagedServer(
-        "latchkey-test",
-        token_verifier=verifier,
-        auth=AuthSettings(
-            issuer_url="http://127.0.0.1:9/",  # never contacted: the verifier is static
-            resource_server_url=resource_url,
-            validate_token_resource=False,
-        ),
-        log_level="WARNING",
-    )
+def build_server(verifier: _TokenVerifier | None, resource_url: str, stopping: threading.Event) -> _PagedServer:
+    """The test MCP server: four tools behind bearer auth (none when ``verifier`` is None)."""
+    if verifier is None:
+        mcp = _PagedServer("latchkey-test", log_level="WARNING")
+    else:
+        mcp = _PagedServer(
+            "latchkey-test",
+            token_verifier=verifier,
+            auth=AuthSettings(
+                issuer_url="http://127.0.0.1:9/",  # never contacted: the verifier is static
+                resource_server_url=resource_url,
+                validate_token_resource=False,
+            ),
+            log_level="WARNING",
+        )
 
     @mcp.tool()
     def add(a: int, b: int) -> int:
@@ -156,6 +169,8 @@ class McpTestServer:
         page_size: int | None = None,
         endless_pages: bool = False,
         port: int = 0,
+        require_headers: dict[str, str] | None = None,
+        bearer: bool = True,
     ) -> None:
         if transport not in PATHS:
             raise ValueError(f"unknown transport {transport!r}")
@@ -164,6 +179,9 @@ class McpTestServer:
         self.page_size = page_size
         self.endless_pages = endless_pages
         self.seen_tokens: list[str] = []
+        self.seen_headers: list[dict[str, str]] = []
+        self.require_headers: dict[str, str] = dict(require_headers or {})
+        self.bearer = bearer
         self.stopping = threading.Event()
         self._verifier = _TokenVerifier(token or secrets.token_urlsafe(24))
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -184,7 +202,7 @@ class McpTestServer:
         self._verifier.token = token
 
     def app(self) -> ASGIApp:
-        mcp = build_server(self._verifier, self.url, self.stopping)
+        mcp = build_server(self._verifier if self.bearer else None, self.url, self.stopping)
         mcp.page_size = self.page_size
         mcp.endless_pages = self.endless_pages
         if self.transport == "sse":

@@ -120,6 +120,41 @@
     update();
   }
 
+  // MCP credential headers: add a row from the <template>, remove a row; at most data-max rows.
+  function setupHeaderEditor(box) {
+    var rows = box.querySelector("[data-header-rows]");
+    var template = box.querySelector("[data-header-template]");
+    var add = box.querySelector("[data-header-add]");
+    var max = parseInt(box.getAttribute("data-max"), 10) || 8;
+    function count() { return rows.querySelectorAll("[data-header-row]").length; }
+    function update() { add.disabled = count() >= max; }
+    function nextIndex() {
+      var next = 0;
+      rows.querySelectorAll("[data-header-row] input[name$='-name']").forEach(function (input) {
+        var n = parseInt(input.name.split("-")[1], 10);
+        if (n >= next) { next = n + 1; }
+      });
+      return next;
+    }
+    rows.addEventListener("click", function (event) {
+      var button = event.target.closest("[data-header-remove]");
+      if (!button) { return; }
+      button.closest("[data-header-row]").remove();
+      update();
+    });
+    add.addEventListener("click", function () {
+      if (count() >= max) { return; }
+      var holder = document.createElement("div");
+      holder.innerHTML = template.innerHTML.split("__i__").join(String(nextIndex()));
+      var row = holder.firstElementChild;
+      rows.appendChild(row);
+      row.querySelector("input").focus();
+      update();
+    });
+    add.hidden = false;
+    update();
+  }
+
   function setupToolPicker(select) {
     var groups = Array.prototype.slice.call(document.querySelectorAll("[data-server-tools]"));
     function update() {
@@ -168,6 +203,7 @@
     document.querySelectorAll("[data-reveal-url]").forEach(setupReveal);
     document.querySelectorAll("[data-provider-form]").forEach(setupProviderForm);
     document.querySelectorAll("[data-secret-picker]").forEach(setupSecretPicker);
+    document.querySelectorAll("[data-header-editor]").forEach(setupHeaderEditor);
     document.querySelectorAll("[data-server-select]").forEach(setupToolPicker);
     document.querySelectorAll("[data-poll]").forEach(poll);
     confirmForms();

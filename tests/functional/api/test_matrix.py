@@ -30,6 +30,11 @@ class Endpoint:
     body: dict[str, Any] | None = None
     # Succeeding needs a real authorization server and a worker: tests/e2e/workers/test_oauth_connections.py.
     succeeds_in: str | None = None
+    variant: str = ""  # tells apart two cases of one route
+
+    @property
+    def id(self) -> str:
+        return f"{self.method} {self.path}" + (f" ({self.variant})" if self.variant else "")
 
     @property
     def rule(self) -> str:
@@ -69,7 +74,26 @@ ENDPOINTS = [
         "POST", "orgs/{org}/mcp-servers", True, {"name": "M", "url": "https://m.test/mcp", "secret_ref": "{secret}"}
     ),
     Endpoint("GET", "orgs/{org}/mcp-servers/{mcp}", False),
+    # A credential header binds a secret too ("{{{{secret}}}}" is the template's "{{secret}}" once filled in).
+    Endpoint(
+        "POST",
+        "orgs/{org}/mcp-servers",
+        True,
+        {
+            "name": "MH",
+            "url": "https://m.test/mcp",
+            "headers": [{"name": "X-API-Key", "template": "{{{{secret}}}}", "secret_ref": "{secret}"}],
+        },
+        variant="header secret",
+    ),
     Endpoint("PATCH", "orgs/{org}/mcp-servers/{mcp}", True, {"url": "https://elsewhere.test/mcp"}),
+    Endpoint(
+        "PATCH",
+        "orgs/{org}/mcp-servers/{mcp}",
+        True,
+        {"headers": [{"name": "X-API-Key", "template": "key {{{{secret}}}}", "secret_ref": "{secret}"}]},
+        variant="header secret",
+    ),
     Endpoint("DELETE", "orgs/{org}/mcp-servers/{mcp}", True),
     Endpoint("POST", "orgs/{org}/mcp-servers/{mcp}/validate", False),
     Endpoint("GET", "orgs/{org}/mcp-servers/{mcp}/tools", False),
@@ -120,7 +144,7 @@ def test_matrix_covers_every_org_scoped_and_operator_route() -> None:
     assert operator == {(e.method, e.rule) for e in OPERATOR_ONLY}
 
 
-@pytest.mark.parametrize("endpoint", OPERATOR_ONLY, ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("endpoint", OPERATOR_ONLY, ids=lambda e: e.id)
 def test_operator_endpoints_refuse_org_admins(world: World, endpoint: Endpoint, db: Any) -> None:
     before = _snapshot(db)
     resp = world.admin.request(endpoint.method, endpoint.path.format(job=world.job))
@@ -357,10 +381,18 @@ def _invitation(factory: Factory, slug: str) -> str:
 def _call(caller: Caller, e: Endpoint, org: str, ids: dict[str, str]) -> Any:
     """Call ``e`` in ``org`` with resource ids (and body placeholders) taken from ``ids``."""
     path = e.path.format(org=org, **ids)
-    body = None
-    if e.body is not None:
-        body = {k: (v.format(**ids) if isinstance(v, str) else v) for k, v in e.body.items()}
-    return caller.request(e.method, path, json=body)
+    return caller.request(e.method, path, json=_filled(e.body, ids))
+
+
+def _filled(value: Any, ids: dict[str, str]) -> Any:
+    """``value`` with the placeholders of every string in it (at any depth) filled in from ``ids``."""
+    if isinstance(value, str):
+        return value.format(**ids)
+    if isinstance(value, dict):
+        return {k: _filled(v, ids) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_filled(v, ids) for v in value]
+    return value
 
 
 def _snapshot(db: Any) -> tuple[int, ...]:
@@ -374,7 +406,7 @@ def _snapshot(db: Any) -> tuple[int, ...]:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: e.id)
 def test_another_orgs_ids_are_404(shared_world: World, endpoint: Endpoint, db: Any) -> None:
     world = shared_world
     has_ids = any(
@@ -397,7 +429,7 @@ def test_another_orgs_ids_are_404(shared_world: World, endpoint: Endpoint, db: A
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if e.admin_only], ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if e.admin_only], ids=lambda e: e.id)
 def test_member_gets_403_on_admin_only_actions_and_nothing_changes(
     shared_world: World, endpoint: Endpoint, db: Any
 ) -> None:
@@ -410,7 +442,7 @@ def test_member_gets_403_on_admin_only_actions_and_nothing_changes(
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("endpoint", ORG_SCOPED, ids=lambda e: e.id)
 @pytest.mark.parametrize("auth", [None, "Bearer lk_not-a-real-token", "Basic abc", "Bearer "])
 def test_missing_or_invalid_token_is_401(
     shared_world: World, endpoint: Endpoint, auth: str | None, client: Any
@@ -424,14 +456,14 @@ def test_missing_or_invalid_token_is_401(
 
 
 @pytest.mark.parametrize(
-    "endpoint", [e for e in ORG_SCOPED if not e.admin_only and not e.succeeds_in], ids=lambda e: f"{e.method} {e.path}"
+    "endpoint", [e for e in ORG_SCOPED if not e.admin_only and not e.succeeds_in], ids=lambda e: e.id
 )
 def test_member_may_use_member_endpoints(world: World, endpoint: Endpoint) -> None:
     resp = _call(world.member, endpoint, world.org, _ids(world, own=True, user=world.admin.user_id))
     assert resp.status_code in (200, 201, 202, 204), resp.get_json()
 
 
-@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.succeeds_in], ids=lambda e: f"{e.method} {e.path}")
+@pytest.mark.parametrize("endpoint", [e for e in ORG_SCOPED if not e.succeeds_in], ids=lambda e: e.id)
 def test_admin_succeeds_in_own_org(world: World, endpoint: Endpoint, request: pytest.FixtureRequest) -> None:
     if endpoint.path.endswith("/reveal"):
         request.getfixturevalue("worker")  # a reveal is answered by a worker

@@ -13,11 +13,13 @@ from app.config import Settings
 from app.db import Database
 from app.errors import WorkerError
 from app.jobs.names import TaskName
+from app.mcp import validation
 from app.models import AgentRun, AuditEvent, Job, JobStatus
 from app.tasks.runtime import JobView, WorkerContext
 from tests.support.agents import PROVIDER_KEY, agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
+from tests.support.mcp_server import McpTestServer
 from tests.unit.worker_support import parked_web, start_run, worker_ctx
 
 
@@ -143,3 +145,36 @@ def test_a_model_that_never_stops_calling_tools_ends_with_max_steps(
     row = _run_row(db, run_id)
     assert [e["code"] for e in row.events if e["type"] == "tool_error"] == ["unknown_tool"] * runner.MAX_STEPS
     assert len(llm.requests) == runner.MAX_STEPS
+
+
+def test_a_run_queued_before_a_header_change_is_stale_and_no_tool_server_is_contacted(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    provider_id, _ = provider(admin, org, factory, llm)
+    value = "runner-header-key-" + "r" * 16
+    key = factory.secret(admin, org, value=value)["id"]
+    with McpTestServer(require_headers={"X-API-Key": value}, bearer=False) as server:
+        header = {"name": "X-API-Key", "template": "{{secret}}", "secret_ref": key}
+        created = admin.post(
+            f"orgs/{org}/mcp-servers", json={"name": "H", "url": server.url, "headers": [header]}
+        ).get_json()
+        with db.session() as s:
+            queued = s.get(Job, created["job"]["id"])
+            assert queued is not None
+            view = JobView(queued.id, queued.org_id, queued.kind, dict(queued.params), attempts=1)
+        assert validation.validate(ctx, view)["status"] == "valid"
+        run_id = start_run(
+            admin, org, agent(admin, org, provider_id, [{"mcp_server_id": created["id"], "tool_name": "echo"}])
+        )
+        changed = admin.patch(
+            f"orgs/{org}/mcp-servers/{created['id']}", json={"headers": [{**header, "template": "k {{secret}}"}]}
+        )
+        assert changed.status_code == 200
+        mark = len(server.seen_headers)
+
+        with pytest.raises(WorkerError) as info:
+            runner.run(ctx, _view(db, run_id))
+
+        assert info.value.code == "stale" and "mcp_servers" in info.value.message
+        assert server.seen_headers[mark:] == [] and llm.requests == []

@@ -553,6 +553,47 @@ def test_no_allowed_hosts_means_no_host_restriction(dns: FakeDNS, allowed: list[
     assert check_destination("https://anywhere.example.org/", EgressPolicy(), allowed).host == "anywhere.example.org"
 
 
+# --- several secrets on one request (header credentials): every allowed_hosts must match ---------
+
+
+def test_every_secrets_allowed_hosts_must_match_before_any_lookup(dns: FakeDNS) -> None:
+    dns.add("api.example.com", PUBLIC_V4)
+    rules = [["api.example.com"], ["*.example.org"]]
+    with pytest.raises(DestinationDeniedError) as info:
+        check_destination("https://api.example.com/", EgressPolicy(), host_rules=rules)
+    assert info.value.code == "secret_destination_denied" and info.value.host == "api.example.com"
+    assert "1 of the 2 secrets" in info.value.message
+    assert dns.calls["api.example.com"] == 0
+    # The single allowed_hosts of existing callers counts as one more rule.
+    with pytest.raises(DestinationDeniedError):
+        check_destination(
+            "https://api.example.com/", EgressPolicy(), ["*.example.org"], host_rules=[["api.example.com"]]
+        )
+    assert dns.calls["api.example.com"] == 0
+
+
+def test_a_host_every_rule_allows_passes_and_empty_rules_restrict_nothing(dns: FakeDNS) -> None:
+    dns.add("api.example.com", PUBLIC_V4)
+    rules = [["api.example.com"], ["*.example.com"], []]
+    assert check_destination("https://api.example.com/", EgressPolicy(), host_rules=rules).addresses == (PUBLIC_V4,)
+    assert check_destination("https://api.example.com/", EgressPolicy(), host_rules=[[], []]).host == "api.example.com"
+
+
+def test_host_rules_must_be_lists_of_patterns() -> None:
+    with pytest.raises(TypeError):
+        check_destination("https://api.example.com/", EgressPolicy(), host_rules=["api.example.com"])
+
+
+def test_a_guarded_client_with_host_rules_sends_nothing_outside_any_of_them(dns: FakeDNS) -> None:
+    dns.add("api.example.com", PUBLIC_V4)
+    with (
+        guarded_client(EgressPolicy(), host_rules=[["api.example.com"], ["other.example.com"]]) as client,
+        pytest.raises(DestinationDeniedError),
+    ):
+        client.get("https://api.example.com/", headers={"X-API-Key": TOKEN})
+    assert dns.calls["api.example.com"] == 0
+
+
 # --- error shape ----------------------------------------------------------------------------------
 
 TOKEN = "tok-SEKRIT-123"

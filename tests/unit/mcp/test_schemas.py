@@ -30,7 +30,7 @@ def _refusals(model: Any, body: dict[str, Any]) -> list[tuple[str, str]]:
             [("url", "must not carry a credential in its query (e.g. ?token=); bind a secret instead")],
         ),
         (McpServerCreate, {**BASE, "url": "ftp://mcp.example/"}, [("url", "must be an http(s) URL with a host")]),
-        (McpServerUpdate, {}, [("body", "give at least one of name, url, transport, secret_ref, auth")]),
+        (McpServerUpdate, {}, [("body", "give at least one of name, url, transport, secret_ref, headers, auth")]),
         (McpServerUpdate, {"url": None}, [("url", "must be a URL of at most 2000 characters")]),
         (McpServerUpdate, {"transport": None}, [("transport", "must be 'streamable_http' or 'sse'")]),
     ],

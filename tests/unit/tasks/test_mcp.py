@@ -92,3 +92,33 @@ def test_validating_twice_changes_nothing_the_second_time(
     assert again.status_code == 202, again.get_json()
     assert run_task(tasks_app, TaskName.VALIDATE_SERVER, again.get_json()["job"]["id"]) == "succeeded"
     assert _state(db, created["id"]) == once
+
+
+HEADER_KEY = "mcp-unit-header-" + "h" * 20
+
+
+@pytest.mark.parametrize("change", ["replaced", "cleared", "template"])
+def test_a_validation_queued_before_a_header_change_ends_stale_and_sends_nothing(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, change: str
+) -> None:
+    admin = factory.user(org, "admin")
+    key = factory.secret(admin, org, value=HEADER_KEY)["id"]
+    with McpTestServer(require_headers={"X-API-Key": HEADER_KEY}, bearer=False) as server:
+        header = {"name": "X-API-Key", "template": "{{secret}}", "secret_ref": key}
+        body = {"name": "H", "url": server.url, "headers": [header]}
+        created = admin.post(f"orgs/{org}/mcp-servers", json=body).get_json()
+        new = {
+            "replaced": [{**header, "name": "X-Other"}],
+            "cleared": [],
+            "template": [{**header, "template": "k {{secret}}"}],
+        }
+        resp = admin.patch(f"orgs/{org}/mcp-servers/{created['id']}", json={"headers": new[change]})
+        assert resp.status_code == 200 and resp.get_json()["job"] is not None
+
+        assert run_task(tasks_app, TaskName.VALIDATE_SERVER, created["job"]["id"]) == "failed"
+
+        assert server.seen_headers == []  # not one request, with or without the secret
+    with db.session() as s:
+        job = s.get(Job, created["job"]["id"])
+        assert job is not None and job.error_code == "stale" and "headers" in (job.error_message or "")
+        assert job.resolved_secrets in (None, [])

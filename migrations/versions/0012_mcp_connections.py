@@ -6,11 +6,11 @@
   of a connection, which no API or page lists, reveals or binds.
 * ``mcp_connections`` and ``oauth_flows`` (app/models/connections.py).
 
-Expand-only, on the expand line (after 0009, before the contract): an installation still
-mid-migration runs the code that needs these tables. 0012 joins it to 0010.
+Expand-only, on the expand line (after 0011, before the contract): an installation still
+mid-migration runs the code that needs these tables. 0013 joins the line to 0010.
 
-Revision ID: 0011
-Revises: 0009
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-01
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0009"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
