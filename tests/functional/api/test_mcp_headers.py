@@ -70,10 +70,10 @@ def test_headers_are_created_replaced_and_cleared(admin: Caller, member: Caller,
         ({"name": "Mcp-Session-Id"}, "headers.0.name"),
         ({"name": "X Key"}, "headers.0.name"),
         ({"name": "X-Key:"}, "headers.0.name"),
-        ({"value": "no placeholder"}, "headers.0.value"),
-        ({"template": "{{secret}}{{secret}}"}, "headers.0.value"),
-        ({"template": "{{secret}}\r\nX-Injected: 1"}, "headers.0.value"),
-        ({"template": "x" * 1001 + "{{secret}}"}, "headers.0.value"),
+        ({"template": "no placeholder"}, "headers.0.template"),
+        ({"template": "{{secret}}{{secret}}"}, "headers.0.template"),
+        ({"template": "{{secret}}\r\nX-Injected: 1"}, "headers.0.template"),
+        ({"template": "x" * 1001 + "{{secret}}"}, "headers.0.template"),
         ({"secret_ref": None}, "headers.0.secret_ref"),
     ],
     ids=lambda v: str(v)[:40],
@@ -149,7 +149,7 @@ def test_the_openapi_document_describes_headers(client: Any) -> None:
     doc = client.get("/api/v1/openapi.json").get_json()
     schemas = doc["components"]["schemas"]
     header_in = schemas["HeaderIn"]
-    assert set(header_in["properties"]) == {"name", "value", "secret_ref"}
+    assert set(header_in["properties"]) == {"name", "template", "secret_ref"}
     assert header_in["additionalProperties"] is False
     for model in ("McpServerCreate", "McpServerUpdate"):
         field = schemas[model]["properties"]["headers"]
@@ -158,4 +158,4 @@ def test_the_openapi_document_describes_headers(client: Any) -> None:
     out = schemas["McpServerOut"]
     assert "headers" in out["required"]
     assert out["properties"]["headers"]["items"] == {"$ref": "#/components/schemas/HeaderOut"}
-    assert set(schemas["HeaderOut"]["properties"]) == {"name", "value", "secret_ref"}
+    assert set(schemas["HeaderOut"]["properties"]) == {"name", "template", "secret_ref"}

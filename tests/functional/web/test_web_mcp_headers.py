@@ -46,7 +46,7 @@ def test_an_admin_adds_headers_and_sees_them_on_the_detail_page(
     resp = ui_client.post(f"/orgs/{org}/mcp-servers/new", data=_form(csrf, **fields))
     assert resp.status_code == 302, resp.get_data(as_text=True)
     [server] = _servers(admin, org)
-    assert [(h["name"], h["value"]) for h in server["headers"]] == [
+    assert [(h["name"], h["template"]) for h in server["headers"]] == [
         ("X-API-Key", "{{secret}}"),
         ("Authorization", "token {{secret}}"),
     ]

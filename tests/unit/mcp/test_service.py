@@ -77,7 +77,7 @@ def _secret(db_session: Session, org: Org, public_keys: PublicKeySet, name: str)
 
 
 def _header(name: str, ref: str, value: str = "{{secret}}") -> HeaderIn:
-    return HeaderIn(name=name, value=value, secret_ref=ref)
+    return HeaderIn(name=name, template=value, secret_ref=ref)
 
 
 def test_headers_are_stored_in_order_and_part_of_the_destination(
