@@ -36,6 +36,7 @@ from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
+from app.mcp import grants
 from app.mcp.client import McpError, call_tool
 from app.mcp.credentials import HeaderSpec, ServerCredentials, header_specs, server_credentials, static_credentials
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
@@ -206,6 +207,9 @@ def _run_tool(ctx: Worker, state: RunState, tool: BoundTool, arguments: dict[str
             # An OAuth token the server no longer takes (revoked or expired early): renew it once.
             if oauth and exc.code == "auth_failed" and attempt == 1:
                 continue
+            if oauth and exc.code == "insufficient_scope" and tool.server is not None:
+                # The next connect asks for what the server wanted too (a union, RFC 6750 §3.1).
+                grants.want_scopes(ctx, tool.server, state.user_id, exc.scopes)
             raise
         return result.is_error, _tool_result_text(result.content, result.structured)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ _CONNECT_MODE: Final = "auto"
 
 MESSAGES: Final = {
     "auth_failed": "the MCP server rejected the credentials",
+    "insufficient_scope": "the MCP server needs more scopes than the connection was granted: reconnect",
     "unreachable": "the MCP server could not be reached",
     "timeout": "the MCP server did not answer in time",
     "protocol_error": "the server did not answer as an MCP server",
@@ -82,7 +84,10 @@ class ToolResult:
 
 
 class McpError(WorkerError):
-    """A failed MCP exchange. `code`: auth_failed, unreachable, timeout, protocol_error, response_too_large."""
+    """A failed MCP exchange. `code`: auth_failed, insufficient_scope, unreachable, timeout, protocol_error,
+    response_too_large. ``scopes``: for insufficient_scope, what the server's 403 asked for (RFC 6750 §3)."""
+
+    scopes: tuple[str, ...] = ()
 
     def __init__(self, code: str, message: str | None = None) -> None:
         super().__init__(code, message if message is not None else MESSAGES.get(code, "MCP request failed"))
@@ -102,9 +107,10 @@ class _ProtocolViolation(Exception):
 class _AuthRejected(Exception):
     """Raised by the response hook on a 401/403 so the status is not lost inside the SDK."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, challenge: str | None = None) -> None:
         super().__init__(status)
         self.status = status
+        self.challenge = challenge
 
 
 class _WatchedStream(httpx2.AsyncByteStream):
@@ -148,7 +154,7 @@ class _Exchange:
         if isinstance(response.stream, httpx2.AsyncByteStream):
             response.stream = _WatchedStream(response.stream, self)
         if status in (401, 403):
-            raise _AuthRejected(status)
+            raise _AuthRejected(status, response.headers.get("www-authenticate"))
         # The latest status of a message POST, if it was an error: reported with a protocol_error (e.g. a 404
         # from a non-MCP URL). GETs are left out: a 405 on the optional Streamable HTTP GET stream is normal.
         if response.request.method == "POST":
@@ -199,11 +205,28 @@ def _is_guard_error(exc: BaseException) -> bool:
     return getattr(exc, "code", None) in GUARD_CODES and not isinstance(exc, McpError)
 
 
+_CHALLENGE_FIELD = re.compile(r'([a-z_]+)=(?:"([^"]*)"|([^\s,]+))')
+
+
+def _challenge(header: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """A Bearer ``WWW-Authenticate`` challenge's ``error`` and ``scope`` (RFC 6750 §3)."""
+    if not header:
+        return None, ()
+    fields = {m[1]: m[2] or m[3] for m in _CHALLENGE_FIELD.finditer(header[:4096])}
+    scope = fields.get("scope") or ""
+    return fields.get("error"), tuple(scope.split())[:32]
+
+
 def _classify(
     leaves: list[BaseException], *, deadline_hit: bool, error_status: int | None, too_large: bool = False
 ) -> McpError:
     for leaf in leaves:
         if isinstance(leaf, _AuthRejected):
+            error, scopes = _challenge(leaf.challenge)
+            if leaf.status == 403 and error == "insufficient_scope":
+                found = McpError.for_code("insufficient_scope", leaf.status)
+                found.scopes = scopes
+                return found
             return McpError.for_code("auth_failed", leaf.status)
     # The guard's size cap stopped a read (the SDK may then also time out waiting for the answer).
     if too_large or any(getattr(leaf, "code", None) == "response_too_large" for leaf in leaves):

@@ -622,3 +622,27 @@ def _client_credentials(ctx: Worker, server: McpServer, *, seen_version: int | N
         )
     finally:
         lock.release()
+
+
+def want_scopes(ctx: Worker, server: McpServer, user_id: str | None, scopes: Sequence[str]) -> None:
+    """A 403 ``insufficient_scope``: the next connect asks for the union of the granted and these scopes."""
+    subject = subject_for(server, user_id)
+    with ctx.db.session() as s:
+        row = _load_connection(s, server.org_id, server.id, subject)
+        if row is None:
+            return
+        wanted = list(row.wanted_scopes or [])
+        for scope in [*row.scopes, *scopes]:
+            if scope not in wanted:
+                wanted.append(scope)
+        row.wanted_scopes = wanted[:32]
+        row.updated_at = utcnow()
+        audit.record(
+            s,
+            WORKER,
+            "mcp_connection.insufficient_scope",
+            org_id=server.org_id,
+            target_type="mcp_server",
+            target_id=server.id,
+            details={"connection_id": row.id, "subject": subject, "wanted_scopes": row.wanted_scopes},
+        )

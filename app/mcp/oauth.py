@@ -398,13 +398,3 @@ def revoke(factory: ClientFactory, endpoint: str, client: OAuthClient, token: st
         except httpx2.HTTPError:
             return False
     return response.status_code == 200
-
-
-def scopes_from_challenge(header: str | None) -> tuple[str | None, tuple[str, ...]]:
-    """A 401/403 ``WWW-Authenticate``: its ``error`` and the ``scope`` it asks for."""
-    if not header:
-        return None, ()
-    response = httpx2.Response(401, headers={"WWW-Authenticate": header})
-    error = extract_field_from_www_auth(response, "error")
-    scope = extract_field_from_www_auth(response, "scope")
-    return error, tuple(scope.split()) if scope else ()

@@ -21,8 +21,8 @@ from app.egress import audit as egress_audit
 from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
-from app.mcp import legacy, service
-from app.mcp.client import list_tools
+from app.mcp import grants, legacy, service
+from app.mcp.client import McpError, list_tools
 from app.mcp.credentials import (
     HeaderSpec,
     ServerCredentials,
@@ -148,6 +148,8 @@ def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
         )
     except WorkerError as exc:  # the resolver, the egress guard, the MCP exchange
         code, message = exc.code, exc.message
+        if isinstance(exc, McpError) and exc.code == "insufficient_scope" and snap.server is not None:
+            grants.want_scopes(ctx, snap.server, snap.user_id, exc.scopes)
         if isinstance(exc, SecretNotFoundError):
             message = "the bound secret no longer exists"
         elif isinstance(exc, EgressError):

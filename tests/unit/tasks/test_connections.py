@@ -1,0 +1,300 @@
+"""The OAuth connection jobs called directly (prepare, exchange, validate, refresh, revoke, runs), against a
+real OAuth 2.1 authorization server and OAuth-protected MCP server (``tests/support/oauth_server.py``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx2
+import pytest
+from celery import Celery
+from sqlalchemy import select
+
+from app.db import Database
+from app.jobs.names import TaskName
+from app.models import AgentRun, AuditEvent, ConnectionStatus, Job, JobStatus, McpConnection, McpServer, Secret
+from tests.support.agents import agent, provider
+from tests.support.factories import Caller, Factory
+from tests.support.llm_server import LlmTestServer
+from tests.support.oauth_server import OAuthTestServer
+from tests.support.workers import wait_for
+from tests.unit.worker_support import run_task
+
+
+@pytest.fixture
+def auth() -> Iterator[OAuthTestServer]:
+    with OAuthTestServer(auto_approve=True, access_token_ttl=60.0) as server:
+        yield server
+
+
+def _queued(db: Database, kind: TaskName) -> list[Job]:
+    with db.session() as s:
+        rows = list(s.scalars(select(Job).where(Job.kind == kind, Job.status == JobStatus.QUEUED).order_by(Job.id)))
+        s.expunge_all()
+        return rows
+
+
+def _run_all(tasks_app: Celery, db: Database, kind: TaskName) -> list[str]:
+    return [run_task(tasks_app, kind, job.id) for job in _queued(db, kind)]
+
+
+def _add(caller: Caller, org: str, url: str, **auth: Any) -> str:
+    body = {"name": "Protected", "url": url, "auth": {"type": "oauth", **auth}}
+    resp = caller.post(f"orgs/{org}/mcp-servers", json=body)
+    assert resp.status_code == 201, resp.get_json()
+    server_id: str = resp.get_json()["id"]
+    return server_id
+
+
+def _connect(tasks_app: Celery, db: Database, caller: Caller, org: str, server_id: str) -> None:
+    """Connect as ``caller``: the prepare job run here while the request waits, approval, the exchange."""
+    answer: dict[str, Any] = {}
+    request = threading.Thread(
+        target=lambda: answer.update(resp=caller.post(f"orgs/{org}/mcp-servers/{server_id}/connect"))
+    )
+    request.start()
+    job = wait_for(lambda: _queued(db, TaskName.PREPARE_CONNECTION), 10)[0]
+    assert run_task(tasks_app, TaskName.PREPARE_CONNECTION, job.id) == "succeeded"
+    request.join(20)
+    resp = answer["resp"]
+    assert resp.status_code == 200, resp.get_json()
+    approved = httpx2.get(resp.get_json()["authorization_url"], follow_redirects=False)
+    query = parse_qs(urlsplit(approved.headers["location"]).query)
+    done = caller.post("oauth/callback", json={"state": query["state"][0], "code": query["code"][0]})
+    assert done.status_code == 202, done.get_json()
+    assert run_task(tasks_app, TaskName.EXCHANGE_CODE, done.get_json()["job"]["id"]) == "succeeded"
+
+
+def _validate(tasks_app: Celery, db: Database, caller: Caller, org: str, server_id: str) -> dict[str, Any]:
+    resp = caller.post(f"orgs/{org}/mcp-servers/{server_id}/validate")
+    assert resp.status_code == 202
+    job_id = resp.get_json()["job"]["id"]
+    assert run_task(tasks_app, TaskName.VALIDATE_SERVER, job_id) == "succeeded"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.result is not None
+        return {"result": job.result, "resolved": job.resolved_secrets}
+
+
+def _connection(db: Database, server_id: str, subject: str = "org") -> McpConnection | None:
+    with db.session() as s:
+        row = s.scalar(
+            select(McpConnection).where(McpConnection.mcp_server_id == server_id, McpConnection.subject == subject)
+        )
+        if row is not None:
+            s.expunge(row)
+        return row
+
+
+def _actions(db: Database) -> list[str]:
+    with db.session() as s:
+        return list(s.scalars(select(AuditEvent.action).order_by(AuditEvent.seq)))
+
+
+def test_connect_then_the_validation_lists_tools_with_the_connection(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth.url)
+    _connect(tasks_app, db, admin, org, server_id)
+    # The exchange queued the validation that lists the tools with the new token.
+    outcomes = _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
+    assert outcomes and set(outcomes) == {"succeeded"}
+    connection = _connection(db, server_id)
+    assert connection is not None and connection.status == ConnectionStatus.CONNECTED
+    with db.session() as s:
+        server = s.get(McpServer, server_id)
+        assert server is not None and server.status == "valid" and server.tool_count >= 3
+    validated = _validate(tasks_app, db, admin, org, server_id)
+    assert validated["resolved"] == [{"secret_id": connection.secret_id, "version": 1}]
+    assert {"mcp_connection.authorization_started", "mcp_connection.callback", "mcp_connection.connected"} <= set(
+        _actions(db)
+    )
+    assert auth.bearer_seen
+
+
+def test_an_expired_token_is_refreshed_once_and_the_new_version_used(
+    tasks_app: Celery, db: Database, factory: Factory, org: str
+) -> None:
+    with OAuthTestServer(auto_approve=True, access_token_ttl=1.0) as auth:
+        admin = factory.user(org, "admin")
+        server_id = _add(admin, org, auth.url)
+        _connect(tasks_app, db, admin, org, server_id)
+        time.sleep(1.1)
+        first = _validate(tasks_app, db, admin, org, server_id)
+        assert first["result"]["status"] == "valid", first
+        assert auth.refresh_redemptions == 1
+        connection = _connection(db, server_id)
+        assert connection is not None and first["resolved"] == [{"secret_id": connection.secret_id, "version": 2}]
+        # The fresh token is used as it is: no second redemption.
+        assert _validate(tasks_app, db, admin, org, server_id)["result"]["status"] == "valid"
+        assert auth.refresh_redemptions == 1
+        assert "mcp_connection.refresh" in _actions(db)
+
+
+def test_a_refused_refresh_ends_auth_required_and_drops_the_tokens(
+    tasks_app: Celery, db: Database, factory: Factory, org: str
+) -> None:
+    with OAuthTestServer(auto_approve=True, access_token_ttl=1.0) as auth:
+        admin = factory.user(org, "admin")
+        server_id = _add(admin, org, auth.url)
+        _connect(tasks_app, db, admin, org, server_id)
+        secret_id = (_connection(db, server_id) or pytest.fail("no connection")).secret_id
+        auth.revoke_refresh_tokens()
+        time.sleep(1.1)
+        outcome = _validate(tasks_app, db, admin, org, server_id)
+        assert outcome["result"]["error"]["code"] == "auth_required"
+        assert "Protected" in outcome["result"]["error"]["message"]
+        connection = _connection(db, server_id)
+        assert connection is not None and connection.status == ConnectionStatus.AUTH_REQUIRED
+        assert connection.secret_id is None and connection.error_code == "invalid_grant"
+        with db.session() as s:
+            assert s.get(Secret, secret_id) is None
+        assert "mcp_connection.refresh_failed" in _actions(db)
+
+
+def test_disconnect_revokes_the_grant_and_deletes_the_tokens(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth.url)
+    _connect(tasks_app, db, admin, org, server_id)
+    assert admin.delete(f"orgs/{org}/mcp-servers/{server_id}/connection").status_code == 204
+    # A second disconnect finds nothing to disconnect.
+    assert admin.delete(f"orgs/{org}/mcp-servers/{server_id}/connection").status_code == 404
+    # Unusable before the worker even ran: a validation now needs a connection.
+    assert _validate(tasks_app, db, admin, org, server_id)["result"]["error"]["code"] == "auth_required"
+    assert _run_all(tasks_app, db, TaskName.REVOKE_CONNECTION) == ["succeeded"]
+    assert _connection(db, server_id) is None
+    # The refresh token first (revoking it revokes its grant's access tokens at this server too).
+    assert auth.revoked == ["refresh"]
+    with db.session() as s:
+        assert s.scalars(select(Secret).where(Secret.kind == "connection")).all() == []
+
+
+def test_a_run_uses_the_connection_of_the_user_who_started_it_and_no_one_elses(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    alice, bob = factory.user(org, "member"), factory.user(org, "member")
+    server_id = _add(admin, org, auth.url, scope="user")
+    auth.next_user = "alice"
+    _connect(tasks_app, db, alice, org, server_id)
+    _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
+    provider_id, _ = provider(admin, org, factory, llm)
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "whoami"}])
+
+    def run_as(caller: Caller) -> AgentRun:
+        resp = caller.post(f"orgs/{org}/agents/{agent_id}/runs", json={"input": "who am I?"})
+        assert resp.status_code == 202, resp.get_json()
+        run_task(tasks_app, TaskName.RUN_AGENT, resp.get_json()["job"]["id"])
+        with db.session() as s:
+            run = s.get(AgentRun, resp.get_json()["run"]["id"])
+            assert run is not None
+            s.expunge(run)
+            return run
+
+    llm.script([{"tool_calls": [{"name": "whoami", "arguments": {}}]}, {"text": "done"}])
+    mine = run_as(alice)
+    assert mine.status == JobStatus.SUCCEEDED, (mine.error_code, mine.error_message)
+    results = [e for e in mine.events if e["type"] == "tool_result"]
+    assert results and results[0]["content"] == "alice"
+    # Bob never connected: his run ends auth_required naming the server, before the model is asked.
+    llm.reset()
+    theirs = run_as(bob)
+    assert theirs.status == JobStatus.FAILED and theirs.error_code == "auth_required"
+    assert "Protected" in (theirs.error_message or "")
+    assert len(llm.requests) == 0
+
+
+def test_insufficient_scope_asks_for_the_union_on_the_next_connect(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth.url, scopes=["tools:read", "tools:call"])
+    _connect(tasks_app, db, admin, org, server_id)
+    _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
+    provider_id, _ = provider(admin, org, factory, llm)
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "admin_tool"}])
+    llm.script([{"tool_calls": [{"name": "admin_tool", "arguments": {}}]}, {"text": "could not"}])
+    resp = admin.post(f"orgs/{org}/agents/{agent_id}/runs", json={"input": "do admin things"})
+    run_task(tasks_app, TaskName.RUN_AGENT, resp.get_json()["job"]["id"])
+    with db.session() as s:
+        run = s.get(AgentRun, resp.get_json()["run"]["id"])
+        assert run is not None
+        errors = [e for e in run.events if e["type"] == "tool_error"]
+        assert errors and errors[0]["code"] == "insufficient_scope"
+    connection = _connection(db, server_id)
+    assert connection is not None and "admin" in connection.wanted_scopes
+    # The next authorization asks for the granted scopes and the missing one.
+    _connect(tasks_app, db, admin, org, server_id)
+    assert set(auth.authorize_requests[-1]["scope"].split()) >= {"tools:read", "tools:call", "admin"}
+    connection = _connection(db, server_id)
+    assert connection is not None and connection.wanted_scopes == [] and "admin" in connection.scopes
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+def test_client_credentials_fetch_a_token_once_and_cache_it_until_it_expires(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, method: str
+) -> None:
+    with OAuthTestServer(preregistered={"machine": "machine-secret-" + "m" * 20}, access_token_ttl=1.0) as auth:
+        admin = factory.user(org, "admin")
+        secret = factory.secret(admin, org, value="machine-secret-" + "m" * 20)["id"]
+        body = {
+            "type": "oauth_client_credentials",
+            "client_id": "machine",
+            "client_secret_ref": secret,
+            "token_endpoint_auth_method": method,
+        }
+        resp = admin.post(f"orgs/{org}/mcp-servers", json={"name": "Machine", "url": auth.url, "auth": body})
+        assert resp.status_code == 201, resp.get_json()
+        server_id = resp.get_json()["id"]
+        assert _run_all(tasks_app, db, TaskName.VALIDATE_SERVER) == ["succeeded"]
+        grants = [r for r in auth.token_requests if r["grant_type"] == "client_credentials"]
+        assert len(grants) == 1 and grants[0]["resource"] == auth.url
+        with db.session() as s:
+            server = s.get(McpServer, server_id)
+            assert server is not None and server.status == "valid"
+        # Cached: a second use asks for nothing.
+        assert _validate(tasks_app, db, admin, org, server_id)["result"]["status"] == "valid"
+        assert len([r for r in auth.token_requests if r["grant_type"] == "client_credentials"]) == 1
+        # Expired: a new token, once.
+        time.sleep(1.1)
+        assert _validate(tasks_app, db, admin, org, server_id)["result"]["status"] == "valid"
+        assert len([r for r in auth.token_requests if r["grant_type"] == "client_credentials"]) == 2
+        secret_value = "machine-secret-" + "m" * 20
+        assert secret_value in auth.issued_values()
+
+
+def test_client_credentials_with_a_private_key_jwt(tasks_app: Celery, db: Database, factory: Factory, org: str) -> None:
+    from cryptography.hazmat.primitives import serialization  # noqa: TID251 - test key material
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: TID251
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with OAuthTestServer(preregistered={"signer": public_pem}) as auth:
+        admin = factory.user(org, "admin")
+        secret = factory.secret(admin, org, value=private_pem)["id"]
+        body = {
+            "type": "oauth_client_credentials",
+            "client_id": "signer",
+            "client_secret_ref": secret,
+            "token_endpoint_auth_method": "private_key_jwt",
+        }
+        resp = admin.post(f"orgs/{org}/mcp-servers", json={"name": "Signed", "url": auth.url, "auth": body})
+        assert resp.status_code == 201, resp.get_json()
+        assert _run_all(tasks_app, db, TaskName.VALIDATE_SERVER) == ["succeeded"]
+        with db.session() as s:
+            server = s.get(McpServer, resp.get_json()["id"])
+            assert server is not None and server.status == "valid", server.status_error_message
