@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,22 @@ def llm(llm_server: LlmTestServer) -> Iterator[LlmTestServer]:
 
 
 @pytest.fixture(scope="session")
+def ui_port() -> int:
+    """The port the browser tests' live server listens on: this deployment's public URL (where
+    OAuth authorization servers send the browser back), so it is known before the settings."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
 def settings(
-    database_url: str, redis_url: str, keyring: Keyring, keyring_path: Path, llm_server: LlmTestServer
+    database_url: str,
+    redis_url: str,
+    keyring: Keyring,
+    keyring_path: Path,
+    llm_server: LlmTestServer,
+    ui_port: int,
 ) -> Settings:
     return load_settings(
         {},
@@ -100,7 +115,7 @@ def settings(
         egress_allow_private=True,
         egress_allow_http_hosts="127.0.0.1,localhost",
         mcp_timeout_seconds=2.0,
-        public_url="http://127.0.0.1:5080",
+        public_url=f"http://127.0.0.1:{ui_port}",
         gateway_token=GATEWAY_TOKEN,
         ai_gateway_base_url=llm_server.url,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import current_app, flash, redirect, render_template, request, url_for
 
@@ -36,7 +37,13 @@ def connect_mcp_server(access: OrgAccess, server_id: str) -> Any:
         timeout=settings.reveal_timeout_seconds + settings.mcp_timeout_seconds,
         flow_ttl=settings.oauth_flow_ttl_seconds,
     )
-    return redirect(start.authorization_url, code=303)
+    # Not a redirect: the CSP's form-action 'self' (rightly) blocks a form whose answer redirects to
+    # another origin. The page names the authorization server and navigates there itself.
+    html = render_template(
+        "mcp/authorize.html", url=start.authorization_url, host=urlsplit(start.authorization_url).netloc
+    )
+    # The URL carries this authorization's state: no cache keeps it.
+    return html, 200, {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 
 @page("/orgs/<org>/mcp-servers/<server_id>/disconnect", ["POST"], org_role="member")

@@ -21,7 +21,13 @@ from app.web.forms import form_errors
 from app.web.pages import db, page
 from app.web.secrets import public_keys
 
-FIELDS = ("name", "url", "transport", "secret_ref", "new_secret_name", "new_secret_value")
+FIELDS = ("name", "url", "transport", "auth", "secret_ref", "new_secret_name", "new_secret_value")
+# The form's authentication choices (client credentials are configured through the API).
+AUTH_CHOICES = (
+    ("static", "A secret or credential headers (or nothing)"),
+    ("oauth:org", "OAuth: one connection for the org, made by an admin"),
+    ("oauth:user", "OAuth: each member connects their own account"),
+)
 NEW_SECRET = "__new__"  # noqa: S105 - the picker option for "create a new secret", not a secret
 # Statuses that will change on their own: the status fragment keeps polling while in one.
 PENDING = (McpServerStatus.PENDING, McpServerStatus.VALIDATING)
@@ -96,6 +102,7 @@ def _render(
         max_headers=catalog.MAX_HEADERS,
         secret_options=secrets.list_secrets(db(), access, limit=200, cursor=None).items,
         transports=catalog.TRANSPORTS,
+        auth_choices=AUTH_CHOICES,
         new_secret=NEW_SECRET,
         pending=PENDING,
         connection=connections.for_caller(db(), request_context(), [server]).get(server.id) if server else None,
@@ -152,6 +159,9 @@ def new_mcp_server(access: OrgAccess) -> Any:
     rows = _header_rows() if access.is_admin else []  # members' form has no header editor
     try:
         values: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
+        auth = _auth_value(form)
+        if auth is not None and auth["type"] != "none":
+            values["auth"] = auth
         ref = _secret_ref(access, form)
         if ref is not None:
             values["secret_ref"] = ref
@@ -165,11 +175,28 @@ def new_mcp_server(access: OrgAccess) -> Any:
     return redirect(url_for("web.mcp_server_detail", org=access.org.slug, server_id=server.id))
 
 
+def _auth_choice(server: McpServer) -> str:
+    if server.auth_type == "oauth":
+        return f"oauth:{server.connection_scope}"
+    return "static" if server.auth_type == "static" else server.auth_type
+
+
+def _auth_value(form: dict[str, str]) -> dict[str, Any] | None:
+    """The ``auth`` the form asks for; None keeps what the server has (e.g. client credentials)."""
+    choice = form.get("auth", "static")
+    if choice == "static":
+        return {"type": "none"}
+    if choice in ("oauth:org", "oauth:user"):
+        return {"type": "oauth", "scope": choice.removeprefix("oauth:")}
+    return None
+
+
 def _form_of(server: McpServer) -> dict[str, str]:
     return {
         "name": server.name,
         "url": server.url,
         "transport": server.transport,
+        "auth": _auth_choice(server),
         "secret_ref": server.secret_ref or "",
     }
 
@@ -184,6 +211,9 @@ def mcp_server_detail(access: OrgAccess, server_id: str) -> Any:
     rows = _header_rows() if access.is_admin else []
     try:
         values: dict[str, Any] = {"name": form["name"], "url": form["url"], "transport": form["transport"]}
+        auth = _auth_value(form)
+        if auth is not None and _auth_choice(server) != form.get("auth"):
+            values["auth"] = auth
         if access.is_admin:  # members cannot bind secrets; their form has no picker and no header editor
             values["secret_ref"] = _secret_ref(access, form)
             values["headers"] = _headers(rows)

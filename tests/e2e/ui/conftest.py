@@ -42,9 +42,10 @@ ARTIFACTS = (
 
 
 @pytest.fixture(scope="session")
-def live_server(ui_app: Flask) -> Iterator[str]:
-    """The UI over real HTTP on 127.0.0.1 (a thread per request, as reveals wait on a worker)."""
-    server = make_server("127.0.0.1", 0, ui_app, threaded=True)
+def live_server(ui_app: Flask, ui_port: int) -> Iterator[str]:
+    """The UI over real HTTP on 127.0.0.1 (a thread per request, as reveals wait on a worker), on the
+    port of the settings' public URL, where OAuth authorization servers send the browser back."""
+    server = make_server("127.0.0.1", ui_port, ui_app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="ui-live-server", daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"

@@ -48,7 +48,7 @@ def _approve(caller: Caller, org: str, server_id: str) -> tuple[str, str]:
     answer = httpx2.get(url, follow_redirects=False)
     assert answer.status_code in (302, 303), answer.text
     location = answer.headers["location"]
-    assert location.startswith("http://127.0.0.1:5080/oauth/callback?")
+    assert location.startswith(caller.client.application.config["LATCHKEY_SETTINGS"].oauth_redirect_uri + "?")
     query = parse_qs(urlsplit(location).query)
     return query["state"][0], query["code"][0]
 
