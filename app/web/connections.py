@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
+import httpx2
 from flask import current_app, flash, redirect, render_template, request, url_for
 
 from app.access import OrgAccess
@@ -40,7 +40,7 @@ def connect_mcp_server(access: OrgAccess, server_id: str) -> Any:
     # Not a redirect: the CSP's form-action 'self' (rightly) blocks a form whose answer redirects to
     # another origin. The page names the authorization server and navigates there itself.
     html = render_template(
-        "mcp/authorize.html", url=start.authorization_url, host=urlsplit(start.authorization_url).netloc
+        "mcp/authorize.html", url=start.authorization_url, host=httpx2.URL(start.authorization_url).netloc.decode()
     )
     # The URL carries this authorization's state: no cache keeps it.
     return html, 200, {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}

@@ -3,11 +3,15 @@ real OAuth 2.1 authorization server and OAuth-protected MCP server (``tests/supp
 
 from __future__ import annotations
 
+import gc
+import logging
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx2
 import pytest
@@ -17,8 +21,10 @@ from sqlalchemy import select
 from app.db import Database
 from app.jobs.names import TaskName
 from app.models import AgentRun, AuditEvent, ConnectionStatus, Job, JobStatus, McpConnection, McpServer, Secret
+from tests.functional.web.test_web_plaintext import held_by_live_containers, reachable_from_modules
 from tests.support.agents import agent, provider
 from tests.support.factories import Caller, Factory
+from tests.support.leaks import dump_database, dump_redis, find_leaks
 from tests.support.llm_server import LlmTestServer
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.workers import wait_for
@@ -50,8 +56,18 @@ def _add(caller: Caller, org: str, url: str, **auth: Any) -> str:
     return server_id
 
 
-def _connect(tasks_app: Celery, db: Database, caller: Caller, org: str, server_id: str) -> None:
-    """Connect as ``caller``: the prepare job run here while the request waits, approval, the exchange."""
+def _connect(
+    tasks_app: Celery,
+    db: Database,
+    caller: Caller,
+    org: str,
+    server_id: str,
+    *,
+    before_exchange: Callable[[str, str], None] | None = None,
+) -> None:
+    """Connect as ``caller``: the prepare job run here while the request waits, approval, the exchange.
+
+    ``before_exchange(state, code)`` runs while the exchange's message still waits in the broker."""
     answer: dict[str, Any] = {}
     request = threading.Thread(
         target=lambda: answer.update(resp=caller.post(f"orgs/{org}/mcp-servers/{server_id}/connect"))
@@ -62,11 +78,25 @@ def _connect(tasks_app: Celery, db: Database, caller: Caller, org: str, server_i
     request.join(20)
     resp = answer["resp"]
     assert resp.status_code == 200, resp.get_json()
-    approved = httpx2.get(resp.get_json()["authorization_url"], follow_redirects=False)
-    query = parse_qs(urlsplit(approved.headers["location"]).query)
+    approved = _browser_get(resp.get_json()["authorization_url"])
+    # Not urllib's urlsplit: it caches what it split (the code would stay in this process).
+    params = httpx2.URL(approved.headers["location"]).params
+    query = {key: [params[key]] for key in ("state", "code")}
     done = caller.post("oauth/callback", json={"state": query["state"][0], "code": query["code"][0]})
     assert done.status_code == 202, done.get_json()
+    if before_exchange is not None:
+        before_exchange(query["state"][0], query["code"][0])
     assert run_task(tasks_app, TaskName.EXCHANGE_CODE, done.get_json()["job"]["id"]) == "succeeded"
+
+
+def _browser_get(url: str) -> httpx2.Response:
+    """What the user's browser does at the authorization server. Its HTTP client's debug log (which
+    records the redirect, code and all) is the browser's, not Latchkey's: kept out of the scans."""
+    logging.disable(logging.INFO)  # nothing else runs meanwhile: the worker jobs run in this thread
+    try:
+        return httpx2.get(url, follow_redirects=False)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _validate(tasks_app: Celery, db: Database, caller: Caller, org: str, server_id: str) -> dict[str, Any]:
@@ -298,3 +328,74 @@ def test_client_credentials_with_a_private_key_jwt(tasks_app: Celery, db: Databa
         with db.session() as s:
             server = s.get(McpServer, resp.get_json()["id"])
             assert server is not None and server.status == "valid", server.status_error_message
+
+
+def test_no_token_code_or_verifier_reaches_the_database_redis_the_broker_job_results_or_logs(
+    tasks_app: Celery,
+    db: Database,
+    factory: Factory,
+    org: str,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with OAuthTestServer(auto_approve=True, access_token_ttl=1.0) as auth:
+        admin = factory.user(org, "admin")
+        server_id = _add(admin, org, auth.url)
+
+        def while_queued(state: str, code: str) -> None:
+            # The exchange's message is in the broker now (nobody consumes this queue): ids only.
+            assert not find_leaks(dump_redis(redis_url), [state, code])
+            assert not find_leaks(dump_database(db.engine), [state, code])
+
+        _connect(tasks_app, db, admin, org, server_id, before_exchange=while_queued)
+        _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
+        time.sleep(1.1)  # and a refresh, so a rotated refresh token is among the canaries
+        assert _validate(tasks_app, db, admin, org, server_id)["result"]["status"] == "valid"
+        assert auth.refresh_redemptions == 1
+        canaries = auth.issued_values()
+    assert len(canaries) >= 5  # code, verifier, two access tokens, two refresh tokens at least
+    haystacks = [*dump_database(db.engine), *dump_redis(redis_url), ("logs", caplog.text)]
+    assert not find_leaks(haystacks, canaries)
+
+
+@pytest.fixture
+def auth_process() -> Iterator[str]:
+    """The OAuth test server in a process of its own (so this process holds only what Latchkey keeps)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.oauth_server", "--port", str(port), "--auto-approve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx2.get(f"http://127.0.0.1:{port}/.well-known/oauth-authorization-server").status_code == 200
+            except httpx2.HTTPError:
+                return False
+
+        wait_for(up, 20)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_after_the_callback_this_process_holds_no_authorization_code(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth_process: str
+) -> None:
+    """Web tier and worker alike (both run here): once the exchange is done, the code is nowhere."""
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth_process)
+    seen: list[str] = []
+    _connect(tasks_app, db, admin, org, server_id, before_exchange=lambda _state, code: seen.append(code))
+    assert _connection(db, server_id) is not None
+    needles = (seen.pop(),)
+    gc.collect()  # also untracks the needles' own tuple (it holds only a string)
+    assert reachable_from_modules(needles) == []
+    assert held_by_live_containers(needles) == []
