@@ -179,15 +179,13 @@ def connect_mcp_server(access: OrgAccess, server_id: str) -> ConnectOut:
     ``state`` and ``code`` to ``POST /api/v1/oauth/callback``). 503 ``worker_unavailable`` when
     no worker answers in time; 502 ``connect_failed`` when discovery or registration failed.
     """
-    settings = current_app.config["LATCHKEY_SETTINGS"]
     start = connections.connect(
         session(),
         request_context(),
         access,
         server_id,
         redis=current_app.extensions["latchkey.redis"],
-        timeout=settings.reveal_timeout_seconds + settings.mcp_timeout_seconds,
-        flow_ttl=settings.oauth_flow_ttl_seconds,
+        settings=current_app.config["LATCHKEY_SETTINGS"],
     )
     return ConnectOut(authorization_url=start.authorization_url, expires_at=start.expires_at)
 

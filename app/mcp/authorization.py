@@ -16,7 +16,6 @@ import json
 import logging
 from typing import Any
 
-import redis
 from sqlalchemy import select
 
 from app.audit import service as audit
@@ -74,13 +73,7 @@ def _reply(ctx: Worker, job: RunJob, flow_id: str, payload: dict[str, Any]) -> N
     if not isinstance(key, str) or job.org_id is None:
         return
     sealed = replies.seal_reply(key, reply_context(job.org_id, flow_id, job.id), payload)
-    client = redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    try:
-        replies.push_reply(client, job.id, sealed)
-    except redis.RedisError as exc:
-        raise WorkerError("reply_unavailable", f"could not hand the reply over ({type(exc).__name__})") from None
-    finally:
-        client.close()
+    replies.hand_over(ctx.settings.redis_url, job.id, sealed)
 
 
 def _fail_flow(ctx: Worker, flow_id: str, code: str) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.access import OrgAccess, org_access
 from app.audit import service as audit
+from app.config import Settings
 from app.context import RequestContext
 from app.db import new_id, utcnow
 from app.errors import ConflictError, ForbiddenError, LatchkeyError, NotFoundError, UnauthorizedError
@@ -27,9 +28,9 @@ from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.mcp import authorization, grants
 from app.mcp.schemas import ConnectionOut
-from app.models import ConnectionStatus, FlowStatus, Job, McpConnection, McpServer, OAuthFlow, Org, User
+from app.models import ConnectionStatus, FlowStatus, Job, McpConnection, McpServer, OAuthFlow, Org, Secret, User
 from app.models.connections import ORG_SUBJECT, user_subject
-from app.secrets import replies
+from app.secrets import cachekeys, invalidation, replies
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal
 
@@ -149,8 +150,7 @@ def connect(
     server_id: str,
     *,
     redis: Redis,
-    timeout: float,
-    flow_ttl: int,
+    settings: Settings,
 ) -> ConnectStart:
     """Have a worker prepare an authorization for the caller; the URL to send the user to.
 
@@ -172,7 +172,7 @@ def connect(
         status=FlowStatus.PREPARING,
         scopes=[],
         destination=authorization._destination(server),
-        expires_at=now + timedelta(seconds=flow_ttl),
+        expires_at=now + timedelta(seconds=settings.oauth_flow_ttl_seconds),
         created_at=now,
     )
     session.add(flow)
@@ -194,7 +194,8 @@ def connect(
         job_id,
         private_key,
         authorization.reply_context(org_id, flow_id, job_id),
-        timeout=timeout,
+        # The worker's discovery and registration are MCP-timeout-bound requests of their own.
+        timeout=settings.reveal_timeout_seconds + settings.mcp_timeout_seconds,
         what="connect",
     )
     code = replies.error_code(reply)
@@ -315,6 +316,9 @@ def disconnect(session: Session, ctx: RequestContext, access: OrgAccess, server_
         raise NotFoundError("no connection to disconnect")
     connection.status = ConnectionStatus.REVOKING
     connection.updated_at = utcnow()
+    if connection.secret_id is not None:
+        # Every worker drops what it holds of this connection before this request returns.
+        _invalidate(session, connection.org_id, connection.secret_id)
     job = jobs.create_job(
         session,
         ctx,
@@ -332,3 +336,15 @@ def disconnect(session: Session, ctx: RequestContext, access: OrgAccess, server_
         details={"connection_id": connection.id, "subject": subject, "job_id": job.id},
     )
     return job
+
+
+def _invalidate(session: Session, org_id: str, secret_id: str) -> None:
+    """Stage a cache invalidation of a connection's token secret (its revision moves on, its value not)."""
+    session.execute(
+        update(Secret)
+        .where(Secret.org_id == org_id, Secret.id == secret_id)
+        .values(revision=Secret.revision + 1)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(select(Secret.version, Secret.revision).where(Secret.id == secret_id)).one()
+    invalidation.stage(session, org_id, secret_id, cachekeys.pointer(row.version, row.revision))

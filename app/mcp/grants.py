@@ -17,15 +17,19 @@ exists is adopted too, so a rotating refresh token is redeemed once and no job f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
 
 import redis
 from sqlalchemy import delete, select, update
@@ -73,10 +77,9 @@ def subject_for(server: McpServer, user_id: str | None) -> str:
     return ORG_SUBJECT
 
 
+@functools.lru_cache(maxsize=4096)
 def host_pattern(url: str) -> str:
-    """The ``allowed_hosts`` entry that allows exactly this URL's host and port."""
-    from urllib.parse import urlsplit
-
+    """The ``allowed_hosts`` entry that allows exactly this URL's host and port (a server URL, no secret)."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     shown = f"[{host}]" if ":" in host else host
@@ -302,9 +305,8 @@ def drop_tokens(session: Session, connection: McpConnection, status: ConnectionS
 # Using tokens ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Access:
-    """An access token ready to send, and what the job records about it."""
+class Access(NamedTuple):
+    """An access token ready to send, and what the job records about it (a NamedTuple: one per use)."""
 
     token: str
     secret_id: str
@@ -312,6 +314,9 @@ class Access:
     host_rules: tuple[tuple[str, ...], ...]
     values: tuple[str, ...]
     connection_id: str
+
+    def __repr__(self) -> str:  # never the token
+        return f"Access(connection_id={self.connection_id!r}, version={self.version})"
 
 
 def _client_secret(ctx: Worker, server: McpServer, client: OAuthClient) -> OAuthClient:
@@ -346,21 +351,65 @@ def _open(ctx: Worker, connection: McpConnection, *, current: bool = False) -> t
     assert connection.secret_id is not None
     resolve = ctx.resolver.resolve_current if current else ctx.resolver.resolve
     resolved = resolve(connection.org_id, connection.secret_id)
-    grant = Grant.loads(
-        resolved.value, org_id=connection.org_id, server_id=connection.mcp_server_id, subject=connection.subject
-    )
-    for value in grant.tokens.values():
-        redact.register(value)
+    key = (f"{id(ctx.resolver)}:{connection.id}:{resolved.secret_id}", resolved.version)
+    grant = _cache.grants.get(key)
+    if grant is None:
+        grant = Grant.loads(
+            resolved.value, org_id=connection.org_id, server_id=connection.mcp_server_id, subject=connection.subject
+        )
+        for value in grant.tokens.values():
+            redact.register(value)
+        _cache.put(_cache.grants, key, grant)
     return grant, resolved.version
+
+
+class _Cache:
+    """This process's copies of connection rows and parsed grants, valid while the resolver's cache epoch is.
+
+    Every change that matters to a use stages a cache invalidation of the connection's secret
+    (a new token version, tokens dropped, a disconnect), and an applied invalidation changes the
+    epoch: so a use costs what the secret's resolve costs (an L1 hit, or one Redis GET), and a
+    disconnect is seen by every worker before the request that made it returns.
+    """
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: OrderedDict[tuple[int, int, str, str, str], McpConnection] = OrderedDict()
+        self.grants: OrderedDict[tuple[str, int], Grant] = OrderedDict()
+
+    def put(self, store: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        with self.lock:
+            store[key] = value
+            store.move_to_end(key)
+            while len(store) > self.MAX:
+                store.popitem(last=False)
+
+
+_cache = _Cache()
+
+
+def _connection_for(ctx: Worker, server: McpServer, subject: str) -> McpConnection | None:
+    epoch = ctx.resolver.cache_epoch()
+    key = (id(ctx.resolver), epoch or 0, server.org_id, server.id, subject)
+    if epoch is not None:
+        cached = _cache.rows.get(key)
+        if cached is not None:
+            return cached
+    with ctx.db.session() as s:
+        connection = _load_connection(s, server.org_id, server.id, subject)
+        if connection is not None:
+            s.expunge(connection)
+    if connection is not None and epoch is not None and connection.status == ConnectionStatus.CONNECTED:
+        _cache.put(_cache.rows, key, connection)
+    return connection
 
 
 def access(ctx: Worker, server: McpServer, user_id: str | None, *, force_refresh: bool = False) -> Access:
     """A current access token for ``server`` on behalf of ``user_id`` (or the org); refreshed if due."""
     subject = subject_for(server, user_id)
-    with ctx.db.session() as s:
-        connection = _load_connection(s, server.org_id, server.id, subject)
-        if connection is not None:
-            s.expunge(connection)
+    connection = _connection_for(ctx, server, subject)
     if server.auth_type == "oauth_client_credentials":
         if connection is None or connection.secret_id is None or connection.status != ConnectionStatus.CONNECTED:
             return _client_credentials(ctx, server, seen_version=None)

@@ -20,7 +20,7 @@ from typing import Any
 from redis import Redis, RedisError
 from sqlalchemy.orm import Session
 
-from app.errors import ServiceUnavailableError, WorkerUnavailableError
+from app.errors import ServiceUnavailableError, WorkerError, WorkerUnavailableError
 from app.jobs import service as jobs
 from app.secrets.sealing import CiphertextBytes, CiphertextError, generate_ephemeral, open_with, seal_to
 
@@ -34,9 +34,11 @@ ERROR_CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 __all__ = [
     "REPLY_TTL_SECONDS",
+    "ReplyUnavailableError",
     "decode_public_key",
     "encode_public_key",
     "error_code",
+    "hand_over",
     "new_key_pair",
     "open_reply",
     "push_reply",
@@ -85,6 +87,24 @@ def push_reply(client: Redis, job_id: str, sealed: bytes) -> None:
     pipe.rpush(reply_key(job_id), sealed)
     pipe.expire(reply_key(job_id), REPLY_TTL_SECONDS)
     pipe.execute()
+
+
+class ReplyUnavailableError(WorkerError):
+    """The worker could not hand its sealed reply over (Redis down): the job may try again."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__("reply_unavailable", f"could not hand the reply over ({cause})")
+
+
+def hand_over(redis_url: str, job_id: str, sealed: bytes) -> None:
+    """Worker side: push a sealed reply on a connection of its own; ReplyUnavailableError when Redis is down."""
+    client = Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        push_reply(client, job_id, sealed)
+    except RedisError as exc:
+        raise ReplyUnavailableError(type(exc).__name__) from None
+    finally:
+        client.close()
 
 
 def _blpop(client: Redis, key: str, timeout: float) -> bytes | None:

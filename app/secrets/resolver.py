@@ -272,6 +272,14 @@ class Resolver:
         _DB_LATENCY.observe(time.perf_counter() - start)
         return resolved
 
+    def cache_epoch(self) -> int | None:
+        """A number that changes with every invalidation this process applies; None while L1 is off.
+
+        Callers that keep something derived from secrets' rows (a connection's row, a parsed
+        payload) keep it only while the epoch is unchanged, so it is dropped exactly when L1 is.
+        """
+        return self._generation if self._l1_enabled else None
+
     def resolve_current(self, org_id: str, secret_id: str) -> Resolved:
         """The secret as the database has it now, past both caches (which it then refreshes).
 

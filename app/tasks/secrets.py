@@ -17,7 +17,7 @@ from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.models import Job, Secret
 from app.observability.metrics import WORKER_REVEALS
-from app.secrets import reveal
+from app.secrets import replies, reveal
 from app.secrets.invalidation import Invalidator
 from app.secrets.resolver import ResolverUnavailableError, SecretNotFoundError
 from app.secrets.service import MANAGED
@@ -64,13 +64,10 @@ def _reply(ctx: WorkerContext, job: JobView, secret_id: str, reply_public_key: s
     """Seal a reply to the waiting request's one-request key and push it (never in clear)."""
     assert job.org_id is not None
     sealed = reveal.seal_reply(reply_public_key, job.org_id, secret_id, job.id, payload)
-    client = redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        reveal.push_reply(client, job.id, sealed)
-    except redis.RedisError as exc:
-        raise TransientError("reply_unavailable", f"could not hand the reply over ({type(exc).__name__})") from None
-    finally:
-        client.close()
+        replies.hand_over(ctx.settings.redis_url, job.id, sealed)
+    except replies.ReplyUnavailableError as exc:
+        raise TransientError(exc.code, exc.message) from None
 
 
 def _requested_by(ctx: WorkerContext, job_id: str) -> str | None:

@@ -12,6 +12,7 @@ from app.agents import service as agents
 from app.agents.schemas import AgentCreate, RunCreate
 from app.api.request import request_context
 from app.errors import NotFoundError, ValidationFailedError
+from app.mcp import connections
 from app.mcp import service as mcp
 from app.models import Agent, AgentRun, JobStatus, McpServerStatus, McpTool
 from app.providers import service as providers
@@ -103,6 +104,21 @@ def _run_of(access: OrgAccess, agent: Agent, run_id: str | None) -> AgentRun | N
     return run
 
 
+def _connect_offers(access: OrgAccess, run: AgentRun | None) -> list[tuple[Any, Any]]:
+    """A run that ended ``auth_required``: the agent's OAuth servers the caller is not connected to."""
+    if run is None or run.error_code != "auth_required":
+        return []
+    agent = agents.get_agent(db(), access, run.agent_id)
+    _provider, servers = agents.load_destinations(db(), agent)
+    states = connections.for_caller(db(), request_context(), servers)
+    offers = []
+    for server in servers:
+        state = states.get(server.id)
+        if state is not None and state.status != "connected":
+            offers.append((server, state))
+    return offers
+
+
 @page("/orgs/<org>/agents/<agent_id>", org_role="member")
 def agent_detail(access: OrgAccess, agent_id: str) -> str:
     """An agent: its settings and tools, a form to start a run, and the run's events as they arrive."""
@@ -116,6 +132,7 @@ def agent_detail(access: OrgAccess, agent_id: str) -> str:
         run=run,
         runs=agents.recent_runs(db(), access, agent.id),
         running=RUNNING,
+        connect_offers=_connect_offers(access, run),
         errors={},
         form={},
     )
@@ -147,7 +164,8 @@ def start_run(access: OrgAccess, agent_id: str) -> Any:
 @page("/orgs/<org>/runs/<run_id>/events", org_role="member")
 def run_events(access: OrgAccess, run_id: str) -> str:
     """A run's status, events and output (a fragment the agent page polls until the run ends)."""
-    return render_template("agents/_run.html", run=agents.get_run(db(), access, run_id), running=RUNNING)
+    run = agents.get_run(db(), access, run_id)
+    return render_template("agents/_run.html", run=run, running=RUNNING, connect_offers=_connect_offers(access, run))
 
 
 @page("/orgs/<org>/agents/<agent_id>/delete", ["POST"], org_role="member")

@@ -27,15 +27,13 @@ def my_connections(access: OrgAccess) -> str:
 @page("/orgs/<org>/mcp-servers/<server_id>/connect", ["POST"], org_role="member")
 def connect_mcp_server(access: OrgAccess, server_id: str) -> Any:
     """Send the user to the authorization server (a worker prepares the URL)."""
-    settings = current_app.config["LATCHKEY_SETTINGS"]
     start = connections.connect(
         db(),
         request_context(),
         access,
         server_id,
         redis=current_app.extensions["latchkey.redis"],
-        timeout=settings.reveal_timeout_seconds + settings.mcp_timeout_seconds,
-        flow_ttl=settings.oauth_flow_ttl_seconds,
+        settings=current_app.config["LATCHKEY_SETTINGS"],
     )
     # Not a redirect: the CSP's form-action 'self' (rightly) blocks a form whose answer redirects to
     # another origin. The page names the authorization server and navigates there itself.

@@ -4,14 +4,22 @@ consent page, come back connected, see it on "My connections", Disconnect."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
 from celery import Celery
 from playwright.sync_api import Page, expect
+from sqlalchemy import insert, update
+from sqlalchemy.orm import Session
 
+from app.db import new_id
+from app.identity import service as identity
+from app.models import McpServer, McpTool
 from tests.e2e.ui.conftest import shot, sign_in, wait_for
+from tests.support.agents import agent, provider
 from tests.support.factories import Factory
+from tests.support.llm_server import LlmTestServer
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.web import person
 
@@ -20,6 +28,15 @@ from tests.support.web import person
 def auth() -> Iterator[OAuthTestServer]:
     with OAuthTestServer(auto_approve=False) as server:
         yield server
+
+
+def db_session(factory: Factory) -> AbstractContextManager[Session]:
+    return factory.db.session()
+
+
+def _org_id(factory: Factory, slug: str) -> str:
+    with factory.db.session() as s:
+        return identity.get_org(s, slug).id
 
 
 def test_a_member_connects_approves_and_comes_back_connected(
@@ -69,3 +86,39 @@ def test_a_member_connects_approves_and_comes_back_connected(
     page.goto(f"/orgs/{org}/connections")
     expect(page.locator("#connections-table")).to_contain_text("auth_required")
     assert wait_for(lambda: auth.revoked, 20)
+
+
+def test_a_run_without_the_users_connection_offers_connect(
+    page: Page, worker: Celery, auth: OAuthTestServer, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = person(factory, org, "admin")
+    member = person(factory, org, "member")
+    created = admin.post(
+        f"orgs/{org}/mcp-servers",
+        json={"name": "Per-user tools", "url": auth.url, "auth": {"type": "oauth", "scope": "user"}},
+    )
+    server_id = created.get_json()["id"]
+    # Its first validation ends auth_required (nobody is connected); then it is given a tool list,
+    # as a member's connection would have.
+    wait_for(lambda: admin.get(f"orgs/{org}/mcp-servers/{server_id}").get_json()["status"] == "invalid", 20)
+    with db_session(factory) as s:
+        s.execute(
+            insert(McpTool).values(
+                id=new_id(), org_id=_org_id(factory, org), mcp_server_id=server_id, name="whoami", input_schema={}
+            )
+        )
+        s.execute(update(McpServer).where(McpServer.id == server_id).values(status="valid", tool_count=1))
+    provider_id, _ = provider(admin, org, factory, llm)
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server_id, "tool_name": "whoami"}])
+
+    sign_in(page, member.email)
+    page.goto(f"/orgs/{org}/agents/{agent_id}")
+    page.get_by_label("Input").fill("who am I?")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator(".alert-error")).to_contain_text("auth required", timeout=20_000)
+    offer = page.locator("[data-connect-offer]")
+    expect(offer).to_contain_text("Per-user tools")
+    shot(page, "33-run-needs-connection")
+    offer.get_by_role("button", name="Connect").click()
+    expect(page.locator("#approve")).to_be_visible()
+    assert len(llm.requests) == 0  # the model was never asked

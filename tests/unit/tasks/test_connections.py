@@ -4,6 +4,7 @@ real OAuth 2.1 authorization server and OAuth-protected MCP server (``tests/supp
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx2
@@ -64,6 +66,7 @@ def _connect(
     server_id: str,
     *,
     before_exchange: Callable[[str, str], None] | None = None,
+    exchange: str = "succeeded",
 ) -> None:
     """Connect as ``caller``: the prepare job run here while the request waits, approval, the exchange.
 
@@ -86,7 +89,7 @@ def _connect(
     assert done.status_code == 202, done.get_json()
     if before_exchange is not None:
         before_exchange(query["state"][0], query["code"][0])
-    assert run_task(tasks_app, TaskName.EXCHANGE_CODE, done.get_json()["job"]["id"]) == "succeeded"
+    assert run_task(tasks_app, TaskName.EXCHANGE_CODE, done.get_json()["job"]["id"]) == exchange
 
 
 def _browser_get(url: str) -> httpx2.Response:
@@ -399,3 +402,110 @@ def test_after_the_callback_this_process_holds_no_authorization_code(
     gc.collect()  # also untracks the needles' own tuple (it holds only a string)
     assert reachable_from_modules(needles) == []
     assert held_by_live_containers(needles) == []
+
+
+def test_a_code_without_the_verifier_is_useless(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer
+) -> None:
+    """Whoever reads the callback URL (a log, a proxy, a browser history) holds a code and no verifier."""
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth.url)
+    answers: list[httpx2.Response] = []
+
+    def steal(_state: str, code: str) -> None:
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": admin_redirect(tasks_app),
+            "client_id": auth.authorize_requests[-1]["client_id"],  # public: it is in the authorization URL
+            "resource": auth.url,
+        }
+        answers.append(httpx2.post(auth.token_endpoint, data=form))
+        answers.append(httpx2.post(auth.token_endpoint, data={**form, "code_verifier": "x" * 64}))
+
+    _connect(tasks_app, db, admin, org, server_id, before_exchange=steal)
+    assert [a.status_code for a in answers] == [400, 400]
+    assert all("access_token" not in a.text for a in answers)
+    # The worker, which holds the verifier, still redeems it.
+    connection = _connection(db, server_id)
+    assert connection is not None and connection.status == ConnectionStatus.CONNECTED
+
+
+def admin_redirect(tasks_app: Celery) -> str:
+    settings = tasks_app.conf["latchkey_settings"]
+    redirect: str = settings.oauth_redirect_uri
+    return redirect
+
+
+class _Metadata(BaseHTTPRequestHandler):
+    """An MCP server whose authorization metadata points its endpoints at the cloud metadata address."""
+
+    def do_POST(self) -> None:
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.send_response(401)
+        self.send_header(
+            "WWW-Authenticate", f'Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp"'
+        )
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        evil = "http://169.254.169.254"
+        docs = {
+            "/.well-known/oauth-protected-resource/mcp": {"resource": f"{base}/mcp", "authorization_servers": [base]},
+            "/.well-known/oauth-authorization-server": {
+                "issuer": base,
+                "authorization_endpoint": f"{base}/authorize",
+                "token_endpoint": f"{evil}/token",
+                "registration_endpoint": f"{evil}/register",
+                "code_challenge_methods_supported": ["S256"],
+            },
+        }
+        doc = docs.get(self.path)
+        body = json.dumps(doc).encode() if doc else b""
+        self.send_response(200 if doc else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_registration_on_a_metadata_address_is_refused_by_the_guard(
+    tasks_app: Celery, db: Database, factory: Factory, org: str
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        admin = factory.user(org, "admin")
+        server_id = _add(admin, org, f"http://127.0.0.1:{server.server_address[1]}/mcp")
+        answer: dict[str, Any] = {}
+        request = threading.Thread(
+            target=lambda: answer.update(resp=admin.post(f"orgs/{org}/mcp-servers/{server_id}/connect"))
+        )
+        request.start()
+        job = wait_for(lambda: _queued(db, TaskName.PREPARE_CONNECTION), 10)[0]
+        assert run_task(tasks_app, TaskName.PREPARE_CONNECTION, job.id) == "failed"
+        request.join(20)
+        resp = answer["resp"]
+        assert resp.status_code == 502 and resp.get_json()["reason"] == "egress_denied"
+        with db.session() as s:
+            failed = s.get(Job, job.id)
+            assert failed is not None and failed.error_code == "egress_denied"
+        assert "mcp_connection.authorization_failed" in _actions(db)
+    finally:
+        server.shutdown()
+
+
+def test_never_passthrough_no_latchkey_credential_reaches_the_server(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth.url)
+    _connect(tasks_app, db, admin, org, server_id)
+    _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
+    assert auth.bearer_seen
+    assert admin.token not in auth.bearer_seen and all(admin.token not in v for v in auth.issued_values())
