@@ -193,11 +193,7 @@ class Grant:
 
 
 def _expires_soon(tokens: TokenSet, now: float) -> bool:
-    if tokens.expires_at is None:
-        return False
-    lifetime = max(0.0, tokens.expires_at - (tokens.issued_at or tokens.expires_at))
-    margin = min(REFRESH_MARGIN_SECONDS, lifetime / 4)
-    return now >= tokens.expires_at - margin
+    return now >= _renew_at(tokens)
 
 
 def _dt(epoch: float | None) -> datetime | None:
@@ -378,6 +374,8 @@ class _Cache:
         self.lock = threading.Lock()
         self.rows: OrderedDict[tuple[int, int, str, str, str], McpConnection] = OrderedDict()
         self.grants: OrderedDict[tuple[str, int], Grant] = OrderedDict()
+        # (resolver, epoch, server, subject) -> (the last Access answered, when it is due for renewal)
+        self.uses: OrderedDict[tuple[int, int, str, str], tuple[Access, float]] = OrderedDict()
 
     def put(self, store: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         with self.lock:
@@ -407,8 +405,38 @@ def _connection_for(ctx: Worker, server: McpServer, subject: str) -> McpConnecti
 
 
 def access(ctx: Worker, server: McpServer, user_id: str | None, *, force_refresh: bool = False) -> Access:
-    """A current access token for ``server`` on behalf of ``user_id`` (or the org); refreshed if due."""
+    """A current access token for ``server`` on behalf of ``user_id`` (or the org); refreshed if due.
+
+    The common case is one resolve of the token secret (an L1 hit or one Redis GET) confirming
+    that the version answered last time, in this cache epoch, is still the current one.
+    """
     subject = subject_for(server, user_id)
+    resolver = ctx.resolver
+    epoch = resolver.cache_epoch()
+    use_key = (id(resolver), epoch or 0, server.id, subject)
+    if epoch is not None and not force_refresh:
+        hit = _cache.uses.get(use_key)
+        if hit is not None and time.time() < hit[1]:
+            granted = hit[0]
+            if resolver.resolve(server.org_id, granted.secret_id).version == granted.version:
+                return granted
+    granted = _access(ctx, server, subject, force_refresh=force_refresh)
+    if epoch is not None:
+        grant = _cache.grants.get((f"{id(resolver)}:{granted.connection_id}:{granted.secret_id}", granted.version))
+        if grant is not None:
+            _cache.put(_cache.uses, use_key, (granted, _renew_at(grant.tokens)))
+    return granted
+
+
+def _renew_at(tokens: TokenSet) -> float:
+    """When a token is due for renewal (``_expires_soon`` from then on)."""
+    if tokens.expires_at is None:
+        return float("inf")
+    lifetime = max(0.0, tokens.expires_at - (tokens.issued_at or tokens.expires_at))
+    return tokens.expires_at - min(REFRESH_MARGIN_SECONDS, lifetime / 4)
+
+
+def _access(ctx: Worker, server: McpServer, subject: str, *, force_refresh: bool) -> Access:
     connection = _connection_for(ctx, server, subject)
     if server.auth_type == "oauth_client_credentials":
         if connection is None or connection.secret_id is None or connection.status != ConnectionStatus.CONNECTED:
