@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,15 +137,24 @@ def db(app: Flask) -> Database:
 
 
 def empty_tables(database: Database) -> None:
+    """Empty every table. A real worker may still be finishing a job the test queued: PostgreSQL
+    may then pick the TRUNCATE as a deadlock's victim, and it is tried again once the job is done."""
     engine = database.engine
     assert engine is not None
     tables = [t for t in reversed(Base.metadata.sorted_tables) if t.name not in KEEP]
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text("TRUNCATE " + ", ".join(f'"{t.name}"' for t in tables) + " CASCADE"))
-        else:
-            for t in tables:
-                conn.execute(t.delete())
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.execute(sa.text("TRUNCATE " + ", ".join(f'"{t.name}"' for t in tables) + " CASCADE"))
+                else:
+                    for t in tables:
+                        conn.execute(t.delete())
+            return
+        except sa.exc.OperationalError as exc:
+            if "deadlock detected" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @pytest.fixture(autouse=True)

@@ -127,7 +127,7 @@ def _client(ctx: Worker, server: McpServer, found: oauth.Discovery, http: Any, s
         return grants._client_secret(ctx, server, client)
     public_url = ctx.settings.public_url or ""
     if found.server.client_id_metadata_documents and public_url.startswith("https://"):
-        return oauth.OAuthClient(public_url.rstrip("/") + "/oauth/client-metadata.json", "none")
+        return oauth.OAuthClient(oauth.client_metadata_url(public_url), "none")
     return oauth.register(http, found.server, redirect_uri, scopes)
 
 

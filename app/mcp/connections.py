@@ -162,6 +162,8 @@ def connect(
         access.require_admin()
     if ctx.actor.id is None:
         raise UnauthorizedError()
+    if settings.oauth_redirect_uri is None:
+        raise OAuthNotConfiguredError("OAuth connections need LATCHKEY_PUBLIC_URL (where users come back to)")
     now = utcnow()
     flow = OAuthFlow(
         id=new_id(),

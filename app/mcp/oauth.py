@@ -242,6 +242,26 @@ def discover(http: httpx2.Client, server_url: str) -> Discovery:
 
 # Registration ---------------------------------------------------------------------------------
 
+CLIENT_METADATA_PATH: Final = "/oauth/client-metadata.json"
+
+
+def client_metadata_url(public_url: str) -> str:
+    """This deployment's client id where servers take Client ID Metadata Documents: the document's URL."""
+    return public_url.rstrip("/") + CLIENT_METADATA_PATH
+
+
+def client_metadata(public_url: str) -> dict[str, Any]:
+    """The Client ID Metadata Document the web tier serves (a public client: PKCE protects its codes)."""
+    return {
+        "client_id": client_metadata_url(public_url),
+        "client_name": CLIENT_NAME,
+        "client_uri": public_url.rstrip("/") + "/",
+        "redirect_uris": [public_url.rstrip("/") + "/oauth/callback"],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+    }
+
 
 def register(http: httpx2.Client, server: AuthServer, redirect_uri: str, scopes: Sequence[str]) -> OAuthClient:
     """RFC 7591 dynamic registration of a public client (PKCE protects its codes)."""

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from app.audit import service as audit
 from app.context import Actor, RequestContext
@@ -72,7 +73,13 @@ def _load(ctx: Worker, job: RunJob) -> Snapshot:
     recorded = service.recorded_destination(job.params)
     server_id = str(recorded.get("server_id") or "")
     with ctx.db.session() as s:
-        server = s.scalar(select(McpServer).where(McpServer.org_id == job.org_id, McpServer.id == server_id))
+        # The headers are read with the row, before the status is written: a job's reads come before its
+        # writes, so it never holds a server's row lock while waiting for another table.
+        server = s.scalar(
+            select(McpServer)
+            .options(selectinload(McpServer.headers))
+            .where(McpServer.org_id == job.org_id, McpServer.id == server_id)
+        )
         if server is None:
             raise ServerGoneError("not_found", "the MCP server no longer exists")
         org_id = server.org_id

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import httpx2
-from flask import current_app, flash, redirect, render_template, request, url_for
+from flask import abort, current_app, flash, jsonify, redirect, render_template, request, url_for
 
 from app.access import OrgAccess
 from app.api.request import request_context
-from app.mcp import connections
+from app.mcp import connections, oauth
 from app.mcp import service as mcp
 from app.models import User
+from app.web.blueprint import bp
 from app.web.pages import db, page
 from app.web.secrets import public_keys
 from app.web.signin import current_user_or_none
@@ -52,6 +53,15 @@ def disconnect_mcp_server(access: OrgAccess, server_id: str) -> Any:
     return redirect(
         request.form.get("next") or url_for("web.mcp_server_detail", org=access.org.slug, server_id=server_id)
     )
+
+
+@bp.route(oauth.CLIENT_METADATA_PATH)
+def client_metadata_document() -> Any:
+    """This deployment's Client ID Metadata Document (public: authorization servers fetch it)."""
+    public_url = current_app.config["LATCHKEY_SETTINGS"].public_url
+    if not public_url:
+        abort(404)
+    return jsonify(oauth.client_metadata(public_url)), 200, {"Cache-Control": "public, max-age=3600"}
 
 
 @page("/oauth/callback")

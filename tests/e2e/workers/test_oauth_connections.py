@@ -18,8 +18,10 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.models import McpConnection, OAuthFlow, Secret
+from tests.support.agents import agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.leaks import dump_database, dump_redis, find_leaks
+from tests.support.llm_server import LlmTestServer
 from tests.support.oauth_server import OAuthTestServer
 from tests.support.processes import worker_process
 from tests.support.workers import wait_for, wait_job
@@ -232,3 +234,36 @@ def test_discovery_on_a_metadata_address_is_refused_by_the_guard(worker: Celery,
     resp = admin.post(f"orgs/{org}/mcp-servers/{server['id']}/connect")
     assert resp.status_code == 502, resp.get_json()
     assert resp.get_json()["code"] == "connect_failed" and resp.get_json()["reason"] == "egress_denied"
+
+
+def test_an_agent_run_calls_a_tool_with_the_starting_users_connection(
+    worker: Celery, oauth_server: OAuthTestServer, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    alice, bob = factory.user(org, "member"), factory.user(org, "member")
+    server = _add(alice, org, oauth_server.url, scope="user")
+    oauth_server.next_user = "alice"
+    _connect(alice, org, server["id"])
+    wait_for(lambda: alice.get(f"orgs/{org}/mcp-servers/{server['id']}").get_json()["status"] == "valid", 20)
+    provider_id, _ = provider(admin, org, factory, llm)
+    agent_id = agent(admin, org, provider_id, [{"mcp_server_id": server["id"], "tool_name": "whoami"}])
+
+    def run(caller: Caller) -> dict[str, Any]:
+        resp = caller.post(f"orgs/{org}/agents/{agent_id}/runs", json={"input": "who am I?"})
+        assert resp.status_code == 202, resp.get_json()
+        run_id = resp.get_json()["run"]["id"]
+
+        def finished() -> dict[str, Any] | None:
+            body: dict[str, Any] = caller.get(f"orgs/{org}/runs/{run_id}").get_json()
+            return body if body["status"] in ("succeeded", "failed") else None
+
+        result: dict[str, Any] = wait_for(finished, 30)
+        return result
+
+    llm.script([{"tool_calls": [{"name": "whoami", "arguments": {}}]}, {"text": "done"}])
+    mine = run(alice)
+    assert mine["status"] == "succeeded", mine
+    assert [e["content"] for e in mine["events"] if e["type"] == "tool_result"] == ["alice"]
+    theirs = run(bob)
+    assert theirs["status"] == "failed" and theirs["error"]["code"] == "auth_required"
+    assert "Protected" in theirs["error"]["message"]

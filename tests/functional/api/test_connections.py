@@ -172,3 +172,45 @@ def test_a_connections_token_secret_cannot_be_bound_listed_or_revealed(
     _problem(admin.get(f"orgs/{org}/secrets/{token_secret}"), 404, "not_found")
     _problem(admin.patch(f"orgs/{org}/secrets/{token_secret}", json={"value": "x"}), 404, "not_found")
     _problem(admin.delete(f"orgs/{org}/secrets/{token_secret}"), 404, "not_found")
+
+
+def test_connect_without_a_worker_answers_503_and_fails_its_job(settings: Any, db: Database) -> None:
+    import uuid
+
+    from app.factory import create_app
+    from app.models import Job
+    from tests.support.processes import drop_queue_keys
+
+    # A queue nobody consumes, and a short wait: no worker prepares the authorization.
+    quick = settings.model_copy(
+        update={
+            "queue": f"latchkey-nobody-{uuid.uuid4().hex[:8]}",
+            "reveal_timeout_seconds": 0.2,
+            "mcp_timeout_seconds": 0.1,
+        }
+    )
+    app = create_app(quick)
+    try:
+        factory = Factory(db, app.test_client())
+        org = factory.org()
+        admin = factory.user(org, "admin")
+        server_id = _server(db, org, scope="org")
+        _problem(admin.post(f"orgs/{org}/mcp-servers/{server_id}/connect"), 503, "worker_unavailable")
+        with db.session() as s:
+            job = s.scalar(select(Job).where(Job.kind == "mcp.prepare_connection"))
+            assert job is not None and (job.status, job.error_code) == ("failed", "worker_unavailable")
+            assert "reply_public_key" in job.params and all("state" not in k for k in job.params)
+    finally:
+        app.extensions["latchkey.db"].dispose()
+        drop_queue_keys(settings.redis_url, quick.queue)
+
+
+def test_the_client_id_metadata_document_is_served(client: Any, settings: Any) -> None:
+    resp = client.get("/oauth/client-metadata.json")
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    doc = resp.get_json()
+    public = settings.public_url.rstrip("/")
+    assert doc["client_id"] == public + "/oauth/client-metadata.json"
+    assert doc["redirect_uris"] == [public + "/oauth/callback"]
+    assert doc["token_endpoint_auth_method"] == "none"
+    assert set(doc["grant_types"]) == {"authorization_code", "refresh_token"}

@@ -153,11 +153,11 @@ def test_connect_then_the_validation_lists_tools_with_the_connection(
 def test_an_expired_token_is_refreshed_once_and_the_new_version_used(
     tasks_app: Celery, db: Database, factory: Factory, org: str
 ) -> None:
-    with OAuthTestServer(auto_approve=True, access_token_ttl=1.0) as auth:
+    with OAuthTestServer(auto_approve=True, access_token_ttl=4.0) as auth:
         admin = factory.user(org, "admin")
         server_id = _add(admin, org, auth.url)
         _connect(tasks_app, db, admin, org, server_id)
-        time.sleep(1.1)
+        time.sleep(4.1)
         first = _validate(tasks_app, db, admin, org, server_id)
         assert first["result"]["status"] == "valid", first
         assert auth.refresh_redemptions == 1
@@ -355,7 +355,7 @@ def test_no_token_code_or_verifier_reaches_the_database_redis_the_broker_job_res
         _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
         time.sleep(1.1)  # and a refresh, so a rotated refresh token is among the canaries
         assert _validate(tasks_app, db, admin, org, server_id)["result"]["status"] == "valid"
-        assert auth.refresh_redemptions == 1
+        assert auth.refresh_redemptions >= 1  # (one more if this machine is slow enough for a token to age)
         canaries = auth.issued_values()
     assert len(canaries) >= 5  # code, verifier, two access tokens, two refresh tokens at least
     haystacks = [*dump_database(db.engine), *dump_redis(redis_url), ("logs", caplog.text)]
