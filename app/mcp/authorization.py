@@ -26,7 +26,7 @@ from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
 from app.mcp import grants, oauth
 from app.mcp.grants import WORKER
-from app.models import ConnectionStatus, FlowStatus, McpConnection, McpServer, OAuthFlow, Secret
+from app.models import ConnectionStatus, FlowStatus, McpConnection, McpServer, OAuthFlow
 from app.models.connections import ORG_SUBJECT
 from app.secrets import replies
 from app.secrets.sealing import CiphertextError, encode_context, open_sealed, seal
@@ -354,16 +354,8 @@ def revoke(ctx: Worker, job: RunJob) -> dict[str, Any]:
     with ctx.db.session() as s:
         row = s.get(McpConnection, connection_id, with_for_update=True)
         if row is not None:
-            secret_id = row.secret_id
+            grants.drop_tokens(s, row, ConnectionStatus.REVOKING, "disconnected", "disconnected by its user")
             s.delete(row)
-            s.flush()
-            if secret_id is not None:
-                from app.secrets import cachekeys, invalidation
-
-                secret = s.get(Secret, secret_id)
-                if secret is not None:
-                    s.delete(secret)
-                invalidation.stage(s, row.org_id, secret_id, cachekeys.DELETED)
         audit.record(
             s,
             WORKER,

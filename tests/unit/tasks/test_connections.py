@@ -58,6 +58,21 @@ def _add(caller: Caller, org: str, url: str, **auth: Any) -> str:
     return server_id
 
 
+def _prepare(
+    tasks_app: Celery, db: Database, caller: Caller, org: str, server_id: str, outcome: str = "succeeded"
+) -> tuple[Any, Job]:
+    """POST .../connect, with the prepare job run here while the request waits: (response, job)."""
+    answer: dict[str, Any] = {}
+    request = threading.Thread(
+        target=lambda: answer.update(resp=caller.post(f"orgs/{org}/mcp-servers/{server_id}/connect"))
+    )
+    request.start()
+    job = wait_for(lambda: _queued(db, TaskName.PREPARE_CONNECTION), 10)[0]
+    assert run_task(tasks_app, TaskName.PREPARE_CONNECTION, job.id) == outcome
+    request.join(20)
+    return answer["resp"], job
+
+
 def _connect(
     tasks_app: Celery,
     db: Database,
@@ -71,15 +86,7 @@ def _connect(
     """Connect as ``caller``: the prepare job run here while the request waits, approval, the exchange.
 
     ``before_exchange(state, code)`` runs while the exchange's message still waits in the broker."""
-    answer: dict[str, Any] = {}
-    request = threading.Thread(
-        target=lambda: answer.update(resp=caller.post(f"orgs/{org}/mcp-servers/{server_id}/connect"))
-    )
-    request.start()
-    job = wait_for(lambda: _queued(db, TaskName.PREPARE_CONNECTION), 10)[0]
-    assert run_task(tasks_app, TaskName.PREPARE_CONNECTION, job.id) == "succeeded"
-    request.join(20)
-    resp = answer["resp"]
+    resp, _job = _prepare(tasks_app, db, caller, org, server_id)
     assert resp.status_code == 200, resp.get_json()
     approved = _browser_get(resp.get_json()["authorization_url"])
     # Not urllib's urlsplit: it caches what it split (the code would stay in this process).
@@ -482,15 +489,7 @@ def test_registration_on_a_metadata_address_is_refused_by_the_guard(
     try:
         admin = factory.user(org, "admin")
         server_id = _add(admin, org, f"http://127.0.0.1:{server.server_address[1]}/mcp")
-        answer: dict[str, Any] = {}
-        request = threading.Thread(
-            target=lambda: answer.update(resp=admin.post(f"orgs/{org}/mcp-servers/{server_id}/connect"))
-        )
-        request.start()
-        job = wait_for(lambda: _queued(db, TaskName.PREPARE_CONNECTION), 10)[0]
-        assert run_task(tasks_app, TaskName.PREPARE_CONNECTION, job.id) == "failed"
-        request.join(20)
-        resp = answer["resp"]
+        resp, job = _prepare(tasks_app, db, admin, org, server_id, outcome="failed")
         assert resp.status_code == 502 and resp.get_json()["reason"] == "egress_denied"
         with db.session() as s:
             failed = s.get(Job, job.id)
