@@ -94,13 +94,28 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.argument("revision", default="head")
+@click.argument("revision", required=False)
 @one_line_errors
-def db_upgrade(revision: str) -> None:
-    """Upgrade the schema to REVISION (default: head)."""
+def db_upgrade(revision: str | None) -> None:
+    """Upgrade the schema to REVISION; without one, as far as the database may go (the release step).
+
+    Without REVISION every expand step is applied, and the contract too once the backfill has been
+    verified; before that the schema stays expanded and one line names the next step (exit 0), so a
+    release deploys while legacy data waits for its backfill.
+    """
     from app import migrate
 
-    migrate.upgrade(settings().database_url, revision)
+    if revision is not None:
+        try:
+            migrate.upgrade(settings().database_url, revision)
+        except RuntimeError as exc:  # the contract refusing before a verification says why
+            fail(str(exc))
+        return
+    waits = migrate.release(settings().database_url)
+    if waits is not None:
+        click.echo(
+            f"latchkey: expanded to {migrate.PRE_CONTRACT}; the contract waits: {waits.split(': ', 1)[-1]}"
+        )
 
 
 @db.command("downgrade")

@@ -27,6 +27,48 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def contract_waits(database_url: str) -> str | None:
+    """Why the contract (0006) may not run on this database yet, in its own words; None when it may."""
+    from app.db import make_engine
+
+    gate = ScriptDirectory.from_config(alembic_config(database_url)).get_revision(CONTRACT).module.check_gate
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            gate(conn)
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        engine.dispose()
+    return None
+
+
+def release(database_url: str) -> str | None:
+    """The release step (``latchkey db upgrade``, the Procfile's): as far as this database may go.
+
+    Every expand step always; then the rest to head, unless the contract still waits for the
+    backfill's verification: the schema then stays expanded (the running release needs nothing
+    more) and the reason is returned, naming the next step. The contract itself still refuses
+    to run before a verification passed (``latchkey db upgrade head`` says why).
+    """
+    if CONTRACT not in _applied(database_url):
+        upgrade(database_url, PRE_CONTRACT)
+        reason = contract_waits(database_url)
+        if reason is not None:
+            return reason
+    upgrade(database_url, "head")
+    return None
+
+
+def _applied(database_url: str) -> set[str]:
+    """Every revision applied (the heads and all below them)."""
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    found: set[str] = set()
+    for head in current(database_url):
+        found.update(rev.revision for rev in script.iterate_revisions(head, "base"))
+    return found
+
+
 def downgrade(database_url: str, revision: str) -> None:
     cfg = alembic_config(database_url)
     command.downgrade(cfg, revision)

@@ -326,6 +326,29 @@ def test_cli_db_upgrade_and_downgrade_to_0001(tmp_path: Path) -> None:
     assert _current_revision(url) == "0002"
 
 
+def test_the_release_step_expands_a_database_with_unverified_legacy_data_and_exits_0(tmp_path: Path) -> None:
+    """The Procfile's release (`latchkey db upgrade`) must not stop a deploy while a backfill is pending."""
+    url = f"sqlite:///{tmp_path / 'release.db'}"
+    migrate.upgrade(url, "0001")
+    _insert_legacy_rows(url)
+    runner = CliRunner()
+
+    release = runner.invoke(main, ["db", "upgrade"], env={"LATCHKEY_DATABASE_URL": url})
+
+    assert release.exit_code == 0, release.output
+    lines = release.stdout.strip().splitlines()
+    assert len(lines) == 1 and "latchkey backfill run" in lines[0] and migrate.PRE_CONTRACT in lines[0]
+    assert _current_revision(url) == migrate.PRE_CONTRACT
+    assert "value" in _columns(url, "secrets")  # the legacy data is still there for the backfill
+    # Asked for explicitly, the contract still refuses (and changes nothing).
+    head = runner.invoke(main, ["db", "upgrade", "head"], env={"LATCHKEY_DATABASE_URL": url})
+    assert head.exit_code != 0 and "refusing to contract" in head.stderr
+    assert _current_revision(url) == migrate.PRE_CONTRACT
+    # Run again (the next release): the same answer, nothing else changes.
+    again = runner.invoke(main, ["db", "upgrade"], env={"LATCHKEY_DATABASE_URL": url})
+    assert again.exit_code == 0 and again.stdout == release.stdout
+
+
 def test_cli_db_downgrade_refusal_is_one_line_and_non_zero(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     migrate.upgrade(url, "0001")
