@@ -162,13 +162,13 @@ def test_concurrent_uses_at_expiry_redeem_the_refresh_token_exactly_once(
     worker: Celery, settings: Settings, admin: Caller, org: str
 ) -> None:
     with (
-        OAuthTestServer(auto_approve=True, access_token_ttl=2.0, token_endpoint_delay=0.3) as auth,
+        OAuthTestServer(auto_approve=True, access_token_ttl=4.0, token_endpoint_delay=0.3) as auth,
         worker_process(settings, Path(tempfile.gettempdir()) / f"{settings.queue}-second.log"),
     ):
         server = _add(admin, org, auth.url)
         _connect(admin, org, server["id"])
         _settled(admin, org, server["id"])
-        time.sleep(2.2)  # the access token has expired
+        time.sleep(4.2)  # the access token has expired (and the new one lives long enough for all 8)
         jobs: list[str] = []
         lock = threading.Lock()
 
