@@ -113,9 +113,7 @@ def db_upgrade(revision: str | None) -> None:
         return
     waits = migrate.release(settings().database_url)
     if waits is not None:
-        click.echo(
-            f"latchkey: expanded to {migrate.PRE_CONTRACT}; the contract waits: {waits.split(': ', 1)[-1]}"
-        )
+        click.echo(f"latchkey: expanded to {migrate.PRE_CONTRACT}; the contract waits: {waits.split(': ', 1)[-1]}")
 
 
 @db.command("downgrade")
