@@ -157,13 +157,20 @@ class _Exchange:
         self.factory = factory
         self.error_status: int | None = None
         self.too_large = False
+        # The latest 401/403: kept here too, as a session's SDK turns the hook's exception into a generic error.
+        self.rejected: _AuthRejected | None = None
+
+    def reset(self) -> None:
+        """Forget what the previous operation on this connection saw."""
+        self.error_status, self.too_large, self.rejected = None, False, None
 
     async def on_response(self, response: httpx2.Response) -> None:
         status = response.status_code
         if isinstance(response.stream, httpx2.AsyncByteStream):
             response.stream = _WatchedStream(response.stream, self)
         if status in (401, 403):
-            raise _AuthRejected(status, response.headers.get("www-authenticate"))
+            self.rejected = _AuthRejected(status, response.headers.get("www-authenticate"))
+            raise self.rejected
         # The latest status of a message POST, if it was an error: reported with a protocol_error (e.g. a 404
         # from a non-MCP URL). GETs are left out: a 405 on the optional Streamable HTTP GET stream is normal.
         if response.request.method == "POST":
@@ -265,6 +272,8 @@ def _failure(leaves: list[BaseException], exchange: _Exchange, what: str, *, dea
     guard_error = next((leaf for leaf in leaves if _is_guard_error(leaf)), None)
     if guard_error is not None:
         return guard_error
+    if exchange.rejected is not None and not any(isinstance(leaf, _AuthRejected) for leaf in leaves):
+        leaves = [exchange.rejected, *leaves]
     if not leaves:
         if exchange.too_large:
             log.info("MCP %s failed: response_too_large", what)
@@ -280,7 +289,7 @@ def _failure(leaves: list[BaseException], exchange: _Exchange, what: str, *, dea
 
 
 async def _guarded(operation: Callable[[_Exchange], Awaitable[_T]], exchange: _Exchange, what: str) -> _T:
-    exchange.error_status, exchange.too_large = None, False
+    exchange.reset()
     scope = anyio.move_on_after(exchange.timeout)
     failure: BaseException | None = None
     try:
@@ -509,6 +518,8 @@ class McpSession:
         Not after a timeout (the server may still be working on it) nor an auth failure (the
         same headers would fail again), nor a too-large response.
         """
+        if error.code in ("timeout", "auth_failed", "insufficient_scope", "response_too_large"):
+            return False
         if error.code == "unreachable" or connection.ended or connection.lost:
             return True
         # A 404 from a server that served this session before: it forgot the session (e.g. it restarted).
@@ -543,7 +554,7 @@ class McpSession:
         again to bound the close.
         """
         exchange = self._exchange
-        exchange.error_status, exchange.too_large = None, False
+        exchange.reset()
         stop = anyio.Event()
         scope = anyio.CancelScope(deadline=anyio.current_time() + exchange.timeout)
         connection: _Connection | None = None

@@ -153,6 +153,22 @@ def test_errors_are_mapped_as_for_one_shot_calls(server: McpTestServer) -> None:
         assert session.opened == 1  # a timeout does not re-open: the server may still be working on it
 
 
+def test_credentials_refused_mid_session_are_auth_failed_and_not_reopened(server: McpTestServer) -> None:
+    old = server.token
+    with session_to(server) as session:
+        assert session.call_tool("add", {"a": 1, "b": 1}).structured == {"result": 2}
+        server.set_token("rotated-" + secrets.token_hex(12))
+        try:
+            with pytest.raises(McpError) as info:
+                session.call_tool("add", {"a": 1, "b": 1})
+        finally:
+            server.set_token(old)
+        assert info.value.code == "auth_failed"
+        assert info.value.message == MESSAGES["auth_failed"] + " (HTTP 401)"
+        assert old not in str(info.value) + repr(info.value.args)
+        assert session.opened == 1  # the same headers would be refused again: the caller renews them
+
+
 def test_each_request_has_the_deadline() -> None:
     with McpTestServer() as server, session_to(server, timeout=1) as session:
         assert session.call_tool("slow", {"seconds": 0.6}).content[0]["text"] == "slept 0.6"
