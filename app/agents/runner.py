@@ -13,6 +13,10 @@ input, and tool results, all passed through the run's own masker first; the stor
 events and errors are masked too. That masker holds only the values resolved in this run (and
 the worker's gateway token), never the process-wide registry of every org's values: masking
 must not tell one org that a string it typed is another org's secret.
+
+Tool calls reuse one MCP session per server per run (``app.mcp.client.McpSession``): opened at
+the server's first tool call, closed when the run ends however it ends. A session belongs to its
+run alone (its headers are this run's credentials), so it is never shared across runs, orgs or users.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -37,7 +43,7 @@ from app.errors import WorkerError
 from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
 from app.mcp import grants
-from app.mcp.client import McpError, call_tool
+from app.mcp.client import McpError, McpSession
 from app.mcp.credentials import HeaderSpec, ServerCredentials, header_specs, server_credentials, static_credentials
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
 from app.observability import redact
@@ -84,6 +90,8 @@ class RunState:
     resolved: dict[str, Any] = field(default_factory=dict)
     # MCP server id -> the headers and host rules of its tool calls, built once per run.
     credentials: dict[str, ServerCredentials] = field(default_factory=dict)
+    # MCP server id -> the run's open session to it (opened at its first tool call, closed when the run ends).
+    sessions: dict[str, McpSession] = field(default_factory=dict)
 
     def event(self, kind: str, **data: Any) -> None:
         # Masked on the way in: nothing that reaches the run row can carry a value of this run.
@@ -187,25 +195,49 @@ def _credentials(ctx: Worker, state: RunState, tool: BoundTool, *, force_refresh
     return creds
 
 
+def _session(ctx: Worker, state: RunState, tool: BoundTool, creds: ServerCredentials) -> McpSession:
+    """The run's session to the tool's server, made at its first tool call (it connects at its first request)."""
+    session = state.sessions.get(tool.server_id)
+    if session is None:
+        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), host_rules=creds.host_rules)
+        session = state.sessions[tool.server_id] = McpSession(
+            tool.url,
+            transport=tool.transport,
+            headers=creds.headers,
+            http_client_factory=factory,
+            timeout=ctx.settings.mcp_timeout_seconds,
+        )
+    return session
+
+
+def _close_session(state: RunState, server_id: str) -> None:
+    session = state.sessions.pop(server_id, None)
+    if session is not None:
+        session.close()
+
+
+@contextmanager
+def _sessions_closed(state: RunState) -> Iterator[None]:
+    """Close every MCP session the run opened when it ends: success, failure, an exception or a lost lease."""
+    try:
+        yield
+    finally:
+        for server_id in list(state.sessions):
+            _close_session(state, server_id)
+
+
 def _run_tool(ctx: Worker, state: RunState, tool: BoundTool, arguments: dict[str, Any]) -> tuple[bool, str]:
-    """Call one tool on its MCP server with that server's credentials; (is_error, text for the model)."""
+    """Call one tool on its server's session with that server's credentials; (is_error, text for the model)."""
     oauth = tool.server is not None and tool.server.auth_type != "static"
     for attempt in (1, 2):
         creds = _credentials(ctx, state, tool, force_refresh=attempt == 2)
-        factory = partial(guarded_async_client, EgressPolicy.from_settings(ctx.settings), host_rules=creds.host_rules)
         try:
-            result = call_tool(
-                tool.url,
-                tool.tool_name,
-                arguments,
-                transport=tool.transport,
-                headers=creds.headers,
-                http_client_factory=factory,
-                timeout=ctx.settings.mcp_timeout_seconds,
-            )
+            result = _session(ctx, state, tool, creds).call_tool(tool.tool_name, arguments)
         except McpError as exc:
-            # An OAuth token the server no longer takes (revoked or expired early): renew it once.
+            # An OAuth token the server no longer takes (revoked or expired early): renew it once, on a
+            # new session (a session's headers are fixed).
             if oauth and exc.code == "auth_failed" and attempt == 1:
+                _close_session(state, tool.server_id)
                 continue
             if oauth and exc.code == "insufficient_scope" and tool.server is not None:
                 # The next connect asks for what the server wanted too (a union, RFC 6750 §3.1).
@@ -239,7 +271,10 @@ def _loop(ctx: Worker, state: RunState, agent: Agent, provider: Provider, tools:
     if agent.system_prompt:
         messages.append(Message("system", state.mask(agent.system_prompt)))
     messages.append(Message("user", state.mask(text)))
-    with guarded_client(EgressPolicy.from_settings(ctx.settings), key.allowed_hosts, timeout=60.0) as client:
+    with (
+        guarded_client(EgressPolicy.from_settings(ctx.settings), key.allowed_hosts, timeout=60.0) as client,
+        _sessions_closed(state),
+    ):
         for _step in range(MAX_STEPS):
             # A worker that lost its lease (stalled past it; the job went to another worker) stops
             # before sending anything more: one run never calls the model from two workers.

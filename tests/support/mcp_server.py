@@ -8,6 +8,12 @@ split tools/list into pages (`page_size`) or make it never end (`endless_pages`)
 Header credentials: `require_headers={"X-API-Key": "k1"}` answers 401 to any request without
 exactly those headers (`bearer=False` drops the bearer check, e.g. for `Authorization: token ...`),
 and `seen_headers` records every request's headers (names lower-cased).
+Sessions: `requests` records every request as (HTTP method, JSON-RPC method or None); `handshakes()`
+counts the connections a client opened (each starts with one `server/discover` probe);
+`open_streams()` the SSE streams still open and `open_connections()` the TCP connections.
+`legacy=True` (Streamable HTTP) refuses `server/discover`, so clients fall back to the classic `initialize`
+handshake and a Streamable HTTP session id (closed with a DELETE; a restarted server answers 404
+to the old id). A restart on the same port and token: `McpTestServer(port=old.port, token=old.token)`.
 No pytest fixtures here: tests wrap it as they need.
 
     with McpTestServer(transport="sse") as server:
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import secrets
 import socket
 import threading
@@ -71,8 +78,44 @@ async def _sleep_unless(stopping: threading.Event, seconds: float) -> bool:
     return False
 
 
+async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's whole body, and a receive that replays it before the rest (a disconnect)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _rpc_method(body: bytes) -> str | None:
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    return message.get("method") if isinstance(message, dict) else None
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _RecordAndDelay:
-    """ASGI middleware: records the bearer token of every HTTP request, then optionally sleeps."""
+    """ASGI middleware: records the bearer token and JSON-RPC method of every HTTP request, then optionally sleeps."""
 
     def __init__(self, app: ASGIApp, owner: McpTestServer) -> None:
         self.app = app
@@ -82,6 +125,11 @@ class _RecordAndDelay:
         if scope["type"] == "http":
             seen = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
             self.owner.seen_headers.append(seen)
+            method: str | None = None
+            if scope["method"] == "POST":
+                body, receive = await _read_body(receive)
+                method = _rpc_method(body)
+            self.owner.requests.append((scope["method"], method))
             required = self.owner.require_headers
             if any(seen.get(name.lower()) != value for name, value in required.items()):
                 await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
@@ -96,6 +144,18 @@ class _RecordAndDelay:
             if delay > 0 and not await _sleep_unless(self.owner.stopping, delay):
                 await send({"type": "http.response.start", "status": 503, "headers": [(b"content-length", b"0")]})
                 await send({"type": "http.response.body", "body": b""})
+                return
+            if self.owner.legacy and method == "server/discover":
+                rpc_id = json.loads(body).get("id")
+                error = {"code": -32601, "message": "Method not found"}
+                await _send_json(send, 200, {"jsonrpc": "2.0", "id": rpc_id, "error": error})
+                return
+            if scope["method"] == "GET" and self.owner.transport == "sse":
+                self.owner.streams += 1
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    self.owner.streams -= 1
                 return
         await self.app(scope, receive, send)
 
@@ -171,9 +231,12 @@ class McpTestServer:
         port: int = 0,
         require_headers: dict[str, str] | None = None,
         bearer: bool = True,
+        legacy: bool = False,
     ) -> None:
         if transport not in PATHS:
             raise ValueError(f"unknown transport {transport!r}")
+        if legacy and transport != "streamable_http":
+            raise ValueError("legacy (initialize only) is for Streamable HTTP: SSE answers over its stream")
         self.transport: Transport = transport
         self.delay_seconds = delay_seconds
         self.page_size = page_size
@@ -182,6 +245,9 @@ class McpTestServer:
         self.seen_headers: list[dict[str, str]] = []
         self.require_headers: dict[str, str] = dict(require_headers or {})
         self.bearer = bearer
+        self.legacy = legacy
+        self.requests: list[tuple[str, str | None]] = []
+        self.streams = 0  # SSE streams open right now
         self.stopping = threading.Event()
         self._verifier = _TokenVerifier(token or secrets.token_urlsafe(24))
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -200,6 +266,22 @@ class McpTestServer:
     def set_token(self, token: str) -> None:
         """Accept `token` (and only it) from now on."""
         self._verifier.token = token
+
+    def handshakes(self) -> int:
+        """Connections clients opened: each begins with one ``server/discover`` probe (legacy: then ``initialize``)."""
+        return sum(1 for _http, method in self.requests if method == "server/discover")
+
+    def methods(self) -> list[str]:
+        """The JSON-RPC methods of the POSTs so far, in order."""
+        return [method for http, method in self.requests if http == "POST" and method is not None]
+
+    def open_streams(self) -> int:
+        """SSE streams (GET /sse) still open."""
+        return self.streams
+
+    def open_connections(self) -> int:
+        """TCP connections to the server still open."""
+        return len(self._server.server_state.connections) if self._server is not None else 0
 
     def app(self) -> ASGIApp:
         mcp = build_server(self._verifier if self.bearer else None, self.url, self.stopping)

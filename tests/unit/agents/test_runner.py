@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -178,3 +180,80 @@ def test_a_run_queued_before_a_header_change_is_stale_and_no_tool_server_is_cont
 
         assert info.value.code == "stale" and "mcp_servers" in info.value.message
         assert server.seen_headers[mark:] == [] and llm.requests == []
+
+
+def _valid_mcp(
+    ctx: WorkerContext, db: Database, admin: Caller, org: str, factory: Factory, server: McpTestServer
+) -> str:
+    """An MCP server row for ``server`` (its bearer token in a secret), validated on ``ctx``; its id."""
+    secret = factory.secret(admin, org, value=server.token)["id"]
+    created = admin.post(
+        f"orgs/{org}/mcp-servers",
+        json={"name": f"S-{server.port}", "url": server.url, "transport": server.transport, "secret_ref": secret},
+    ).get_json()
+    with db.session() as s:
+        queued = s.get(Job, created["job"]["id"])
+        assert queued is not None
+        view = JobView(queued.id, queued.org_id, queued.kind, dict(queued.params), attempts=1)
+    assert validation.validate(ctx, view)["status"] == "valid"
+    server_id: str = created["id"]
+    return server_id
+
+
+def _closed(server: McpTestServer) -> bool:
+    deadline = time.monotonic() + 3
+    while server.open_connections() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server.open_connections() == 0 and server.open_streams() == 0
+
+
+def test_a_runs_tool_calls_use_one_session_per_server_closed_when_it_ends(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    provider_id, _ = provider(admin, org, factory, llm)
+    with McpTestServer(legacy=True) as first, McpTestServer(transport="sse") as second:
+        tools = [
+            {"mcp_server_id": _valid_mcp(ctx, db, admin, org, factory, first), "tool_name": "add"},
+            {"mcp_server_id": _valid_mcp(ctx, db, admin, org, factory, second), "tool_name": "echo"},
+        ]
+        run_id = start_run(admin, org, agent(admin, org, provider_id, tools))
+        add = {"name": "add", "arguments": {"a": 2, "b": 3}}
+        echo = {"name": "echo", "arguments": {"text": "hi"}}
+        llm.script([{"tool_calls": [add, echo]}, {"tool_calls": [add]}, {"tool_calls": [add, echo]}, {"text": "done"}])
+        marks = (first.handshakes(), second.handshakes())
+        calls = (first.methods().count("tools/call"), second.methods().count("tools/call"))
+
+        assert runner.run(ctx, _view(db, run_id))["status"] == JobStatus.SUCCEEDED
+
+        row = _run_row(db, run_id)
+        assert [e["type"] for e in row.events].count("tool_result") == 5
+        assert first.methods().count("tools/call") - calls[0] == 3
+        assert second.methods().count("tools/call") - calls[1] == 2
+        # One handshake per server for the whole run: two servers, two sessions.
+        assert (first.handshakes() - marks[0], second.handshakes() - marks[1]) == (1, 1)
+        # Both ended with the run: the session id with a DELETE, the SSE stream, every connection.
+        assert first.requests[-1] == ("DELETE", None)
+        assert _closed(first) and _closed(second)
+        assert not [t for t in threading.enumerate() if t.name == "latchkey-mcp-session"]
+
+
+def test_a_failed_run_closes_its_sessions_too(
+    ctx: WorkerContext, db: Database, factory: Factory, org: str, llm: LlmTestServer
+) -> None:
+    admin = factory.user(org, "admin")
+    provider_id, _ = provider(admin, org, factory, llm)
+    with McpTestServer(legacy=True) as server:
+        tools = [{"mcp_server_id": _valid_mcp(ctx, db, admin, org, factory, server), "tool_name": "add"}]
+        run_id = start_run(admin, org, agent(admin, org, provider_id, tools))
+        llm.script([{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]}] * runner.MAX_STEPS)
+        mark = server.handshakes()
+
+        with pytest.raises(WorkerError) as info:
+            runner.run(ctx, _view(db, run_id))
+
+        assert info.value.code == "max_steps"
+        assert server.handshakes() - mark == 1
+        assert server.methods().count("tools/call") >= runner.MAX_STEPS
+        assert server.requests[-1] == ("DELETE", None)
+        assert _closed(server)
