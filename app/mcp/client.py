@@ -122,6 +122,25 @@ class _AuthRejected(Exception):
         self.challenge = challenge
 
 
+class _RecordingTransport(httpx2.AsyncBaseTransport):
+    """Passes every request on; remembers the coded errors (guard, size cap) the transport raised."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, exchange: _Exchange) -> None:
+        self._inner = inner
+        self._exchange = exchange
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            return await self._inner.handle_async_request(request)
+        except Exception as exc:
+            if getattr(exc, "code", None) is not None:
+                self._exchange.transport_errors.append(exc)
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class _WatchedStream(httpx2.AsyncByteStream):
     """A response body that tells the exchange when the guard's size cap stopped reading it.
 
@@ -159,10 +178,14 @@ class _Exchange:
         self.too_large = False
         # The latest 401/403: kept here too, as a session's SDK turns the hook's exception into a generic error.
         self.rejected: _AuthRejected | None = None
+        # Errors with a stable code the transport raised (the guard refusing a request, a response that
+        # declared more than the cap): in a session the SDK's background task swallows them.
+        self.transport_errors: list[BaseException] = []
 
     def reset(self) -> None:
         """Forget what the previous operation on this connection saw."""
         self.error_status, self.too_large, self.rejected = None, False, None
+        self.transport_errors = []
 
     async def on_response(self, response: httpx2.Response) -> None:
         status = response.status_code
@@ -177,11 +200,13 @@ class _Exchange:
             self.error_status = status if status >= 400 else None
 
     def http_client(self) -> httpx2.AsyncClient:
-        return self.factory(
+        client = self.factory(
             headers=dict(self.headers),
             timeout=httpx2.Timeout(self.timeout),
             event_hooks={"response": [self.on_response]},
         )
+        client._transport = _RecordingTransport(client._transport, self)
+        return client
 
     def sdk_factory(
         self,
@@ -269,11 +294,14 @@ def _failure(leaves: list[BaseException], exchange: _Exchange, what: str, *, dea
 
     ``leaves`` are the failure's exceptions (none when the deadline passed with nothing raised).
     """
+    # What the transport raised comes first: in a session the request only sees the SDK's generic error.
+    leaves = [*(e for e in exchange.transport_errors if e not in leaves), *leaves]
     guard_error = next((leaf for leaf in leaves if _is_guard_error(leaf)), None)
     if guard_error is not None:
         return guard_error
     if exchange.rejected is not None and not any(isinstance(leaf, _AuthRejected) for leaf in leaves):
         leaves = [exchange.rejected, *leaves]
+
     if not leaves:
         if exchange.too_large:
             log.info("MCP %s failed: response_too_large", what)

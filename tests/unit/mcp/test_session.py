@@ -211,3 +211,26 @@ def test_arguments_are_checked_when_the_session_is_made() -> None:
         McpSession("http://127.0.0.1:9/mcp", transport="websocket", http_client_factory=plain_factory)
     with pytest.raises(ValueError, match="timeout"):
         McpSession("http://127.0.0.1:9/mcp", http_client_factory=plain_factory, timeout=0)
+
+
+@pytest.mark.parametrize(("transport", "legacy"), [("streamable_http", False), ("streamable_http", True)])
+def test_a_result_over_the_cap_is_response_too_large_and_the_next_call_works(
+    transport: Transport, legacy: bool
+) -> None:
+    """The guard refuses an answer that declares more than the cap inside the SDK's background task;
+    the request still learns why (not a generic protocol error), and the session goes on."""
+    from functools import partial
+
+    from app.egress import EgressPolicy, guarded_async_client
+
+    cap = 20_000
+    policy = EgressPolicy(allow_private=True, allow_http_hosts=frozenset({"127.0.0.1"}), max_response_bytes=cap)
+    factory = partial(guarded_async_client, policy, ())
+    with (
+        McpTestServer(transport=transport, legacy=legacy, token="tok-" + secrets.token_hex(12)) as running,
+        session_to(running, http_client_factory=factory) as session,
+    ):
+        with pytest.raises(McpError) as info:
+            session.call_tool("echo", {"text": "x" * (cap * 3 // 4)})
+        assert info.value.code == "response_too_large"
+        assert session.call_tool("echo", {"text": "small"}).content[0]["text"] == "small"
