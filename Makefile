@@ -36,4 +36,5 @@ bench:          ## resolver (L1/L2/miss vs floors, stale-read stress), job-overh
 	.venv/bin/python -m bench.jobs --n 200 --json bench/results/jobs.json
 	.venv/bin/python -m bench.backfill --json bench/results/backfill.json
 	.venv/bin/python -m bench.connections --json bench/results/connections.json
+	.venv/bin/python -m bench.throughput --json bench/results/throughput.json
 	.venv/bin/python -m bench.mcp_sessions --json bench/results/mcp_sessions.json
