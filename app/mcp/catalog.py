@@ -19,6 +19,7 @@ from app.schemas import refuse, trimmed_name
 __all__ = [
     "AUTH_TYPES",
     "CLIENT_AUTH_METHODS",
+    "CONNECTION_AUTH_TYPES",
     "CONNECTION_SCOPES",
     "MAX_HEADERS",
     "MAX_HEADER_NAME",
@@ -47,6 +48,8 @@ name = trimmed_name(MAX_NAME)
 # are all stored as "static": they follow from secret_ref and headers.
 AUTH_TYPES: Final = ("none", "bearer", "headers", "oauth", "oauth_client_credentials")
 STORED_AUTH_TYPES: Final = ("static", "oauth", "oauth_client_credentials")
+# The auth types whose servers are called with a connection's tokens.
+CONNECTION_AUTH_TYPES: Final = ("oauth", "oauth_client_credentials")
 CONNECTION_SCOPES: Final = ("org", "user")
 CLIENT_AUTH_METHODS: Final = ("none", "client_secret_basic", "client_secret_post", "private_key_jwt")
 MAX_SCOPES: Final = 32

@@ -27,9 +27,10 @@ from app.errors import ConflictError, ForbiddenError, LatchkeyError, NotFoundErr
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.mcp import authorization, grants
+from app.mcp.catalog import CONNECTION_AUTH_TYPES
 from app.mcp.schemas import ConnectionOut
 from app.models import ConnectionStatus, FlowStatus, Job, McpConnection, McpServer, OAuthFlow, Org, Secret, User
-from app.models.connections import ORG_SUBJECT, user_subject
+from app.models.connections import ORG_SUBJECT, per_user, subject_of
 from app.secrets import cachekeys, invalidation, replies
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal
@@ -61,12 +62,12 @@ class ConnectStart:
     expires_at: datetime
 
 
-def _subject(server: McpServer, access: OrgAccess, ctx: RequestContext) -> str:
-    if server.connection_scope == "user":
-        if ctx.actor.id is None:
-            raise UnauthorizedError()
-        return user_subject(ctx.actor.id)
-    return ORG_SUBJECT
+def _subject(server: McpServer, ctx: RequestContext) -> str:
+    """The caller's subject on ``server`` (``subject_of``); a per-user server needs a signed-in user."""
+    subject = subject_of(server, ctx.actor.id)
+    if subject is None:
+        raise UnauthorizedError()
+    return subject
 
 
 def _oauth_server(session: Session, access: OrgAccess, server_id: str) -> McpServer:
@@ -110,22 +111,21 @@ def view(connection: McpConnection | None, server: McpServer, now: datetime | No
 
 def for_caller(session: Session, ctx: RequestContext, servers: Iterable[McpServer]) -> dict[str, ConnectionOut | None]:
     """Each server's connection as the caller would use it (None for servers without connections)."""
-    wanted = [s for s in servers if s.auth_type in ("oauth", "oauth_client_credentials")]
+    wanted = [s for s in servers if s.auth_type in CONNECTION_AUTH_TYPES]
     out: dict[str, ConnectionOut | None] = {}
     if not wanted:
         return out
-    mine = user_subject(ctx.actor.id) if ctx.actor.id else None
+    subjects = {server.id: subject_of(server, ctx.actor.id) for server in wanted}
     rows = session.scalars(
         select(McpConnection).where(
-            McpConnection.mcp_server_id.in_([s.id for s in wanted]),
-            McpConnection.subject.in_([ORG_SUBJECT] + ([mine] if mine else [])),
+            McpConnection.mcp_server_id.in_(list(subjects)),
+            McpConnection.subject.in_({s for s in subjects.values() if s is not None}),
         )
     ).all()
     by_key = {(r.mcp_server_id, r.subject): r for r in rows}
     now = utcnow()
     for server in wanted:
-        subject = mine if server.auth_type == "oauth" and server.connection_scope == "user" else ORG_SUBJECT
-        out[server.id] = view(by_key.get((server.id, subject or "")), server, now)
+        out[server.id] = view(by_key.get((server.id, subjects[server.id] or "")), server, now)
     return out
 
 
@@ -133,7 +133,7 @@ def my_connections(session: Session, ctx: RequestContext, access: OrgAccess) -> 
     """The org's OAuth servers with the connection the caller uses on each."""
     servers = session.scalars(
         select(McpServer)
-        .where(McpServer.org_id == access.org.id, McpServer.auth_type.in_(("oauth", "oauth_client_credentials")))
+        .where(McpServer.org_id == access.org.id, McpServer.auth_type.in_(CONNECTION_AUTH_TYPES))
         .order_by(McpServer.name)
     ).all()
     states = for_caller(session, ctx, servers)
@@ -158,7 +158,7 @@ def connect(
     Commits the session itself (the job must be out before the request waits for its answer).
     """
     server = _oauth_server(session, access, server_id)
-    if server.connection_scope != "user":
+    if not per_user(server):
         access.require_admin()
     if ctx.actor.id is None:
         raise UnauthorizedError()
@@ -170,7 +170,7 @@ def connect(
         org_id=server.org_id,
         mcp_server_id=server.id,
         user_id=ctx.actor.id,
-        subject=_subject(server, access, ctx),
+        subject=_subject(server, ctx),
         status=FlowStatus.PREPARING,
         scopes=[],
         destination=authorization._destination(server),
@@ -301,14 +301,13 @@ def disconnect(session: Session, ctx: RequestContext, access: OrgAccess, server_
     from app.mcp.service import get_server
 
     server = get_server(session, access, server_id)
-    if server.auth_type not in ("oauth", "oauth_client_credentials"):
+    if server.auth_type not in CONNECTION_AUTH_TYPES:
         raise OAuthNotConfiguredError("this MCP server has no connections")
-    per_user = server.auth_type == "oauth" and server.connection_scope == "user"
-    if not per_user:
+    if not per_user(server):
         access.require_admin()
     if ctx.actor.id is None:
         raise UnauthorizedError()
-    subject = user_subject(ctx.actor.id) if per_user else ORG_SUBJECT
+    subject = _subject(server, ctx)
     connection = session.scalar(
         select(McpConnection)
         .where(McpConnection.mcp_server_id == server.id, McpConnection.subject == subject)

@@ -44,7 +44,7 @@ from app.errors import WorkerError
 from app.jobs.context import Worker
 from app.mcp.oauth import AuthServer, OAuthClient, OAuthError, TokenSet, token_request
 from app.models import ConnectionStatus, McpConnection, McpServer, Secret
-from app.models.connections import ORG_SUBJECT, user_subject
+from app.models.connections import ORG_SUBJECT, subject_of
 from app.observability import redact
 from app.secrets import cachekeys, invalidation
 from app.secrets.sealing import encode_context, seal, secret_context
@@ -69,12 +69,11 @@ class AuthRequiredError(WorkerError):
 
 
 def subject_for(server: McpServer, user_id: str | None) -> str:
-    """Whose connection a call uses: the org's, or (per-user servers) the calling user's."""
-    if server.auth_type == "oauth" and server.connection_scope == "user":
-        if not user_id:
-            raise AuthRequiredError(server.name, "needs a user's own connection, and this job has no user")
-        return user_subject(user_id)
-    return ORG_SUBJECT
+    """Whose connection a call uses (``subject_of``); a per-user server without a user is auth_required."""
+    subject = subject_of(server, user_id)
+    if subject is None:
+        raise AuthRequiredError(server.name, "needs a user's own connection, and this job has no user")
+    return subject
 
 
 @functools.lru_cache(maxsize=4096)

@@ -35,6 +35,7 @@ from app.models import (
     McpTool,
     OAuthFlow,
 )
+from app.models.connections import per_user
 from app.pagination import Page, paginate
 from app.secrets.service import check_secret_ref
 
@@ -475,7 +476,7 @@ def queue_refresh(session: Session, ctx: RequestContext) -> int:
     servers = session.scalars(select(McpServer).where(McpServer.status == McpServerStatus.VALID)).all()
     # A per-user OAuth server has no connection a job without a user could use: beat skips it
     # (its tools are refreshed whenever a member connects or asks for a validation).
-    servers = [s for s in servers if not (s.auth_type == "oauth" and s.connection_scope == "user")]
+    servers = [s for s in servers if not per_user(s)]
     for server in servers:
         # The server as it is now: a refresh that runs after a change ends stale, unsent.
         params = {**destination(server), "user_id": None}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -22,12 +22,28 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.db import Base, UTCDateTime, new_id
 from app.models.status import ConnectionStatus, FlowStatus, status_type
 
+if TYPE_CHECKING:
+    from app.models.resources import McpServer
+
 # The subject of an org-wide connection; a user's is ``user:<user id>``.
 ORG_SUBJECT = "org"
 
 
 def user_subject(user_id: str) -> str:
     return f"user:{user_id}"
+
+
+def per_user(server: McpServer) -> bool:
+    """Whether each member connects their own account to ``server`` (else one connection serves the org)."""
+    return server.auth_type == "oauth" and server.connection_scope == "user"
+
+
+def subject_of(server: McpServer, user_id: str | None) -> str | None:
+    """Whose connection a call to ``server`` on behalf of ``user_id`` uses: the org's, or (per-user
+    servers) the user's own; None when a per-user server is called without a user."""
+    if per_user(server):
+        return user_subject(user_id) if user_id else None
+    return ORG_SUBJECT
 
 
 class McpConnection(Base):
