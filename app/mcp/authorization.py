@@ -153,17 +153,8 @@ def prepare(ctx: Worker, job: RunJob) -> dict[str, Any]:
         state = grants.new_state()
         material = {
             "verifier": verifier,
-            "client": {
-                "client_id": client.client_id,
-                "auth_method": client.auth_method,
-                "secret": client.secret if not client.secret_hosts else None,
-            },
-            "as": {
-                "issuer": found.server.issuer,
-                "authorization_endpoint": found.server.authorization_endpoint,
-                "token_endpoint": found.server.token_endpoint,
-                "revocation_endpoint": found.server.revocation_endpoint,
-            },
+            "client": client.stored(),
+            "as": found.server.stored(),
             "resource": found.resource,
             "scopes": scopes,
         }
@@ -235,11 +226,8 @@ def exchange(ctx: Worker, job: RunJob) -> dict[str, Any]:
                 raise FlowError("flow_invalid", "the authorization's sealed data does not open") from None
             s.expunge(server)
             subject, user_id = flow.subject, flow.user_id
-        client = oauth.OAuthClient(
-            material["client"]["client_id"], material["client"]["auth_method"], material["client"].get("secret")
-        )
-        client = grants._client_secret(ctx, server, client)
-        auth_server = oauth.AuthServer(**material["as"])
+        client = grants._client_secret(ctx, server, oauth.OAuthClient.from_stored(material["client"]))
+        auth_server = oauth.AuthServer.from_stored(material["as"])
         form = {
             "grant_type": "authorization_code",
             "code": code.decode("utf-8"),

@@ -129,17 +129,8 @@ class Grant:
             "tokens": self.tokens.as_dict(),
             # A pre-registered client's secret is not copied here: it is resolved from its own
             # secret on every use, so rotating it takes effect at once.
-            "client": {
-                "client_id": self.client.client_id,
-                "auth_method": self.client.auth_method,
-                "secret": self.client.secret if not self.client.secret_hosts else None,
-            },
-            "as": {
-                "issuer": self.auth_server.issuer,
-                "authorization_endpoint": self.auth_server.authorization_endpoint,
-                "token_endpoint": self.auth_server.token_endpoint,
-                "revocation_endpoint": self.auth_server.revocation_endpoint,
-            },
+            "client": self.client.stored(),
+            "as": self.auth_server.stored(),
             "resource": self.resource,
             "grant_type": self.grant_type,
         }
@@ -158,19 +149,13 @@ class Grant:
             )
             if not ok:
                 raise ValueError("bound elsewhere")
-            client, server = data["client"], data["as"]
             return cls(
                 org_id=org_id,
                 server_id=server_id,
                 subject=subject,
                 tokens=TokenSet.from_dict(data["tokens"]),
-                client=OAuthClient(client["client_id"], client["auth_method"], client.get("secret")),
-                auth_server=AuthServer(
-                    issuer=server["issuer"],
-                    authorization_endpoint=server.get("authorization_endpoint") or "",
-                    token_endpoint=server["token_endpoint"],
-                    revocation_endpoint=server.get("revocation_endpoint"),
-                ),
+                client=OAuthClient.from_stored(data["client"]),
+                auth_server=AuthServer.from_stored(data["as"]),
                 resource=data["resource"],
                 grant_type=data.get("grant_type") or "authorization_code",
             )
@@ -320,16 +305,15 @@ def _client_secret(ctx: Worker, server: McpServer, client: OAuthClient) -> OAuth
         return client
     resolved = ctx.resolver.resolve(server.org_id, server.oauth_client_secret_ref)
     method = server.oauth_client_auth or client.auth_method
-    return OAuthClient(client.client_id, method, resolved.value, tuple(resolved.allowed_hosts) or ("*",))
+    return OAuthClient(client.client_id, method, resolved.value, tuple(resolved.allowed_hosts), preregistered=True)
 
 
 def client_factory(ctx: Worker) -> Any:
     policy = EgressPolicy.from_settings(ctx.settings)
 
     def factory(hosts: Sequence[str]) -> Any:
-        # "*" stands for "a pre-registered secret with no host restriction".
-        allowed = tuple(h for h in hosts if h != "*")
-        return guarded_client(policy, allowed or None, timeout=ctx.settings.mcp_timeout_seconds)
+        # No hosts: the request carries no secret, or one that restricts no host.
+        return guarded_client(policy, tuple(hosts) or None, timeout=ctx.settings.mcp_timeout_seconds)
 
     return factory
 

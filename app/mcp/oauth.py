@@ -79,6 +79,24 @@ class AuthServer:
     token_auth_methods: tuple[str, ...] = ()
     client_id_metadata_documents: bool = False
 
+    def stored(self) -> dict[str, Any]:
+        """What a flow or a connection keeps of it (sealed): the endpoints its later requests use."""
+        return {
+            "issuer": self.issuer,
+            "authorization_endpoint": self.authorization_endpoint,
+            "token_endpoint": self.token_endpoint,
+            "revocation_endpoint": self.revocation_endpoint,
+        }
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> AuthServer:
+        return cls(
+            issuer=data["issuer"],
+            authorization_endpoint=data.get("authorization_endpoint") or "",
+            token_endpoint=data["token_endpoint"],
+            revocation_endpoint=data.get("revocation_endpoint"),
+        )
+
 
 @dataclass(frozen=True)
 class Discovery:
@@ -97,8 +115,24 @@ class OAuthClient:
     client_id: str
     auth_method: str = "none"
     secret: str | None = field(default=None, repr=False)
-    # The hosts a pre-registered client secret may be sent to (its managed secret's allowed_hosts).
+    # The hosts a pre-registered client secret may be sent to (its managed secret's allowed_hosts;
+    # empty: that secret restricts no host).
     secret_hosts: tuple[str, ...] = ()
+    # A pre-registered client's secret lives in a managed secret of its own and is resolved on each
+    # use; a registered one's (dynamic registration) is kept, sealed, with the flow or connection.
+    preregistered: bool = False
+
+    def stored(self) -> dict[str, Any]:
+        """What a flow or a connection keeps of it (sealed): never a pre-registered client's secret."""
+        return {
+            "client_id": self.client_id,
+            "auth_method": self.auth_method,
+            "secret": None if self.preregistered else self.secret,
+        }
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> OAuthClient:
+        return cls(data["client_id"], data["auth_method"], data.get("secret"))
 
 
 @dataclass(frozen=True)
