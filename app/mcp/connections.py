@@ -29,9 +29,9 @@ from app.jobs.names import TaskName
 from app.mcp import authorization, grants
 from app.mcp.catalog import CONNECTION_AUTH_TYPES
 from app.mcp.schemas import ConnectionOut
-from app.models import ConnectionStatus, FlowStatus, Job, McpConnection, McpServer, OAuthFlow, Org, Secret, User
+from app.models import ConnectionStatus, FlowStatus, Job, McpConnection, McpServer, OAuthFlow, Org, User
 from app.models.connections import ORG_SUBJECT, per_user, subject_of
-from app.secrets import cachekeys, invalidation, replies
+from app.secrets import replies
 from app.secrets.keyring import PublicKeySet
 from app.secrets.sealing import seal
 
@@ -319,7 +319,7 @@ def disconnect(session: Session, ctx: RequestContext, access: OrgAccess, server_
     connection.updated_at = utcnow()
     if connection.secret_id is not None:
         # Every worker drops what it holds of this connection before this request returns.
-        _invalidate(session, connection.org_id, connection.secret_id)
+        grants.invalidate(session, connection.org_id, connection.secret_id)
     job = jobs.create_job(
         session,
         ctx,
@@ -337,15 +337,3 @@ def disconnect(session: Session, ctx: RequestContext, access: OrgAccess, server_
         details={"connection_id": connection.id, "subject": subject, "job_id": job.id},
     )
     return job
-
-
-def _invalidate(session: Session, org_id: str, secret_id: str) -> None:
-    """Stage a cache invalidation of a connection's token secret (its revision moves on, its value not)."""
-    session.execute(
-        update(Secret)
-        .where(Secret.org_id == org_id, Secret.id == secret_id)
-        .values(revision=Secret.revision + 1)
-        .execution_options(synchronize_session=False)
-    )
-    row = session.execute(select(Secret.version, Secret.revision).where(Secret.id == secret_id)).one()
-    invalidation.stage(session, org_id, secret_id, cachekeys.pointer(row.version, row.revision))

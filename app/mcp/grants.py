@@ -25,10 +25,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -42,7 +42,7 @@ from app.egress import EgressPolicy, guarded_client
 from app.egress.urls import DEFAULT_PORTS
 from app.errors import WorkerError
 from app.jobs.context import Worker
-from app.mcp.oauth import AuthServer, OAuthClient, OAuthError, TokenSet, token_request
+from app.mcp.oauth import AuthServer, OAuthClient, OAuthError, TokenSet, discover, token_request
 from app.models import ConnectionStatus, McpConnection, McpServer, Secret
 from app.models.connections import ORG_SUBJECT, subject_of
 from app.observability import redact
@@ -58,6 +58,7 @@ REFRESH_MARGIN_SECONDS: Final = 30.0
 # The single-flight lock: held at most this long, waited for at most this long.
 LOCK_TTL_SECONDS: Final = 30.0
 LOCK_WAIT_SECONDS: Final = 25.0
+_T = TypeVar("_T")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
@@ -251,9 +252,25 @@ def _write_version(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    revision = session.scalar(select(Secret.revision).where(Secret.id == secret_id))
-    invalidation.stage(session, org_id, secret_id, cachekeys.pointer(version, int(revision or 1)))
+    _stage(session, org_id, secret_id)
     return version
+
+
+def invalidate(session: Session, org_id: str, secret_id: str) -> None:
+    """Make every worker drop what it holds of a connection's tokens (the value stays, its revision moves)."""
+    session.execute(
+        update(Secret)
+        .where(Secret.org_id == org_id, Secret.id == secret_id)
+        .values(revision=Secret.revision + 1)
+        .execution_options(synchronize_session=False)
+    )
+    _stage(session, org_id, secret_id)
+
+
+def _stage(session: Session, org_id: str, secret_id: str) -> None:
+    """Stage the cache invalidation of the token secret's row as this transaction leaves it."""
+    row = session.execute(select(Secret.version, Secret.revision).where(Secret.id == secret_id)).one()
+    invalidation.stage(session, org_id, secret_id, cachekeys.pointer(row.version, row.revision))
 
 
 def _mark_connected(connection: McpConnection, grant: Grant, now: datetime) -> None:
@@ -297,6 +314,13 @@ class Access(NamedTuple):
 
     def __repr__(self) -> str:  # never the token
         return f"Access(connection_id={self.connection_id!r}, version={self.version})"
+
+    @classmethod
+    def of(cls, server: McpServer, connection_id: str, secret_id: str, version: int, tokens: TokenSet) -> Access:
+        """The access token of ``tokens``, allowed only to ``server``'s own host."""
+        return cls(
+            tokens.access_token, secret_id, version, ((host_pattern(server.url),),), tokens.values(), connection_id
+        )
 
 
 def _client_secret(ctx: Worker, server: McpServer, client: OAuthClient) -> OAuthClient:
@@ -434,14 +458,7 @@ def _access(ctx: Worker, server: McpServer, subject: str, *, force_refresh: bool
         if server.auth_type == "oauth_client_credentials":
             return _client_credentials(ctx, server, seen_version=version)
         grant, version = _refresh(ctx, server, connection, grant, version)
-    return Access(
-        token=grant.tokens.access_token,
-        secret_id=connection.secret_id or "",
-        version=version,
-        host_rules=((host_pattern(server.url),),),
-        values=grant.tokens.values(),
-        connection_id=connection.id,
-    )
+    return Access.of(server, connection.id, connection.secret_id or "", version, grant.tokens)
 
 
 class _Lock:
@@ -460,6 +477,21 @@ class _Lock:
         except redis.RedisError as exc:
             message = f"the refresh lock is unavailable ({type(exc).__name__})"
             raise WorkerError("refresh_lock_unavailable", message) from None
+
+    def take(self, what: str, adopt: Callable[[], _T | None] = lambda: None) -> _T | None:
+        """Take the lock; or, while another worker holds it, what ``adopt`` finds it committed.
+
+        None: the lock is ours. Waits at most ``LOCK_WAIT_SECONDS``, then ``refresh_timeout``.
+        """
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not self.acquire():
+            adopted = adopt()
+            if adopted is not None:
+                return adopted
+            if time.monotonic() > deadline:
+                raise WorkerError("refresh_timeout", f"another worker's {what} did not finish in time")
+            time.sleep(0.05)
+        return None
 
     def release(self) -> None:
         try:
@@ -506,15 +538,10 @@ def _refresh(ctx: Worker, server: McpServer, connection: McpConnection, grant: G
                 row.updated_at = utcnow()
         raise AuthRequiredError(server.name, "has an expired token and no refresh token")
     lock = _Lock(ctx, connection.id)
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
     try:
-        while not lock.acquire():
-            adopted = _adopt(ctx, server, connection, seen)
-            if adopted is not None:
-                return adopted
-            if time.monotonic() > deadline:
-                raise WorkerError("refresh_timeout", "another worker's token refresh did not finish in time")
-            time.sleep(0.05)
+        adopted = lock.take("token refresh", lambda: _adopt(ctx, server, connection, seen))
+        if adopted is not None:
+            return adopted
         # Holding the lock: someone may have finished just before we took it.
         adopted = _adopt(ctx, server, connection, seen)
         if adopted is not None:
@@ -591,17 +618,11 @@ def _redeem(ctx: Worker, server: McpServer, connection: McpConnection, grant: Gr
 
 def _client_credentials(ctx: Worker, server: McpServer, *, seen_version: int | None) -> Access:
     """Machine to machine: a token from the client credentials grant, cached until it expires."""
-    from app.mcp import oauth
-
     if not server.oauth_client_id or not server.oauth_client_secret_ref:
         raise WorkerError("oauth_not_configured", "the server's client credentials are not configured")
     lock = _Lock(ctx, f"cc:{server.id}")
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
     try:
-        while not lock.acquire():
-            if time.monotonic() > deadline:
-                raise WorkerError("refresh_timeout", "another worker's token request did not finish in time")
-            time.sleep(0.05)
+        lock.take("token request")
         with ctx.db.session() as s:
             connection = _load_connection(s, server.org_id, server.id, ORG_SUBJECT)
             if connection is not None:
@@ -613,16 +634,9 @@ def _client_credentials(ctx: Worker, server: McpServer, *, seen_version: int | N
         ):
             grant, version = _open(ctx, connection, current=True)
             if (seen_version is None or version > seen_version) and not _expires_soon(grant.tokens, time.time()):
-                return Access(
-                    grant.tokens.access_token,
-                    connection.secret_id,
-                    version,
-                    ((host_pattern(server.url),),),
-                    grant.tokens.values(),
-                    connection.id,
-                )
+                return Access.of(server, connection.id, connection.secret_id, version, grant.tokens)
         with client_factory(ctx)(()) as http:
-            found = oauth.discover(http, server.url)
+            found = discover(http, server.url)
         client = _client_secret(
             ctx, server, OAuthClient(server.oauth_client_id, server.oauth_client_auth or "client_secret_basic")
         )
@@ -677,9 +691,7 @@ def _client_credentials(ctx: Worker, server: McpServer, *, seen_version: int | N
                 details={"connection_id": row.id, "grant_type": "client_credentials", "version": version},
             )
             connection_id = row.id
-        return Access(
-            tokens.access_token, secret_id, version, ((host_pattern(server.url),),), tokens.values(), connection_id
-        )
+        return Access.of(server, connection_id, secret_id, version, tokens)
     finally:
         lock.release()
 
