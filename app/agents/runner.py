@@ -44,7 +44,7 @@ from app.jobs import service as jobs
 from app.jobs.context import RunJob, Worker
 from app.mcp import grants
 from app.mcp.client import McpError, McpSession
-from app.mcp.credentials import HeaderSpec, ServerCredentials, header_specs, server_credentials, static_credentials
+from app.mcp.credentials import HeaderSpec, ServerCredentials, header_specs, server_credentials
 from app.models import Agent, AgentRun, AgentTool, JobStatus, McpServer, McpServerStatus, McpTool, Provider
 from app.observability import redact
 from app.secrets.resolver import SecretNotFoundError
@@ -65,13 +65,12 @@ class BoundTool:
     server_id: str
     url: str
     transport: str
-    secret_ref: str | None
     headers: tuple[HeaderSpec, ...]
     status: McpServerStatus
     spec: ToolSpec
     tool_name: str
     # The row itself (detached), for the server's auth: an OAuth server's token is the connection's.
-    server: McpServer | None = None
+    server: McpServer
 
 
 @dataclass
@@ -144,7 +143,6 @@ def _load(ctx: Worker, job: RunJob) -> tuple[AgentRun, Agent, Provider, list[Bou
                     server.id,
                     server.url,
                     server.transport,
-                    server.secret_ref,
                     header_specs(server),
                     server.status,
                     spec,
@@ -182,12 +180,7 @@ def _credentials(ctx: Worker, state: RunState, tool: BoundTool, *, force_refresh
     creds = state.credentials.get(tool.server_id)
     if creds is None or force_refresh:
         resolve = partial(_resolve, ctx, state)
-        if tool.server is None:  # pragma: no cover - _load always keeps the row
-            creds = static_credentials(resolve, tool.secret_ref, tool.headers)
-        else:
-            creds = server_credentials(
-                ctx, tool.server, state.user_id, resolve, tool.headers, force_refresh=force_refresh
-            )
+        creds = server_credentials(ctx, tool.server, state.user_id, resolve, tool.headers, force_refresh=force_refresh)
         for value in creds.values:  # a connection's token is not resolved through _resolve
             state.masker.register(value)
         state.reads.extend(r for r in creds.reads if r not in state.reads)
@@ -228,7 +221,7 @@ def _sessions_closed(state: RunState) -> Iterator[None]:
 
 def _run_tool(ctx: Worker, state: RunState, tool: BoundTool, arguments: dict[str, Any]) -> tuple[bool, str]:
     """Call one tool on its server's session with that server's credentials; (is_error, text for the model)."""
-    oauth = tool.server is not None and tool.server.auth_type != "static"
+    oauth = tool.server.auth_type != "static"
     for attempt in (1, 2):
         creds = _credentials(ctx, state, tool, force_refresh=attempt == 2)
         try:
@@ -239,7 +232,7 @@ def _run_tool(ctx: Worker, state: RunState, tool: BoundTool, arguments: dict[str
             if oauth and exc.code == "auth_failed" and attempt == 1:
                 _close_session(state, tool.server_id)
                 continue
-            if oauth and exc.code == "insufficient_scope" and tool.server is not None:
+            if oauth and exc.code == "insufficient_scope":
                 # The next connect asks for what the server wanted too (a union, RFC 6750 §3.1).
                 grants.want_scopes(ctx, tool.server, state.user_id, exc.scopes)
             raise

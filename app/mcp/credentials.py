@@ -27,6 +27,7 @@ __all__ = [
     "ServerCredentials",
     "bearer_headers",
     "header_specs",
+    "server_credentials",
     "static_credentials",
 ]
 

@@ -30,7 +30,6 @@ from app.mcp.credentials import (
     bearer_headers,
     header_specs,
     server_credentials,
-    static_credentials,
 )
 from app.models import McpServer, McpServerStatus
 from app.observability import redact
@@ -60,8 +59,9 @@ class Snapshot:
     # service.destination(server) when the job started: the one definition of "still the same server".
     recorded: dict[str, Any]
     # Whose connection an OAuth server is called with (None: the org's).
-    user_id: str | None = None
-    server: McpServer | None = None
+    user_id: str | None
+    # The row itself (detached), for the server's auth.
+    server: McpServer
 
     def matches(self, server: McpServer) -> bool:
         """The server still is where this validation connected (one definition: ``destination``)."""
@@ -128,10 +128,7 @@ def _credentials(ctx: Worker, snap: Snapshot) -> ServerCredentials:
         redact.register(snap.legacy_token)
         log.warning("deprecated: MCP server %s still uses a legacy raw token (run the backfill)", snap.server_id)
         return ServerCredentials(headers=bearer_headers(snap.legacy_token), values=(snap.legacy_token,))
-    resolve = partial(ctx.resolver.resolve, snap.org_id)
-    if snap.server is None:  # pragma: no cover - _load always keeps the row
-        return static_credentials(resolve, snap.secret_ref, snap.headers)
-    return server_credentials(ctx, snap.server, snap.user_id, resolve, snap.headers)
+    return server_credentials(ctx, snap.server, snap.user_id, partial(ctx.resolver.resolve, snap.org_id), snap.headers)
 
 
 def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
@@ -155,7 +152,7 @@ def validate(ctx: Worker, job: RunJob) -> dict[str, Any]:
         )
     except WorkerError as exc:  # the resolver, the egress guard, the MCP exchange
         code, message = exc.code, exc.message
-        if isinstance(exc, McpError) and exc.code == "insufficient_scope" and snap.server is not None:
+        if isinstance(exc, McpError) and exc.code == "insufficient_scope":
             grants.want_scopes(ctx, snap.server, snap.user_id, exc.scopes)
         if isinstance(exc, SecretNotFoundError):
             message = "the bound secret no longer exists"
