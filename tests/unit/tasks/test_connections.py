@@ -508,3 +508,22 @@ def test_never_passthrough_no_latchkey_credential_reaches_the_server(
     _run_all(tasks_app, db, TaskName.VALIDATE_SERVER)
     assert auth.bearer_seen
     assert admin.token not in auth.bearer_seen and all(admin.token not in v for v in auth.issued_values())
+
+
+def test_an_exchange_for_a_server_repointed_since_the_authorization_began_sends_nothing(
+    tasks_app: Celery, db: Database, factory: Factory, org: str, auth: OAuthTestServer
+) -> None:
+    """The code and verifier go nowhere once the server was pointed elsewhere after Connect."""
+    admin = factory.user(org, "admin")
+    server_id = _add(admin, org, auth.url)
+
+    def repoint(_state: str, _code: str) -> None:
+        resp = admin.patch(f"orgs/{org}/mcp-servers/{server_id}", json={"url": auth.url + "?moved=1"})
+        assert resp.status_code == 200, resp.get_json()
+
+    _connect(tasks_app, db, admin, org, server_id, before_exchange=repoint, exchange="failed")
+    assert [r for r in auth.token_requests if r["grant_type"] == "authorization_code"] == []
+    with db.session() as s:
+        job = s.scalars(select(Job).where(Job.kind == TaskName.EXCHANGE_CODE)).one()
+        assert job.error_code == "stale"
+    assert _connection(db, server_id) is None
