@@ -10,7 +10,6 @@ from flask import abort, current_app, flash, jsonify, redirect, render_template,
 from app.access import OrgAccess
 from app.api.request import request_context
 from app.mcp import connections, oauth
-from app.mcp import service as mcp
 from app.models import User
 from app.web.blueprint import bp
 from app.web.pages import db, page
@@ -80,9 +79,3 @@ def oauth_callback() -> Any:
     )
     flash(f"Connected to {server.name}; listing its tools now.", "success")
     return redirect(url_for("web.mcp_server_detail", org=org.slug, server_id=server.id))
-
-
-def connection_of(access: OrgAccess, server_id: str) -> Any:
-    """The caller's connection state on one server (for the detail page), None if it has none."""
-    server = mcp.get_server(db(), access, server_id)
-    return connections.for_caller(db(), request_context(), [server]).get(server.id)
