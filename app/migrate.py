@@ -10,9 +10,9 @@ from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # The last expand revision (every table and column the code needs, legacy columns still
-# there: 0007-0009 and 0011-0012 branch from 0005, see migrations/versions/0010 and 0013), and the
+# there: 0007-0009 and 0011-0012 and 0014 branch from 0005, see migrations/versions/0010, 0013 and 0015), and the
 # one that drops them.
-PRE_CONTRACT = "0012"
+PRE_CONTRACT = "0014"
 CONTRACT = "0006"
 
 

@@ -37,6 +37,7 @@ TASK_MODULES = [
     "app.tasks.mcp",
     "app.tasks.agents",
     "app.tasks.keys",
+    "app.tasks.split",
     *extensions.module_names("tasks"),
 ]
 

@@ -93,12 +93,19 @@ class BatchRequest(Strict):
     """Optional body of the batched operator jobs (``/admin/keys/reseal``, ``/admin/backfill/verify``)."""
 
     batch_size: int | None = Field(default=None, ge=1, le=5000)
+    part_rows: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="rows per part; the parts run on every worker process at once (default 5000)",
+    )
 
 
 @instance_job_route("/admin/keys/reseal", BatchRequest)
 def reseal_keys(body: BatchRequest | None) -> Result:
     """Queue a re-seal of every sealed value to the workers' newest key (after a rotation).
 
-    The body is optional: ``{"batch_size": N}`` (1..5000, default 500).
+    The body is optional: ``{"batch_size": N, "part_rows": M}`` (1..5000, default 500; parts
+    of 5000 rows, taken by every worker process).
     """
     return instance_job(TaskName.RESEAL_SECRETS, body)

@@ -112,12 +112,27 @@ def has_mcp_token(session: Session, org_id: str, server_id: str) -> bool:
         return False
 
 
-def count(session: Session, table: Any, condition: Any, org_id: str | None = None) -> int:
-    """Rows of ``table`` matching ``condition`` (of one org with ``org_id``)."""
+def count(session: Session, table: Any, condition: Any, orgs: str | list[str] | None = None) -> int:
+    """Rows of ``table`` matching ``condition`` (of one org, or of a list of orgs)."""
     stmt = sa.select(sa.func.count()).select_from(table).where(condition)
-    if org_id is not None:
-        stmt = stmt.where(table.c.org_id == org_id)
+    if isinstance(orgs, str):
+        stmt = stmt.where(table.c.org_id == orgs)
+    elif orgs is not None:
+        stmt = stmt.where(table.c.org_id.in_(orgs))
     return int(session.scalar(stmt) or 0)
+
+
+def rows_by_org(session: Session, which: int, org_id: str | None = None) -> dict[str, int]:
+    """Rows per org matching ``which`` (CARRYING, PENDING or DONE), all three kinds added up."""
+    out: dict[str, int] = {}
+    for conds in KINDS.values():
+        table = conds[0]
+        stmt = sa.select(table.c.org_id, sa.func.count()).where(conds[which]).group_by(table.c.org_id)
+        if org_id is not None:
+            stmt = stmt.where(table.c.org_id == org_id)
+        for org, n in session.execute(stmt):
+            out[org] = out.get(org, 0) + int(n)
+    return out
 
 
 def _counts(session: Session, which: int, org_id: str | None = None) -> dict[str, int]:

@@ -59,6 +59,8 @@ MAX_FAILURES_LISTED = 100
 PROVIDER_TYPE_FOR_KIND = {"openai": "openai", "anthropic": "anthropic"}
 
 Progress = Callable[[int, int], None]
+# (the batch's session, the part's running totals, rows done, rows planned): see app/tasks/split.py.
+Checkpoint = Callable[[Session, dict[str, Any] | None, int, int | None], None]
 SECRETS, PROVIDERS = cast(Table, Secret.__table__), cast(Table, Provider.__table__)
 MCP_SERVERS, AGENTS = cast(Table, McpServer.__table__), cast(Table, Agent.__table__)
 
@@ -85,6 +87,20 @@ class KindSummary:
             "failures": list(self.failures),
         }
 
+    def state(self) -> dict[str, Any]:
+        return {**self.as_dict(), "pending": self.pending}
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> KindSummary:
+        return cls(state["pending"], state["migrated"], state["skipped"], state["failed"], list(state["failures"]))
+
+    def merge(self, other: KindSummary) -> None:
+        self.pending += other.pending
+        self.migrated += other.migrated
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.failures += other.failures[: MAX_FAILURES_LISTED - len(self.failures)]
+
 
 @dataclass
 class Summary:
@@ -96,6 +112,9 @@ class Summary:
     agents: KindSummary = field(default_factory=KindSummary)
     secrets_created: int = 0  # new secrets holding MCP tokens
     providers_created: int = 0
+    # step -> the last id walked (a part taken again carries on after it: a row left failed
+    # is counted once). Kept in a part's checkpoint, not shown in the result.
+    cursor: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -119,6 +138,34 @@ class Summary:
             "agents": self.agents.as_dict(),
             "created": {"secrets": self.secrets_created, "providers": self.providers_created},
         }
+
+    def state(self) -> dict[str, Any]:
+        """Everything a part's next attempt starts from (a part's checkpoint, see app/tasks/split.py)."""
+        return {
+            **self.as_dict(),
+            **{name: getattr(self, name).state() for name in STEPS},
+            "cursor": dict(self.cursor),
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> Summary:
+        summary = cls(dry_run=state["dry_run"], batch_size=state["batch_size"], org=state["org"])
+        for name in STEPS:
+            setattr(summary, name, KindSummary.restore(state[name]))
+        summary.secrets_created = state["created"]["secrets"]
+        summary.providers_created = state["created"]["providers"]
+        summary.cursor = dict(state.get("cursor", {}))
+        return summary
+
+    def merge(self, other: Summary) -> None:
+        """Add a part's summary to the whole run's."""
+        for name in STEPS:
+            getattr(self, name).merge(getattr(other, name))
+        self.secrets_created += other.secrets_created
+        self.providers_created += other.providers_created
+
+
+STEPS = ("secrets", "mcp_servers", "agents")
 
 
 # Names ----------------------------------------------------------------------------------------
@@ -214,11 +261,12 @@ class _Run:
         keys: PublicKeySet,
         ctx: RequestContext,
         summary: Summary,
-        org_id: str | None,
+        orgs: list[str] | None,
         progress: Progress | None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self.db, self.keys, self.ctx, self.summary = db, keys, ctx, summary
-        self.org_id, self.progress = org_id, progress
+        self.orgs, self.progress, self.checkpoint = orgs, progress, checkpoint
         self.dry_run = summary.dry_run
         # (org_id, token) -> secret id, for servers sharing a token; committed batches only.
         self.token_secrets: dict[Any, str] = {}
@@ -236,7 +284,13 @@ class _Run:
             audit.record_many(session, self.ctx, entries)
 
     def walk(
-        self, table: Any, columns: list[Any], condition: Any, apply: Apply, kind: KindSummary, known: dict[Any, str]
+        self,
+        step: str,
+        table: Any,
+        columns: list[Any],
+        condition: Any,
+        apply: Apply,
+        known: dict[Any, str],
     ) -> None:
         """Walk the pending rows by id, one transaction per batch; see the module doc.
 
@@ -244,11 +298,12 @@ class _Run:
         concurrent change), it is applied again row by row, each in its own savepoint,
         so only the conflicting rows fail. Map entries join ``known`` after the commit.
         """
-        last: str | None = None
+        kind: KindSummary = getattr(self.summary, step)
+        last: str | None = self.summary.cursor.get(step)
         while True:
             stmt = select(*columns).where(condition)
-            if self.org_id is not None:
-                stmt = stmt.where(table.c.org_id == self.org_id)
+            if self.orgs is not None:
+                stmt = stmt.where(table.c.org_id.in_(self.orgs))
             if last is not None:
                 stmt = stmt.where(table.c.id > last)
             stmt = stmt.order_by(table.c.id).limit(self.summary.batch_size).with_for_update()
@@ -257,6 +312,7 @@ class _Run:
                 if not rows:
                     return
                 last = rows[-1].id
+                self.summary.cursor[step] = last
                 outcome = Outcome()
                 try:
                     with s.begin_nested():
@@ -275,14 +331,17 @@ class _Run:
                         outcome.merge(one)
                 if self.dry_run:
                     s.rollback()
-            known.update(outcome.entries)
-            kind.migrated += outcome.migrated
-            for row_id, org_id, reason in outcome.failures:
-                kind.fail(row_id, org_id, reason)
-            if kind is self.summary.mcp_servers:
-                self.summary.secrets_created += outcome.created
-            elif kind is self.summary.agents:
-                self.summary.providers_created += outcome.created
+                known.update(outcome.entries)
+                kind.migrated += outcome.migrated
+                for row_id, org_id, reason in outcome.failures:
+                    kind.fail(row_id, org_id, reason)
+                if kind is self.summary.mcp_servers:
+                    self.summary.secrets_created += outcome.created
+                elif kind is self.summary.agents:
+                    self.summary.providers_created += outcome.created
+                if self.checkpoint is not None:  # in this batch's transaction (a dry run's: after its rollback)
+                    state = None if self.dry_run else self.summary.state()
+                    self.checkpoint(s, state, self.summary.done, self.summary.total)
             if self.progress is not None:
                 self.progress(self.summary.done, max(self.summary.total, self.summary.done))
 
@@ -309,7 +368,7 @@ class _Run:
     def secrets(self) -> None:
         t = legacy.secrets
         columns = [t.c.id, t.c.org_id, t.c.value, t.c.name]
-        self.walk(t, columns, legacy.secret_pending(), self._seal_legacy, self.summary.secrets, {})
+        self.walk("secrets", t, columns, legacy.secret_pending(), self._seal_legacy, {})
 
     def _seal_legacy(self, s: Session, rows: list[Any], _known: dict[Any, str]) -> Outcome:
         unnamed = [r for r in rows if not (r.name and NAME_RE.fullmatch(r.name))]
@@ -350,7 +409,7 @@ class _Run:
     def mcp_servers(self) -> None:
         t = legacy.mcp_servers
         columns = [t.c.id, t.c.org_id, t.c.name, t.c.token]
-        self.walk(t, columns, legacy.mcp_pending(), self._move_tokens, self.summary.mcp_servers, self.token_secrets)
+        self.walk("mcp_servers", t, columns, legacy.mcp_pending(), self._move_tokens, self.token_secrets)
 
     def _move_tokens(self, s: Session, rows: list[Any], known: dict[Any, str]) -> Outcome:
         outcome = Outcome()
@@ -405,7 +464,7 @@ class _Run:
     def agents(self) -> None:
         t = legacy.agents
         columns = [t.c.id, t.c.org_id, t.c.model, t.c.secret_ref, t.c.model_id]
-        self.walk(t, columns, legacy.agent_pending(), self._link_agents, self.summary.agents, self.providers)
+        self.walk("agents", t, columns, legacy.agent_pending(), self._link_agents, self.providers)
 
     def _link_agents(self, s: Session, rows: list[Any], known: dict[Any, str]) -> Outcome:
         outcome = Outcome()
@@ -506,34 +565,25 @@ def run_backfill(
     org_slug: str | None = None,
     progress: Progress | None = None,
 ) -> Summary:
-    """Migrate every legacy row (of one org with ``org_slug``); see the module doc.
+    """Migrate every legacy row (of one org with ``org_slug``) in this process; see the module doc.
 
     ``progress(done, total)`` is called once at the start and after each committed batch;
     an exception it raises stops the run after that batch (the batch stays committed).
+    A worker runs the same steps split into parts (:func:`plan` and :func:`run_part`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
-        raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}")
-    summary = Summary(dry_run=dry_run, batch_size=batch_size, org=org_slug)
-    org_id: str | None = None
+    check_batch_size(batch_size)
     with db.session() as s:
-        if org_slug is not None:
-            org_id = s.scalar(select(Org.id).where(Org.slug == org_slug))
-            if org_id is None:
-                raise NotFoundError(f"org {org_slug!r} not found")
-        if not legacy.present(s, refresh=True):
-            log.info("backfill: the legacy columns are gone (contract migration applied); nothing to do")
-            return summary
-        for kind, (table, _carrying, pending, done) in zip(
-            (summary.secrets, summary.mcp_servers, summary.agents), legacy.KINDS.values(), strict=True
-        ):
-            kind.pending = legacy.count(s, table, pending, org_id)
-            kind.skipped = legacy.count(s, table, done, org_id)
-    if progress is not None:
-        progress(0, summary.total)
-    run = _Run(db, keys, ctx, summary, org_id, progress)
-    run.secrets()
-    run.mcp_servers()
-    run.agents()
+        org_id = _org_id(s, org_slug)
+    summary = run_part(
+        db,
+        keys,
+        ctx,
+        None if org_id is None else [org_id],
+        dry_run=dry_run,
+        batch_size=batch_size,
+        org_slug=org_slug,
+        progress=progress,
+    )
     log.info(
         "backfill %s: secrets %d, mcp servers %d, agents %d migrated; %d failed",
         "dry run" if dry_run else "run",
@@ -542,4 +592,91 @@ def run_backfill(
         summary.agents.migrated,
         summary.failed,
     )
+    return summary
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}")
+
+
+def _org_id(session: Session, org_slug: str | None) -> str | None:
+    if org_slug is None:
+        return None
+    org_id = session.scalar(select(Org.id).where(Org.slug == org_slug))
+    if org_id is None:
+        raise NotFoundError(f"org {org_slug!r} not found")
+    return org_id
+
+
+def plan(
+    db: Database, *, org_slug: str | None, part_rows: int, which: int = legacy.PENDING
+) -> list[tuple[list[str], int]]:
+    """The orgs holding legacy rows, grouped into parts of about ``part_rows`` rows each (with their rows).
+
+    An org is never split: names, shared MCP tokens and providers are decided per org, so a
+    part is a set of whole orgs and two parts never touch one org. Rows counted are those
+    ``which`` selects (pending for the backfill, all legacy rows for the verify); every org
+    carrying legacy rows is in a part (one with nothing pending still counts what it skips).
+    Empty once the contract migration dropped the legacy columns.
+    """
+    with db.session() as s:
+        org_id = _org_id(s, org_slug)
+        if not legacy.present(s, refresh=True):
+            return []
+        weights = legacy.rows_by_org(s, which, org_id)
+        carrying = legacy.rows_by_org(s, legacy.CARRYING, org_id)
+    groups: list[tuple[list[str], int]] = []
+    current: list[str] = []
+    size = rows = 0
+    for org in sorted(carrying):
+        current.append(org)
+        rows += weights.get(org, 0)
+        size += weights.get(org, 0) + 1
+        if size >= part_rows:
+            groups.append((current, rows))
+            current, size, rows = [], 0, 0
+    if current:
+        groups.append((current, rows))
+    return groups
+
+
+def run_part(
+    db: Database,
+    keys: PublicKeySet,
+    ctx: RequestContext,
+    orgs: list[str] | None,
+    *,
+    dry_run: bool,
+    batch_size: int,
+    org_slug: str | None = None,
+    state: dict[str, Any] | None = None,
+    checkpoint: Checkpoint | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Migrate the legacy rows of ``orgs`` (every org with None), as the module doc says.
+
+    ``state``: the totals an earlier attempt of this part committed (its last checkpoint);
+    the run carries on from them. ``checkpoint`` is called in each batch's transaction.
+    """
+    check_batch_size(batch_size)
+    if state is not None:
+        summary = Summary.restore(state)
+    else:
+        summary = Summary(dry_run=dry_run, batch_size=batch_size, org=org_slug)
+        with db.session() as s:
+            if not legacy.present(s, refresh=True):
+                log.info("backfill: the legacy columns are gone (contract migration applied); nothing to do")
+                return summary
+            for kind, (table, _carrying, pending, done) in zip(
+                (summary.secrets, summary.mcp_servers, summary.agents), legacy.KINDS.values(), strict=True
+            ):
+                kind.pending = legacy.count(s, table, pending, orgs)
+                kind.skipped = legacy.count(s, table, done, orgs)
+    if progress is not None:
+        progress(summary.done, summary.total)
+    run = _Run(db, keys, ctx, summary, orgs, progress, checkpoint)
+    run.secrets()
+    run.mcp_servers()
+    run.agents()
     return summary

@@ -1,89 +1,123 @@
-"""The worker's ``backfill.run`` and ``backfill.verify`` tasks, registered by app/worker.py."""
+"""The worker's ``backfill.run`` and ``backfill.verify``, split jobs (app/tasks/split.py); see app/worker.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from app.audit import service as audit
+from app.backfill import legacy, verify
 from app.backfill import service as backfill
-from app.backfill import verify
 from app.context import Actor, RequestContext
 from app.errors import NotFoundError
-from app.jobs import service as jobs
+from app.jobs import parts
 from app.jobs.names import TaskName
 from app.secrets import cache_probe
-from app.tasks.runtime import JobFailedError, JobView, WorkerContext, batch_size_param, job_task, worker_keyring
+from app.tasks.runtime import JobFailedError, JobView, WorkerContext, batch_size_param, worker_keyring
+from app.tasks.split import Checkpoint, part_rows_param, split_job
 
 WORKER = RequestContext(Actor("worker"))
 
 
-@job_task(TaskName.BACKFILL, time_limit=3000, max_retries=3)
-def run_backfill(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
-    """Run the backfill (batched, resumable, idempotent); the summary is the job's result.
-
-    Seals with the public half of the worker's keyring, read from its file (a key rotated
-    since the worker started is used). A redelivered job simply carries on: rows already
-    migrated are skipped.
-    """
+def _options(job: JobView) -> dict[str, Any]:
+    """The run's options, checked (the same on the job and on each of its parts)."""
     params = job.params
-    batch_size = batch_size_param(job, backfill.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
     dry_run = params.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise JobFailedError("invalid_params", "dry_run must be a boolean")
     org = params.get("org")
     if org is not None and not isinstance(org, str):
         raise JobFailedError("invalid_params", "org must be an org slug")
-    keys = worker_keyring(ctx).public_set()
+    batch_size = batch_size_param(job, backfill.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
+    return {"dry_run": dry_run, "org": org, "batch_size": batch_size}
 
-    def progress(done: int, total: int) -> None:
-        with ctx.db.session() as s:
-            jobs.set_progress(s, job.id, done, total)
 
-    try:
-        summary = backfill.run_backfill(
-            ctx.db, keys, WORKER, dry_run=dry_run, batch_size=batch_size, org_slug=org, progress=progress
+@split_job(TaskName.BACKFILL)
+class BackfillRun:
+    """Run the backfill (batched, resumable, idempotent) as parts every worker takes; the summary is the result.
+
+    A part is a set of whole orgs (``service.plan``). Seals with the public half of the
+    worker's keyring, read from its file (a key rotated since the worker started is used). A
+    redelivered job or part simply carries on: rows already migrated are skipped, and a part's
+    totals are those its batches committed.
+    """
+
+    def plan(self, ctx: WorkerContext, job: JobView) -> list[tuple[dict[str, Any], int]]:
+        options = _options(job)
+        try:
+            groups = backfill.plan(ctx.db, org_slug=options["org"], part_rows=part_rows_param(job))
+        except NotFoundError as exc:
+            raise JobFailedError("not_found", exc.detail) from None
+        return [({**options, "orgs": orgs}, rows) for orgs, rows in groups]
+
+    def work(self, ctx: WorkerContext, part: JobView, checkpoint: Checkpoint) -> dict[str, Any]:
+        options = _options(part)
+        state = None
+        if not options["dry_run"]:  # a dry run writes nothing: taken again, it simply starts over
+            with ctx.db.session() as s:
+                state = parts.saved_state(s, part.id)
+        summary = backfill.run_part(
+            ctx.db,
+            worker_keyring(ctx).public_set(),
+            WORKER,
+            list(part.params["orgs"]),
+            dry_run=options["dry_run"],
+            batch_size=options["batch_size"],
+            org_slug=options["org"],
+            state=state,
+            checkpoint=checkpoint,
         )
-    except NotFoundError as exc:
-        raise JobFailedError("not_found", exc.detail) from None
-    result = summary.as_dict()
-    if not dry_run:
-        with ctx.db.session() as s:
-            counts = {
-                k: {"migrated": v["migrated"], "failed": v["failed"]}
-                for k, v in result.items()
-                if k in ("secrets", "mcp_servers", "agents")
-            }
-            audit.record(
-                s,
-                WORKER,
-                "backfill.run",
-                org_id=None,
-                target_type="job",
-                target_id=job.id,
-                details={"batch_size": batch_size, "org": org, **counts},
-            )
-    return result
+        return summary.state()
+
+    def merge(self, ctx: WorkerContext, job: JobView, results: list[dict[str, Any]]) -> dict[str, Any]:
+        options = _options(job)
+        summary = backfill.Summary(dry_run=options["dry_run"], batch_size=options["batch_size"], org=options["org"])
+        for state in results:
+            summary.merge(backfill.Summary.restore(state))
+        result = summary.as_dict()
+        if not options["dry_run"]:
+            counts = {k: {"migrated": result[k]["migrated"], "failed": result[k]["failed"]} for k in backfill.STEPS}
+            with ctx.db.session() as s:
+                audit.record(
+                    s,
+                    WORKER,
+                    "backfill.run",
+                    org_id=None,
+                    target_type="job",
+                    target_id=job.id,
+                    details={"batch_size": options["batch_size"], "org": options["org"], **counts},
+                )
+        return result
 
 
-@job_task(TaskName.VERIFY, time_limit=3000, max_retries=3)
-def run_verify(ctx: WorkerContext, job: JobView) -> dict[str, Any]:
-    """Verify the backfill (see app/backfill/verify.py); the verification record is the result."""
-    batch_size = batch_size_param(job, verify.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
-    keyring = worker_keyring(ctx)
+@split_job(TaskName.VERIFY)
+class BackfillVerify:
+    """Verify the backfill (see app/backfill/verify.py) in parts; the verification record is the result."""
 
-    def progress(done: int, total: int) -> None:
-        with ctx.db.session() as s:
-            jobs.set_progress(s, job.id, done, total)
+    def plan(self, ctx: WorkerContext, job: JobView) -> list[tuple[dict[str, Any], int]]:
+        batch_size = batch_size_param(job, verify.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
+        groups = backfill.plan(ctx.db, org_slug=None, part_rows=part_rows_param(job), which=legacy.CARRYING)
+        return [({"batch_size": batch_size, "orgs": orgs}, rows) for orgs, rows in groups]
 
-    record = verify.run_verify(
-        ctx.db,
-        keyring,
-        WORKER,
-        cache_check=lambda org_id: cache_probe.check_cache_invalidation(
-            ctx.settings, ctx.db, ctx.resolver, keyring.public_set(), org_id
-        ),
-        batch_size=batch_size,
-        progress=progress,
-        job_id=job.id,
-    )
-    return verify.as_dict(record)
+    def work(self, ctx: WorkerContext, part: JobView, checkpoint: Checkpoint) -> dict[str, Any]:
+        batch_size = batch_size_param(part, verify.DEFAULT_BATCH_SIZE, backfill.MAX_BATCH_SIZE)
+
+        def progress(done: int) -> None:
+            with ctx.db.session() as s:
+                checkpoint(s, None, done, None)
+
+        # Read-only: a part taken again simply checks its orgs again.
+        orgs = list(part.params["orgs"])
+        return verify.verify_part(ctx.db, worker_keyring(ctx), orgs, batch_size=batch_size, progress=progress)
+
+    def merge(self, ctx: WorkerContext, job: JobView, results: list[dict[str, Any]]) -> dict[str, Any]:
+        keyring = worker_keyring(ctx)
+        record = verify.record_verification(
+            ctx.db,
+            WORKER,
+            results,
+            cache_check=lambda org_id: cache_probe.check_cache_invalidation(
+                ctx.settings, ctx.db, ctx.resolver, keyring.public_set(), org_id
+            ),
+            job_id=job.id,
+        )
+        return verify.as_dict(record)

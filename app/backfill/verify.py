@@ -38,7 +38,7 @@ from app.backfill import legacy
 from app.backfill.service import parse_model
 from app.context import RequestContext
 from app.db import Database, utcnow
-from app.models import BackfillVerification, Org, Provider, Secret
+from app.models import BackfillVerification, Job, Org, Provider, Secret
 from app.secrets.keyring import Keyring
 from app.secrets.sealing import SealingError, open_sealed, secret_context
 
@@ -48,9 +48,9 @@ DEFAULT_BATCH_SIZE = 1000
 MAX_FAILURES_LISTED = 100
 KINDS = ("secrets", "mcp_servers", "agents")
 
-Progress = Callable[[int, int], None]
 # (org_id) -> the cache check's result; see app/secrets/cache_probe.py.
 CacheCheck = Callable[[str], dict[str, Any]]
+Progress = Callable[[int], None]
 
 
 @dataclass
@@ -86,6 +86,18 @@ class Report:
             self.failures.append({"kind": kind, "id": row_id, "org_id": org_id, "reason": reason})
         log.warning("backfill verify: %s %s of org %s: %s", kind, row_id, org_id, reason)
 
+    def part(self) -> dict[str, Any]:
+        """What a part found (counts and failures), as a part's job result."""
+        return {"counts": {k: c.as_dict() for k, c in self.counts.items()}, "failures": list(self.failures)}
+
+    def add(self, part: dict[str, Any]) -> None:
+        """Add a part's counts and failures (at most MAX_FAILURES_LISTED failures kept)."""
+        for kind, counts in part["counts"].items():
+            mine = self.counts[kind]
+            for name, n in counts.items():
+                setattr(mine, name, getattr(mine, name) + n)
+        self.failures += part["failures"][: MAX_FAILURES_LISTED - len(self.failures)]
+
     @property
     def unmigrated(self) -> int:
         return sum(c.unmigrated for c in self.counts.values())
@@ -115,14 +127,22 @@ def _compare(
 
 
 class _Verify:
-    def __init__(self, db: Database, keyring: Keyring, report: Report, batch_size: int, progress: Progress | None):
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        report: Report,
+        batch_size: int,
+        orgs: list[str],
+        progress: Progress | None,
+    ) -> None:
         self.db, self.keyring, self.report = db, keyring, report
-        self.batch_size, self.progress = batch_size, progress
-        self.total = sum(report.legacy_rows.values())
+        self.batch_size, self.orgs, self.progress = batch_size, orgs, progress
 
     def batches(self, stmt: Any, id_column: Any) -> Any:
-        """Keyset pagination over ``stmt``; one short read-only transaction per batch."""
+        """Keyset pagination over ``stmt`` (this part's orgs); one short read-only transaction per batch."""
         last: str | None = None
+        stmt = stmt.where(id_column.table.c.org_id.in_(self.orgs))
         while True:
             page = stmt if last is None else stmt.where(id_column > last)
             with self.db.session() as s:
@@ -132,8 +152,7 @@ class _Verify:
             last = rows[-1][0]
             yield rows
             if self.progress is not None:
-                done = sum(c.checked for c in self.report.counts.values())
-                self.progress(done, max(done, self.total))
+                self.progress(sum(c.checked for c in self.report.counts.values()))
 
     def secrets(self) -> None:
         t = legacy.secrets
@@ -243,29 +262,46 @@ def _probe_org(session: Session) -> str | None:
     return backfilled or session.scalar(select(Org.id).order_by(Org.id).limit(1))
 
 
-def run_verify(
+def verify_part(
     db: Database,
     keyring: Keyring,
-    ctx: RequestContext,
+    orgs: list[str],
     *,
-    cache_check: CacheCheck,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
-    job_id: str | None = None,
-) -> BackfillVerification:
-    """Check everything (see the module doc) and store the verification record."""
+) -> dict[str, Any]:
+    """Check the legacy rows of ``orgs`` (steps 1-3 of the module doc): their counts and failures.
+
+    ``progress(checked)`` after each batch."""
     report = Report(started_at=utcnow())
     with db.session() as s:
+        if not legacy.present(s, refresh=True):
+            return report.part()
+    run = _Verify(db, keyring, report, batch_size, orgs, progress)
+    run.secrets()
+    run.mcp_servers()
+    run.agents()
+    return report.part()
+
+
+def record_verification(
+    db: Database,
+    ctx: RequestContext,
+    parts: list[dict[str, Any]],
+    *,
+    cache_check: CacheCheck,
+    job_id: str | None = None,
+) -> BackfillVerification:
+    """Add up the parts' checks, run the cache check (step 4) and store the verification record."""
+    report = Report(started_at=utcnow())
+    with db.session() as s:
+        if job_id is not None:
+            report.started_at = s.scalar(select(Job.started_at).where(Job.id == job_id)) or report.started_at
         report.contracted = not legacy.present(s, refresh=True)
         report.legacy_rows = legacy.legacy_counts(s)
         probe_org = _probe_org(s)
-    if progress is not None:
-        progress(0, sum(report.legacy_rows.values()))
-    if not report.contracted:
-        run = _Verify(db, keyring, report, batch_size, progress)
-        run.secrets()
-        run.mcp_servers()
-        run.agents()
+    for part in parts:
+        report.add(part)
     if probe_org is None:
         report.cache_check = {"skipped": "no org exists to run the check in"}
     else:

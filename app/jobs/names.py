@@ -14,6 +14,7 @@ class TaskName(StrEnum):
     PING = "system.ping"
     REQUEUE_STUCK = "jobs.requeue_stuck"
     SWEEP_LEASES = "jobs.sweep_leases"
+    RUN_PART = "jobs.run_part"
     REPLAY_INVALIDATIONS = "secrets.replay_invalidations"
     REVEAL_VALUE = "secrets.reveal_value"
     VALIDATE_SERVER = "mcp.validate_server"

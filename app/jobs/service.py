@@ -44,10 +44,12 @@ def create_job(
     kind: str,
     params: dict[str, Any] | None = None,
     publish: bool = True,
+    parent_id: str | None = None,
 ) -> Job:
     """Record a queued job and schedule its publication for after the commit.
 
     ``publish=False`` records a job this process runs itself (the CLI's backfill): no message.
+    ``parent_id``: the split job this one is a part of (app/tasks/split.py).
 
     ``kind`` is the Celery task name (``<domain>.<verb_noun>``), so a job can always be
     re-published from its row alone.
@@ -56,6 +58,7 @@ def create_job(
         id=new_id(),
         org_id=org_id,
         kind=kind,
+        parent_id=parent_id,
         status=JobStatus.QUEUED,
         params=params or {},
         created_by=ctx.actor.id,

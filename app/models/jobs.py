@@ -18,12 +18,15 @@ class Job(Base):
         Index("ix_jobs_org_id_id", "org_id", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_parent_id", "parent_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     # NULL for instance-level (operator) jobs such as backfill and reseal.
     org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"))
     kind: Mapped[str] = mapped_column(String(64))
+    # A part of a split job (backfill, verify, reseal: app/tasks/split.py): the job it belongs to.
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
     status: Mapped[JobStatus] = mapped_column(
         status_type(JobStatus, 16), default=JobStatus.QUEUED, server_default=JobStatus.QUEUED.value
     )

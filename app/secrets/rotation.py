@@ -118,30 +118,91 @@ class ResealReport:
             "failed": self.failed,
         }
 
+    @classmethod
+    def restore(cls, state: dict[str, int]) -> ResealReport:
+        return cls(state["total"], state["resealed"], state["changed"], state["failed"])
 
-Progress = Callable[[int, int], None]
+    def merge(self, other: ResealReport) -> None:
+        self.total += other.total
+        self.resealed += other.resealed
+        self.changed += other.changed
+        self.failed += other.failed
 
 
-def reseal_all(
+# (the batch's session, the part's running totals, rows done, rows planned): see app/tasks/split.py.
+Checkpoint = Callable[[Any, dict[str, Any] | None, int, int | None], None]
+
+
+def _column(name: str) -> SealedColumn:
+    for col in SEALED_COLUMNS:
+        if col.name == name:
+            return col
+    raise KeyError(name)
+
+
+def plan(db: Database, current_kid: str, part_rows: int) -> list[tuple[dict[str, Any], int]]:
+    """Parts of about ``part_rows`` values not yet on ``current_kid``: ranges of ids per sealed column.
+
+    A part is ``{"column", "after", "upto"}``: the ids in ``(after, upto]`` (None: unbounded).
+    The boundaries are every ``part_rows``-th such id, found by one window query per column.
+    Values sealed to an old key after the plan (a concurrent edit with an old ring) are caught
+    by the unbounded last part or by a rerun.
+    """
+    out: list[tuple[dict[str, Any], int]] = []
+    with db.session() as s:
+        for col in SEALED_COLUMNS:
+            t = col.table
+            ident, key = t.c[col.id_column], t.c[col.key_column]
+            ranked = (
+                select(ident.label("id"), func.row_number().over(order_by=ident).label("n"))
+                .where(col.sealed(), key != current_kid)
+                .subquery()
+            )
+            total = int(s.scalar(select(func.count()).select_from(t).where(col.sealed(), key != current_kid)) or 0)
+            if total == 0:
+                continue
+            bounds = list(s.scalars(select(ranked.c.id).where(ranked.c.n % part_rows == 0).order_by(ranked.c.id)))
+            if bounds and len(bounds) * part_rows == total:
+                bounds.pop()  # the last boundary is the last id: the final part is unbounded anyway
+            edges: list[str | None] = [None, *bounds, None]
+            for i in range(len(edges) - 1):
+                rows = part_rows if i < len(bounds) else total - part_rows * len(bounds)
+                out.append(({"column": col.name, "after": edges[i], "upto": edges[i + 1], "rows": rows}, rows))
+    return out
+
+
+def reseal_part(
     db: Database,
     keyring: Keyring,
+    spec: dict[str, Any],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    state: dict[str, Any] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> ResealReport:
-    """Re-seal every value of every sealed column that is not on the current key.
+    """Re-seal the values of one part (:func:`plan`) that are not on the current key.
 
-    ``progress(done, total)`` is called after each committed batch (and once at the start).
+    ``state``: the totals an earlier attempt of this part committed; ``checkpoint`` is called
+    in each batch's transaction (app/tasks/split.py).
     """
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}")
-    current = keyring.current_kid
-    public = keyring.public_set()
-    report = ResealReport(total=remaining(db, current))
-    if progress is not None:
-        progress(0, report.total)
-    for col in SEALED_COLUMNS:
-        _reseal_column(db, keyring, public, current, col, batch_size, report, progress)
+    col = _column(spec["column"])
+    report = ResealReport.restore(state) if state else ResealReport(total=int(spec.get("rows", 0)))
+    # Carry on after the last id an earlier attempt committed (a value that did not open is counted once).
+    after = state.get("last", spec.get("after")) if state else spec.get("after")
+    _reseal_column(
+        db,
+        keyring,
+        keyring.public_set(),
+        keyring.current_kid,
+        col,
+        batch_size,
+        report,
+        after,
+        spec.get("upto"),
+        checkpoint,
+    )
     return report
 
 
@@ -153,17 +214,21 @@ def _reseal_column(
     col: SealedColumn,
     batch_size: int,
     report: ResealReport,
-    progress: Progress | None,
+    after: Any,
+    upto: Any,
+    checkpoint: Checkpoint | None,
 ) -> None:
     t = col.table
     ident, key = t.c[col.id_column], t.c[col.key_column]
     wanted = {col.id_column, col.column, col.key_column, *col.context_columns, *col.guards}
     columns = [t.c[name] for name in sorted(wanted)]
-    last: Any = None
+    last = after
     while True:
         stmt = select(*columns).where(col.sealed(), key != current)
         if last is not None:
             stmt = stmt.where(ident > last)
+        if upto is not None:
+            stmt = stmt.where(ident <= upto)
         stmt = stmt.order_by(ident).limit(batch_size)
         with db.session() as s:
             rows = s.execute(stmt).all()
@@ -192,8 +257,7 @@ def _reseal_column(
                 else:
                     report.changed += 1
             last = rows[-1]._mapping[col.id_column]
-        # Committed: this batch is done whatever happens next.
-        if report.done > report.total:  # rows sealed to an old key while we ran
-            report.total = report.done
-        if progress is not None:
-            progress(report.done, report.total)
+            if report.done > report.total:  # rows sealed to an old key while we ran
+                report.total = report.done
+            if checkpoint is not None:  # in this batch's transaction: committed with it, or not at all
+                checkpoint(s, {**report.as_dict(), "last": last}, report.done, report.total)

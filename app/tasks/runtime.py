@@ -63,6 +63,8 @@ class JobView:
     attempts: int
     # The claim this run holds (None for a view built outside a worker's claim).
     lease: Lease | None = None
+    # The split job this job is a part of (app/tasks/split.py).
+    parent_id: str | None = None
 
     def ensure_held(self, session: Session | None = None) -> None:
         """Raise JobLostError unless this worker still holds the job.
@@ -197,14 +199,30 @@ class Heartbeat:
 
 def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
     wc = worker_context(task.app)
+
+    def retry(exc: TransientError) -> None:
+        raise task.retry(countdown=min(2**task.request.retries, 30), exc=None) from None
+
+    retries_left = task.request.retries < (task.max_retries or 0)
+    return execute(wc, job_id, lease_holder(task, wc), fn, retry=retry if retries_left else None)
+
+
+def execute(
+    wc: WorkerContext, job_id: str, holder: str, fn: JobFn, *, retry: Callable[[TransientError], None] | None
+) -> str:
+    """Claim the job for ``holder``, run ``fn`` under its lease, record the outcome.
+
+    ``retry`` (when a retry is left): called after a transient error has given the job back to
+    ``queued``; a task raises Celery's retry there, a split job running one of its parts inline
+    (app/tasks/split.py) lets the part wait for its next taker. The outcome is returned.
+    """
     settings = wc.settings
-    holder = lease_holder(task, wc)
     claimed_at = time.monotonic()
     with wc.db.session() as s:
         job = jobs.claim(s, job_id, holder, settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
         if job is None:
             return "skipped"  # finished, held by a live lease elsewhere, or out of attempts
-        view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts)
+        view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts, parent_id=job.parent_id)
     with Heartbeat(wc, job_id, holder, claimed_at) as lease:
         view = replace(view, lease=lease)
         try:
@@ -214,14 +232,14 @@ def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
                 # The database went away under the job: worth another try once it is back.
                 raise TransientError("database_unavailable", "the database was unavailable") from exc
         except TransientError as exc:
-            retries_left = task.request.retries < (task.max_retries or 0)
-            if retries_left and view.attempts < settings.job_max_attempts:
+            if retry is not None and view.attempts < settings.job_max_attempts:
                 with wc.db.session() as s:
                     released = jobs.release(s, job_id, holder)
                 if not released:
                     return "lost"
                 log.warning("job %s (%s): transient %s, retrying", job_id, view.kind, exc.code)
-                raise task.retry(countdown=min(2**task.request.retries, 30), exc=None) from None
+                retry(exc)
+                return JobStatus.QUEUED
             return _fail(wc, job_id, holder, exc.code, exc.message)
         except JobLostError:
             return _not_finished(job_id)
