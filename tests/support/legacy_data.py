@@ -115,7 +115,9 @@ def opens(keyring: Keyring, secret: Secret) -> str:
     return plain.decode("utf-8")
 
 
-def assert_complete(db: Database, keyring: Keyring, extra_servers: dict[str, str] | None = None) -> None:
+def assert_complete(
+    db: Database, keyring: Keyring, extra_servers: dict[str, str] | None = None, extra_org: dict[str, str] | None = None
+) -> None:
     """Everything migrated, every reference opens to its legacy value, tenancy, no duplicates."""
     with db.session() as s:
         secrets = {x.id: x for x in s.scalars(select(Secret))}
@@ -137,8 +139,9 @@ def assert_complete(db: Database, keyring: Keyring, extra_servers: dict[str, str
             assert secrets[ref].name and secrets[ref].name.startswith("mcp_")
 
         for mid, token in (extra_servers or {}).items():
+            org = (extra_org or {}).get(mid, ORG_B)
             ref = servers[mid].secret_ref
-            assert ref is not None and secrets[ref].org_id == ORG_B and opens(keyring, secrets[ref]) == token
+            assert ref is not None and secrets[ref].org_id == org and opens(keyring, secrets[ref]) == token
         # No orphan (so no duplicate): every sealed secret is a legacy one or held by a server.
         held = {m.secret_ref for m in servers.values()}
         assert set(secrets) == set(LEGACY_SECRETS) | held
