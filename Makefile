@@ -1,7 +1,7 @@
 # Every target goes through manage.py, which installs the pinned dependencies first.
 PY ?= python3
 
-.PHONY: dev test test-fast coverage lint check lock bench
+.PHONY: dev test test-fast coverage lint check lock bench bench-1m
 
 dev:            ## run Latchkey on embedded defaults
 	$(PY) manage.py dev
@@ -38,3 +38,8 @@ bench:          ## resolver (L1/L2/miss vs floors, stale-read stress), job-overh
 	.venv/bin/python -m bench.connections --json bench/results/connections.json
 	.venv/bin/python -m bench.throughput --json bench/results/throughput.json
 	.venv/bin/python -m bench.mcp_sessions --json bench/results/mcp_sessions.json
+
+bench-1m:       ## the backfill on 1,000,000 legacy MCP rows, 2 worker processes: time and peak RSS per worker
+	$(PY) manage.py install
+	mkdir -p bench/results
+	.venv/bin/python -m bench.backfill --mcp 1000000 --workers 2 --no-crypto-floor --timeout 3000 --json bench/results/backfill-1m.json

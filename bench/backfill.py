@@ -1,20 +1,25 @@
-"""Backfill + verify of 100,000 legacy MCP rows and 10,000 agents on PostgreSQL, in a real worker.
+"""Backfill + verify of 100,000 legacy MCP rows and 10,000 agents on PostgreSQL: 1 worker process against 2.
 
 A throwaway database ``latchkey_bench_backfill_<pid>`` is built at revision 0001 and filled
 with legacy rows: ``--orgs`` orgs, ``--mcp`` MCP servers with raw tokens (one in ten shares a
 token with another server of its org), ``--secrets`` legacy plaintext secrets and ``--agents``
-agents on them (openai and anthropic). It is expanded to the last revision before the contract.
+agents on them (openai and anthropic). It is expanded to the last revision before the contract,
+and copied (``CREATE DATABASE ... TEMPLATE``) once per worker count, so every run starts alike.
 
 Then, in the same run:
 1. the baseline: a plain bulk copy of the same legacy rows (``INSERT ... SELECT`` into scratch
    tables), the floor for moving that data at all;
-2. ``backfill.run`` and ``backfill.verify`` as jobs on a real Celery worker process (threads
-   pool, one thread, the worker's own keyring), timed from the job rows;
-3. the contract migration (which checks the verification) is applied and timed.
+2. the crypto floor: sealing every value the backfill seals and opening every value the verify
+   opens, with the same HPKE suite and contexts, in this process (one core);
+3. for each worker count in ``--workers`` (default 1 and 2): that many real Celery worker
+   processes (threads pool, one slot each, the worker's own keyring) run ``backfill.run`` and
+   ``backfill.verify`` as split jobs (parts of ``--part-rows`` rows), timed from the job rows;
+4. the contract migration (which checks the verification) on the last copy, timed.
 
-Peak RSS is the worker process's high-water mark (``VmHWM`` in /proc). The run checks what it
-measured: the verification must pass with every row matched, or the benchmark fails.
-Goals: backfill + verify within 120 s; worker peak RSS under 300 MB.
+Peak RSS is each worker process's high-water mark (``VmHWM`` in /proc). The run checks what it
+measured: each verification must pass with every row matched, or the benchmark fails.
+Goals: 2 workers >= 1.7x faster than 1; with 2 workers, backfill + verify within 3x the crypto
+floor divided by 2 (processes); each worker's peak RSS under 300 MB.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import secrets
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +183,97 @@ def seconds(job: Job) -> float:
     return (job.finished_at - job.started_at).total_seconds()
 
 
+def crypto_floor_seconds(url: str, keys: Any) -> tuple[float, int, int]:
+    """Seal what the backfill seals and open what the verify opens, in this process: (seconds, seals, opens).
+
+    The backfill seals every legacy secret and one secret per distinct (org, token); the verify
+    opens every legacy secret and, for every server, the secret it references.
+    """
+    from app.secrets.sealing import open_sealed, seal, secret_context
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            values = [(o, i, v) for i, o, v in conn.execute(sa.text("SELECT id, org_id, value FROM secrets"))]
+            servers = [(o, tok) for o, tok in conn.execute(sa.text("SELECT org_id, token FROM mcp_servers"))]
+    finally:
+        engine.dispose()
+    token_ids = {key: new_id() for key in dict.fromkeys(servers)}
+    to_seal = values + [(o, i, tok) for (o, tok), i in token_ids.items()]
+    contexts = {i: secret_context(o, i, 1) for o, i, _v in to_seal}
+    to_open = [i for _o, i, _v in values] + [token_ids[key] for key in servers]
+    public = keys.keyring.public_set()
+    start = time.perf_counter()
+    sealed = {i: seal(public, v.encode("utf-8"), contexts[i]).ciphertext for _o, i, v in to_seal}
+    for i in to_open:
+        open_sealed(keys.keyring, sealed[i], contexts[i])
+    return time.perf_counter() - start, len(to_seal), len(to_open)
+
+
+@contextmanager
+def database_copy(template_url: str, suffix: str) -> Iterator[str]:
+    """A copy of the filled database (``CREATE DATABASE ... TEMPLATE``), dropped afterwards."""
+    name = f"{sa.engine.make_url(template_url).database}_{suffix}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    template = sa.engine.make_url(template_url).database
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run_with_workers(url: str, keys: Any, workers: int, args: argparse.Namespace, contract: bool) -> dict[str, Any]:
+    """Backfill + verify on ``workers`` worker processes (one slot each) against ``url``."""
+    queue = f"latchkey-bench-{uuid.uuid4().hex[:8]}"
+    settings: Settings = make_settings(url, REDIS_URL, keys, queue)
+    db = Database()
+    db.configure(url)
+    logs = [Path(tempfile.gettempdir()) / f"{queue}-{n}.log" for n in range(workers)]
+    params = {"batch_size": args.batch_size, "part_rows": args.part_rows}
+    try:
+        with ExitStack() as stack:
+            spawned = [stack.enter_context(spawned_worker(settings, log, concurrency=1)) for log in logs]
+            producer = spawned[0][1]
+            idle = [vm_hwm_mb(proc.pid) for proc, _ in spawned]
+            bf = run_job(db, producer, TaskName.BACKFILL, params, args.timeout)
+            vf = run_job(db, producer, TaskName.VERIFY, params, args.timeout)
+            peaks = [vm_hwm_mb(proc.pid) for proc, _ in spawned]
+        contract_s = None
+        if contract:
+            t1 = time.perf_counter()
+            migrate.upgrade(url, "head")
+            contract_s = round(time.perf_counter() - t1, 2)
+    finally:
+        db.dispose()
+        for log in logs:
+            log.unlink(missing_ok=True)
+        delete_matching(redis.Redis.from_url(REDIS_URL), f"*{queue}*")
+    if bf.status != "succeeded" or vf.status != "succeeded":
+        raise SystemExit(f"backfill {bf.status} {bf.error_code}; verify {vf.status} {vf.error_code}")
+    assert bf.result is not None and vf.result is not None
+    return {
+        "workers": workers,
+        "backfill_s": round(seconds(bf), 2),
+        "verify_s": round(seconds(vf), 2),
+        "backfill_plus_verify_s": round(seconds(bf) + seconds(vf), 2),
+        "parts": bf.result["parts"],
+        "worker_rss_idle_mb": [round(v, 1) for v in idle],
+        "worker_rss_peak_mb": [round(v, 1) for v in peaks],
+        "contract_migration_s": contract_s,
+        "backfill_summary": {k: bf.result[k] for k in ("secrets", "mcp_servers", "agents", "created")},
+        "verify_counts": vf.result["counts"],
+        "verify_passed": vf.result["passed"],
+    }
+
+
 def run(args: argparse.Namespace, report: Report) -> None:
     keys = new_keys()
-    queue = f"latchkey-bench-{uuid.uuid4().hex[:8]}"
+    counts = sorted({int(w) for w in args.workers.split(",")})
     try:
         with throwaway_database("backfill", "0001") as url:
             report.machine = machine_info(redis.Redis.from_url(REDIS_URL), url)
@@ -186,63 +281,49 @@ def run(args: argparse.Namespace, report: Report) -> None:
             report.results["rows"] = fill_legacy(url, args.orgs, args.mcp, args.secrets, args.agents, args.seed)
             migrate.upgrade(url, migrate.PRE_CONTRACT)
             report.results["setup_s"] = round(time.perf_counter() - t0, 1)
-            copy_s = bulk_copy_seconds(url)
-
-            settings: Settings = make_settings(url, REDIS_URL, keys, queue)
-            db = Database()
-            db.configure(url)
-            log = Path(tempfile.gettempdir()) / f"{queue}.log"
-            try:
-                with spawned_worker(settings, log, concurrency=1) as (proc, producer):
-                    idle_mb = vm_hwm_mb(proc.pid)
-                    bf = run_job(db, producer, TaskName.BACKFILL, {"batch_size": args.batch_size}, args.timeout)
-                    vf = run_job(db, producer, TaskName.VERIFY, {"batch_size": args.batch_size}, args.timeout)
-                    peak_mb = vm_hwm_mb(proc.pid)
-                t1 = time.perf_counter()
-                migrate.upgrade(url, "head")
-                contract_s = time.perf_counter() - t1
-            finally:
-                db.dispose()
-                log.unlink(missing_ok=True)
-                delete_matching(redis.Redis.from_url(REDIS_URL), f"*{queue}*")
+            report.results["bulk_copy_s"] = round(bulk_copy_seconds(url), 3)
+            if args.crypto_floor:
+                floor_s, n_seal, n_open = crypto_floor_seconds(url, keys)
+                report.results["crypto_floor"] = {"seconds": round(floor_s, 2), "seals": n_seal, "opens": n_open}
+            runs = []
+            for i, workers in enumerate(counts):
+                with database_copy(url, f"w{workers}") as copy:
+                    runs.append(run_with_workers(copy, keys, workers, args, contract=i == len(counts) - 1))
+            report.results["runs"] = runs
     finally:
         keys.close()
 
-    if bf.status != "succeeded" or vf.status != "succeeded":
-        raise SystemExit(f"backfill {bf.status} {bf.error_code}; verify {vf.status} {vf.error_code}")
-    assert bf.result is not None and vf.result is not None
-    backfill_s, verify_s = seconds(bf), seconds(vf)
-    total = backfill_s + verify_s
-    counts = vf.result["counts"]
     rows = report.results["rows"]
-    all_matched = (
-        vf.result["passed"]
-        and counts["mcp_servers"]["matched"] == rows["mcp_servers"]
-        and counts["secrets"]["matched"] == rows["secrets"]
-        and counts["agents"]["matched"] == rows["agents"]
-    )
-    report.results.update(
-        {
-            "backfill_s": round(backfill_s, 2),
-            "verify_s": round(verify_s, 2),
-            "backfill_plus_verify_s": round(total, 2),
-            "bulk_copy_s": round(copy_s, 3),
-            "ratio_vs_bulk_copy": round(total / copy_s, 1),
-            "contract_migration_s": round(contract_s, 2),
-            "worker_rss_idle_mb": round(idle_mb, 1),
-            "worker_rss_peak_mb": round(peak_mb, 1),
-            "backfill_summary": {k: bf.result[k] for k in ("secrets", "mcp_servers", "agents", "created")},
-            "verify_counts": counts,
-            "verify_passed": vf.result["passed"],
-            "cache_check": vf.result["cache_check"],
-            "rows_per_s": round((rows["mcp_servers"] + rows["secrets"] + rows["agents"]) / total),
-        }
-    )
-    report.goals = [
-        Goal("backfill + verify", "<= 120 s", f"{total:.1f} s", total <= 120),
-        Goal("worker peak RSS", "< 300 MB", f"{peak_mb:.0f} MB", peak_mb < 300),
-        Goal("verification", "passed, every row matched", "yes" if all_matched else "NO", bool(all_matched)),
-    ]
+    goals = []
+    for r in runs:
+        counts_ = r["verify_counts"]
+        matched = (
+            r["verify_passed"]
+            and counts_["mcp_servers"]["matched"] == rows["mcp_servers"]
+            and counts_["secrets"]["matched"] == rows["secrets"]
+            and counts_["agents"]["matched"] == rows["agents"]
+        )
+        goals.append(
+            Goal(
+                f"verification ({r['workers']} worker(s))",
+                "passed, every row matched",
+                "yes" if matched else "NO",
+                bool(matched),
+            )
+        )
+        peak = max(r["worker_rss_peak_mb"])
+        goals.append(Goal(f"peak RSS per worker ({r['workers']})", "< 300 MB", f"{peak:.0f} MB", peak < 300))
+    by = {r["workers"]: r for r in runs}
+    if 1 in by and 2 in by:
+        speedup = by[1]["backfill_plus_verify_s"] / by[2]["backfill_plus_verify_s"]
+        report.results["speedup_2_vs_1"] = round(speedup, 2)
+        goals.append(Goal("2 workers vs 1 (backfill + verify)", ">= 1.7x faster", f"{speedup:.2f}x", speedup >= 1.7))
+    if 2 in by and "crypto_floor" in report.results:
+        floor = report.results["crypto_floor"]["seconds"] / 2
+        ratio = by[2]["backfill_plus_verify_s"] / floor
+        report.results["ratio_vs_crypto_floor_2_workers"] = round(ratio, 2)
+        goals.append(Goal("2 workers vs crypto floor / 2", "<= 3x", f"{ratio:.2f}x", ratio <= 3))
+    report.goals = goals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secrets", type=int, default=2_000, help="legacy secrets the agents use (default 2000)")
     parser.add_argument("--orgs", type=int, default=100, help="orgs (default 100)")
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per batch (default 1000)")
+    parser.add_argument("--part-rows", type=int, default=5000, help="rows per part of the split jobs (default 5000)")
+    parser.add_argument(
+        "--no-crypto-floor", dest="crypto_floor", action="store_false", help="skip the crypto floor (the 1M-row run)"
+    )
+    parser.add_argument("--workers", default="1,2", help="worker process counts to run, e.g. 1,2 (default) or 2")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=900.0, help="give up on a job after this many seconds")
     parser.add_argument("--json", help="write the results here")
@@ -260,25 +346,35 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("backfill")
     report.config = {k: v for k, v in vars(args).items() if k not in ("json", "strict")} | {
         "database": PG_ADMIN_URL.rsplit("@", 1)[-1],
-        "worker": "celery threads pool x1 (separate process)",
+        "worker": "celery threads pool, 1 slot per process (separate processes)",
     }
     run(args, report)
     r = report.results
-    print_table(
-        ["measure", "value"],
+    rows = [
         [
-            [
-                "rows (mcp / secrets / agents)",
-                f"{r['rows']['mcp_servers']} / {r['rows']['secrets']} / {r['rows']['agents']}",
-            ],
-            ["backfill.run", f"{r['backfill_s']} s"],
-            ["backfill.verify", f"{r['verify_s']} s"],
-            ["bulk copy (INSERT ... SELECT)", f"{r['bulk_copy_s']} s"],
-            ["ratio (backfill + verify) / copy", f"{r['ratio_vs_bulk_copy']}x"],
-            ["contract migration", f"{r['contract_migration_s']} s"],
-            ["worker RSS idle / peak", f"{r['worker_rss_idle_mb']} / {r['worker_rss_peak_mb']} MB"],
+            "rows (mcp / secrets / agents)",
+            f"{r['rows']['mcp_servers']} / {r['rows']['secrets']} / {r['rows']['agents']}",
         ],
-    )
+        ["bulk copy (INSERT ... SELECT)", f"{r['bulk_copy_s']} s"],
+    ]
+    if "crypto_floor" in r:
+        floor = r["crypto_floor"]
+        rows.append(
+            [
+                "crypto floor (seals + opens, 1 core)",
+                f"{floor['seconds']} s ({floor['seals']} seals, {floor['opens']} opens)",
+            ]
+        )
+    for run_ in r["runs"]:
+        w = run_["workers"]
+        rows.append([f"{w} worker(s): backfill / verify", f"{run_['backfill_s']} / {run_['verify_s']} s"])
+        rows.append([f"{w} worker(s): parts, processes used", f"{run_['parts']['count']}, {run_['parts']['workers']}"])
+        rows.append(
+            [f"{w} worker(s): RSS idle / peak (MB)", f"{run_['worker_rss_idle_mb']} / {run_['worker_rss_peak_mb']}"]
+        )
+        if run_["contract_migration_s"] is not None:
+            rows.append(["contract migration", f"{run_['contract_migration_s']} s"])
+    print_table(["measure", "value"], rows)
     print_goals(report.goals)
     write_json(args.json, report)
     return 1 if args.strict and not report.all_passed else 0
