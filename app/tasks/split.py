@@ -154,7 +154,9 @@ def run_split(ctx: WorkerContext, job: JobView, split: Split) -> dict[str, Any]:
 
 
 def _later(_exc: Exception) -> None:
-    """A part run inline hit a transient error: it is queued again for whoever takes it next."""
+    """A part run inline hit a transient error: it is queued again for whoever takes it next
+    (after a pause, so a dependency that is down is not hammered by the split job's loop)."""
+    time.sleep(1.0)
 
 
 def run_part_fn(ctx: WorkerContext, part: JobView) -> dict[str, Any]:

@@ -58,10 +58,15 @@ def _extra_servers(url: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 @contextmanager
-def two_workers(settings: Settings, url: str, tmp_path: Path) -> Iterator[tuple[Flask, list[Any]]]:
+def two_workers(settings: Settings, url: str, tmp_path: Path, **overrides: Any) -> Iterator[tuple[Flask, list[Any]]]:
     """Two worker processes (one slot each) on a queue of their own, and a web app publishing to it."""
     custom = settings.model_copy(
-        update={"queue": f"latchkey-split-{uuid.uuid4().hex[:10]}", "database_url": url, "job_lease_seconds": 1.0}
+        update={
+            "queue": f"latchkey-split-{uuid.uuid4().hex[:10]}",
+            "database_url": url,
+            "job_lease_seconds": 1.0,
+            **overrides,
+        }
     )
     web = create_app(custom)
     try:
@@ -174,6 +179,43 @@ def test_a_worker_killed_holding_a_part_loses_and_duplicates_nothing(
         assert len(updates) == len(set(updates)) == len(MCP) + len(extra)
         creates = _backfill_events(db, "secret.create")
         assert len(creates) == len(set(creates)) == result["created"]["secrets"]
+
+
+def test_a_reseal_in_parts_on_both_workers_moves_every_value_to_the_new_key_once(
+    settings: Settings, legacy_url: str, keyring_path: Path, tmp_path: Path
+) -> None:
+    from app.backfill.service import run_backfill
+    from app.models import Secret
+    from app.secrets.sealing import open_sealed, secret_context
+    from tests.support.legacy_data import CTX
+
+    ring_path = tmp_path / "ring.json"
+    ring_path.write_bytes(keyring_path.read_bytes())
+    ring_path.chmod(0o600)
+    _extra_servers(legacy_url)
+    with two_workers(settings, legacy_url, tmp_path, private_keys_file=ring_path) as (web, _procs):
+        db = web.extensions["latchkey.db"]
+        run_backfill(db, Keyring.load(ring_path).public_set(), CTX, batch_size=100)
+        with db.session() as s:
+            before = {x.id: (x.version, x.revision) for x in s.scalars(select(Secret))}
+        ring = Keyring.load(ring_path)
+        new_kid = ring.add_key()
+        ring.write(ring_path, overwrite=True)
+        op = Factory(db, web.test_client()).user(operator=True)
+        resp = op.post("admin/keys/reseal", json={"part_rows": 40, "batch_size": 7})
+        assert resp.status_code == 202, resp.get_json()
+        done = wait_job(op.get, f"admin/jobs/{resp.get_json()['job']['id']}", timeout=120)
+        assert done["status"] == "succeeded", done
+        result = done["result"]
+        assert result["resealed"] == result["total"] == len(before) and result["changed"] == result["failed"] == 0
+        assert result["parts"] == {"count": -(-len(before) // 40), "workers": 2}, result["parts"]
+        with db.session() as s:
+            secrets = list(s.scalars(select(Secret)))
+        assert {x.key_id for x in secrets} == {new_kid}
+        assert {x.id: (x.version, x.revision) for x in secrets} == before  # same values, no cache churn
+        for x in secrets:
+            assert x.ciphertext is not None
+            open_sealed(ring, x.ciphertext, secret_context(x.org_id, x.id, x.version), new_kid)
 
 
 def test_reseal_parts_cover_every_value_once(
