@@ -42,11 +42,14 @@ TASK_MODULES = [
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """What beat sends, and how often (seconds)."""
+    """What beat sends, and how often (seconds): every interval is a LATCHKEY_* setting."""
     return {
-        "requeue-stuck-jobs": {"task": TaskName.REQUEUE_STUCK, "schedule": 60.0},
+        "requeue-stuck-jobs": {"task": TaskName.REQUEUE_STUCK, "schedule": settings.job_requeue_seconds},
         "sweep-job-leases": {"task": TaskName.SWEEP_LEASES, "schedule": settings.job_sweep_seconds},
-        "replay-cache-invalidations": {"task": TaskName.REPLAY_INVALIDATIONS, "schedule": 10.0},
+        "replay-cache-invalidations": {
+            "task": TaskName.REPLAY_INVALIDATIONS,
+            "schedule": settings.invalidation_replay_seconds,
+        },
         "refresh-mcp-tools": {"task": TaskName.REFRESH_TOOLS, "schedule": settings.mcp_refresh_seconds},
     }
 
