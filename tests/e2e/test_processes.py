@@ -167,4 +167,11 @@ def test_latchkey_dev_runs_everything_and_prints_a_working_login(tmp_path: Path)
         assert Keyring.load(keyring).has_dev_keys
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        rest, _ = proc.communicate(timeout=20)
+    # A newcomer's first screen: no Celery superuser warning (the tests run as root in CI, and
+    # the warning is for pickle, which a JSON-only worker never accepts: docs/operations.md),
+    # and no terminal escape codes in log lines (the development server colours its banner).
+    screen = "".join(printed) + rest
+    assert "superuser privileges" not in screen and "SecurityWarning" not in screen
+    assert "\x1b" not in screen
+    assert "Running on" in screen  # the development server's banner was printed, and is clean
