@@ -20,21 +20,27 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from sqlalchemy import select, update
 
-from app.config import Settings
+from app.access import OrgAccess
+from app.config import Settings, load_settings
 from app.db import Database, utcnow
 from app.factory import create_app
+from app.identity import service as identity
+from app.identity.schemas import OrgCreate, TokenCreate, UserCreate
 from app.jobs import service as jobs
 from app.jobs.names import TaskName
 from app.models import CacheInvalidation, Job, McpServer, McpTool
 from app.secrets import cachekeys, invalidation
-from app.worker import beat_schedule
-from tests.support import procfile
+from app.worker import beat_schedule, make_celery
+from tests.support import backends, procfile
+from tests.support.agents import PROVIDER_KEY
 from tests.support.factories import CTX, Factory, drop_queued
+from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
-from tests.support.processes import drop_queue_keys, settings_env, spawned_worker
+from tests.support.processes import drop_queue_keys, free_port, http_request, settings_env, spawned_worker, wait_http
 from tests.support.workers import wait_for
 
 BIN = Path(sys.executable).parent
@@ -67,16 +73,26 @@ def tasks_run(log_path: Path) -> set[str]:
     return names
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    """SIGTERM, as a process manager sends it; the exit code (killed after ``timeout``: an error)."""
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to every process of a Procfile command (its process group), as a process manager
+    sends it: systemd to the unit's control group, Heroku to the dyno, honcho to the group."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
+def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """The exit code; a process still running after ``timeout`` is killed (with its group) and fails the test."""
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        raise AssertionError(f"{proc.args[:3]} did not exit within {timeout} s of SIGTERM") from None
+        raise AssertionError(f"{proc.args[:4]} did not exit within {timeout} s of SIGTERM") from None
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    terminate(proc)
+    return exit_code(proc, timeout)
 
 
 @contextmanager
@@ -108,6 +124,7 @@ def _row(db: Database, model: Any, row_id: str) -> Any:
         return s.get(model, row_id)
 
 
+@pytest.mark.slow
 def test_beat_from_the_procfile_runs_every_scheduled_task_on_a_real_worker(
     settings: Settings, db: Database, redis_url: str, tmp_path: Path
 ) -> None:
@@ -207,3 +224,166 @@ def test_beat_from_the_procfile_runs_every_scheduled_task_on_a_real_worker(
     assert schedule <= tasks_run(worker_log)
     for task in schedule:
         assert f"({task})" in beat_text  # "Scheduler: Sending due task <entry> (<task>)"
+
+
+# The whole Procfile (issue #14 item 3) -------------------------------------------------------
+
+
+@contextmanager
+def fresh_database(tmp_path: Path) -> Iterator[str]:
+    """An empty database of the test's own (PostgreSQL when reachable, else a SQLite file)."""
+    name = f"latchkey_procfile_{backends.worker_suffix()}_{uuid.uuid4().hex[:10]}"
+    pg = backends.fresh_postgres_database(name)
+    try:
+        yield pg or f"sqlite:///{tmp_path / 'procfile.db'}"
+    finally:
+        if pg:
+            backends.drop_postgres_database(name)
+
+
+class Api:
+    """The deployment's API as a client sees it, over HTTP with a bearer token."""
+
+    def __init__(self, port: int, token: str, org: str) -> None:
+        self.port, self.auth, self.org = port, {"Authorization": f"Bearer {token}"}, org
+
+    def call(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
+        status, headers, raw = http_request(self.port, method, f"/api/v1/orgs/{self.org}/{path}", body, self.auth)
+        assert status == expect, (method, path, status, raw[:500])
+        return json.loads(raw) if raw else None, headers
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path)[0]
+
+    def post(self, path: str, body: Any = None, expect: int = 201) -> Any:
+        return self.call("POST", path, body, expect)[0]
+
+
+def _seed_admin(database_url: str) -> str:
+    """The first admin of org ``acme`` and their API token (what an operator does with the CLI)."""
+    db = Database()
+    db.configure(database_url)
+    try:
+        with db.session() as s:
+            org = identity.create_org(s, CTX, OrgCreate(slug="acme"))
+            user = identity.create_user(s, CTX, UserCreate(email="ops@acme.test"))
+            identity.add_member(s, CTX, OrgAccess.system(org), user, "admin")
+            _tok, token = identity.create_token(s, CTX, user, TokenCreate(name="smoke"))
+        return token
+    finally:
+        db.dispose()
+
+
+def _job_states(database_url: str) -> dict[str, tuple[str, str]]:
+    db = Database()
+    db.configure(database_url)
+    try:
+        with db.session() as s:
+            return {j.id: (j.kind, j.status) for j in s.scalars(select(Job))}
+    finally:
+        db.dispose()
+
+
+@pytest.mark.slow
+def test_the_procfile_as_written_serves_a_deployment_and_every_process_stops_cleanly_on_sigterm(
+    production_env: dict[str, str], redis_url: str, llm: LlmTestServer, tmp_path: Path
+) -> None:
+    entries = procfile.read()
+    assert set(entries) == {"release", "web", "worker", "beat"}
+    port = free_port()
+    queue = f"latchkey-smoke-{uuid.uuid4().hex[:10]}"
+    with fresh_database(tmp_path) as database_url, McpTestServer(token=MCP_TOKEN) as mcp:
+        env = {
+            **production_env,
+            "LATCHKEY_DATABASE_URL": database_url,
+            "LATCHKEY_QUEUE": queue,
+            # The MCP server and the model stand-in are on loopback, over plain http.
+            "LATCHKEY_EGRESS_ALLOW_PRIVATE": "true",
+            "LATCHKEY_EGRESS_ALLOW_HTTP_HOSTS": "127.0.0.1",
+            "PORT": str(port),  # and WEB_CONCURRENCY unset: the Procfile's default (2) applies
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+            "PYTHONPATH": str(procfile.ROOT),
+        }
+        env.pop("WEB_CONCURRENCY", None)
+        # Release: migrates the empty database, and running it again (every deploy does) is a no-op.
+        for _ in range(2):
+            release = procfile.run(entries["release"], env, tmp_path)
+            assert release.returncode == 0, release.stdout
+        logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("web", "worker", "beat")}
+        procs = {name: procfile.start(entries[name], env, tmp_path, logs[name]) for name in logs}
+        codes: dict[str, int] = {}
+        try:
+            wait_http(port, procs["web"])
+            producer = make_celery(load_settings({k: v for k, v in env.items() if k.startswith("LATCHKEY_")}))
+            try:
+                wait_for(lambda: producer.control.ping(timeout=0.5), timeout=40)
+            finally:
+                producer.close()
+            api = Api(port, _seed_admin(database_url), "acme")
+
+            secret = api.post("secrets", {"name": "DEPLOY_KEY", "value": "deploy-value-" + "d" * 20})
+            assert secret["version"] == 1
+            # An MCP server with its token in a secret, validated by the worker.
+            mcp_secret = api.post("secrets", {"name": "MCP_TOKEN", "value": MCP_TOKEN})["id"]
+            server = api.post("mcp-servers", {"name": "Tools", "url": mcp.url, "secret_ref": mcp_secret})
+            settled = wait_for(
+                lambda: (got := api.get(f"mcp-servers/{server['id']}"))["status"] in ("valid", "invalid") and got,
+                timeout=30,
+            )
+            assert (settled["status"], settled["tool_count"]) == ("valid", 4), settled
+            # Reveal: the worker opens the value and seals it to the request's one-request key.
+            revealed, headers = api.call("POST", f"secrets/{secret['id']}/reveal")
+            assert revealed == {"value": "deploy-value-" + "d" * 20, "version": 1}
+            assert "no-store" in headers["Cache-Control"]
+            # An agent run: the model (stand-in) asks for the MCP tool, the worker calls it.
+            key = api.post("secrets", {"name": "MODEL_KEY", "value": PROVIDER_KEY})["id"]
+            provider = api.post(
+                "providers",
+                {
+                    "name": "Model",
+                    "provider_type": "openai_compatible",
+                    "kind": "openai",
+                    "model_id": "test-model",
+                    "config": {"base_url": llm.url + "/v1"},
+                    "secret_ref": key,
+                },
+            )["id"]
+            tools = [{"mcp_server_id": server["id"], "tool_name": "add"}]
+            agent = api.post("agents", {"name": "Bot", "provider_id": provider, "tools": tools})["id"]
+            llm.script([{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]}, {"text": "5"}])
+            run = api.post(f"agents/{agent}/runs", {"input": "2+3?"}, expect=202)["run"]
+            done = wait_for(lambda: (r := api.get(f"runs/{run['id']}"))["status"] in ("succeeded", "failed") and r)
+            assert done["status"] == "succeeded", done
+            assert [e["type"] for e in done["events"]] == ["status", "tool_call", "tool_result", "final"]
+
+            # A run in flight (its model call takes a while) when the deployment is stopped.
+            seen = len(llm.requests)
+            llm.script([{"delay_seconds": 4, "text": "finished during the warm shutdown"}])
+            late = api.post(f"agents/{agent}/runs", {"input": "slow"}, expect=202)["run"]
+            wait_for(lambda: len(llm.requests) > seen, timeout=20)
+            assert api.get(f"runs/{late['id']}")["status"] == "running"
+            for proc in procs.values():
+                terminate(proc)
+            codes = {name: exit_code(proc) for name, proc in procs.items()}
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+            for log in logs.values():
+                log.close()
+            drop_queue_keys(redis_url, queue)
+        output = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in logs}
+        assert codes == {"web": 0, "worker": 0, "beat": 0}, {n: output[n][-2000:] for n in output}
+        assert output["web"].count("Booting worker") == 2  # ${WEB_CONCURRENCY:-2}
+        assert not [name for name, text in output.items() if "\x1b" in text]  # no terminal escapes
+        assert "Warm shutdown" in output["worker"]
+        assert "WorkerLostError" not in output["worker"] and "exited with 'signal" not in output["worker"]
+        # The run in flight was finished by the warm shutdown, and no job was lost or left behind.
+        states = _job_states(database_url)
+    assert states and all(status == "succeeded" for _kind, status in states.values()), states
+    assert {kind for kind, _status in states.values()} == {
+        "mcp.validate_server",
+        "secrets.reveal_value",
+        "agents.run_agent",
+    }

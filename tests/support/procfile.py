@@ -61,5 +61,22 @@ def argv(command: str, env: Mapping[str, str]) -> list[str]:
 def start(
     command: str, env: Mapping[str, str], cwd: Path, log: IO[bytes] | int | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start one Procfile command (stdout and stderr to ``log``)."""
-    return subprocess.Popen(argv(command, env), env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    """Start one Procfile command (stdout and stderr to ``log``) as the leader of a process group of
+    its own, so a test can signal all its processes at once, as a process manager does."""
+    return subprocess.Popen(
+        argv(command, env), env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def run(command: str, env: Mapping[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run one Procfile command to its end (the release phase); its output in ``stdout``."""
+    return subprocess.run(
+        argv(command, env),
+        env=dict(env),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
