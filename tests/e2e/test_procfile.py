@@ -87,7 +87,7 @@ def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        raise AssertionError(f"{proc.args[:4]} did not exit within {timeout} s of SIGTERM") from None
+        raise AssertionError(f"{proc.args[:4]} did not exit within {timeout} s of its signal") from None
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
@@ -387,3 +387,49 @@ def test_the_procfile_as_written_serves_a_deployment_and_every_process_stops_cle
         "secrets.reveal_value",
         "agents.run_agent",
     }
+
+
+@pytest.mark.slow
+def test_a_cold_shutdown_still_ends_the_running_task_of_a_prefork_child(
+    settings: Settings, db: Database, redis_url: str, tmp_path: Path
+) -> None:
+    """A pool child ignores a SIGTERM from outside (above), not its worker's: SIGQUIT still stops it mid-task."""
+    with own_queue(settings) as custom:
+        command = procfile.argv(procfile.read()["worker"], process_env(custom))
+        key = f"lk-test-cold:{uuid.uuid4().hex}"
+        job_id = _job(db)
+        with db.session() as s:  # a job that would run for five minutes
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(kind="tests.lease_probe", params={"key": key, "first_seconds": 300})
+            )
+        with (tmp_path / "worker.log").open("wb") as log:
+            worker = subprocess.Popen(
+                [*command, "--include", "tests.support.lease_tasks"],
+                env=process_env(custom),
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            producer = make_celery(custom)
+            client = redis.Redis.from_url(redis_url)
+            try:
+                wait_for(lambda: producer.control.ping(timeout=0.5), timeout=40)
+                jobs.Publisher(producer, db).send(job_id, "tests.lease_probe")
+                wait_for(lambda: client.llen(key) == 1, timeout=30)  # inside the body
+                worker.send_signal(signal.SIGQUIT)
+                code = exit_code(worker, timeout=60)
+                events = [json.loads(raw)["event"] for raw in client.lrange(key, 0, -1)]
+            finally:
+                if worker.poll() is None:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait(5)
+                client.delete(key, f"{key}:inside")
+                client.close()
+                producer.close()
+    assert code == 0
+    assert events == ["enter"]  # terminated inside the body, well before its five minutes
+    row = _row(db, Job, job_id)
+    assert (row.status, row.attempts) == ("running", 1)  # the lease sweep takes it from here
