@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from app.access import OrgAccess
 from app.config import Settings, load_settings
@@ -49,14 +49,15 @@ MCP_TOKEN = "mcp-procfile-token-" + "q" * 20
 SUCCEEDED = re.compile(r"^Task (?P<name>[\w.]+)\[[0-9a-f-]+\] succeeded")
 
 
-def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a Procfile process of ``settings`` gets: the LATCHKEY_* settings, the venv's
-    programs first on the PATH, and the repository importable (the processes run in a scratch cwd)."""
-    env = settings_env(settings)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}"
-    env["PYTHONPATH"] = str(procfile.ROOT)
-    env.update(extra)
-    return env
+def runnable(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the venv's programs first on the PATH and the repository importable: the
+    processes run in a scratch directory (beat writes its state file into its cwd)."""
+    return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}", "PYTHONPATH": str(procfile.ROOT)}
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    """The environment of a Procfile process running with ``settings``."""
+    return runnable(settings_env(settings))
 
 
 def tasks_run(log_path: Path) -> set[str]:
@@ -87,7 +88,7 @@ def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        raise AssertionError(f"{proc.args[:4]} did not exit within {timeout} s of its signal") from None
+        raise AssertionError(f"{proc.args!r} did not exit within {timeout} s of its signal") from None
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
@@ -158,7 +159,7 @@ def test_beat_from_the_procfile_runs_every_scheduled_task_on_a_real_worker(
                 with db.session() as s:
                     server = s.get(McpServer, server_id)
                     assert server is not None
-                    s.execute(McpTool.__table__.delete().where(McpTool.mcp_server_id == server_id))
+                    s.execute(delete(McpTool).where(McpTool.mcp_server_id == server_id))
                     s.add(McpTool(org_id=server.org_id, mcp_server_id=server_id, name="retired", input_schema={}))
                     validated_at = server.validated_at
                 # secrets.replay_invalidations: an outbox row Redis never took.
@@ -301,10 +302,9 @@ def test_the_procfile_as_written_serves_a_deployment_and_every_process_stops_cle
             "LATCHKEY_EGRESS_ALLOW_PRIVATE": "true",
             "LATCHKEY_EGRESS_ALLOW_HTTP_HOSTS": "127.0.0.1",
             "PORT": str(port),  # and WEB_CONCURRENCY unset: the Procfile's default (2) applies
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
-            "PYTHONPATH": str(procfile.ROOT),
         }
         env.pop("WEB_CONCURRENCY", None)
+        env = runnable(env)
         # Release: migrates the empty database, and running it again (every deploy does) is a no-op.
         for _ in range(2):
             release = procfile.run(entries["release"], env, tmp_path)
