@@ -80,7 +80,7 @@ class Settings(BaseModel):
     # How long a started OAuth authorization may be completed (the ceiling: 10 minutes).
     oauth_flow_ttl_seconds: int = Field(default=600, ge=30, le=600)
     # How often beat re-validates valid MCP servers to refresh their tool lists.
-    mcp_refresh_seconds: float = Field(default=6 * 3600, ge=60)
+    mcp_refresh_seconds: float = Field(default=6 * 3600, ge=1)
     log_level: str = "INFO"
     # "json" (one object per line, for log pipelines) or "text" (for people).
     log_format: Literal["json", "text"] = "json"
@@ -108,6 +108,10 @@ class Settings(BaseModel):
     job_lease_seconds: float = Field(default=30.0, ge=0.5, le=600)
     job_max_attempts: int = Field(default=5, ge=1, le=100)
     job_sweep_seconds: float = Field(default=10.0, ge=0.1, le=3600)
+    # How often beat re-sends jobs left queued (their message lost), and replays the cache
+    # invalidations Redis could not take (the outbox).
+    job_requeue_seconds: float = Field(default=60.0, ge=0.1, le=3600)
+    invalidation_replay_seconds: float = Field(default=10.0, ge=0.1, le=3600)
     # Worker-side reveal controls (docs/reveal.md): read by the worker only, so a compromised web
     # tier cannot switch them off. Counted per fixed window of reveal_limit_window_seconds.
     reveal_disabled: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets as _random
 import threading
+import warnings
 from pathlib import Path
 
 from sqlalchemy import select
@@ -105,10 +106,19 @@ def seed(db: Database, ctx: RequestContext) -> tuple[str, str]:
 
 
 def start_worker_thread(settings: Settings) -> None:
+    from celery.platforms import SecurityWarning
+
     from app.worker import make_celery
 
     celery = make_celery(settings)
-    worker = celery.Worker(pool="threads", concurrency=2, redirect_stdouts=False, loglevel="WARNING", quiet=True)
+    # Run as root (a container, a newcomer's VM), Celery warns that the worker has superuser
+    # privileges. The danger it means is pickle: a message that runs code as root. This worker
+    # accepts JSON only, and Celery still refuses to start a root worker that accepts pickle
+    # (an exception, not a warning). The thread shares the process, and so the user, of the
+    # development server the newcomer started; dropping privileges is not possible from here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+        worker = celery.Worker(pool="threads", concurrency=2, redirect_stdouts=False, loglevel="WARNING", quiet=True)
     threading.Thread(target=worker.start, name="celery-worker", daemon=True).start()
 
 

@@ -19,7 +19,10 @@ docs/observability.md). Celery's logging signals hand the worker's handlers to
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -43,11 +46,14 @@ TASK_MODULES = [
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """What beat sends, and how often (seconds)."""
+    """What beat sends, and how often (seconds): every interval is a LATCHKEY_* setting."""
     return {
-        "requeue-stuck-jobs": {"task": TaskName.REQUEUE_STUCK, "schedule": 60.0},
+        "requeue-stuck-jobs": {"task": TaskName.REQUEUE_STUCK, "schedule": settings.job_requeue_seconds},
         "sweep-job-leases": {"task": TaskName.SWEEP_LEASES, "schedule": settings.job_sweep_seconds},
-        "replay-cache-invalidations": {"task": TaskName.REPLAY_INVALIDATIONS, "schedule": 10.0},
+        "replay-cache-invalidations": {
+            "task": TaskName.REPLAY_INVALIDATIONS,
+            "schedule": settings.invalidation_replay_seconds,
+        },
         "refresh-mcp-tools": {"task": TaskName.REFRESH_TOOLS, "schedule": settings.mcp_refresh_seconds},
     }
 
@@ -158,3 +164,37 @@ def _task_postrun(
     from app.observability import metrics
 
     metrics.task_finished(task_id, getattr(task, "name", None), state, retval)
+
+
+# Pool children and SIGTERM ---------------------------------------------------------------------
+#
+# A process manager stopping the worker signals every process of it: systemd its control group,
+# Heroku the dyno, honcho and foreman the process group, the prefork pool's children included.
+# Celery's main process answers SIGTERM with a warm shutdown (finish the running tasks, then
+# stop the pool), but a child died of the same SIGTERM at once, mid-task: the task was lost and
+# its job stayed running until the lease sweep noticed. So in a pool child SIGTERM is taken by a
+# thread that looks at who sent it: from the worker's own main process (a cold shutdown, a hard
+# time limit) the child ends as it always did; from anyone else the child carries on, and the
+# main process's warm shutdown stops it once its task is done.
+
+
+def _watch_sigterm(main_thread: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():
+            # The worker wants this child gone: billiard's SIGQUIT handler is its SIGTERM one.
+            signal.pthread_kill(main_thread, signal.SIGQUIT)
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _pool_child_takes_sigterm_from_its_worker_only(**_: Any) -> None:
+    # Sent in each prefork child only (not for the threads or solo pools, whose tasks run in the
+    # main process, where SIGTERM must keep starting the warm shutdown). Blocked here, SIGTERM
+    # stays blocked in every thread the child starts, so only the watcher receives it. Where
+    # the sender cannot be known (no sigwaitinfo: macOS), the child keeps Celery's behaviour.
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(
+        target=_watch_sigterm, args=(threading.main_thread().ident,), name="sigterm-watch", daemon=True
+    ).start()

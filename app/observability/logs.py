@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import weakref
 from contextvars import ContextVar, Token
@@ -33,6 +34,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s job=%(job_
 # Extra values nested deeper than this are logged as their (redacted) string.
 _MAX_DEPTH = 4
 
+# Terminal escape sequences (CSI: colours, cursor moves; OSC: titles, links) and other control
+# characters but tab and newline. Libraries colour their own messages (the development server's
+# banner and access lines); a log line is data for a pipeline, never instructions to a terminal.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f]")
+
 _job_id: ContextVar[str | None] = ContextVar("latchkey_job_id", default=None)
 
 
@@ -54,6 +60,11 @@ def current_request_id() -> str | None:
         return None
     rid = g.get("request_id")
     return rid if isinstance(rid, str) and rid else None
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escape sequences or control characters (tabs and newlines kept)."""
+    return _ESCAPES.sub("", text) if "\x1b" in text or not text.isprintable() else text
 
 
 def _ids(record: logging.LogRecord) -> tuple[str | None, str | None]:
@@ -93,7 +104,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
-            "message": message if done else redact(message),
+            "message": plain_text(message if done else redact(message)),
             "request_id": rid,
             "job_id": jid,
         }
@@ -121,7 +132,7 @@ class TextFormatter(logging.Formatter):
         rid, jid = _ids(record)
         record.request_id, record.job_id = rid or "-", jid or "-"
         text = super().format(record)
-        return text if is_redacted(record) else redact(text)
+        return plain_text(text if is_redacted(record) else redact(text))
 
 
 def make_formatter(fmt: str = "json") -> logging.Formatter:

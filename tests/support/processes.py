@@ -6,8 +6,11 @@ its shutdown flag in module globals, so two of them in one test process stop eac
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
@@ -23,6 +27,40 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from app.worker import make_celery
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_request(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One JSON request to a server process on 127.0.0.1: (status, headers, raw body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    data = json.dumps(body) if body is not None else None
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method, path, body=data, headers=hdrs)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), raw
+
+
+def wait_http(port: int, proc: subprocess.Popen[Any], timeout: float = 40) -> None:
+    """Wait until the server process answers ``GET /healthz`` with 200 (fails if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early with {proc.returncode}")
+        try:
+            if http_request(port, "GET", "/healthz")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("server did not come up")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -399,6 +399,16 @@ def test_json_formatter_outside_requests_and_jobs_has_null_ids() -> None:
     assert entry["message"] == "hello"
 
 
+def test_log_lines_carry_no_terminal_escapes() -> None:
+    # The development server colours its banner and access lines (werkzeug's ANSI styles).
+    banner = "\x1b[31m\x1b[1mWARNING: This is a development server.\x1b[0m \x1b]0;title\x07done\r\tok"
+    entry = json.loads(logs.JsonFormatter().format(_record(banner)))
+    assert entry["message"] == "WARNING: This is a development server. done\tok"
+    text = logs.TextFormatter().format(_record("%s", "\x1b[33mPress CTRL+C to quit\x1b[0m"))
+    assert text.endswith("] Press CTRL+C to quit") and "\x1b" not in text
+    assert logs.plain_text("two\nlines, caf\u00e9") == "two\nlines, caf\u00e9"
+
+
 def test_json_formatter_includes_the_redacted_exception(canary: str) -> None:
     try:
         raise ValueError(canary)
