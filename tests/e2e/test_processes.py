@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,7 @@ from app.identity import service as identity
 from app.identity.schemas import OrgCreate, TokenCreate, UserCreate
 from app.secrets.keyring import Keyring
 from tests.support.factories import CTX
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.processes import BIN, free_port, web_server
 
 
 def _request(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
@@ -73,20 +65,9 @@ def production_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def gunicorn(production_env: dict[str, str]) -> Iterator[int]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"],
-        env=production_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_http(port, proc)
+def gunicorn(production_env: dict[str, str], tmp_path: Path) -> Iterator[int]:
+    with web_server(production_env, tmp_path / "gunicorn.log") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_gunicorn_serves_the_api_in_production_mode(gunicorn: int, db: Database) -> None:
@@ -130,7 +111,7 @@ def test_production_web_refuses_to_start_without_keys(production_env: dict[str, 
 
 
 def test_latchkey_dev_runs_everything_and_prints_a_working_login(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATCHKEY_")}
     proc = subprocess.Popen(
         [str(BIN / "latchkey"), "dev", "--port", str(port), "--instance", str(tmp_path / "instance")],
