@@ -156,25 +156,26 @@ class Fleet:
         return check_reads(self.reports, edits)
 
     def invalidation_counts(self) -> dict[str, float]:
-        """The web processes' acknowledgement bookkeeping, summed over both (GET /metrics)."""
+        """The web processes' acknowledgement bookkeeping, summed over both (GET /metrics).
+
+        ``acknowledged``/``timeout``: invalidations by outcome; ``subscribers``: workers reached,
+        summed; ``acks``: acknowledgements received, summed; ``ack_wait_s``: time spent waiting
+        for them, summed.
+        """
         status, body = request(self.port, "GET", "/metrics")
         assert status == 200, body[:200]
-        wanted = {
-            "latchkey_cache_invalidations_total": "outcome",
-            "latchkey_cache_invalidation_subscribers_total": None,
-            "latchkey_cache_invalidation_acks_total": None,
+        names = {
+            "latchkey_cache_invalidation_subscribers_total": "subscribers",
+            "latchkey_cache_invalidation_acks_total": "acks",
+            "latchkey_cache_invalidation_ack_wait_seconds_sum": "ack_wait_s",
         }
-        out: dict[str, float] = {"acknowledged": 0.0, "timeout": 0.0, "subscribers": 0.0, "acks": 0.0}
+        out = {"acknowledged": 0.0, "timeout": 0.0, "subscribers": 0.0, "acks": 0.0, "ack_wait_s": 0.0}
         for family in text_string_to_metric_families(body.decode()):
             for sample in family.samples:
-                if sample.name not in wanted:
-                    continue
-                label = wanted[sample.name]
-                if label:
-                    out[sample.labels[label]] = out.get(sample.labels[label], 0.0) + sample.value
-                else:
-                    name = "subscribers" if "subscribers" in sample.name else "acks"
-                    out[name] += sample.value
+                if sample.name == "latchkey_cache_invalidations_total":
+                    out[sample.labels["outcome"]] += sample.value
+                elif sample.name in names:
+                    out[names[sample.name]] += sample.value
         return out
 
 

@@ -56,7 +56,7 @@ def test_a_thousand_concurrent_edits_are_never_read_stale_by_any_of_four_workers
     assert outcome.stale_runs == 0, outcome.stale_examples
     assert outcome.mismatches == 0
     # Every edit's invalidation reached all four workers, and all four acknowledged it in time.
-    assert acks == {
+    assert {k: acks[k] for k in ("acknowledged", "timeout", "subscribers", "acks")} == {
         "acknowledged": EDITS,
         "timeout": 0,
         "subscribers": WORKERS * EDITS,
