@@ -28,7 +28,7 @@ lock:           ## re-pin dependencies after editing pyproject.toml (pip-tools i
 	.venv/bin/pip install -q pip-tools
 	.venv/bin/pip-compile -q --strip-extras --generate-hashes --extra dev -o requirements/dev.lock pyproject.toml
 
-bench:          ## resolver (L1/L2/miss vs floors, stale-read stress), job-overhead, backfill, OAuth-connection and MCP-session benchmarks; JSON in bench/results/
+bench:          ## resolver (L1/L2/miss vs floors, stale-read stress), job-overhead, backfill, OAuth-connection, MCP-session and many-workers benchmarks; JSON in bench/results/
 	$(PY) manage.py install
 	mkdir -p bench/results
 	.venv/bin/python -m bench.resolve --stress-edits 1000 --json bench/results/resolve.json
@@ -38,6 +38,7 @@ bench:          ## resolver (L1/L2/miss vs floors, stale-read stress), job-overh
 	.venv/bin/python -m bench.connections --json bench/results/connections.json
 	.venv/bin/python -m bench.throughput --json bench/results/throughput.json
 	.venv/bin/python -m bench.mcp_sessions --json bench/results/mcp_sessions.json
+	.venv/bin/python -m bench.many_workers --json bench/results/many_workers.json
 
 bench-1m:       ## the backfill on 1,000,000 legacy MCP rows, 2 worker processes: time and peak RSS per worker
 	$(PY) manage.py install

@@ -64,7 +64,7 @@ def open_database(cfg: Settings) -> Iterator[Database]:
     db = Database()
     db.configure(cfg.database_url)
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    db.on_commit("invalidate", Invalidator(client, db, ttl=cfg.secret_cache_ttl_seconds, namespace=cfg.queue).flush)
+    db.on_commit("invalidate", Invalidator.for_settings(client, db, cfg).flush)
     db.on_commit("publish", Publisher(make_celery(cfg), db).publish)
     try:
         yield db

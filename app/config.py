@@ -72,6 +72,10 @@ class Settings(BaseModel):
     # How old (since its state was read from the database) an L2 entry may be and still be used:
     # the longest a Redis writer can roll a worker that never saw the newer state back.
     secret_l2_max_age_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # How long an edit waits for every subscribed worker to acknowledge its invalidation. A
+    # worker that acknowledges later still drops its copy, but the edit has returned before it
+    # did: until then that worker may serve the previous value (docs/workers.md).
+    secret_ack_timeout_seconds: float = Field(default=0.5, gt=0, le=10)
     # Bound on one MCP exchange (handshake + tools/list or a tool call).
     mcp_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     # This deployment's own address as browsers reach it: OAuth authorization servers send the

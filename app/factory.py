@@ -62,9 +62,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         socket_connect_timeout=settings.redis_timeout_seconds,
         health_check_interval=30,
     )
-    app.extensions["latchkey.invalidator"] = Invalidator(
-        app.extensions["latchkey.redis"], db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue
-    )
+    app.extensions["latchkey.invalidator"] = Invalidator.for_settings(app.extensions["latchkey.redis"], db, settings)
     db.on_commit("invalidate", app.extensions["latchkey.invalidator"].flush)
     db.on_commit("publish", app.extensions["latchkey.publisher"].publish)
 

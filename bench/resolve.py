@@ -71,6 +71,7 @@ from bench.common import (
     throwaway_database,
     write_json,
 )
+from tests.support.stale_reads import find_stale
 
 GOAL_L1_US = 5.0
 GOAL_L2_RATIO = 1.2
@@ -586,10 +587,10 @@ class Bench:
         apply_ns: list[int] = []
         original_apply = invalidator.apply
 
-        def timed_apply(item: Any) -> None:
+        def timed_apply(item: Any) -> Any:
             t0 = pc()
             try:
-                original_apply(item)
+                return original_apply(item)
             finally:
                 apply_ns.append(pc() - t0)
 
@@ -678,7 +679,8 @@ class Bench:
             app.extensions["latchkey.redis"].close()
 
         max_age = l1_max_age if l1_max_age is not None else resolvers[0].l1_max_age if resolvers else 0.0
-        stale, examples, max_lag_ms, stale_edits = find_stale(starts, versions, edit_returned, edit_version)
+        found = find_stale(starts, versions, edit_returned, edit_version)
+        stale = found.stale
         total = sum(len(s) for s in starts)
         elapsed = (t_end - t_begin) / 1e9
         lat = summarize(edit_latency, scale=1e6)
@@ -697,9 +699,9 @@ class Bench:
             "ack_timeouts": len(ack_warnings),
             "ack_timeout_examples": ack_warnings[:5],
             "stale_reads": stale,
-            "edits_read_stale": stale_edits,
-            "stale_examples": examples,
-            "stale_max_lag_ms": max_lag_ms,
+            "edits_read_stale": found.edits_read_stale,
+            "stale_examples": found.examples,
+            "stale_max_lag_ms": found.max_lag_ms,
             "value_version_mismatches": sum(mismatched),
             "errors": errors,
             "final_version": edit_version[-1] if edit_version else None,
@@ -713,40 +715,6 @@ class Bench:
                 notes="" if not foreign else f"{foreign} subscriber(s) of another process were on the channel",
             )
         )
-
-
-def find_stale(
-    starts: list[array[int]], versions: list[array[int]], returned: array[int], edit_versions: array[int]
-) -> tuple[int, list[dict[str, Any]], float, int]:
-    """Resolves that started after an edit's response returned and still saw an older version.
-
-    Returns (stale reads, a few examples, the largest lag in ms, how many edits were read stale).
-    """
-    stale = 0
-    edits_hit: set[int] = set()
-    examples: list[dict[str, Any]] = []
-    max_lag = 0.0
-    e = len(returned)
-    for thread, (ts, vs) in enumerate(zip(starts, versions, strict=True)):
-        j = 0  # edits whose response returned before this resolve started: returned[:j]
-        for t, v in zip(ts, vs, strict=True):
-            while j < e and returned[j] < t:
-                j += 1
-            if j and v < edit_versions[j - 1]:
-                stale += 1
-                edits_hit.add(j - 1)
-                lag = (t - returned[j - 1]) / 1e6
-                max_lag = max(max_lag, lag)
-                if len(examples) < 5:
-                    examples.append(
-                        {
-                            "thread": thread,
-                            "started_ms_after_edit_returned": round(lag, 3),
-                            "saw_version": v,
-                            "expected_at_least": edit_versions[j - 1],
-                        }
-                    )
-    return stale, examples, max_lag, len(edits_hit)
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class WorkerContext:
         redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.db.on_commit(
             "invalidate",
-            Invalidator(redis, self.db, ttl=settings.secret_cache_ttl_seconds, namespace=settings.queue).flush,
+            Invalidator.for_settings(redis, self.db, settings).flush,
         )
         if celery is not None:
             self.db.on_commit("publish", Publisher(celery, self.db).publish)

@@ -53,9 +53,7 @@ def replay_invalidations(self: Task) -> int:
     wc = worker_context(self.app)
     client = redis.Redis.from_url(wc.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        return Invalidator(
-            client, wc.db, ttl=wc.settings.secret_cache_ttl_seconds, namespace=wc.settings.queue
-        ).replay()
+        return Invalidator.for_settings(client, wc.db, wc.settings).replay()
     finally:
         client.close()
 

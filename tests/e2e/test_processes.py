@@ -19,26 +19,13 @@ from app.identity import service as identity
 from app.identity.schemas import OrgCreate, TokenCreate, UserCreate
 from app.secrets.keyring import Keyring
 from tests.support.factories import CTX
-from tests.support.processes import free_port, http_request, wait_http
-
-BIN = Path(sys.executable).parent
+from tests.support.processes import BIN, free_port, http_request, wait_http, web_server
 
 
 @pytest.fixture
-def gunicorn(production_env: dict[str, str]) -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"],
-        env=production_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(port, proc)
+def gunicorn(production_env: dict[str, str], tmp_path: Path) -> Iterator[int]:
+    with web_server(production_env, tmp_path / "gunicorn.log") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_gunicorn_serves_the_api_in_production_mode(gunicorn: int, db: Database) -> None:

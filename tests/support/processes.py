@@ -1,7 +1,8 @@
-"""Real worker processes for the tests: ``celery -A app.worker worker`` with given settings.
+"""Real processes for the tests: ``celery -A app.worker worker`` and gunicorn, with given settings.
 
 Workers run as separate processes, as in production. (Celery's in-process test worker keeps
 its shutdown flag in module globals, so two of them in one test process stop each other.)
+The web tier runs as the Procfile runs it: gunicorn serving ``app:create_app()``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from app.worker import make_celery
+
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -89,50 +92,68 @@ def spawned_worker(
 
     ``include`` names extra modules the worker imports (test-only tasks, e.g. tests.support.lease_tasks).
     """
-    node = f"test-{uuid.uuid4().hex[:8]}@localhost"
-    log = log_path.open("ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "app.worker",
-            "worker",
-            "-P",
-            "threads",
-            "-c",
-            str(concurrency),
-            "-n",
-            node,
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-            *(["--include", ",".join(include)] if include else []),
-        ],
-        env=settings_env(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with spawned_workers(settings, [log_path], concurrency, include) as (procs, producer):
+        yield procs[0], producer
+
+
+@contextmanager
+def spawned_workers(
+    settings: Settings, log_paths: Sequence[Path], concurrency: int = 4, include: Sequence[str] = ()
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], Celery]]:
+    """Start one worker process per log path, all at once; yields them once every one answers a ping."""
+    nodes = [f"test-{uuid.uuid4().hex[:8]}@localhost" for _ in log_paths]
+    logs = [path.open("ab") for path in log_paths]
+    procs: list[subprocess.Popen[bytes]] = []
     producer = make_celery(settings)
     try:
-        deadline = time.monotonic() + 30
-        while not producer.control.ping(destination=[node], timeout=0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {log_path}")
-        yield proc, producer
+        for node, log in zip(nodes, logs, strict=True):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "app.worker",
+                        "worker",
+                        "-P",
+                        "threads",
+                        "-c",
+                        str(concurrency),
+                        "-n",
+                        node,
+                        "--loglevel",
+                        "INFO",
+                        "--without-mingle",
+                        "--without-gossip",
+                        "--without-heartbeat",
+                        *(["--include", ",".join(include)] if include else []),
+                    ],
+                    env=settings_env(settings),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        # Starting together, they share the CPU: more of them take longer.
+        deadline = time.monotonic() + 30 + 15 * (len(procs) - 1)
+        for node, proc, path in zip(nodes, procs, log_paths, strict=True):
+            while not producer.control.ping(destination=[node], timeout=0.5):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker did not start; see {path}")
+        yield procs, producer
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
         producer.close()
-        log.close()
+        for log in logs:
+            log.close()
 
 
 @contextmanager
@@ -140,6 +161,54 @@ def worker_process(settings: Settings, log_path: Path, concurrency: int = 4) -> 
     """Start a worker process consuming ``settings.queue``; yields a producer app for that queue."""
     with spawned_worker(settings, log_path, concurrency) as (_proc, producer):
         yield producer
+
+
+def web_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a web process for ``settings``: the worker's, without the private keyring."""
+    env = settings_env(settings)
+    env.pop("LATCHKEY_PRIVATE_KEYS_FILE", None)
+    env.update(extra)
+    return env
+
+
+def _healthy(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+    except OSError:
+        return False
+
+
+@contextmanager
+def web_server(env: dict[str, str], log_path: Path, workers: int = 2) -> Iterator[int]:
+    """gunicorn serving ``app:create_app()`` with ``workers`` processes, as the Procfile runs it; yields its port."""
+    port = free_port()
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "app:create_app()"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 40
+        while not _healthy(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start; see {log_path}")
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
 
 
 def drop_queue_keys(redis_url: str, queue: str) -> None:

@@ -11,9 +11,9 @@ from sqlalchemy import Engine, event, func, select
 
 from app.config import Settings
 from app.db import Database
-from app.models import CacheInvalidation
+from app.models import CacheInvalidation, Secret
 from app.secrets import cachekeys
-from app.secrets.invalidation import Invalidator
+from app.secrets.invalidation import Delivery, Invalidator, Pending
 from app.secrets.keyring import Keyring
 from app.secrets.resolver import Resolver, ResolverUnavailableError, SecretNotFoundError, build_resolver
 from tests.support.factories import Caller, Factory, drop_queued
@@ -113,6 +113,32 @@ def test_an_edit_is_seen_by_the_next_resolve(
         got = resolver.resolve(org_id, sid)  # L1 was warm: the acknowledged invalidation dropped it
         assert (got.value, got.version) == (f"new-{i}", i + 2)
         resolver.flush_fills()
+
+
+def test_an_edit_is_acknowledged_by_every_subscribed_resolver(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str, settings: Settings
+) -> None:
+    sid = factory.secret(admin, org)["id"]
+    org_id = _org_id(db, org)
+    resolvers = [Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=settings.queue) for _ in range(3)]
+    try:
+        assert all(r.wait_until_listening() for r in resolvers)
+        for r in resolvers:
+            r.resolve(org_id, sid)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            invalidator = Invalidator(client, db, namespace=settings.queue, ack_timeout=5.0)
+            with db.session() as s:
+                version, revision = s.execute(select(Secret.version, Secret.revision).where(Secret.id == sid)).one()
+            pending = Pending("outbox-row", org_id, sid, cachekeys.pointer(version, revision + 1))
+            delivery = invalidator.apply(pending)
+        finally:
+            client.close()
+        # Three subscribers (the channel is this session's own), three acknowledgements.
+        assert delivery == Delivery(subscribers=3, acknowledged=3) and delivery.complete
+    finally:
+        for r in resolvers:
+            r.close()
 
 
 def test_allowed_hosts_change_invalidates_without_a_version_bump(
