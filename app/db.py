@@ -7,13 +7,13 @@ import os
 import secrets as _random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, Engine, MetaData, Table, bindparam, create_engine, event, insert, text, update
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -25,6 +25,9 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -142,9 +145,11 @@ class Database:
         self.engine: Engine | None = None
         self.sessionmaker: sessionmaker[Session] | None = None
         self._senders: dict[str, Callable[[list[Any]], None]] = {}
+        self._autocommit: Engine | None = None
 
     def configure(self, url: str, **kwargs: Any) -> None:
         self.engine = make_engine(url, **kwargs)
+        self._autocommit = None
         self.sessionmaker = sessionmaker(
             self.engine, class_=UnitOfWork, expire_on_commit=False, info={"latchkey.database": self}
         )
@@ -165,15 +170,53 @@ class Database:
                 raise UnitOfWorkError(f"{len(items)} {kind} item(s) were queued, but this database sends no {kind}")
             send(items)
 
+    def autocommit(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)``: ONE statement that is atomic on its own and safe to repeat.
+
+        For a worker's job transitions (claim, lease renewal, release, outcome: two or three
+        per job). On PostgreSQL the statement runs on an autocommit connection of a pool of its
+        own without a pre-ping: no ping, BEGIN or COMMIT round trip around it, one round trip in
+        all. A connection found dead instead (the server restarted since it was pooled) is
+        discarded and ``fn`` is run once more on a new one, which is why ``fn`` must be safe to
+        repeat (a statement may have been applied just before its connection broke). Anything
+        needing more than one statement uses :meth:`session`. SQLite (in process) gets an
+        ordinary session.
+        """
+        assert self.sessionmaker is not None and self.engine is not None, "Database is not configured"
+        if self.engine.dialect.name != "postgresql":
+            with self.session() as s:
+                return fn(s)
+        if self._autocommit is None:
+            self._autocommit = make_engine(
+                self.engine.url.render_as_string(hide_password=False),
+                pool_pre_ping=False,
+                isolation_level="AUTOCOMMIT",
+                pool_size=4,
+                max_overflow=8,
+            )
+        try:
+            with self._unit(self.sessionmaker(bind=self._autocommit)) as s:
+                return fn(s)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        with self._unit(self.sessionmaker(bind=self._autocommit)) as s:
+            return fn(s)
+
     def dispose(self) -> None:
         if self.engine is not None:
             self.engine.dispose()
+        if self._autocommit is not None:
+            self._autocommit.dispose()
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self) -> AbstractContextManager[Session]:
         """One unit of work: commit (then send what it queued) on success, roll back on any error."""
         assert self.sessionmaker is not None, "Database is not configured"
-        session = self.sessionmaker()
+        return self._unit(self.sessionmaker())
+
+    @staticmethod
+    @contextmanager
+    def _unit(session: Session) -> Iterator[Session]:
         try:
             yield session
             session.commit()

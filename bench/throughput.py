@@ -3,16 +3,26 @@
 Two real worker processes (``celery -A app.worker worker -P threads -c 4``, the same processes for
 both) consume this run's queue on the real Redis broker (database 13). In alternating rounds:
 
-* **bare**: ``send_task("bench.noop")`` N times from one thread, then every result awaited
-  (Celery's result backend): the broker, the worker and Celery, nothing of Latchkey;
+* **bare**: N ``send_task("bench.noop")``, then every result awaited (Celery's result backend):
+  the broker, the worker and Celery, nothing of Latchkey;
 * **Latchkey**: N ``POST /api/v1/admin/jobs/ping`` through the Flask test client (in process:
-  authentication, the jobs row, publish on commit), then the jobs table polled until every row
-  is ``succeeded`` (the worker claims the row, holds its lease, records the outcome).
+  authentication, the jobs row and its audit event, commit, publish), then the jobs table polled
+  until every row is ``succeeded`` (the worker claims the row, holds its lease, records the outcome).
+
+Both sides are sent from ``--clients`` threads (default 1; each Latchkey thread has its own test
+client). The comparison is what one client (or K) gets through each path on the same machine in
+the same run. The Latchkey side's web tier runs in this process, on the client's thread: its CPU
+(Flask, the token lookup, four statements, the publish) is part of what is measured, as it is part
+of what a job costs; the bare side's client only publishes. With one client the Latchkey side is
+bound by the request's latency (its round trips: pre-ping, BEGIN, four statements, COMMIT, two
+Redis commands), the bare side by the workers; with several clients the request round trips
+overlap, as they do behind a multi-worker web server, while the GIL still serialises the web tier's
+Python in this one process (a deployed web tier has processes of its own).
 
 Reported: jobs/s of each (median over the rounds) and their ratio. Goal: Latchkey's overhead at
 most 1.5x the bare task's.
 
-    .venv/bin/python -m bench.throughput [--n N] [--rounds R] [--json PATH] [--strict]
+    .venv/bin/python -m bench.throughput [--n N] [--rounds R] [--clients K] [--json PATH] [--strict]
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +61,36 @@ GOAL_RATIO = 1.5
 WORKERS = 2
 
 
-def _bare(producer: Any, n: int) -> float:
+def _spread(n: int, clients: int, send: Callable[[int], list[Any]]) -> list[Any]:
+    """``send(k)`` for k jobs on each of ``clients`` threads (n in all); everything they sent."""
+    if clients == 1:
+        return send(n)
+    shares = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return [item for batch in pool.map(send, shares) for item in batch]
+
+
+def _bare(producer: Any, n: int, clients: int = 1) -> float:
     t0 = time.perf_counter()
-    results = [producer.send_task("bench.noop") for _ in range(n)]
+    results = _spread(n, clients, lambda k: [producer.send_task("bench.noop") for _ in range(k)])
     for result in results:
         result.get(timeout=60)
     return n / (time.perf_counter() - t0)
 
 
-def _latchkey(client: Any, headers: dict[str, str], poll: psycopg.Connection[Any], n: int) -> float:
+def _latchkey(app: Any, headers: dict[str, str], poll: psycopg.Connection[Any], n: int, clients: int = 1) -> float:
+    def send(k: int) -> list[str]:
+        client = app.test_client()  # one per thread
+        sent = []
+        for _ in range(k):
+            resp = client.post("/api/v1/admin/jobs/ping", headers=headers)
+            if resp.status_code != 202:
+                raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status_code}")
+            sent.append(resp.get_json()["job"]["id"])
+        return sent
+
     t0 = time.perf_counter()
-    ids = []
-    for _ in range(n):
-        resp = client.post("/api/v1/admin/jobs/ping", headers=headers)
-        if resp.status_code != 202:
-            raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status_code}")
-        ids.append(resp.get_json()["job"]["id"])
+    ids = _spread(n, clients, send)
     deadline = time.monotonic() + 120
     while True:
         done = poll.execute(
@@ -84,7 +110,6 @@ def run(args: argparse.Namespace, report: Report) -> None:
     with throwaway_database("throughput") as url:
         settings = make_settings(url, REDIS_URL, keys, queue=queue)
         app = create_app(settings)
-        client = app.test_client()
         operator = make_user(app.extensions["latchkey.db"], operator=True)
         headers = {"Authorization": f"Bearer {operator.token}"}
         poll = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
@@ -96,11 +121,11 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 spawned_worker(settings, logs / f"{queue}-1.log", 4, include=["bench.noop_tasks"]) as (_p1, producer),
                 spawned_worker(settings, logs / f"{queue}-2.log", 4, include=["bench.noop_tasks"]),
             ):
-                _bare(producer, 50)  # warm-up: connections, pools, imports
-                _latchkey(client, headers, poll, 50)
+                _bare(producer, 50, args.clients)  # warm-up: connections, pools, imports
+                _latchkey(app, headers, poll, 50, args.clients)
                 for _ in range(args.rounds):
-                    bare.append(_bare(producer, args.n))
-                    ours.append(_latchkey(client, headers, poll, args.n))
+                    bare.append(_bare(producer, args.n, args.clients))
+                    ours.append(_latchkey(app, headers, poll, args.n, args.clients))
         finally:
             poll.close()
             app.extensions["latchkey.db"].dispose()
@@ -115,6 +140,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     ratio = bare_rate / our_rate
     report.results = {
         "workers": WORKERS,
+        "clients": args.clients,
         "jobs_per_round": args.n,
         "bare_celery_jobs_per_s": {"median": bare_rate, "rounds": bare},
         "latchkey_api_jobs_per_s": {"median": our_rate, "rounds": ours},
@@ -135,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=1, help="client threads on each side (default 1)")
     parser.add_argument("--json", default="bench/results/throughput.json")
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
     report = Report("throughput", machine=machine_info())
-    report.config = {"n": args.n, "rounds": args.rounds, "workers": WORKERS}
+    report.config = {"n": args.n, "rounds": args.rounds, "workers": WORKERS, "clients": args.clients}
     run(args, report)
     r = report.results
     bare, ours = r["bare_celery_jobs_per_s"], r["latchkey_api_jobs_per_s"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -62,26 +62,59 @@ def compute_hash(event: AuditEvent | Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(fields)).hexdigest()
 
 
-def _lock_heads(session: Session, chains: list[str]) -> dict[str, tuple[int, str]]:
-    """Create missing heads, then lock every head of ``chains`` (in chain order: no deadlock).
+def _upsert_heads(insert_fn: Any, values: Any) -> Any:
+    # ON CONFLICT DO UPDATE (a no-op update) locks an existing head and RETURNING reads it: one
+    # statement where "create if missing" + "SELECT ... FOR UPDATE" took two.
+    stmt = insert_fn(AUDIT_HEADS).values(values)
+    return stmt.on_conflict_do_update(
+        index_elements=[AUDIT_HEADS.c.chain], set_={"chain": stmt.excluded.chain}
+    ).returning(AUDIT_HEADS.c.chain, AUDIT_HEADS.c.seq, AUDIT_HEADS.c.hash)
 
-    Three statements whatever the number of chains: a batch job appending to a hundred
-    orgs' chains locks them all at once.
+
+# One chain, one event (an API request's): statements built once, bound parameters only.
+# Parameter names are prefixed: a key named like an audit_heads column would become a SET clause.
+_LOCK_ONE = {
+    name: _upsert_heads(fn, {"chain": bindparam("b_chain"), "seq": 0, "hash": GENESIS})
+    for name, fn in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+_APPEND_ONE = (
+    update(AUDIT_HEADS)
+    .where(AUDIT_HEADS.c.chain == bindparam("b_chain"))
+    .values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
+    # PostgreSQL runs a data-modifying WITH even though the UPDATE does not read it: the event
+    # and the head that points at it are written by one statement (one round trip).
+    .add_cte(
+        insert(AUDIT_EVENTS)
+        .values({c.name: bindparam(f"e_{c.name}", type_=c.type) for c in AUDIT_EVENTS.c})
+        .cte("appended")
+    )
+)
+
+
+def _lock_heads(session: Session, chains: list[str]) -> dict[str, tuple[int, str]]:
+    """Create missing heads and lock every head of ``chains`` (in chain order: no deadlock).
+
+    One statement whatever the number of chains: a batch job appending to a hundred orgs'
+    chains locks them all at once. The rows are inserted, hence locked, in the order given.
     """
     dialect = session.get_bind().dialect.name
-    insert_fn: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(
-        insert_fn(AUDIT_HEADS)
-        .values([{"chain": c, "seq": 0, "hash": GENESIS} for c in chains])
-        .on_conflict_do_nothing()
-    )
-    rows = session.execute(
-        select(AUDIT_HEADS.c.chain, AUDIT_HEADS.c.seq, AUDIT_HEADS.c.hash)
-        .where(AUDIT_HEADS.c.chain.in_(chains))
-        .order_by(AUDIT_HEADS.c.chain)
-        .with_for_update()
-    )
-    return {chain: (seq, digest) for chain, seq, digest in rows}
+    if len(chains) == 1:
+        stmt, params = _LOCK_ONE[dialect], {"b_chain": chains[0]}
+    else:
+        insert_fn: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt, params = _upsert_heads(insert_fn, [{"chain": c, "seq": 0, "hash": GENESIS} for c in chains]), {}
+    return {chain: (seq, digest) for chain, seq, digest in session.execute(stmt, params)}
+
+
+def _append(session: Session, rows: list[dict[str, Any]], moved: list[dict[str, Any]]) -> None:
+    """Insert the events and move the heads to them."""
+    if len(rows) == 1 and session.get_bind().dialect.name == "postgresql":
+        (head,) = moved
+        params = {f"e_{k}": v for k, v in rows[0].items()}
+        session.execute(_APPEND_ONE, {"b_chain": head["chain"], "b_seq": head["seq"], "b_hash": head["hash"], **params})
+        return
+    bulk_insert(session, AUDIT_EVENTS, rows)
+    bulk_update(session, AUDIT_HEADS, moved, key="chain")
 
 
 @dataclass(frozen=True)
@@ -148,8 +181,7 @@ def record_many(session: Session, ctx: RequestContext, entries: Sequence[Entry])
             row["hash"] = prev = compute_hash(row)
             rows.append(row)
         moved.append({"chain": chain, "seq": seq, "hash": prev})
-    bulk_insert(session, AUDIT_EVENTS, rows)
-    bulk_update(session, AUDIT_HEADS, moved, key="chain")
+    _append(session, rows, moved)
     return len(rows)
 
 

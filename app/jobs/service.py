@@ -12,10 +12,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, literal, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Integer, Row, String, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from app.access import OrgAccess
 from app.audit import service as audit
@@ -36,6 +37,25 @@ class Publication:
     task: str
 
 
+JOBS = cast(Table, Job.__table__)
+_INSERT_JOB = insert(JOBS)
+# The columns a new job starts with besides those create_job sets.
+_NEW_JOB: dict[str, Any] = {
+    "status": JobStatus.QUEUED,
+    "progress_done": 0,
+    "progress_total": None,
+    "result": None,
+    "error_code": None,
+    "error_message": None,
+    "resolved_secrets": None,
+    "attempts": 0,
+    "lease_expires_at": None,
+    "leased_by": None,
+    "started_at": None,
+    "finished_at": None,
+}
+
+
 def create_job(
     session: Session,
     ctx: RequestContext,
@@ -54,19 +74,27 @@ def create_job(
     ``kind`` is the Celery task name (``<domain>.<verb_noun>``), so a job can always be
     re-published from its row alone.
     """
-    job = Job(
-        id=new_id(),
-        org_id=org_id,
-        kind=kind,
-        parent_id=parent_id,
-        status=JobStatus.QUEUED,
-        params=params or {},
-        created_by=ctx.actor.id,
-        created_at=utcnow(),
-        updated_at=utcnow(),
-    )
+    now = utcnow()
+    row: dict[str, Any] = {
+        **_NEW_JOB,
+        "id": new_id(),
+        "org_id": org_id,
+        "kind": kind,
+        "parent_id": parent_id,
+        "params": params or {},
+        "created_by": ctx.actor.id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    # Every job creation pays for this: one prebuilt INSERT instead of the ORM's flush of a new
+    # object (its unit-of-work pass cost more CPU than the round trip; bench/throughput.py). The
+    # row is then attached as the persistent object it is, every column known, so reading it
+    # costs no query and a later change to it is flushed as an UPDATE like any other.
+    session.flush()  # the caller's pending rows first: the job may refer to them
+    session.execute(_INSERT_JOB, row)
+    job = Job(**row)
+    make_transient_to_detached(job)
     session.add(job)
-    session.flush()
     if publish:
         defer(session, "publish", Publication(job.id, kind))
     audit.record(
@@ -143,6 +171,95 @@ def list_jobs(session: Session, org_id: str | None, kinds: Sequence[str], *, lim
 # A worker holds a running job through a lease: ``leased_by`` names the holder (one id per
 # claim) and ``lease_expires_at`` says until when. Every transition a worker makes is one
 # conditional UPDATE, so two workers can never both believe they hold a job.
+#
+# Every job pays for a claim and an outcome, so these are Core statements on the ``jobs``
+# table built once, with bound parameters: building an expression per call and the ORM's
+# bulk-update path cost more CPU than the round trip itself (bench/throughput.py). A job row
+# the session has loaded is expired instead, so it reads the new state on next access.
+# Parameter names carry a ``b_`` prefix: a key named like a column would become a SET clause.
+#
+# Each of them is also safe to run twice (``Database.autocommit`` repeats one whose connection
+# was found dead): a repeated claim finds the job held (None: the lease lapses, the sweep
+# re-queues it), a repeated outcome or release finds it no longer held (False), a repeated
+# renewal renews.
+
+_J = JOBS.c
+_NOW = bindparam("b_now", type_=UTCDateTime())
+_ID = bindparam("b_job_id", type_=String())
+_HOLDER = bindparam("b_holder", type_=String())
+
+
+def _held_by(holder: Any) -> Any:
+    return and_(_J.id == _ID, _J.status == JobStatus.RUNNING, _J.leased_by == holder)
+
+
+def _claim_stmt(capped: bool) -> Any:
+    stmt = update(JOBS).where(
+        _J.id == _ID,
+        or_(_J.status == JobStatus.QUEUED, and_(_J.status == JobStatus.RUNNING, _J.lease_expires_at < _NOW)),
+    )
+    if capped:
+        stmt = stmt.where(_J.attempts < bindparam("b_max_attempts", type_=Integer()))
+    return stmt.values(
+        status=JobStatus.RUNNING,
+        attempts=_J.attempts + 1,
+        leased_by=_HOLDER,
+        lease_expires_at=bindparam("b_expires", type_=UTCDateTime()),
+        started_at=func.coalesce(_J.started_at, _NOW),
+        updated_at=_NOW,
+    ).returning(*JOBS.c)
+
+
+_CLAIM = {capped: _claim_stmt(capped) for capped in (False, True)}
+_RENEW = (
+    update(JOBS)
+    .where(_held_by(_HOLDER))
+    .values(lease_expires_at=bindparam("b_expires", type_=UTCDateTime()), updated_at=_NOW)
+)
+_RELEASE = (
+    update(JOBS)
+    .where(_held_by(_HOLDER))
+    .values(status=JobStatus.QUEUED, leased_by=None, lease_expires_at=None, updated_at=_NOW)
+)
+# Only an unfinished job can finish: a late worker cannot overwrite a job the web tier has
+# already failed (for instance a reveal that timed out), and a failure cannot undo a success.
+# A worker passes its lease: then only the current holder of the running job can finish it,
+# so a worker whose lease was taken over (it stalled past the lease) cannot finish it too.
+_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def _finish_stmt(status: JobStatus, leased: bool) -> Any:
+    where = _held_by(_HOLDER) if leased else and_(_J.id == _ID, _J.status.in_(_UNFINISHED))
+    outcome: dict[str, Any] = {"error_code": None, "error_message": None}
+    if status == JobStatus.SUCCEEDED:
+        outcome["result"] = bindparam("b_result", type_=JOBS.c.result.type)
+    else:
+        code, message = bindparam("b_code", type_=String()), bindparam("b_message", type_=String())
+        outcome = {"error_code": code, "error_message": message}
+    return (
+        update(JOBS)
+        .where(where)
+        .values(status=status, finished_at=_NOW, updated_at=_NOW, lease_expires_at=None, **outcome)
+    )
+
+
+_FINISH = {
+    (status, leased): _finish_stmt(status, leased)
+    for status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+    for leased in (False, True)
+}
+
+
+def _transition(session: Session, job_id: str, stmt: Any, params: dict[str, Any]) -> Any:
+    result = session.execute(stmt, {"b_job_id": job_id, "b_now": utcnow(), **params})
+    loaded = session.identity_map.get(identity_key(Job, job_id))
+    if loaded is not None:
+        session.expire(loaded)
+    return result
+
+
+def _changed(session: Session, job_id: str, stmt: Any, params: dict[str, Any]) -> bool:
+    return bool(getattr(_transition(session, job_id, stmt, params), "rowcount", 0))
 
 
 def claim(
@@ -152,53 +269,27 @@ def claim(
     lease_seconds: float | None = None,
     *,
     max_attempts: int | None = None,
-) -> Job | None:
+) -> Row[Any] | None:
     """Take a job: ``queued``, or ``running`` with an expired lease, and under the attempts cap.
 
     One conditional UPDATE: the job becomes ``running``, held by ``worker_id`` until
     ``lease_seconds`` from now (``None``: no expiry, for a job run in-process such as the CLI's
-    backfill, which no sweep may take away), with ``attempts + 1``. None when nothing matched:
-    the job is finished, running under a live lease elsewhere, or out of attempts.
+    backfill, which no sweep may take away), with ``attempts + 1``. Returns the claimed row
+    (every column of ``jobs``, by name); None when nothing matched: the job is finished,
+    running under a live lease elsewhere, or out of attempts.
     """
-    now = utcnow()
-    takeable = or_(
-        Job.status == JobStatus.QUEUED,
-        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
-    )
-    stmt = update(Job).where(Job.id == job_id, takeable)
+    expires = None if lease_seconds is None else utcnow() + timedelta(seconds=lease_seconds)
+    params: dict[str, Any] = {"b_holder": worker_id, "b_expires": expires}
     if max_attempts is not None:
-        stmt = stmt.where(Job.attempts < max_attempts)
-    expires = None if lease_seconds is None else now + timedelta(seconds=lease_seconds)
-    claimed = session.scalars(
-        stmt.values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            leased_by=worker_id,
-            lease_expires_at=expires,
-            started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
-            updated_at=now,
-        )
-        .returning(Job)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    ).one_or_none()
-    return claimed
-
-
-def _held(job_id: str, worker_id: str) -> Any:
-    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.leased_by == worker_id)
+        params["b_max_attempts"] = max_attempts
+    row: Row[Any] | None = _transition(session, job_id, _CLAIM[max_attempts is not None], params).one_or_none()
+    return row
 
 
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
     """Extend the lease while ``worker_id`` still holds the running job; False once it does not."""
-    now = utcnow()
-    return bool(
-        updated(
-            session,
-            update(Job)
-            .where(_held(job_id, worker_id))
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now),
-        )
-    )
+    expires = utcnow() + timedelta(seconds=lease_seconds)
+    return _changed(session, job_id, _RENEW, {"b_holder": worker_id, "b_expires": expires})
 
 
 def hold(session: Session, job_id: str, worker_id: str) -> bool:
@@ -209,20 +300,13 @@ def hold(session: Session, job_id: str, worker_id: str) -> bool:
     worker can claim it, so a worker that lost its lease cannot overwrite what the new
     holder writes. False when the job is no longer ours.
     """
-    row = session.execute(select(Job.id).where(_held(job_id, worker_id)).with_for_update()).first()
-    return row is not None
+    stmt = select(_J.id).where(_J.id == job_id, _J.status == JobStatus.RUNNING, _J.leased_by == worker_id)
+    return session.execute(stmt.with_for_update()).first() is not None
 
 
 def release(session: Session, job_id: str, worker_id: str) -> bool:
     """Give a held job back to ``queued`` (a retry is coming); False when it was not held."""
-    return bool(
-        updated(
-            session,
-            update(Job)
-            .where(_held(job_id, worker_id))
-            .values(status=JobStatus.QUEUED, leased_by=None, lease_expires_at=None, updated_at=utcnow()),
-        )
-    )
+    return _changed(session, job_id, _RELEASE, {"b_holder": worker_id})
 
 
 def touch(session: Session, job_id: str) -> None:
@@ -235,34 +319,20 @@ def set_progress(session: Session, job_id: str, done: int, total: int | None) ->
     )
 
 
-# Only an unfinished job can finish: a late worker cannot overwrite a job the web tier has
-# already failed (for instance a reveal that timed out), and a failure cannot undo a success.
-# A worker passes its lease: then only the current holder of the running job can finish it,
-# so a worker whose lease was taken over (it stalled past the lease) cannot finish it too.
-_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
-
-
-def _finish(session: Session, job_id: str, status: JobStatus, lease: str | None, **values: Any) -> bool:
-    now = utcnow()
-    where = _held(job_id, lease) if lease is not None else and_(Job.id == job_id, Job.status.in_(_UNFINISHED))
-    return bool(
-        updated(
-            session,
-            update(Job)
-            .where(where)
-            .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values),
-        )
-    )
+def _finish(session: Session, job_id: str, status: JobStatus, lease: str | None, params: dict[str, Any]) -> bool:
+    if lease is not None:
+        params["b_holder"] = lease
+    return _changed(session, job_id, _FINISH[status, lease is not None], params)
 
 
 def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None, *, lease: str | None = None) -> bool:
     """Finish a job as succeeded; False when it was already finished (or, given ``lease``, not held)."""
-    return _finish(session, job_id, JobStatus.SUCCEEDED, lease, result=result, error_code=None, error_message=None)
+    return _finish(session, job_id, JobStatus.SUCCEEDED, lease, {"b_result": result})
 
 
 def mark_failed(session: Session, job_id: str, code: str, message: str, *, lease: str | None = None) -> bool:
     """Finish a job as failed with a stable code; False as for ``mark_succeeded``."""
-    return _finish(session, job_id, JobStatus.FAILED, lease, error_code=code, error_message=message[:1000])
+    return _finish(session, job_id, JobStatus.FAILED, lease, {"b_code": code, "b_message": message[:1000]})
 
 
 def record_resolved(session: Session, job_id: str, reads: list[dict[str, Any]]) -> None:

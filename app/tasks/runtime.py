@@ -103,6 +103,7 @@ class WorkerContext:
         if celery is not None:
             self.db.on_commit("publish", Publisher(celery, self.db).publish)
         self.hostname = socket.gethostname()
+        self.leases = LeaseKeeper()
         self._lock = threading.Lock()
         self._resolver: Any = None
 
@@ -117,6 +118,7 @@ class WorkerContext:
             return self._resolver
 
     def close(self) -> None:
+        self.leases.stop()
         if self._resolver is not None:
             self._resolver.close()
         self.db.dispose()
@@ -153,8 +155,9 @@ def lease_holder(task: Task, wc: WorkerContext) -> str:
 
 
 class Heartbeat:
-    """Renews a job's lease every third of its length until stopped, or until the renewal
-    finds the job no longer held (taken over after a stall, or failed by the web tier)."""
+    """A job's lease while this worker runs it: renewed every third of its length (by the
+    process's :class:`LeaseKeeper`) until the job ends, or until a renewal finds the job no
+    longer held (taken over after a stall, or failed by the web tier)."""
 
     def __init__(self, wc: WorkerContext, job_id: str, holder: str, claimed_at: float) -> None:
         self.wc = wc
@@ -165,36 +168,99 @@ class Heartbeat:
         # successful renewal. A worker stopped (SIGSTOP, a stall) past it must assume the
         # sweep gave the job to another worker.
         self.valid_until = claimed_at + self.lease_seconds
+        self.next_renewal = claimed_at + self.lease_seconds / 3
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        # Held during a renewal; the job's end takes it, so no renewal runs after the job ended.
+        self._renewing = threading.Lock()
+        self._ended = False
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        self.wc.leases.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.wc.leases.remove(self)
+        with self._renewing:
+            self._ended = True
 
     def held(self) -> bool:
         return not self.lost.is_set() and time.monotonic() < self.valid_until
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
+    def renew(self) -> bool:
+        """Extend the lease once (the keeper calls this when it is due); False once it is lost or ended."""
+        with self._renewing:
+            if self._ended or self.lost.is_set():
+                return False
             started = time.monotonic()
             try:
-                with self.wc.db.session() as s:
-                    held = jobs.renew_lease(s, self.job_id, self.holder, self.lease_seconds)
+                held = self.wc.db.autocommit(
+                    lambda s: jobs.renew_lease(s, self.job_id, self.holder, self.lease_seconds)
+                )
             except Exception as exc:  # the database blipped: try again next beat; the lease may lapse
                 log.warning("job %s: lease renewal failed: %s", self.job_id, type(exc).__name__)
-                continue
+                self.next_renewal = started + self.lease_seconds / 3
+                return True
             if held:
                 self.valid_until = started + self.lease_seconds
-                continue
+                self.next_renewal = started + self.lease_seconds / 3
+                return True
             log.warning("job %s: lease lost; this worker will not finish the job", self.job_id)
             self.lost.set()
-            return
+            return False
+
+
+class LeaseKeeper:
+    """One thread per worker process that renews the lease of every job the process is running.
+
+    A thread per job cost a thread start and join on every job, each a wait for the GIL among
+    the pool's busy threads (bench/throughput.py); one keeper renews them all when they are due.
+    """
+
+    def __init__(self) -> None:
+        self._beats: dict[int, Heartbeat] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def add(self, beat: Heartbeat) -> None:
+        with self._wake:
+            idle = not self._beats
+            self._beats[id(beat)] = beat
+            if self._thread is None or not self._thread.is_alive():
+                self._stopped = False
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+            elif idle:
+                # The keeper sleeps until woken when it holds nothing. Otherwise it is due to wake
+                # for an older lease, which is renewed before this one (every lease has one length).
+                self._wake.notify()
+
+    def remove(self, beat: Heartbeat) -> None:
+        with self._wake:
+            self._beats.pop(id(beat), None)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                due = [b for b in self._beats.values() if b.next_renewal <= now]
+                if not due:
+                    soonest = min((b.next_renewal for b in self._beats.values()), default=None)
+                    self._wake.wait(None if soonest is None else soonest - now)
+                    continue
+            for beat in due:
+                if not beat.renew():
+                    self.remove(beat)
 
 
 def _run_job(task: Task, job_id: str, fn: JobFn) -> str:
@@ -218,11 +284,12 @@ def execute(
     """
     settings = wc.settings
     claimed_at = time.monotonic()
-    with wc.db.session() as s:
-        job = jobs.claim(s, job_id, holder, settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
-        if job is None:
-            return "skipped"  # finished, held by a live lease elsewhere, or out of attempts
-        view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts, parent_id=job.parent_id)
+    job = wc.db.autocommit(
+        lambda s: jobs.claim(s, job_id, holder, settings.job_lease_seconds, max_attempts=settings.job_max_attempts)
+    )
+    if job is None:
+        return "skipped"  # finished, held by a live lease elsewhere, or out of attempts
+    view = JobView(job.id, job.org_id, job.kind, dict(job.params or {}), job.attempts, parent_id=job.parent_id)
     with Heartbeat(wc, job_id, holder, claimed_at) as lease:
         view = replace(view, lease=lease)
         try:
@@ -233,8 +300,7 @@ def execute(
                 raise TransientError("database_unavailable", "the database was unavailable") from exc
         except TransientError as exc:
             if retry is not None and view.attempts < settings.job_max_attempts:
-                with wc.db.session() as s:
-                    released = jobs.release(s, job_id, holder)
+                released = wc.db.autocommit(lambda s: jobs.release(s, job_id, holder))
                 if not released:
                     return "lost"
                 log.warning("job %s (%s): transient %s, retrying", job_id, view.kind, exc.code)
@@ -252,14 +318,12 @@ def execute(
             # The type name only: messages of unexpected errors may quote data.
             log.error("job %s (%s) crashed: %s", job_id, view.kind, type(exc).__name__)
             return _fail(wc, job_id, holder, "internal_error", "the job failed unexpectedly")
-        with wc.db.session() as s:
-            finished = jobs.mark_succeeded(s, job_id, result, lease=holder)
+        finished = wc.db.autocommit(lambda s: jobs.mark_succeeded(s, job_id, result, lease=holder))
     return JobStatus.SUCCEEDED if finished else _not_finished(job_id)
 
 
 def _fail(wc: WorkerContext, job_id: str, holder: str, code: str, message: str) -> str:
-    with wc.db.session() as s:
-        finished = jobs.mark_failed(s, job_id, code, message, lease=holder)
+    finished = wc.db.autocommit(lambda s: jobs.mark_failed(s, job_id, code, message, lease=holder))
     return JobStatus.FAILED if finished else _not_finished(job_id)
 
 

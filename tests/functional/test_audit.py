@@ -9,7 +9,7 @@ from sqlalchemy import delete, select, update
 
 from app.audit import service as audit
 from app.models import AuditEvent, AuditHead, Org
-from tests.support.factories import Caller, Factory
+from tests.support.factories import CTX, Caller, Factory
 
 
 def _org_id(db: Any, slug: str) -> str:
@@ -161,3 +161,50 @@ def test_concurrent_appends_never_fork_the_chain(admin: Caller, org: str, db: An
         head = s.get(AuditHead, org_id)
     assert report.ok, report.problems
     assert head is not None and head.seq == report.events == 26  # org.create, the admin membership, 24 creates
+
+
+def test_parallel_instance_jobs_each_get_one_event_on_an_unforked_instance_chain(factory: Factory, db: Any) -> None:
+    # Every instance job (an operator's ping) appends to the one instance chain: its head is the
+    # hottest row of the audit log, locked, read and moved by two statements per request.
+    operator = factory.user(operator=True)
+    with db.session() as s:
+        before = audit.verify_chain(s, audit.INSTANCE_CHAIN).events
+
+    def ping(_i: int) -> str:
+        resp = operator.post("admin/jobs/ping")
+        assert resp.status_code == 202, resp.get_json()
+        job_id: str = resp.get_json()["job"]["id"]
+        return job_id
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        job_ids = list(pool.map(ping, range(36)))
+    with db.session() as s:
+        report = audit.verify_chain(s, audit.INSTANCE_CHAIN)
+        head = s.get(AuditHead, audit.INSTANCE_CHAIN)
+        created = s.scalars(
+            select(AuditEvent.target_id).where(
+                AuditEvent.chain == audit.INSTANCE_CHAIN, AuditEvent.action == "job.create"
+            )
+        ).all()
+    assert report.ok, report.problems
+    assert report.events == before + 36 and head is not None and head.seq == report.events
+    assert sorted(created) == sorted(job_ids)
+
+
+def test_a_batch_over_several_chains_appends_to_each_in_order(factory: Factory, db: Any) -> None:
+    slugs = [factory.org() for _ in range(3)]
+    org_ids = [_org_id(db, slug) for slug in slugs]
+    entries = [audit.Entry("batch.step", org_id, "org", org_id, {"n": n}) for n in range(2) for org_id in org_ids]
+    with db.session() as s:
+        assert audit.record_many(s, CTX, [*entries, audit.Entry("batch.done", None)]) == 7
+    with db.session() as s:
+        for org_id in org_ids:
+            report = audit.verify_chain(s, org_id)
+            assert report.ok and report.events == 3, report.problems  # org.create, then the batch's two
+            steps = s.scalars(
+                select(AuditEvent.details)
+                .where(AuditEvent.chain == org_id, AuditEvent.action == "batch.step")
+                .order_by(AuditEvent.seq)
+            ).all()
+            assert steps == [{"n": 0}, {"n": 1}]
+        assert audit.verify_chain(s, audit.INSTANCE_CHAIN).ok
