@@ -28,6 +28,8 @@ most 1.5x the bare task's.
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import statistics
 import sys
@@ -35,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,7 @@ from bench.common import (
     throwaway_database,
     write_json,
 )
-from tests.support.processes import spawned_worker
+from tests.support.processes import spawned_worker, web_env, web_server
 
 GOAL_RATIO = 1.5
 WORKERS = 2
@@ -78,8 +81,26 @@ def _bare(producer: Any, n: int, clients: int = 1) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _latchkey(app: Any, headers: dict[str, str], poll: psycopg.Connection[Any], n: int, clients: int = 1) -> float:
+def _http_post(port: int, headers: dict[str, str]) -> str:
+    """One ``POST /api/v1/admin/jobs/ping`` to the gunicorn web tier; the job id."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/api/v1/admin/jobs/ping", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 202:
+        raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status}")
+    return str(json.loads(body)["job"]["id"])
+
+
+def _latchkey(
+    app: Any, headers: dict[str, str], poll: psycopg.Connection[Any], n: int, clients: int = 1, port: int | None = None
+) -> float:
     def send(k: int) -> list[str]:
+        if port is not None:
+            return [_http_post(port, headers) for _ in range(k)]
         client = app.test_client()  # one per thread
         sent = []
         for _ in range(k):
@@ -117,15 +138,19 @@ def run(args: argparse.Namespace, report: Report) -> None:
         bare: list[float] = []
         ours: list[float] = []
         try:
-            with (
-                spawned_worker(settings, logs / f"{queue}-1.log", 4, include=["bench.noop_tasks"]) as (_p1, producer),
-                spawned_worker(settings, logs / f"{queue}-2.log", 4, include=["bench.noop_tasks"]),
-            ):
+            with ExitStack() as stack:
+                _p1, producer = stack.enter_context(
+                    spawned_worker(settings, logs / f"{queue}-1.log", 4, include=["bench.noop_tasks"])
+                )
+                stack.enter_context(spawned_worker(settings, logs / f"{queue}-2.log", 4, include=["bench.noop_tasks"]))
+                port = None
+                if args.web == "gunicorn":
+                    port = stack.enter_context(web_server(web_env(settings), logs / f"{queue}-web.log", workers=2))
                 _bare(producer, 50, args.clients)  # warm-up: connections, pools, imports
-                _latchkey(app, headers, poll, 50, args.clients)
+                _latchkey(app, headers, poll, 50, args.clients, port)
                 for _ in range(args.rounds):
                     bare.append(_bare(producer, args.n, args.clients))
-                    ours.append(_latchkey(app, headers, poll, args.n, args.clients))
+                    ours.append(_latchkey(app, headers, poll, args.n, args.clients, port))
         finally:
             poll.close()
             app.extensions["latchkey.db"].dispose()
@@ -141,6 +166,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     report.results = {
         "workers": WORKERS,
         "clients": args.clients,
+        "web": args.web,
         "jobs_per_round": args.n,
         "bare_celery_jobs_per_s": {"median": bare_rate, "rounds": bare},
         "latchkey_api_jobs_per_s": {"median": our_rate, "rounds": ours},
@@ -162,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=1, help="client threads on each side (default 1)")
+    parser.add_argument(
+        "--web",
+        choices=("inprocess", "gunicorn"),
+        default="inprocess",
+        help="the API through Flask's test client in this process (default), or over HTTP to gunicorn"
+        " with 2 web processes, as the Procfile runs it",
+    )
     parser.add_argument("--json", default="bench/results/throughput.json")
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
     report = Report("throughput", machine=machine_info())
-    report.config = {"n": args.n, "rounds": args.rounds, "workers": WORKERS, "clients": args.clients}
+    report.config = {"n": args.n, "rounds": args.rounds, "workers": WORKERS, "clients": args.clients, "web": args.web}
     run(args, report)
     r = report.results
     bare, ours = r["bare_celery_jobs_per_s"], r["latchkey_api_jobs_per_s"]
