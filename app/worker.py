@@ -19,16 +19,17 @@ docs/observability.md). Celery's logging signals hand the worker's handlers to
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Any
 
 from celery import Celery, signals
 
-from app import extensions
+from app import broker, extensions
 from app.config import ConfigError, Settings, load_settings
 from app.jobs.names import TaskName
 from app.secrets.checks import check_worker_keys
-from app.tasks.runtime import VISIBILITY_TIMEOUT
+from app.tasks.runtime import HARD_GRACE_SECONDS, LONGEST_TIME_LIMIT, VISIBILITY_TIMEOUT
 
 # Modules whose tasks every worker registers: app/tasks/ and the extensions' (app/extensions.py).
 TASK_MODULES = [
@@ -39,6 +40,8 @@ TASK_MODULES = [
     "app.tasks.keys",
     *extensions.module_names("tasks"),
 ]
+
+log = logging.getLogger("latchkey.worker")
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -70,10 +73,19 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=270,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
-        # An unacknowledged message is delivered again after this: just above the longest hard
-        # time limit, so a message is never redelivered while its task may still be running.
-        # Recovering a dead worker's job is the lease sweep's business, not this timeout's.
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        # Redis: an unacknowledged message is delivered again after VISIBILITY_TIMEOUT, just above
+        # the longest hard time limit, so a message is never redelivered while its task may still
+        # be running. RabbitMQ: publisher confirms (a refused publish raises); its redelivery
+        # timer is the broker's consumer_timeout, checked at worker start (app/broker.py).
+        # Recovering a dead worker's job is the lease sweep's business, not these timeouts'.
+        broker_transport_options=broker.transport_options(
+            settings.effective_broker_url, visibility_timeout=VISIBILITY_TIMEOUT
+        ),
+        # When the broker connection drops, RabbitMQ hands the running tasks' messages to other
+        # workers; the tasks keep running here and their leases turn the copies away (skipped).
+        # Cancelling them instead (Celery's coming default) would throw away work nobody else
+        # may start before the lease lapses.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Celery keeps handlers already on the root logger; the ones it adds are adopted by
         # the after_setup_* signals below (our format and the redacting filter).
         worker_hijack_root_logger=False,
@@ -82,6 +94,12 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
         task_default_queue=settings.queue,
         broker_connection_timeout=3,
+        # RabbitMQ: AMQP heartbeats on the worker's consuming connection (producers send none),
+        # so a worker on a half-open connection (a broker restart behind a NAT, a dropped
+        # route) notices within two intervals and reconnects instead of waiting for messages
+        # that never come; the broker likewise requeues a vanished worker's messages. RabbitMQ's
+        # own default; the Redis transport has no heartbeats.
+        broker_heartbeat=60,
         beat_schedule=beat_schedule(settings),
     )
     celery.conf["latchkey_settings"] = settings
@@ -133,6 +151,17 @@ def _check_worker_config(sender: Any = None, **_: Any) -> None:
             # Celery swallows exceptions raised by signal handlers; SystemExit is not swallowed.
             sys.stderr.write(f"latchkey worker: {exc}\n")
             raise SystemExit(2) from None
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _check_broker_timeouts(sender: Any = None, **_: Any) -> None:
+    # Once the worker is up, so the line goes through its log handlers. A warning, not a
+    # refusal: the job leases keep a redelivered copy from running the job twice (tested), so
+    # what a too-short consumer timeout costs is a consumer restart, not correctness.
+    settings = _settings_of(sender)
+    problem = broker.consumer_timeout_problem(settings, LONGEST_TIME_LIMIT + HARD_GRACE_SECONDS) if settings else None
+    if problem:
+        log.warning("broker: %s", problem)
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]

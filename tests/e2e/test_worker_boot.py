@@ -16,7 +16,7 @@ from celery.contrib.testing.worker import start_worker
 
 from app.config import Environment, Settings
 from app.worker import make_celery
-from tests.support.processes import drop_queue_keys
+from tests.support.processes import drop_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = Path(sys.executable).parent / "celery"
@@ -53,7 +53,7 @@ def test_broker_and_settings_come_from_the_given_settings(settings: Settings, ce
         other.close()
 
 
-def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, redis_url: str) -> None:
+def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, settings: Settings) -> None:
     # A private queue and node name, so a concurrent test session on the same Redis cannot interfere.
     queue = f"latchkey-test-{uuid.uuid4().hex[:12]}"
     celery_app.conf.task_default_queue = queue
@@ -72,7 +72,7 @@ def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, r
             replies = celery_app.control.ping(destination=[hostname], timeout=5)
             assert replies == [{hostname: {"ok": "pong"}}]
     finally:
-        drop_queue_keys(redis_url, queue)
+        drop_queue(settings, queue)
 
 
 def test_worker_refuses_to_boot_in_production_without_a_keyring(settings: Settings) -> None:
