@@ -86,6 +86,11 @@ def make_celery(settings: Settings) -> Celery:
         # Cancelling them instead (Celery's coming default) would throw away work nobody else
         # may start before the lease lapses.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # A channel the broker closed (RabbitMQ's consumer timeout, a queue deleted under the
+        # consumer) restarts the consumer like a lost connection does. Celery's default treats
+        # it as unrecoverable and shuts the worker down: every worker running a long job would
+        # stop when the consumer timeout fired (found by tests/e2e/workers/test_brokers.py).
+        broker_channel_error_retry=True,
         # Celery keeps handlers already on the root logger; the ones it adds are adopted by
         # the after_setup_* signals below (our format and the redacting filter).
         worker_hijack_root_logger=False,

@@ -154,7 +154,7 @@ def session_vhost_name() -> str:
     return f"{VHOST_PREFIX}{worker_suffix()}_{os.getpid()}"
 
 
-def _rabbitmqctl(*args: str) -> str:
+def rabbitmqctl(*args: str) -> str:
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
         raise RuntimeError("LATCHKEY_TEST_BROKER=rabbitmq needs rabbitmqctl (the local RabbitMQ server)")
@@ -166,16 +166,16 @@ def _rabbitmqctl(*args: str) -> str:
 
 def rabbitmq_eval(expression: str) -> str:
     """Evaluate an Erlang expression on the local RabbitMQ node (test-only broker surgery)."""
-    return _rabbitmqctl("eval", expression).strip()
+    return rabbitmqctl("eval", expression).strip()
 
 
 def drop_stale_vhosts() -> None:
     """Delete test virtual hosts left behind by sessions whose process is gone."""
-    for name in _rabbitmqctl("list_vhosts", "--no-table-headers", "name").split():
+    for name in rabbitmqctl("list_vhosts", "--no-table-headers", "name").split():
         pid = name.rsplit("_", 1)[-1]
         if name.startswith(VHOST_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
             try:
-                _rabbitmqctl("delete_vhost", name)
+                rabbitmqctl("delete_vhost", name)
             except RuntimeError:
                 pass  # another session (an xdist sibling) deleted it first
 
@@ -186,15 +186,15 @@ def fresh_vhost(name: str) -> str:
         # Asked for RabbitMQ: falling back to Redis would pass without testing what was asked.
         raise RuntimeError(f"LATCHKEY_TEST_BROKER=rabbitmq but nothing listens on {RABBITMQ_HOST}:{RABBITMQ_PORT}")
     drop_stale_vhosts()
-    if name in _rabbitmqctl("list_vhosts", "--no-table-headers", "name").split():
-        _rabbitmqctl("delete_vhost", name)
-    _rabbitmqctl("add_vhost", name)
-    _rabbitmqctl("set_permissions", "-p", name, RABBITMQ_USER, ".*", ".*", ".*")
+    if name in rabbitmqctl("list_vhosts", "--no-table-headers", "name").split():
+        rabbitmqctl("delete_vhost", name)
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, RABBITMQ_USER, ".*", ".*", ".*")
     return f"amqp://{RABBITMQ_USER}:{RABBITMQ_USER}@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{name}"
 
 
 def delete_vhost(name: str) -> None:
-    _rabbitmqctl("delete_vhost", name)
+    rabbitmqctl("delete_vhost", name)
 
 
 def broker_url() -> str | None:
