@@ -24,7 +24,6 @@ from tests.support.backends import rabbitmq_eval, rabbitmqctl
 _SHORTEN = """
 VHost = <<"{vhost}">>, Ms = {ms},
 {{ok, Default}} = application:get_env(rabbit, consumer_timeout),
-{{ok, Tick}} = application:get_env(rabbit, channel_tick_interval),
 {{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(VHost, queue, <<"{queue}">>)),
 Pids = lists:usort([element(1, C) || C <- rabbit_amqqueue:consumers(Q)]),
 Set = fun(GS) ->
@@ -33,26 +32,34 @@ Set = fun(GS) ->
     setelement(4, GS, setelement(2, Ch, setelement(18, Conf, Ms)))
 end,
 [sys:replace_state(P, Set) || P <- Pids],
+length(Pids).
+"""
+
+_SET_TICK = """
+{{ok, Tick}} = application:get_env(rabbit, channel_tick_interval),
 ok = application:set_env(rabbit, channel_tick_interval, {tick}),
-{{Tick, length(Pids)}}.
+Tick.
 """
 
 
 @contextmanager
-def short_consumer_timeout(vhost: str, queue: str, milliseconds: int) -> Iterator[int]:
-    """Give the channels now consuming ``queue`` a consumer timeout of ``milliseconds``; yields their count.
+def short_channel_tick(milliseconds: int) -> Iterator[None]:
+    """Channels opened meanwhile check their consumer timeout every ``milliseconds`` (node default: 60 s).
 
-    The node's channel tick is shortened meanwhile (to a quarter of the timeout), so the broker
-    looks soon enough: a channel arms its tick when a delivery is outstanding, with the interval
-    set at that moment. The tick is restored afterwards; it only decides how often a check runs.
+    A channel arms its tick when it starts consuming and re-arms it with the interval of that
+    moment, so it must be short before the consumer starts. Only how often a check runs
+    changes, for any channel on the node; no channel's timeout does. Restored afterwards.
     """
-    tick = max(100, milliseconds // 4)
-    answer = rabbitmq_eval(_SHORTEN.format(vhost=vhost, queue=queue, ms=milliseconds, tick=tick))
-    before, count = (int(n) for n in answer.strip("{}").split(","))
+    before = int(rabbitmq_eval(_SET_TICK.format(tick=milliseconds)))
     try:
-        yield count
+        yield
     finally:
         rabbitmq_eval(f"application:set_env(rabbit, channel_tick_interval, {before}).")
+
+
+def shorten_consumer_timeout(vhost: str, queue: str, milliseconds: int) -> int:
+    """Give the channels now consuming ``queue`` a consumer timeout of ``milliseconds``; how many there were."""
+    return int(rabbitmq_eval(_SHORTEN.format(vhost=vhost, queue=queue, ms=milliseconds)))
 
 
 @contextmanager

@@ -74,28 +74,32 @@ def test_a_job_that_outlives_rabbitmqs_consumer_timeout_still_runs_once(
 ) -> None:
     """The broker takes the message back mid-run and delivers it again: the lease turns the copy away.
 
-    A 1 s lease renewed under a 6 s job, a 1.5 s consumer timeout on the worker's channel: the
+    A 6 s job under a 3 s lease (renewed), a 1.5 s consumer timeout on the worker's channel: the
     broker closes that channel while the job runs, the worker reconnects and receives the message
-    again (redelivered). The job keeps running on the first delivery (the worker does not cancel
-    it on a connection loss), the copy finds it held and is skipped, and the job is finished once.
+    again (redelivered) on its second thread. The job keeps running on the first delivery (the
+    worker neither stops nor cancels it on a connection loss), the copy finds it held under a live
+    lease and is skipped, and the job is finished once.
     """
-    from tests.support.rabbitmq import short_consumer_timeout
+    from tests.support.rabbitmq import short_channel_tick, shorten_consumer_timeout
 
-    with lease_queue(settings, job_lease_seconds=1.0) as custom, probe_key(redis_url) as key:
+    log = tmp_path / "w.log"
+    with (
+        lease_queue(settings, job_lease_seconds=3.0) as custom,
+        probe_key(redis_url) as key,
+        short_channel_tick(300),
+        spawned_worker(custom, log, concurrency=2, include=INCLUDE) as (_proc, producer),
+    ):
         job_id = new_job(db, "tests.lease_probe", {"key": key, "first_seconds": 6, "seconds": 0})
-        log = tmp_path / "w.log"
-        with spawned_worker(custom, log, concurrency=1, include=INCLUDE) as (_proc, producer):
-            with short_consumer_timeout(_vhost(custom), custom.queue, 1500) as channels:
-                assert channels == 1
-                producer.send_task("tests.lease_probe", args=[job_id], task_id=job_id)
-                wait_for(lambda: probe_events(redis_url, key))
-                wait_for(lambda: "delivery acknowledgement on channel" in log.read_text(), timeout=20)
+        assert shorten_consumer_timeout(_vhost(custom), custom.queue, 1500) == 1
+        producer.send_task("tests.lease_probe", args=[job_id], task_id=job_id)
+        wait_for(lambda: probe_events(redis_url, key))
+        wait_for(lambda: "delivery acknowledgement on channel" in log.read_text(), timeout=20)
 
-            def ended() -> list[str]:
-                return [line for line in log.read_text().splitlines() if f"[{job_id}] succeeded in" in line]
+        def ended() -> list[str]:
+            return [line for line in log.read_text().splitlines() if f"[{job_id}] succeeded in" in line]
 
-            wait_for(lambda: len(ended()) >= 2, timeout=30)
-            outcomes = ended()
+        wait_for(lambda: len(ended()) >= 2, timeout=30)
+        outcomes = ended()
         events = probe_events(redis_url, key)
     assert [(e["event"], e["attempt"], e["inside"]) for e in events] == [("enter", 1, 1), ("exit", 1, 0)]
     row = job_row(db, job_id)
