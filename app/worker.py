@@ -98,6 +98,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_default_queue=settings.queue,
+        task_queues=broker.task_queues(
+            settings.effective_broker_url, settings.queue, visibility_timeout=VISIBILITY_TIMEOUT
+        ),
         broker_connection_timeout=3,
         # RabbitMQ: AMQP heartbeats on the worker's consuming connection (producers send none),
         # so a worker on a half-open connection (a broker restart behind a NAT, a dropped
@@ -164,9 +167,20 @@ def _check_broker_timeouts(sender: Any = None, **_: Any) -> None:
     # refusal: the job leases keep a redelivered copy from running the job twice (tested), so
     # what a too-short consumer timeout costs is a consumer restart, not correctness.
     settings = _settings_of(sender)
-    problem = broker.consumer_timeout_problem(settings, LONGEST_TIME_LIMIT + HARD_GRACE_SECONDS) if settings else None
+    if settings is None:
+        return
+    problem = broker.consumer_timeout_problem(
+        settings, LONGEST_TIME_LIMIT + HARD_GRACE_SECONDS, _server_version(sender)
+    )
     if problem:
         log.warning("broker: %s", problem)
+
+
+def _server_version(consumer: Any) -> str | None:
+    """The broker's version as it announced itself on connecting (AMQP only)."""
+    props = getattr(getattr(getattr(consumer, "connection", None), "connection", None), "server_properties", None)
+    version = props.get("version") if isinstance(props, dict) else None
+    return version.decode() if isinstance(version, bytes) else version
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]

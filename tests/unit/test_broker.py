@@ -27,6 +27,14 @@ def test_redis_gets_the_visibility_timeout_and_rabbitmq_publisher_confirms_with_
     try:
         assert on_redis.conf.broker_transport_options == {"visibility_timeout": VISIBILITY_TIMEOUT}
         assert on_rabbit.conf.broker_transport_options == {"confirm_publish": True}
+        # RabbitMQ 3.12+: the worker's consumer asks for the same timeout Redis uses (older
+        # brokers ignore the argument); the queue is Celery's default one otherwise.
+        assert on_redis.conf.task_queues is None
+        [queue] = on_rabbit.conf.task_queues
+        assert (queue.name, queue.exchange.name, queue.exchange.type, queue.routing_key) == (
+            ("latchkey",) * 2 + ("direct", "latchkey")
+        )
+        assert queue.consumer_arguments == {"x-consumer-timeout": VISIBILITY_TIMEOUT * 1000}
         for app in (on_redis, on_rabbit):
             # A channel the broker closed restarts the consumer instead of stopping the worker, and
             # running tasks are not cancelled on a connection loss (their leases guard them).
@@ -52,5 +60,12 @@ def test_a_rabbitmq_worker_is_warned_unless_the_declared_consumer_timeout_exceed
     assert broker.consumer_timeout_problem(load_settings(env), LONGEST) is None
     disabled = load_settings({}, broker_url=RABBIT, broker_consumer_timeout_seconds=0)
     assert broker.consumer_timeout(disabled) is None and broker.consumer_timeout_problem(disabled, LONGEST) is None
+    # A broker that applies the consumer's own timeout argument needs nothing declared.
+    old = broker.consumer_timeout_problem(load_settings({}, broker_url=RABBIT), LONGEST, "3.10.8")
+    assert old is not None and old.startswith("RabbitMQ 3.10.8 applies only the node's consumer_timeout")
+    for version in ("3.12.0", "3.13.7", "4.1.0"):
+        assert broker.consumer_timeout_problem(load_settings({}, broker_url=RABBIT), LONGEST, version) is None
+    assert broker.honours_consumer_timeout_argument("3.11.9") is False
+    assert broker.honours_consumer_timeout_argument("garbage") is False
     # Redis has no consumer timeout: its visibility timeout is ours, set above the longest limit.
     assert broker.consumer_timeout_problem(load_settings({}, redis_url=REDIS), LONGEST) is None
