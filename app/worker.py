@@ -76,7 +76,9 @@ def make_celery(settings: Settings) -> Celery:
         # Redis: an unacknowledged message is delivered again after VISIBILITY_TIMEOUT, just above
         # the longest hard time limit, so a message is never redelivered while its task may still
         # be running. RabbitMQ: publisher confirms (a refused publish raises); its redelivery
-        # timer is the broker's consumer_timeout, checked at worker start (app/broker.py).
+        # timer is the consumer timeout, which the worker's consumer asks to be the same bound
+        # (task_queues below; 3.12+) and which an older broker's node setting must exceed
+        # (checked at worker start). Both in app/broker.py.
         # Recovering a dead worker's job is the lease sweep's business, not these timeouts'.
         broker_transport_options=broker.transport_options(
             settings.effective_broker_url, visibility_timeout=VISIBILITY_TIMEOUT
