@@ -32,9 +32,15 @@ TEST_WORKERS = "2"
 # Branch coverage of app/ must not drop below this: 88.7% when it was set (PostgreSQL run; code
 # that runs only inside worker subprocesses is not measured), rounded down a little.
 COVERAGE_FLOOR = "88"
-# What depends on the broker's semantics: the worker end-to-end suite, the worker boot, readiness.
-# `--broker rabbitmq` runs these (unless paths are given) with LATCHKEY_TEST_BROKER=rabbitmq.
-BROKER_LANE = ["tests/e2e/workers", "tests/e2e/test_worker_boot.py", "tests/functional/api/test_health.py"]
+# What depends on the broker's semantics: the worker end-to-end suite, the worker boot, readiness
+# (in the app and in a production gunicorn). `--broker rabbitmq` runs these (unless paths are
+# given) with LATCHKEY_TEST_BROKER=rabbitmq.
+BROKER_LANE = [
+    "tests/e2e/workers",
+    "tests/e2e/test_worker_boot.py",
+    "tests/functional/api/test_health.py",
+    "tests/e2e/test_processes.py::test_gunicorn_serves_the_api_in_production_mode",
+]
 BROKERS = ("redis", "rabbitmq")
 
 

@@ -69,6 +69,8 @@ def production_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
         LATCHKEY_SECRET_KEY="p" * 48,
         LATCHKEY_PUBLIC_KEYS=ring.public_set().dumps(),
     )
+    if settings.broker_url:  # this run's broker (RabbitMQ with --broker rabbitmq)
+        env["LATCHKEY_BROKER_URL"] = settings.broker_url
     return env
 
 
