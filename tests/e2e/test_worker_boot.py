@@ -53,10 +53,12 @@ def test_broker_and_settings_come_from_the_given_settings(settings: Settings, ce
         other.close()
 
 
-def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, settings: Settings) -> None:
+def test_worker_starts_on_the_real_broker_and_answers_ping(settings: Settings) -> None:
     # A private queue and node name, so a concurrent test session on the same Redis cannot interfere.
+    # The queue is a setting, not a patch of the built app: on RabbitMQ the app's task_queues
+    # (the consumer's own timeout) are made from it.
     queue = f"latchkey-test-{uuid.uuid4().hex[:12]}"
-    celery_app.conf.task_default_queue = queue
+    celery_app = make_celery(settings.model_copy(update={"queue": queue}))
     hostname = f"{queue}@localhost"
     try:
         # perform_ping_check runs the `celery.ping` task through the broker and the result backend.
@@ -72,6 +74,7 @@ def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, s
             replies = celery_app.control.ping(destination=[hostname], timeout=5)
             assert replies == [{hostname: {"ok": "pong"}}]
     finally:
+        celery_app.close()
         drop_queue(settings, queue)
 
 
