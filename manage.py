@@ -5,6 +5,7 @@
     python3 manage.py test               # install (first run), then run the whole test suite
     python3 manage.py test --fast        # only the unit lane (tests/unit): no app, no worker processes
     python3 manage.py test --coverage    # the whole suite with branch coverage of app/ and its floor
+    python3 manage.py test --broker rabbitmq   # the broker lane (BROKER_LANE) on the local RabbitMQ
     python3 manage.py test ARGS          # pytest ARGS (e.g. tests/functional/api -k secrets)
 
 Installs go into ./.venv from the hash-pinned lock file, and are skipped when the lock
@@ -31,6 +32,33 @@ TEST_WORKERS = "2"
 # Branch coverage of app/ must not drop below this: 88.7% when it was set (PostgreSQL run; code
 # that runs only inside worker subprocesses is not measured), rounded down a little.
 COVERAGE_FLOOR = "88"
+# What depends on the broker's semantics: the worker end-to-end suite, the worker boot, readiness
+# (in the app and in a production gunicorn). `--broker rabbitmq` runs these (unless paths are
+# given) with LATCHKEY_TEST_BROKER=rabbitmq.
+BROKER_LANE = [
+    "tests/e2e/workers",
+    "tests/e2e/test_worker_boot.py",
+    "tests/functional/api/test_health.py",
+    "tests/e2e/test_processes.py::test_gunicorn_serves_the_api_in_production_mode",
+]
+BROKERS = ("redis", "rabbitmq")
+
+
+def split_broker(rest: list[str]) -> tuple[str | None, list[str]]:
+    """``--broker KIND`` (or ``--broker=KIND``) taken out of the test command's arguments."""
+    out: list[str] = []
+    kind = None
+    args = iter(rest)
+    for arg in args:
+        if arg == "--broker":
+            kind = next(args, "")
+        elif arg.startswith("--broker="):
+            kind = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+    if kind is not None and kind not in BROKERS:
+        sys.exit(f"--broker: use one of {', '.join(BROKERS)}")
+    return kind, out
 
 
 def _fingerprint() -> str:
@@ -57,6 +85,7 @@ def install() -> None:
 
 def pytest_args(rest: list[str]) -> list[str]:
     """The test command's pytest arguments: xdist and --durations unless given, plus the lane flags."""
+    broker, rest = split_broker(rest)
     args = [a for a in rest if a not in ("--fast", "--coverage")]
     if not any(a.startswith(("-n", "--numprocesses", "-pno:xdist")) or a == "no:xdist" for a in args):
         # The unit lane is CPU-bound and short: xdist's start-up costs more than it saves there.
@@ -68,6 +97,8 @@ def pytest_args(rest: list[str]) -> list[str]:
         args += ["--cov=app", "--cov-report=term", f"--cov-fail-under={COVERAGE_FLOOR}"]
     if "--fast" in rest:
         args.append("tests/unit")
+    elif broker == "rabbitmq" and not any(Path(a.split("::")[0]).exists() for a in args if not a.startswith("-")):
+        args += BROKER_LANE
     return args
 
 
@@ -83,6 +114,9 @@ def main(argv: list[str]) -> int:
     if command == "dev":
         os.execv(str(BIN / "latchkey"), [str(BIN / "latchkey"), "dev", *rest])
     if command == "test":
+        broker, _ = split_broker(rest)
+        if broker:
+            os.environ["LATCHKEY_TEST_BROKER"] = broker
         os.execv(str(BIN / "python"), [str(BIN / "python"), "-m", "pytest", *pytest_args(rest)])
     if command == "lint":
         ruff, mypy, contracts = str(BIN / "ruff"), str(BIN / "mypy"), str(BIN / "lint-imports")

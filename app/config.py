@@ -58,6 +58,10 @@ class Settings(BaseModel):
     # this long; a limiter that cannot answer refuses the sign-in rather than wait.
     redis_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
     broker_url: str | None = Field(default=None, repr=False)
+    # RabbitMQ only: the broker's `consumer_timeout` (rabbitmq.conf has it in ms), in seconds; 0 if
+    # disabled, unset for RabbitMQ's default (30 min). It cannot be read over AMQP, so a worker
+    # compares this declaration with its longest task time limit at start (app/broker.py).
+    broker_consumer_timeout_seconds: int | None = Field(default=None, ge=0, le=30 * 86400)
     secret_key: SecretStr | None = None
     public_keys: str | None = None
     private_keys_file: Path | None = None

@@ -19,6 +19,7 @@ docs/observability.md). Celery's logging signals hand the worker's handlers to
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -27,11 +28,11 @@ from typing import Any
 
 from celery import Celery, signals
 
-from app import extensions
+from app import broker, extensions
 from app.config import ConfigError, Settings, load_settings
 from app.jobs.names import TaskName
 from app.secrets.checks import check_worker_keys
-from app.tasks.runtime import VISIBILITY_TIMEOUT
+from app.tasks.runtime import HARD_GRACE_SECONDS, LONGEST_TIME_LIMIT, VISIBILITY_TIMEOUT
 
 # Modules whose tasks every worker registers: app/tasks/ and the extensions' (app/extensions.py).
 TASK_MODULES = [
@@ -43,6 +44,8 @@ TASK_MODULES = [
     "app.tasks.split",
     *extensions.module_names("tasks"),
 ]
+
+log = logging.getLogger("latchkey.worker")
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -77,10 +80,26 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=270,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
-        # An unacknowledged message is delivered again after this: just above the longest hard
-        # time limit, so a message is never redelivered while its task may still be running.
-        # Recovering a dead worker's job is the lease sweep's business, not this timeout's.
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        # Redis: an unacknowledged message is delivered again after VISIBILITY_TIMEOUT, just above
+        # the longest hard time limit, so a message is never redelivered while its task may still
+        # be running. RabbitMQ: publisher confirms (a refused publish raises); its redelivery
+        # timer is the consumer timeout, which the worker's consumer asks to be the same bound
+        # (task_queues below; 3.12+) and which an older broker's node setting must exceed
+        # (checked at worker start). Both in app/broker.py.
+        # Recovering a dead worker's job is the lease sweep's business, not these timeouts'.
+        broker_transport_options=broker.transport_options(
+            settings.effective_broker_url, visibility_timeout=VISIBILITY_TIMEOUT
+        ),
+        # When the broker connection drops, RabbitMQ hands the running tasks' messages to other
+        # workers; the tasks keep running here and their leases turn the copies away (skipped).
+        # Cancelling them instead (Celery's coming default) would throw away work nobody else
+        # may start before the lease lapses.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # A channel the broker closed (RabbitMQ's consumer timeout, a queue deleted under the
+        # consumer) restarts the consumer like a lost connection does. Celery's default treats
+        # it as unrecoverable and shuts the worker down: every worker running a long job would
+        # stop when the consumer timeout fired (found by tests/e2e/workers/test_brokers.py).
+        broker_channel_error_retry=True,
         # Celery keeps handlers already on the root logger; the ones it adds are adopted by
         # the after_setup_* signals below (our format and the redacting filter).
         worker_hijack_root_logger=False,
@@ -88,7 +107,16 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_default_queue=settings.queue,
+        task_queues=broker.task_queues(
+            settings.effective_broker_url, settings.queue, visibility_timeout=VISIBILITY_TIMEOUT
+        ),
         broker_connection_timeout=3,
+        # RabbitMQ: AMQP heartbeats on the worker's consuming connection (producers send none),
+        # so a worker on a half-open connection (a broker restart behind a NAT, a dropped
+        # route) notices within two intervals and reconnects instead of waiting for messages
+        # that never come; the broker likewise requeues a vanished worker's messages. RabbitMQ's
+        # own default; the Redis transport has no heartbeats.
+        broker_heartbeat=60,
         beat_schedule=beat_schedule(settings),
     )
     celery.conf["latchkey_settings"] = settings
@@ -140,6 +168,28 @@ def _check_worker_config(sender: Any = None, **_: Any) -> None:
             # Celery swallows exceptions raised by signal handlers; SystemExit is not swallowed.
             sys.stderr.write(f"latchkey worker: {exc}\n")
             raise SystemExit(2) from None
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _check_broker_timeouts(sender: Any = None, **_: Any) -> None:
+    # Once the worker is up, so the line goes through its log handlers. A warning, not a
+    # refusal: the job leases keep a redelivered copy from running the job twice (tested), so
+    # what a too-short consumer timeout costs is a consumer restart, not correctness.
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    problem = broker.consumer_timeout_problem(
+        settings, LONGEST_TIME_LIMIT + HARD_GRACE_SECONDS, _server_version(sender)
+    )
+    if problem:
+        log.warning("broker: %s", problem)
+
+
+def _server_version(consumer: Any) -> str | None:
+    """The broker's version as it announced itself on connecting (AMQP only)."""
+    props = getattr(getattr(getattr(consumer, "connection", None), "connection", None), "server_properties", None)
+    version = props.get("version") if isinstance(props, dict) else None
+    return version.decode() if isinstance(version, bytes) else version
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 from celery import Celery
 from flask import Flask
@@ -26,7 +25,7 @@ from app.web.pages import REVEAL_HIDE_SECONDS
 from tests.support import backends
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
-from tests.support.processes import worker_process
+from tests.support.processes import drop_queue, worker_process
 from tests.support.web import HIDE_SECONDS
 
 # Tables the tests never empty: Alembic's bookkeeping.
@@ -50,6 +49,15 @@ def database_url(tmp_root: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return backends.redis_url()
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str | None]:
+    """This session's broker: None for the Redis, or a RabbitMQ virtual host of its own (deleted after)."""
+    url = backends.broker_url()
+    yield url
+    if url is not None and backends.on_rabbitmq() and backends.session_vhost_name() in url:
+        backends.delete_vhost(backends.session_vhost_name())
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +104,7 @@ def ui_port() -> int:
 def settings(
     database_url: str,
     redis_url: str,
+    broker_url: str | None,
     keyring: Keyring,
     keyring_path: Path,
     llm_server: LlmTestServer,
@@ -106,6 +115,7 @@ def settings(
         env="test",
         database_url=database_url,
         redis_url=redis_url,
+        broker_url=broker_url,
         secret_key="test-secret-key-" + "x" * 32,
         public_keys=keyring.public_set().dumps(),
         private_keys_file=keyring_path,
@@ -251,13 +261,7 @@ def worker(settings: Settings, app: Any, redis_url: str, worker_log: Path) -> It
     """One real worker process for the whole session, on this session's queue."""
     with worker_process(settings, worker_log) as producer:
         yield producer
-    client = redis.Redis.from_url(redis_url)
-    try:
-        leftovers = list(client.scan_iter(match=f"*{settings.queue}*"))
-        if leftovers:
-            client.delete(*leftovers)
-    finally:
-        client.close()
+    drop_queue(settings, settings.queue)
 
 
 TESTS = Path(__file__).resolve().parent
@@ -288,4 +292,5 @@ def pytest_report_header(config: Any) -> list[str]:
             if backends.forced_sqlite()
             else "PostgreSQL/Redis when reachable, else SQLite/fakeredis"
         )
+        + f"; broker: {backends.broker_kind()}"
     ]

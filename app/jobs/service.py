@@ -18,6 +18,7 @@ from sqlalchemy import Integer, Row, String, Table, and_, bindparam, func, inser
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
 
+from app import broker
 from app.access import OrgAccess
 from app.audit import service as audit
 from app.context import RequestContext
@@ -126,6 +127,9 @@ class Publisher:
             ignore_result=True,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
+            # RabbitMQ: wait (boundedly) for the broker's confirm, so a refused or blocked publish
+            # fails this request with broker_unavailable instead of losing the message or hanging.
+            **broker.publish_options(self.celery.conf.broker_url),
         )
 
     def publish(self, pubs: list[Publication]) -> None:

@@ -26,4 +26,6 @@ def production_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
         LATCHKEY_PUBLIC_KEYS=ring.public_set().dumps(),
         LATCHKEY_PRIVATE_KEYS_FILE=str(tmp_path / "ring.json"),
     )
+    if settings.broker_url:  # this run's broker (RabbitMQ with --broker rabbitmq)
+        env["LATCHKEY_BROKER_URL"] = settings.broker_url
     return env

@@ -16,7 +16,7 @@ from celery.contrib.testing.worker import start_worker
 
 from app.config import Environment, Settings
 from app.worker import make_celery
-from tests.support.processes import drop_queue_keys
+from tests.support.processes import drop_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = Path(sys.executable).parent / "celery"
@@ -53,10 +53,12 @@ def test_broker_and_settings_come_from_the_given_settings(settings: Settings, ce
         other.close()
 
 
-def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, redis_url: str) -> None:
+def test_worker_starts_on_the_real_broker_and_answers_ping(settings: Settings) -> None:
     # A private queue and node name, so a concurrent test session on the same Redis cannot interfere.
+    # The queue is a setting, not a patch of the built app: on RabbitMQ the app's task_queues
+    # (the consumer's own timeout) are made from it.
     queue = f"latchkey-test-{uuid.uuid4().hex[:12]}"
-    celery_app.conf.task_default_queue = queue
+    celery_app = make_celery(settings.model_copy(update={"queue": queue}))
     hostname = f"{queue}@localhost"
     try:
         # perform_ping_check runs the `celery.ping` task through the broker and the result backend.
@@ -72,7 +74,8 @@ def test_worker_starts_on_the_real_broker_and_answers_ping(celery_app: Celery, r
             replies = celery_app.control.ping(destination=[hostname], timeout=5)
             assert replies == [{hostname: {"ok": "pong"}}]
     finally:
-        drop_queue_keys(redis_url, queue)
+        celery_app.close()
+        drop_queue(settings, queue)
 
 
 def test_worker_refuses_to_boot_in_production_without_a_keyring(settings: Settings) -> None:

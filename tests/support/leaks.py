@@ -12,6 +12,9 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from app.config import Settings
+from tests.support.processes import queued_messages
+
 
 def leak_forms(canary: str) -> set[str]:
     """The canary as it could appear: plain, URL-encoded, hex, and base64 at every alignment."""
@@ -76,6 +79,14 @@ def dump_database(engine: sa.Engine) -> list[tuple[str, str]]:
         )
         out.append(("pg_dump", dump.stdout))
     return out
+
+
+def dump_broker_queue(settings: Settings, queue: str) -> list[tuple[str, str]]:
+    """Every message waiting in ``queue``, as the broker (Redis or RabbitMQ) holds it: body, headers, properties."""
+    return [
+        (f"broker {queue}", _text(m.body) + " " + repr(m.headers) + " " + repr(m.properties))
+        for m in queued_messages(settings, queue)
+    ]
 
 
 def dump_redis(url: str) -> list[tuple[str, str]]:

@@ -24,8 +24,11 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu import Connection, Queue
+from kombu.message import Message
 from pydantic import SecretStr
 
+from app.broker import is_amqp
 from app.config import Settings
 from app.worker import make_celery
 
@@ -126,7 +129,10 @@ def spawned_workers(
                         "INFO",
                         "--without-mingle",
                         "--without-gossip",
-                        "--without-heartbeat",
+                        # On RabbitMQ the worker's event loop sleeps up to 10 s between timer events, and a
+                        # SIGTERM is seen only at the next one; the worker heartbeat (an event every 2 s, on
+                        # by default in production too) keeps it awake, so a test's worker stops in seconds.
+                        *([] if is_amqp(settings.effective_broker_url) else ["--without-heartbeat"]),
                         *(["--include", ",".join(include)] if include else []),
                     ],
                     env=settings_env(settings),
@@ -209,6 +215,38 @@ def web_server(env: dict[str, str], log_path: Path, workers: int = 2) -> Iterato
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+def drop_queue(settings: Settings, queue: str) -> None:
+    """Delete a test's own queue: from RabbitMQ when that is the broker, and its keys from Redis."""
+    url = settings.effective_broker_url
+    if is_amqp(url):
+        with Connection(url, connect_timeout=3) as conn:
+            conn.default_channel.queue_delete(queue)
+    drop_queue_keys(settings.redis_url, queue)
+
+
+def queued_messages(settings: Settings, queue: str) -> list[Message]:
+    """The messages waiting in ``queue`` (nobody consumes it), read from the broker, left in place.
+
+    Read through kombu, so the same code serves Redis and RabbitMQ; nothing is acknowledged, so
+    closing the channel gives every message back to the queue.
+    """
+    with Connection(settings.effective_broker_url, connect_timeout=3) as conn:
+        channel = conn.channel()
+        try:
+            bound = Queue(queue, channel=channel)
+            messages = []
+            while (message := bound.get(no_ack=False)) is not None:
+                messages.append(message)
+            return messages
+        finally:
+            channel.close()
+
+
+def queued_headers(settings: Settings, queue: str) -> list[dict[str, Any]]:
+    """The headers of the task messages waiting in ``queue``."""
+    return [dict(m.headers) for m in queued_messages(settings, queue)]
 
 
 def drop_queue_keys(redis_url: str, queue: str) -> None:

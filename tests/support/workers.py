@@ -15,7 +15,7 @@ from flask import Flask
 
 from app.config import Settings
 from app.factory import create_app
-from tests.support.processes import drop_queue_keys, worker_process
+from tests.support.processes import drop_queue, worker_process
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -64,4 +64,4 @@ def parked_app(settings: Settings) -> Iterator[tuple[Flask, str]]:
         yield web, queue
     finally:
         web.extensions["latchkey.db"].dispose()
-        drop_queue_keys(settings.redis_url, queue)
+        drop_queue(settings, queue)

@@ -31,7 +31,7 @@ from tests.support.agents import agent, provider
 from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
 from tests.support.mcp_server import McpTestServer
-from tests.support.processes import drop_queue_keys, spawned_worker
+from tests.support.processes import drop_queue, spawned_worker
 from tests.support.workers import extra_worker, parked_app, wait_for, wait_job
 
 TOKEN = "dest-mcp-token-" + "d" * 24
@@ -70,7 +70,7 @@ def held(settings: Settings, tmp_root: Path) -> Iterator[Held]:
             yield Held(web, proc, producer)
     finally:
         web.extensions["latchkey.db"].dispose()
-        drop_queue_keys(settings.redis_url, custom.queue)
+        drop_queue(settings, custom.queue)
 
 
 def _settle(caller: Caller, org: str, server_id: str) -> dict[str, Any]:

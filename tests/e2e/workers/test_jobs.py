@@ -14,6 +14,7 @@ from app.factory import create_app
 from app.jobs import service as jobs
 from app.models import AuditEvent, Job
 from app.tasks.runtime import JobView, TransientError, WorkerContext, job_task
+from tests.support import backends
 from tests.support.factories import CTX, Factory, drop_queued
 from tests.support.workers import wait_for, wait_job
 
@@ -66,7 +67,7 @@ def test_task_messages_carry_only_the_job_id(worker: Celery, factory: Factory) -
 
 
 def test_broker_outage_answers_503_and_marks_the_job_failed(settings: Any, factory: Factory, db: Any) -> None:
-    broken = create_app(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
+    broken = create_app(settings.model_copy(update={"broker_url": backends.closed_broker_url()}))
     try:
         operator = factory.user(operator=True)
         resp = broken.test_client().post("/api/v1/admin/jobs/ping", headers=operator.headers())

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.models import AuditEvent, Job, McpServer
 from tests.support.factories import Caller, Factory
-from tests.support.leaks import dump_database, dump_redis, find_leaks
+from tests.support.leaks import dump_broker_queue, dump_database, dump_redis, find_leaks
 from tests.support.legacy_data import MCP
 from tests.support.mcp_server import McpTestServer
 from tests.support.workers import extra_worker, parked_app, wait_for, wait_job
@@ -218,7 +218,8 @@ def test_validation_works_with_the_redis_cache_down(
     mcp_server.set_token(TOKEN)
     secret = factory.secret(admin, org, value=TOKEN)
     # The broker is up, the cache (LATCHKEY_REDIS_URL) is not: resolves go to the database.
-    with extra_worker(settings, redis_url="redis://127.0.0.1:1/0", broker_url=settings.redis_url) as (_c, web):
+    cache_down = {"redis_url": "redis://127.0.0.1:1/0", "broker_url": settings.effective_broker_url}
+    with extra_worker(settings, **cache_down) as (_c, web):
         cut = Caller(web.test_client(), admin.token, admin.user_id, admin.email)
         server = _settle(cut, org, _add(cut, org, mcp_server.url, secret["id"])["id"])
     assert server["status"] == "valid"
@@ -256,7 +257,7 @@ def test_no_token_in_broker_messages_redis_job_rows_logs_or_responses(
     canary = "mcp-canary-" + "c" * 20
     mcp_server.set_token(canary)
     responses: list[tuple[str, str]] = []
-    with parked_app(settings) as (web, _queue):
+    with parked_app(settings) as (web, queue):
         parked = Caller(web.test_client(), admin.token, admin.user_id, admin.email)
         secret = factory.secret(admin, org, value=canary)
         created = parked.post(
@@ -264,7 +265,7 @@ def test_no_token_in_broker_messages_redis_job_rows_logs_or_responses(
         )
         responses.append(("create", created.get_data(as_text=True)))
         # The message waits in the broker (nobody consumes that queue): scan it there.
-        broker_dump = dump_redis(settings.redis_url)
+        broker_dump = [*dump_broker_queue(settings, queue), *dump_redis(settings.redis_url)]
         assert any("mcp.validate_server" in text for _, text in broker_dump), "the message was not found"
         server_id = created.get_json()["id"]
     # Now the session worker runs a validation through the normal queue.

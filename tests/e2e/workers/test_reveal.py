@@ -29,9 +29,10 @@ from app.jobs.names import TaskName
 from app.models import AuditEvent, Job
 from app.secrets import reveal
 from app.secrets.sealing import CiphertextError, generate_ephemeral
+from tests.support import backends
 from tests.support.factories import CTX, Caller, Factory, drop_queued
 from tests.support.leaks import dump_database, dump_redis, find_leaks
-from tests.support.processes import drop_queue_keys
+from tests.support.processes import drop_queue
 from tests.support.workers import extra_worker, wait_for
 
 CANARY = "lk-canary-reveal-7c1f0e9b2d4a-ünïcødé"
@@ -202,7 +203,7 @@ def test_no_worker_answers_503_worker_unavailable_within_the_timeout(
             assert s.scalar(select(func.count()).where(AuditEvent.action == "secret.reveal")) == 0
     finally:
         _drop_side_app(side)
-        drop_queue_keys(settings.redis_url, queue)
+        drop_queue(settings, queue)
 
 
 def test_over_the_rate_limit_is_429_with_retry_after(
@@ -250,7 +251,7 @@ def test_rate_limiter_down_fails_closed(
 def test_broker_outage_is_503_broker_unavailable(
     settings: Settings, factory: Factory, org: str, admin: Caller, db: Database
 ) -> None:
-    side = _side_app(settings, broker_url="redis://127.0.0.1:1/0")
+    side = _side_app(settings, broker_url=backends.closed_broker_url())
     try:
         secret = factory.secret(admin, org, value=CANARY)
         resp = side.test_client().post(f"/api/v1/orgs/{org}/secrets/{secret['id']}/reveal", headers=admin.headers())

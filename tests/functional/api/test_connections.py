@@ -179,7 +179,7 @@ def test_connect_without_a_worker_answers_503_and_fails_its_job(settings: Any, d
 
     from app.factory import create_app
     from app.models import Job
-    from tests.support.processes import drop_queue_keys
+    from tests.support.processes import drop_queue
 
     # A queue nobody consumes, and a short wait: no worker prepares the authorization.
     quick = settings.model_copy(
@@ -202,7 +202,7 @@ def test_connect_without_a_worker_answers_503_and_fails_its_job(settings: Any, d
             assert "reply_public_key" in job.params and all("state" not in k for k in job.params)
     finally:
         app.extensions["latchkey.db"].dispose()
-        drop_queue_keys(settings.redis_url, quick.queue)
+        drop_queue(settings, quick.queue)
 
 
 def test_the_client_id_metadata_document_is_served(client: Any, settings: Any) -> None:

@@ -12,17 +12,20 @@ from flask.testing import FlaskClient
 
 from app.config import Settings
 from app.factory import create_app
+from tests.support import backends
 
 # conftest's cleanup asks for `db` at teardown when `app` is used; request it up front.
 
-CLOSED_BROKER = "redis://127.0.0.1:1/0"
+CLOSED_BROKER = backends.closed_broker_url()
 CLOSED_DATABASE = "postgresql+psycopg://latchkey_probe:pw-not-to-leak@127.0.0.1:1/latchkey_nowhere"
 
 
 def _assert_no_configuration(body: str, settings: Settings) -> None:
     """No URL, host, port, path or credential of the configured services appears."""
     lowered = body.lower()
-    for marker in ("redis", "postgres", "sqlite", "://", "127.0.0.1", "localhost", "password", "traceback"):
+    services = ("redis", "amqp", "rabbit", "postgres", "sqlite")
+    markers = (*services, "://", "127.0.0.1", "localhost", "password", "traceback")
+    for marker in markers:
         assert marker not in lowered, marker
     for url in (settings.database_url, settings.redis_url, settings.effective_broker_url):
         parts = urlsplit(url)

@@ -18,7 +18,7 @@ from app.config import Settings
 from app.db import Database
 from app.factory import create_app
 from tests.support.factories import Factory
-from tests.support.processes import drop_queue_keys
+from tests.support.processes import drop_queue
 from tests.unit.worker_support import task_app
 
 
@@ -26,7 +26,7 @@ from tests.unit.worker_support import task_app
 def inproc_settings(settings: Settings) -> Iterator[Settings]:
     parked = settings.model_copy(update={"queue": f"latchkey-inproc-{uuid.uuid4().hex[:10]}"})
     yield parked
-    drop_queue_keys(settings.redis_url, parked.queue)
+    drop_queue(settings, parked.queue)
 
 
 @pytest.fixture(scope="session")
