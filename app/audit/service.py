@@ -33,6 +33,11 @@ AUDIT_HEADS = cast(Table, AuditHead.__table__)
 GENESIS = "0" * 64
 
 
+# json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True), with the encoder built
+# once: json.dumps builds a new one on every call with non-default options (a batch hashes thousands).
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def _canonical(event: Mapping[str, Any]) -> bytes:
     at: datetime = event["at"]
     body = {
@@ -48,7 +53,7 @@ def _canonical(event: Mapping[str, Any]) -> bytes:
         "details": event["details"],
         "prev": event["prev_hash"],
     }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANONICAL_JSON.encode(body).encode()
 
 
 _HASHED = (
