@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,21 +121,23 @@ def test_an_edit_is_acknowledged_by_every_subscribed_resolver(
 ) -> None:
     sid = factory.secret(admin, org)["id"]
     org_id = _org_id(db, org)
-    resolvers = [Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=settings.queue) for _ in range(3)]
+    # A channel of this test's own: a session worker of this xdist process listens on settings.queue's.
+    namespace = f"{settings.queue}-acks-{uuid.uuid4().hex[:8]}"
+    resolvers = [Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=namespace) for _ in range(3)]
     try:
         assert all(r.wait_until_listening() for r in resolvers)
         for r in resolvers:
             r.resolve(org_id, sid)
         client = redis.Redis.from_url(redis_url)
         try:
-            invalidator = Invalidator(client, db, namespace=settings.queue, ack_timeout=5.0)
+            invalidator = Invalidator(client, db, namespace=namespace, ack_timeout=5.0)
             with db.session() as s:
                 version, revision = s.execute(select(Secret.version, Secret.revision).where(Secret.id == sid)).one()
             pending = Pending("outbox-row", org_id, sid, cachekeys.pointer(version, revision + 1))
             delivery = invalidator.apply(pending)
         finally:
             client.close()
-        # Three subscribers (the channel is this session's own), three acknowledgements.
+        # Three subscribers (the channel is this test's own), three acknowledgements.
         assert delivery == Delivery(subscribers=3, acknowledged=3) and delivery.complete
     finally:
         for r in resolvers:

@@ -34,7 +34,7 @@ from tests.support.legacy_data import (
 from tests.support.processes import spawned_worker
 from tests.support.workers import wait_for, wait_job
 
-EXTRA = 120  # extra legacy MCP servers in each of orgs B and C, so their parts take a while
+EXTRA = 60  # extra legacy MCP servers in each of orgs B and C, so their parts take a while
 
 
 def _extra_servers(url: str) -> tuple[dict[str, str], dict[str, str]]:
