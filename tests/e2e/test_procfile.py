@@ -215,7 +215,7 @@ def test_beat_from_the_procfile_runs_every_scheduled_task_on_a_real_worker(
                                 raise AssertionError(f"no effect of {task} seen") from None
                         wait_for(lambda: schedule <= tasks_run(worker_log), timeout=10)
                     finally:
-                        code = stop(beat)
+                        code = stop(beat, timeout=90)  # a loaded CI machine
             beat_text = (tmp_path / "beat.log").read_text()
         finally:
             client.delete(pointer_key)
