@@ -126,6 +126,10 @@ def _row(db: Database, model: Any, row_id: str) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    backends.forced_sqlite(),
+    reason="the Procfile deploys on PostgreSQL: beat beside a worker runs in the PostgreSQL + Redis lane",
+)
 def test_beat_from_the_procfile_runs_every_scheduled_task_on_a_real_worker(
     settings: Settings, db: Database, redis_url: str, tmp_path: Path
 ) -> None:
