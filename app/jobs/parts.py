@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
+from app.jobs import service as jobs
 from app.models import Job, JobStatus
 
 
@@ -31,10 +32,9 @@ def _open(max_attempts: int) -> Any:
 
 def takeable(session: Session, parent_id: str, *, max_attempts: int) -> str | None:
     """A part nobody holds (queued, or running with a lapsed lease), first planned first; None if none."""
-    lapsed = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < utcnow())
     return session.scalar(
         select(Job.id)
-        .where(Job.parent_id == parent_id, Job.attempts < max_attempts, or_(Job.status == JobStatus.QUEUED, lapsed))
+        .where(Job.parent_id == parent_id, Job.attempts < max_attempts, jobs.takeable(utcnow()))
         .order_by(Job.id)
         .limit(1)
     )

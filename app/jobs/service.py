@@ -197,11 +197,13 @@ def _held_by(holder: Any) -> Any:
     return and_(_J.id == _ID, _J.status == JobStatus.RUNNING, _J.leased_by == holder)
 
 
+def takeable(now: Any) -> Any:
+    """The jobs a claim may take: ``queued``, or ``running`` with a lease lapsed before ``now``."""
+    return or_(_J.status == JobStatus.QUEUED, and_(_J.status == JobStatus.RUNNING, _J.lease_expires_at < now))
+
+
 def _claim_stmt(capped: bool) -> Any:
-    stmt = update(JOBS).where(
-        _J.id == _ID,
-        or_(_J.status == JobStatus.QUEUED, and_(_J.status == JobStatus.RUNNING, _J.lease_expires_at < _NOW)),
-    )
+    stmt = update(JOBS).where(_J.id == _ID, takeable(_NOW))
     if capped:
         stmt = stmt.where(_J.attempts < bindparam("b_max_attempts", type_=Integer()))
     return stmt.values(
