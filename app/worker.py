@@ -26,6 +26,7 @@ import sys
 import threading
 from typing import Any
 
+from billiard.process import current_process
 from celery import Celery, signals
 
 from app import broker, extensions
@@ -238,11 +239,13 @@ def _watch_sigterm(main_thread: int) -> None:
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _pool_child_takes_sigterm_from_its_worker_only(**_: Any) -> None:
-    # Sent in each prefork child only (not for the threads or solo pools, whose tasks run in the
-    # main process, where SIGTERM must keep starting the warm shutdown). Blocked here, SIGTERM
-    # stays blocked in every thread the child starts, so only the watcher receives it. Where
-    # the sender cannot be known (no sigwaitinfo: macOS), the child keeps Celery's behaviour.
-    if not hasattr(signal, "sigwaitinfo"):
+    # Sent in each prefork child, and by the solo pool in the worker's own main process (where
+    # SIGTERM must keep starting the warm shutdown, and where blocking it would be inherited by
+    # every process it spawns: an embedded or test worker's host could no longer be stopped).
+    # So only a pool child takes this path. Blocked here, SIGTERM stays blocked in every thread
+    # the child starts, so only the watcher receives it. Where the sender cannot be known (no
+    # sigwaitinfo: macOS), the child keeps Celery's behaviour.
+    if not hasattr(signal, "sigwaitinfo") or current_process().name == "MainProcess":
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(
