@@ -6,6 +6,7 @@
     python3 manage.py test --fast        # only the unit lane (tests/unit): no app, no worker processes
     python3 manage.py test --coverage    # the whole suite with branch coverage of app/ and its floor
     python3 manage.py test --broker rabbitmq   # the broker lane (BROKER_LANE) on the local RabbitMQ
+    python3 manage.py test --fallbacks   # the in-process lane (FALLBACK_LANE) on SQLite + fakeredis
     python3 manage.py test ARGS          # pytest ARGS (e.g. tests/functional/api -k secrets)
 
 Installs go into ./.venv from the hash-pinned lock file, and are skipped when the lock
@@ -34,13 +35,24 @@ TEST_WORKERS = "2"
 COVERAGE_FLOOR = "88"
 # What depends on the broker's semantics: the worker end-to-end suite, the worker boot, readiness
 # (in the app and in a production gunicorn). `--broker rabbitmq` runs these (unless paths are
-# given) with LATCHKEY_TEST_BROKER=rabbitmq.
+# given) with LATCHKEY_TEST_BROKER=rabbitmq. Left out: the worker files whose broker is only a
+# transport (no redelivery, acks, visibility or publish-failure case; docs/contributing.md).
 BROKER_LANE = [
     "tests/e2e/workers",
+    "--ignore=tests/e2e/workers/test_many_workers.py",
+    "--ignore=tests/e2e/workers/test_resolver.py",
+    "--ignore=tests/e2e/workers/test_rotation.py",
+    "--ignore=tests/e2e/workers/test_contract.py",
+    "--ignore=tests/e2e/workers/test_backfill.py",
     "tests/e2e/test_worker_boot.py",
     "tests/functional/api/test_health.py",
     "tests/e2e/test_processes.py::test_gunicorn_serves_the_api_in_production_mode",
 ]
+# What CI runs a second time on the embedded fallbacks (SQLite + fakeredis): everything that runs
+# in-process (services, API, UI pages, CLI, migrations) and `latchkey dev` itself. The worker
+# processes' suite runs on PostgreSQL (and RabbitMQ); `LATCHKEY_TEST_BACKEND=sqlite python3
+# manage.py test` runs the whole suite on the fallbacks (as a fresh machine does).
+FALLBACK_LANE = ["tests/unit", "tests/functional", "tests/e2e/test_processes.py"]
 BROKERS = ("redis", "rabbitmq")
 
 
@@ -86,7 +98,7 @@ def install() -> None:
 def pytest_args(rest: list[str]) -> list[str]:
     """The test command's pytest arguments: xdist and --durations unless given, plus the lane flags."""
     broker, rest = split_broker(rest)
-    args = [a for a in rest if a not in ("--fast", "--coverage")]
+    args = [a for a in rest if a not in ("--fast", "--coverage", "--fallbacks")]
     if not any(a.startswith(("-n", "--numprocesses", "-pno:xdist")) or a == "no:xdist" for a in args):
         # The unit lane is CPU-bound and short: xdist's start-up costs more than it saves there.
         workers = "0" if "--fast" in rest else TEST_WORKERS
@@ -95,10 +107,13 @@ def pytest_args(rest: list[str]) -> list[str]:
         args.append("--durations=25")
     if "--coverage" in rest:
         args += ["--cov=app", "--cov-report=term", f"--cov-fail-under={COVERAGE_FLOOR}"]
+    paths = any(Path(a.split("::")[0]).exists() for a in args if not a.startswith("-"))
     if "--fast" in rest:
         args.append("tests/unit")
-    elif broker == "rabbitmq" and not any(Path(a.split("::")[0]).exists() for a in args if not a.startswith("-")):
+    elif broker == "rabbitmq" and not paths:
         args += BROKER_LANE
+    elif "--fallbacks" in rest and not paths:
+        args += FALLBACK_LANE
     return args
 
 
@@ -117,6 +132,8 @@ def main(argv: list[str]) -> int:
         broker, _ = split_broker(rest)
         if broker:
             os.environ["LATCHKEY_TEST_BROKER"] = broker
+        if "--fallbacks" in rest:
+            os.environ["LATCHKEY_TEST_BACKEND"] = "sqlite"
         os.execv(str(BIN / "python"), [str(BIN / "python"), "-m", "pytest", *pytest_args(rest)])
     if command == "lint":
         ruff, mypy, contracts = str(BIN / "ruff"), str(BIN / "mypy"), str(BIN / "lint-imports")

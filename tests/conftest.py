@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from argon2 import PasswordHasher, profiles
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
@@ -20,6 +21,7 @@ from app import migrate
 from app.config import Settings, load_settings
 from app.db import Base, Database
 from app.factory import create_app
+from app.identity import service as identity_service
 from app.secrets.keyring import Keyring
 from app.web.pages import REVEAL_HIDE_SECONDS
 from tests.support import backends
@@ -27,6 +29,12 @@ from tests.support.factories import Caller, Factory
 from tests.support.llm_server import LlmTestServer
 from tests.support.processes import drop_queue, worker_process
 from tests.support.web import HIDE_SECONDS
+
+# Passwords are hashed with the real argon2id, at the library's cheapest parameters, as Django's
+# test settings swap in a fast hasher: production's RFC 9106 profile costs ~150 ms a hash, a
+# quarter of the functional lane's CPU. An argon2 hash carries its parameters, so what is hashed
+# here verifies the same way; processes the tests spawn (gunicorn, `latchkey dev`) keep production's.
+identity_service._hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
 
 # Tables the tests never empty: Alembic's bookkeeping.
 KEEP = {"alembic_version"}
