@@ -82,8 +82,9 @@ def test_close_ends_the_connection_the_session_and_the_thread(server: McpTestSer
     session.close()
 
     assert len(session_threads()) == before
+    # The server notices a closed connection and stream on its own loop: under load, a moment later.
     assert wait_for(lambda: server.open_connections() == 0), server.open_connections()
-    assert server.open_streams() == 0
+    assert wait_for(lambda: server.open_streams() == 0), server.open_streams()
     if server.legacy:  # the SDK ended its session id with a DELETE
         assert server.requests[-1] == ("DELETE", None)
     session.close()  # idempotent
