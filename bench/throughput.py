@@ -22,7 +22,12 @@ Python in this one process (a deployed web tier has processes of its own).
 Reported: jobs/s of each (median over the rounds) and their ratio. Goal: Latchkey's overhead at
 most 1.5x the bare task's.
 
-    .venv/bin/python -m bench.throughput [--n N] [--rounds R] [--clients K] [--json PATH] [--strict]
+``--drain N`` adds where the time goes: two more workers are stopped (SIGSTOP) while N jobs of
+each kind are queued (the Latchkey ones through the API), then resumed together and timed to the
+last job done. That is the workers' side alone (claim, lease, outcome against a bare task's
+result), without the client's.
+
+    .venv/bin/python -m bench.throughput [--n N] [--rounds R] [--clients K] [--drain N] [--json PATH] [--strict]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -58,7 +64,7 @@ from bench.common import (
     throwaway_database,
     write_json,
 )
-from tests.support.processes import spawned_worker, web_env, web_server
+from tests.support.processes import spawned_worker, spawned_workers, web_env, web_server
 
 GOAL_RATIO = 1.5
 WORKERS = 2
@@ -125,6 +131,47 @@ def _latchkey(
     return n / (time.perf_counter() - t0)
 
 
+def _drain(
+    settings: Any, app: Any, headers: dict[str, str], poll: psycopg.Connection[Any], n: int, bare: bool
+) -> float:
+    """Two workers stopped (SIGSTOP) while N jobs are queued, then resumed together: jobs/s until the last is done."""
+    logs = Path(tempfile.gettempdir())
+    paths = [logs / f"{settings.queue}-drain-{i}.log" for i in (1, 2)]
+    with spawned_workers(settings, paths, 4, include=["bench.noop_tasks"]) as (procs, producer):
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            if bare:
+                results = [producer.send_task("bench.noop") for _ in range(n)]
+            else:
+                client = app.test_client()
+                ids = []
+                for _ in range(n):
+                    resp = client.post("/api/v1/admin/jobs/ping", headers=headers)
+                    if resp.status_code != 202:
+                        raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status_code}")
+                    ids.append(resp.get_json()["job"]["id"])
+        finally:
+            t0 = time.perf_counter()
+            for proc in procs:
+                os.kill(proc.pid, signal.SIGCONT)
+        if bare:
+            for result in results:
+                result.get(timeout=120)
+        else:
+            deadline = time.monotonic() + 120
+            while True:
+                row = poll.execute(
+                    "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status = 'succeeded'", (ids,)
+                ).fetchone()
+                if row is not None and row[0] == n:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {row} of {n} jobs succeeded in time")
+                time.sleep(0.002)
+        return n / (time.perf_counter() - t0)
+
+
 def run(args: argparse.Namespace, report: Report) -> None:
     keys = new_keys()
     queue = f"latchkey-bench-{os.getpid()}"
@@ -137,6 +184,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
         logs = Path(tempfile.gettempdir())
         bare: list[float] = []
         ours: list[float] = []
+        drained: dict[str, Any] = {}
         try:
             with ExitStack() as stack:
                 _p1, producer = stack.enter_context(
@@ -151,6 +199,13 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 for _ in range(args.rounds):
                     bare.append(_bare(producer, args.n, args.clients))
                     ours.append(_latchkey(app, headers, poll, args.n, args.clients, port))
+            # The rounds' workers have stopped: only the draining pair consumes the queue.
+            if args.drain:
+                drained = {
+                    "drain_jobs": args.drain,
+                    "drain_bare_jobs_per_s": _drain(settings, app, headers, poll, args.drain, bare=True),
+                    "drain_latchkey_jobs_per_s": _drain(settings, app, headers, poll, args.drain, bare=False),
+                }
         finally:
             poll.close()
             app.extensions["latchkey.db"].dispose()
@@ -171,6 +226,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
         "bare_celery_jobs_per_s": {"median": bare_rate, "rounds": bare},
         "latchkey_api_jobs_per_s": {"median": our_rate, "rounds": ours},
         "overhead_ratio": ratio,
+        **drained,
     }
     report.goals = [
         Goal(
@@ -195,11 +251,21 @@ def main(argv: list[str] | None = None) -> int:
         help="the API through Flask's test client in this process (default), or over HTTP to gunicorn"
         " with 2 web processes, as the Procfile runs it",
     )
+    parser.add_argument(
+        "--drain", type=int, default=0, metavar="N", help="also time 2 workers draining N queued jobs of each kind"
+    )
     parser.add_argument("--json", default="bench/results/throughput.json")
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
     report = Report("throughput", machine=machine_info())
-    report.config = {"n": args.n, "rounds": args.rounds, "workers": WORKERS, "clients": args.clients, "web": args.web}
+    report.config = {
+        "n": args.n,
+        "rounds": args.rounds,
+        "workers": WORKERS,
+        "clients": args.clients,
+        "web": args.web,
+        "drain": args.drain,
+    }
     run(args, report)
     r = report.results
     bare, ours = r["bare_celery_jobs_per_s"], r["latchkey_api_jobs_per_s"]
@@ -207,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         ["bare Celery task", f"{bare['median']:.0f}", " ".join(f"{v:.0f}" for v in bare["rounds"])],
         ["Latchkey job via API", f"{ours['median']:.0f}", " ".join(f"{v:.0f}" for v in ours["rounds"])],
     ]
+    if args.drain:
+        rows += [
+            [f"bare, {args.drain} queued, drained", f"{r['drain_bare_jobs_per_s']:.0f}", ""],
+            [f"Latchkey, {args.drain} queued, drained", f"{r['drain_latchkey_jobs_per_s']:.0f}", ""],
+        ]
     print_table(["path", "jobs/s (median)", "rounds"], rows)
     print_goals(report.goals)
     write_json(args.json, report)
