@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from kombu.entity import Exchange, Queue
+from kombu.transport import redis as kombu_redis
 
 from app.config import Settings
 
@@ -31,6 +33,39 @@ PUBLISH_TIMEOUT_SECONDS = 3.0
 def is_amqp(url: str) -> bool:
     """Whether ``url`` names a RabbitMQ (AMQP 0-9-1) broker rather than Redis."""
     return urlsplit(url).scheme.lower() in AMQP_SCHEMES
+
+
+class RedisChannel(kombu_redis.Channel):
+    """Kombu's Redis channel, keeping one client for the commands it runs outside its event loop.
+
+    Kombu builds a new ``redis.Redis`` for every such command: each message's QoS bookkeeping
+    when it is delivered and again when it is acknowledged, every publish, every event. redis-py's
+    constructor fills its response-callback table each time, which a worker profile put at a
+    fifth of a no-op job's CPU (three clients a job; bench/README.md, ``bench.throughput``). A
+    client holds no connection of its own (it takes one from the channel's pool per command) and
+    is safe to share between threads, so one per pool serves every caller of the channel.
+    """
+
+    _sync_client: redis.Redis | None = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        client = self._sync_client
+        if client is None or client.connection_pool is not self.pool:
+            client = self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
+        return client
+
+
+class RedisTransport(kombu_redis.Transport):
+    """Kombu's Redis transport with :class:`RedisChannel` (``broker_transport`` for ``redis://``)."""
+
+    Channel = RedisChannel
+
+
+def transport(url: str) -> str | None:
+    """Celery's ``broker_transport``: ours for a plain ``redis://`` broker, else the URL's own."""
+    return f"{__name__}:RedisTransport" if urlsplit(url).scheme.lower() == "redis" else None
 
 
 def transport_options(url: str, *, visibility_timeout: int) -> dict[str, Any]:

@@ -91,6 +91,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=broker.transport_options(
             settings.effective_broker_url, visibility_timeout=VISIBILITY_TIMEOUT
         ),
+        # Redis: kombu's transport with a channel that keeps its client (app/broker.py).
+        broker_transport=broker.transport(settings.effective_broker_url),
         # When the broker connection drops, RabbitMQ hands the running tasks' messages to other
         # workers; the tasks keep running here and their leases turn the copies away (skipped).
         # Cancelling them instead (Celery's coming default) would throw away work nobody else

@@ -69,3 +69,26 @@ def test_a_rabbitmq_worker_is_warned_unless_the_declared_consumer_timeout_exceed
     assert broker.honours_consumer_timeout_argument("garbage") is False
     # Redis has no consumer timeout: its visibility timeout is ours, set above the longest limit.
     assert broker.consumer_timeout_problem(load_settings({}, redis_url=REDIS), LONGEST) is None
+
+
+def test_a_redis_broker_channel_keeps_one_client_for_its_commands(redis_url: str) -> None:
+    """Kombu's channel built a redis.Redis per command (three a job); ours keeps one per pool."""
+    app = make_celery(load_settings({}, env="test", broker_url=redis_url))
+    on_rabbit = make_celery(load_settings({}, env="test", broker_url=RABBIT))
+    try:
+        assert on_rabbit.conf.broker_transport is None  # the URL's own transport (py-amqp)
+        with app.connection_for_write() as conn:
+            assert isinstance(conn.transport, broker.RedisTransport)
+            channel = conn.default_channel
+            assert isinstance(channel, broker.RedisChannel)
+            first = channel._create_client()
+            assert channel._create_client() is first
+            with channel.conn_or_acquire() as client:
+                assert client is first and client.ping()
+            channel._pool = None  # the pool rebuilt (as after a disconnect): a client of the new pool
+            assert channel._create_client() is not first
+            assert channel._create_client().connection_pool is channel.pool
+            assert channel._create_client(asynchronous=True) is not channel._create_client(asynchronous=True)
+    finally:
+        app.close()
+        on_rabbit.close()
