@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, Engine, MetaData, Table, bindparam, create_engine, event, insert, text, update
+from sqlalchemy import JSON, DateTime, Engine, MetaData, Table, bindparam, create_engine, event, insert, text, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -232,20 +232,27 @@ class Database:
 COPY_THRESHOLD = 50
 
 
-def _copy_value(value: Any) -> Any:
-    # psycopg's COPY adapts str, bytes, numbers and datetimes; JSON columns take their text.
-    return json.dumps(value) if isinstance(value, dict | list) else value
+def _copy_rows(
+    session: Session, target: str, table: Table, names: list[str], rows: list[dict[str, Any]]
+) -> None:
+    """``COPY target (names) FROM STDIN`` on the session's own connection (same transaction).
 
-
-def _copy_rows(session: Session, table: str, names: list[str], rows: list[dict[str, Any]]) -> None:
-    """``COPY table (names) FROM STDIN`` on the session's own connection (same transaction)."""
+    psycopg's COPY adapts str, bytes, numbers and datetimes; the JSON columns (``table``'s types
+    say which) take their text. Picked once per call, not tested per value: a backfill batch
+    copies hundreds of thousands of values.
+    """
     preparer = session.get_bind().dialect.identifier_preparer
     cols = ", ".join(preparer.quote(n) for n in names)
     raw = session.connection().connection.driver_connection
     assert raw is not None
-    with raw.cursor() as cur, cur.copy(f"COPY {preparer.quote(table)} ({cols}) FROM STDIN") as copy:
+    json_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, JSON)]
+    with raw.cursor() as cur, cur.copy(f"COPY {preparer.quote(target)} ({cols}) FROM STDIN") as copy:
         for row in rows:
-            copy.write_row(tuple(_copy_value(row[n]) for n in names))
+            values = [row[n] for n in names]
+            for i in json_at:
+                if values[i] is not None:
+                    values[i] = json.dumps(values[i])
+            copy.write_row(values)
 
 
 def bulk_insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
@@ -259,7 +266,7 @@ def bulk_insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
     if not rows:
         return
     if session.get_bind().dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
-        _copy_rows(session, table.name, list(rows[0]), rows)
+        _copy_rows(session, table.name, table, list(rows[0]), rows)
     else:
         session.execute(insert(table), rows)
 
@@ -285,7 +292,7 @@ def bulk_update(session: Session, table: Table, rows: list[dict[str, Any]], key:
     scratch = f"_bulk_{table.name}"
     columns = ", ".join(f"{q(n)} {table.c[n].type.compile(dialect=dialect)}" for n in names)
     session.execute(text(f"CREATE TEMPORARY TABLE {q(scratch)} ({columns}) ON COMMIT DROP"))
-    _copy_rows(session, scratch, names, rows)
+    _copy_rows(session, scratch, table, names, rows)
     assignments = ", ".join(f"{q(n)} = b.{q(n)}" for n in changed)
     # Only our own quoted table and column names are interpolated; every value goes via COPY.
     sql = f"UPDATE {q(table.name)} AS t SET {assignments} FROM {q(scratch)} AS b WHERE t.{q(key)} = b.{q(key)}"  # noqa: S608
