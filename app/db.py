@@ -232,9 +232,7 @@ class Database:
 COPY_THRESHOLD = 50
 
 
-def _copy_rows(
-    session: Session, target: str, table: Table, names: list[str], rows: list[dict[str, Any]]
-) -> None:
+def _copy_rows(session: Session, target: str, table: Table, names: list[str], rows: list[dict[str, Any]]) -> None:
     """``COPY target (names) FROM STDIN`` on the session's own connection (same transaction).
 
     psycopg's COPY adapts str, bytes, numbers and datetimes; the JSON columns (``table``'s types
