@@ -101,33 +101,42 @@ def _http_post(port: int, headers: dict[str, str]) -> str:
     return str(json.loads(body)["job"]["id"])
 
 
+def _post_pings(app: Any, headers: dict[str, str], k: int) -> list[str]:
+    """``k`` ``POST /api/v1/admin/jobs/ping`` through a test client of this thread's own; the job ids."""
+    client = app.test_client()
+    sent = []
+    for _ in range(k):
+        resp = client.post("/api/v1/admin/jobs/ping", headers=headers)
+        if resp.status_code != 202:
+            raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status_code}")
+        sent.append(resp.get_json()["job"]["id"])
+    return sent
+
+
+def _wait_succeeded(poll: psycopg.Connection[Any], ids: list[str]) -> None:
+    """Poll the jobs table until every one of ``ids`` is ``succeeded`` (two minutes at most)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = poll.execute(
+            "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status = 'succeeded'", (ids,), prepare=True
+        ).fetchone()
+        if done is not None and done[0] == len(ids):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {len(ids)} jobs succeeded in time")
+        time.sleep(0.002)
+
+
 def _latchkey(
     app: Any, headers: dict[str, str], poll: psycopg.Connection[Any], n: int, clients: int = 1, port: int | None = None
 ) -> float:
     def send(k: int) -> list[str]:
         if port is not None:
             return [_http_post(port, headers) for _ in range(k)]
-        client = app.test_client()  # one per thread
-        sent = []
-        for _ in range(k):
-            resp = client.post("/api/v1/admin/jobs/ping", headers=headers)
-            if resp.status_code != 202:
-                raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status_code}")
-            sent.append(resp.get_json()["job"]["id"])
-        return sent
+        return _post_pings(app, headers, k)
 
     t0 = time.perf_counter()
-    ids = _spread(n, clients, send)
-    deadline = time.monotonic() + 120
-    while True:
-        done = poll.execute(
-            "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status = 'succeeded'", (ids,), prepare=True
-        ).fetchone()
-        if done is not None and done[0] == n:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {done} of {n} jobs succeeded in time")
-        time.sleep(0.002)
+    _wait_succeeded(poll, _spread(n, clients, send))
     return n / (time.perf_counter() - t0)
 
 
@@ -144,13 +153,7 @@ def _drain(
             if bare:
                 results = [producer.send_task("bench.noop") for _ in range(n)]
             else:
-                client = app.test_client()
-                ids = []
-                for _ in range(n):
-                    resp = client.post("/api/v1/admin/jobs/ping", headers=headers)
-                    if resp.status_code != 202:
-                        raise RuntimeError(f"POST /admin/jobs/ping: HTTP {resp.status_code}")
-                    ids.append(resp.get_json()["job"]["id"])
+                ids = _post_pings(app, headers, n)
         finally:
             t0 = time.perf_counter()
             for proc in procs:
@@ -159,16 +162,7 @@ def _drain(
             for result in results:
                 result.get(timeout=120)
         else:
-            deadline = time.monotonic() + 120
-            while True:
-                row = poll.execute(
-                    "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status = 'succeeded'", (ids,)
-                ).fetchone()
-                if row is not None and row[0] == n:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {row} of {n} jobs succeeded in time")
-                time.sleep(0.002)
+            _wait_succeeded(poll, ids)
         return n / (time.perf_counter() - t0)
 
 
