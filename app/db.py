@@ -227,6 +227,11 @@ class Database:
             session.close()
 
 
+# A batch job's checkpoint, called inside each batch's transaction with (the batch's session, the
+# running totals to keep, rows done, rows planned or None): app/tasks/split.py's Checkpoint.
+BatchCheckpoint = Callable[[Session, dict[str, Any] | None, int, int | None], None]
+
+
 # Below this many rows the bulk helpers use plain statements: COPY and a scratch table cost
 # more than they save on a handful of rows (an API request's audit event, say).
 COPY_THRESHOLD = 50

@@ -42,7 +42,7 @@ from app.audit import service as audit
 from app.audit.service import Entry as AuditEntry
 from app.backfill import legacy
 from app.context import RequestContext
-from app.db import Database, bulk_insert, bulk_update, new_id, utcnow
+from app.db import BatchCheckpoint, Database, bulk_insert, bulk_update, new_id, utcnow
 from app.errors import NotFoundError
 from app.models import Agent, McpServer, Org, Provider, Secret
 from app.providers.catalog import KIND_RE
@@ -59,8 +59,6 @@ MAX_FAILURES_LISTED = 100
 PROVIDER_TYPE_FOR_KIND = {"openai": "openai", "anthropic": "anthropic"}
 
 Progress = Callable[[int, int], None]
-# (the batch's session, the part's running totals, rows done, rows planned): see app/tasks/split.py.
-Checkpoint = Callable[[Session, dict[str, Any] | None, int, int | None], None]
 SECRETS, PROVIDERS = cast(Table, Secret.__table__), cast(Table, Provider.__table__)
 MCP_SERVERS, AGENTS = cast(Table, McpServer.__table__), cast(Table, Agent.__table__)
 
@@ -263,7 +261,7 @@ class _Run:
         summary: Summary,
         orgs: list[str] | None,
         progress: Progress | None,
-        checkpoint: Checkpoint | None = None,
+        checkpoint: BatchCheckpoint | None = None,
     ) -> None:
         self.db, self.keys, self.ctx, self.summary = db, keys, ctx, summary
         self.orgs, self.progress, self.checkpoint = orgs, progress, checkpoint
@@ -651,7 +649,7 @@ def run_part(
     batch_size: int,
     org_slug: str | None = None,
     state: dict[str, Any] | None = None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: BatchCheckpoint | None = None,
     progress: Progress | None = None,
 ) -> Summary:
     """Migrate the legacy rows of ``orgs`` (every org with None), as the module doc says.

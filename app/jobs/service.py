@@ -116,21 +116,20 @@ class Publisher:
     def __init__(self, celery: Any, db: Database) -> None:
         self.celery = celery
         self.db = db
-
-    def send(self, job_id: str, task: str) -> None:
-        self.celery.send_task(
-            task,
-            args=[job_id],
-            task_id=job_id,
+        # The same for every message (each job creation publishes one): built once.
+        self._options: dict[str, Any] = {
             # The jobs table is the result: never touch the result backend (the cache Redis
             # may be down while the broker is up).
-            ignore_result=True,
-            retry=True,
-            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
+            "ignore_result": True,
+            "retry": True,
+            "retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
             # RabbitMQ: wait (boundedly) for the broker's confirm, so a refused or blocked publish
             # fails this request with broker_unavailable instead of losing the message or hanging.
-            **broker.publish_options(self.celery.conf.broker_url),
-        )
+            **broker.publish_options(celery.conf.broker_url),
+        }
+
+    def send(self, job_id: str, task: str) -> None:
+        self.celery.send_task(task, args=[job_id], task_id=job_id, **self._options)
 
     def publish(self, pubs: list[Publication]) -> None:
         """Publish committed jobs; on a broker failure mark them failed and raise 503."""
@@ -193,8 +192,8 @@ _ID = bindparam("b_job_id", type_=String())
 _HOLDER = bindparam("b_holder", type_=String())
 
 
-def _held_by(holder: Any) -> Any:
-    return and_(_J.id == _ID, _J.status == JobStatus.RUNNING, _J.leased_by == holder)
+# The job is running and held by the worker named ``b_holder``.
+_HELD = and_(_J.id == _ID, _J.status == JobStatus.RUNNING, _J.leased_by == _HOLDER)
 
 
 def takeable(now: Any) -> Any:
@@ -217,16 +216,11 @@ def _claim_stmt(capped: bool) -> Any:
 
 
 _CLAIM = {capped: _claim_stmt(capped) for capped in (False, True)}
-_RENEW = (
-    update(JOBS)
-    .where(_held_by(_HOLDER))
-    .values(lease_expires_at=bindparam("b_expires", type_=UTCDateTime()), updated_at=_NOW)
-)
+_RENEW = update(JOBS).where(_HELD).values(lease_expires_at=bindparam("b_expires", type_=UTCDateTime()), updated_at=_NOW)
 _RELEASE = (
-    update(JOBS)
-    .where(_held_by(_HOLDER))
-    .values(status=JobStatus.QUEUED, leased_by=None, lease_expires_at=None, updated_at=_NOW)
+    update(JOBS).where(_HELD).values(status=JobStatus.QUEUED, leased_by=None, lease_expires_at=None, updated_at=_NOW)
 )
+_HOLD = select(_J.id).where(_HELD).with_for_update()
 # Only an unfinished job can finish: a late worker cannot overwrite a job the web tier has
 # already failed (for instance a reveal that timed out), and a failure cannot undo a success.
 # A worker passes its lease: then only the current holder of the running job can finish it,
@@ -235,13 +229,15 @@ _UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _finish_stmt(status: JobStatus, leased: bool) -> Any:
-    where = _held_by(_HOLDER) if leased else and_(_J.id == _ID, _J.status.in_(_UNFINISHED))
-    outcome: dict[str, Any] = {"error_code": None, "error_message": None}
+    where = _HELD if leased else and_(_J.id == _ID, _J.status.in_(_UNFINISHED))
+    outcome: dict[str, Any]
     if status == JobStatus.SUCCEEDED:
-        outcome["result"] = bindparam("b_result", type_=JOBS.c.result.type)
+        outcome = {"result": bindparam("b_result", type_=JOBS.c.result.type), "error_code": None, "error_message": None}
     else:
-        code, message = bindparam("b_code", type_=String()), bindparam("b_message", type_=String())
-        outcome = {"error_code": code, "error_message": message}
+        outcome = {
+            "error_code": bindparam("b_code", type_=String()),
+            "error_message": bindparam("b_message", type_=String()),
+        }
     return (
         update(JOBS)
         .where(where)
@@ -306,8 +302,7 @@ def hold(session: Session, job_id: str, worker_id: str) -> bool:
     worker can claim it, so a worker that lost its lease cannot overwrite what the new
     holder writes. False when the job is no longer ours.
     """
-    stmt = select(_J.id).where(_J.id == job_id, _J.status == JobStatus.RUNNING, _J.leased_by == worker_id)
-    return session.execute(stmt.with_for_update()).first() is not None
+    return session.execute(_HOLD, {"b_job_id": job_id, "b_holder": worker_id}).first() is not None
 
 
 def release(session: Session, job_id: str, worker_id: str) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import Table, and_, func, select, update
 from sqlalchemy.engine import Row
 
-from app.db import Database, updated
+from app.db import BatchCheckpoint, Database, updated
 from app.models import Secret
 from app.secrets.keyring import Keyring
 from app.secrets.sealing import CiphertextError, open_sealed, seal, secret_context
@@ -129,10 +129,6 @@ class ResealReport:
         self.failed += other.failed
 
 
-# (the batch's session, the part's running totals, rows done, rows planned): see app/tasks/split.py.
-Checkpoint = Callable[[Any, dict[str, Any] | None, int, int | None], None]
-
-
 def _column(name: str) -> SealedColumn:
     for col in SEALED_COLUMNS:
         if col.name == name:
@@ -178,7 +174,7 @@ def reseal_part(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     state: dict[str, Any] | None = None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: BatchCheckpoint | None = None,
 ) -> ResealReport:
     """Re-seal the values of one part (:func:`plan`) that are not on the current key.
 
@@ -216,7 +212,7 @@ def _reseal_column(
     report: ResealReport,
     after: Any,
     upto: Any,
-    checkpoint: Checkpoint | None,
+    checkpoint: BatchCheckpoint | None,
 ) -> None:
     t = col.table
     ident, key = t.c[col.id_column], t.c[col.key_column]
