@@ -1,0 +1,83 @@
+"""The backfill's names: unique per org, in row order, one query per round however many rows share a base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+
+from app.backfill.service import Namer
+from app.db import Database
+from app.identity import service as identity
+from app.models import Secret
+from tests.support.factories import Caller, Factory
+
+
+def _org_id(db: Database, slug: str) -> str:
+    with db.session() as s:
+        return identity.get_org(s, slug).id
+
+
+def _assign(db: Database, namer: Namer, wants: list[tuple[str, str]]) -> tuple[list[str], int]:
+    """The names handed out and how many SELECTs on secrets that took."""
+    queries: list[str] = []
+
+    def count(_conn: Any, _cur: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "secrets" in statement:
+            queries.append(statement)
+
+    assert db.engine is not None
+    event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        with db.session() as s:
+            names = namer.assign(s, wants)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", count)
+    return names, len(queries)
+
+
+def test_rows_sharing_a_base_are_named_in_one_round(db: Database, org: str) -> None:
+    org_id = _org_id(db, org)
+    namer = Namer(Secret, "_", 128)
+
+    names, queries = _assign(db, namer, [(org_id, "legacy_0190abcd")] * 20 + [(org_id, "other")])
+
+    assert names == ["legacy_0190abcd"] + [f"legacy_0190abcd_{n}" for n in range(2, 21)] + ["other"]
+    assert queries == 1
+
+
+def test_names_taken_in_the_database_are_skipped_keeping_row_order(
+    db: Database, factory: Factory, admin: Caller, org: str
+) -> None:
+    for name in ("legacy_x", "legacy_x_2", "legacy_x_4"):
+        factory.secret(admin, org, name)
+    org_id = _org_id(db, org)
+    namer = Namer(Secret, "_", 128)
+
+    names, queries = _assign(db, namer, [(org_id, "legacy_x")] * 3)
+
+    # Round 1 offers legacy_x, _2, _3 (only _3 is free); round 2 offers _4 (taken) and _5;
+    # round 3 offers _6. The first row gets the lowest free name.
+    assert names == ["legacy_x_3", "legacy_x_5", "legacy_x_6"]
+    assert queries == 3
+
+
+def test_a_name_handed_out_before_is_not_offered_again(db: Database, org: str) -> None:
+    org_id = _org_id(db, org)
+    namer = Namer(Secret, "_", 128)
+    first, _ = _assign(db, namer, [(org_id, "mcp_docs")] * 2)
+    # Nothing was written (a dry run): the names are remembered, not found in the database.
+    again, queries = _assign(db, namer, [(org_id, "mcp_docs")] * 2)
+
+    assert first == ["mcp_docs", "mcp_docs_2"]
+    assert again == ["mcp_docs_3", "mcp_docs_4"]
+    assert queries == 1
+
+
+def test_names_are_per_org_and_fit_the_column(db: Database, factory: Factory) -> None:
+    a, b = _org_id(db, factory.org()), _org_id(db, factory.org())
+    namer = Namer(Secret, "_", 10)
+
+    names, _ = _assign(db, namer, [(a, "abcdefghijkl"), (b, "abcdefghijkl"), (a, "abcdefghijkl")])
+
+    assert names == ["abcdefghij", "abcdefghij", "abcdefgh_2"]
