@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from celery.contrib.testing.worker import start_worker
 
 from app.config import Environment, Settings
 from app.worker import make_celery
-from tests.support.processes import drop_queue
+from tests.support.processes import drop_queue, spawned_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = Path(sys.executable).parent / "celery"
@@ -73,6 +74,38 @@ def test_worker_starts_on_the_real_broker_and_answers_ping(settings: Settings) -
             assert worker.hostname == hostname
             replies = celery_app.control.ping(destination=[hostname], timeout=5)
             assert replies == [{hostname: {"ok": "pong"}}]
+    finally:
+        celery_app.close()
+        drop_queue(settings, queue)
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_worker_process_freezes_its_startup_heap_where_tasks_run(
+    settings: Settings, tmp_path: Path, pool: str
+) -> None:
+    # Full collections then skip the startup objects (app/worker.py): the task runs in a process
+    # whose heap is frozen, the collector still on for what tasks allocate.
+    custom = settings.model_copy(update={"queue": f"latchkey-test-{uuid.uuid4().hex[:12]}"})
+    try:
+        with spawned_worker(custom, tmp_path / "worker.log", 1, ["tests.support.heap_tasks"], pool) as (proc, app):
+            state = app.send_task("tests.heap_state").get(timeout=30)
+        assert state["frozen"] > 10_000
+        assert state["gc_enabled"] is True
+        # The prefork pool runs the task in a child, which froze its own heap once set up.
+        assert (state["pid"] == proc.pid) is (pool == "threads")
+    finally:
+        drop_queue(settings, custom.queue)
+
+
+def test_an_embedded_worker_leaves_its_hosts_collector_alone(settings: Settings) -> None:
+    # Tests and embedders start workers in process; freezing their heap would keep whatever
+    # they hold at that moment forever.
+    queue = f"latchkey-test-{uuid.uuid4().hex[:12]}"
+    celery_app = make_celery(settings.model_copy(update={"queue": queue}))
+    before = gc.get_freeze_count()
+    try:
+        with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=15):
+            assert gc.get_freeze_count() == before
     finally:
         celery_app.close()
         drop_queue(settings, queue)

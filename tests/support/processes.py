@@ -89,19 +89,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @contextmanager
 def spawned_worker(
-    settings: Settings, log_path: Path, concurrency: int = 4, include: Sequence[str] = ()
+    settings: Settings, log_path: Path, concurrency: int = 4, include: Sequence[str] = (), pool: str = "threads"
 ) -> Iterator[tuple[subprocess.Popen[bytes], Celery]]:
     """Start a worker process consuming ``settings.queue``; yields it (tests may kill it) and a producer.
 
     ``include`` names extra modules the worker imports (test-only tasks, e.g. tests.support.lease_tasks).
     """
-    with spawned_workers(settings, [log_path], concurrency, include) as (procs, producer):
+    with spawned_workers(settings, [log_path], concurrency, include, pool) as (procs, producer):
         yield procs[0], producer
 
 
 @contextmanager
 def spawned_workers(
-    settings: Settings, log_paths: Sequence[Path], concurrency: int = 4, include: Sequence[str] = ()
+    settings: Settings,
+    log_paths: Sequence[Path],
+    concurrency: int = 4,
+    include: Sequence[str] = (),
+    pool: str = "threads",
 ) -> Iterator[tuple[list[subprocess.Popen[bytes]], Celery]]:
     """Start one worker process per log path, all at once; yields them once every one answers a ping."""
     nodes = [f"test-{uuid.uuid4().hex[:8]}@localhost" for _ in log_paths]
@@ -120,7 +124,7 @@ def spawned_workers(
                         "app.worker",
                         "worker",
                         "-P",
-                        "threads",
+                        pool,
                         "-c",
                         str(concurrency),
                         "-n",
