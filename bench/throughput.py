@@ -114,17 +114,25 @@ def _post_pings(app: Any, headers: dict[str, str], k: int) -> list[str]:
 
 
 def _wait_succeeded(poll: psycopg.Connection[Any], ids: list[str]) -> None:
-    """Poll the jobs table until every one of ``ids`` is ``succeeded`` (two minutes at most)."""
+    """Poll the jobs table until every one of ``ids`` is ``succeeded`` (two minutes at most).
+
+    Only the jobs not seen succeeded yet are asked for, every 5 ms: the poll shares the two cores
+    and PostgreSQL with what it measures (asking for all 2,000 ids of a drain every 2 ms took as
+    much of PostgreSQL's CPU as the workers' own statements), and 5 ms is within 1% of a round.
+    """
     deadline = time.monotonic() + 120
+    left = list(ids)
     while True:
-        done = poll.execute(
-            "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status = 'succeeded'", (ids,), prepare=True
-        ).fetchone()
-        if done is not None and done[0] == len(ids):
+        done = {row[0] for row in poll.execute(_SUCCEEDED, (left,), prepare=True)}
+        left = [job_id for job_id in left if job_id not in done]
+        if not left:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {done} of {len(ids)} jobs succeeded in time")
-        time.sleep(0.002)
+            raise RuntimeError(f"{len(left)} of {len(ids)} jobs had not succeeded in time")
+        time.sleep(0.005)
+
+
+_SUCCEEDED = "SELECT id FROM jobs WHERE id = ANY(%s) AND status = 'succeeded'"
 
 
 def _latchkey(
