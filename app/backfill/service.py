@@ -241,7 +241,9 @@ class Namer:
             left: dict[tuple[str, str], list[int]] = {}
             for (org, base), names in offered.items():
                 rows = groups[org, base]
-                free = [name for name in names if (org, name) not in in_db]
+                # Another base's row may have been given one of these names just now (a base
+                # that is a suffixed or truncated form of this one).
+                free = [name for name in names if (org, name) not in in_db and (org, name) not in self.taken]
                 for i, name in zip(rows, free, strict=False):
                     self.taken.add((org, name))
                     out[i] = name

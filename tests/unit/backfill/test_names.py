@@ -81,3 +81,15 @@ def test_names_are_per_org_and_fit_the_column(db: Database, factory: Factory) ->
     names, _ = _assign(db, namer, [(a, "abcdefghijkl"), (b, "abcdefghijkl"), (a, "abcdefghijkl")])
 
     assert names == ["abcdefghij", "abcdefghij", "abcdefgh_2"]
+
+
+def test_two_bases_offering_one_name_in_a_round_get_different_names(db: Database, org: str) -> None:
+    org_id = _org_id(db, org)
+    # Truncated to the column, both bases start as "abcdefghij"; "x" offers "x_2", which is also a base.
+    namer = Namer(Secret, "_", 10)
+
+    names, _ = _assign(db, namer, [(org_id, "abcdefghijkl"), (org_id, "abcdefghijXY"), (org_id, "x"), (org_id, "x")])
+    more, _ = _assign(db, Namer(Secret, "_", 128), [(org_id, "y"), (org_id, "y"), (org_id, "y_2")])
+
+    assert names == ["abcdefghij", "abcdefgh_2", "x", "x_2"]
+    assert more == ["y", "y_2", "y_2_2"]
