@@ -346,8 +346,6 @@ def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legac
     decided with a ``token IS NOT NULL`` predicate: no statement selects the token itself."""
     import re
 
-    from sqlalchemy import event
-
     from app.access import OrgAccess
     from app.errors import ForbiddenError
     from app.identity import service as identity
@@ -356,23 +354,15 @@ def test_the_web_tier_learns_that_a_legacy_token_exists_without_reading_it(legac
     from app.models.identity import Role
     from tests.support.factories import CTX
     from tests.support.legacy_data import ORG_A
+    from tests.support.statements import recorded_statements
 
     server_id = next(mid for mid, (org, _name, _token) in MCP.items() if org == ORG_A)
-    statements: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(legacy_db.engine, "before_cursor_execute", record)
-    try:
-        with legacy_db.session() as s:
-            member = OrgAccess(identity.get_org(s, "acme"), Role.MEMBER)
-            with pytest.raises(ForbiddenError):
-                mcp_service.update_server(s, CTX, member, server_id, McpServerUpdate(url="https://evil.example/mcp"))
-            with pytest.raises(ForbiddenError):
-                mcp_service.delete_server(s, CTX, member, server_id)
-    finally:
-        event.remove(legacy_db.engine, "before_cursor_execute", record)
+    with recorded_statements(legacy_db.engine) as statements, legacy_db.session() as s:
+        member = OrgAccess(identity.get_org(s, "acme"), Role.MEMBER)
+        with pytest.raises(ForbiddenError):
+            mcp_service.update_server(s, CTX, member, server_id, McpServerUpdate(url="https://evil.example/mcp"))
+        with pytest.raises(ForbiddenError):
+            mcp_service.delete_server(s, CTX, member, server_id)
     selects_token = re.compile(
         r"SELECT\s+(?:(?!\bFROM\b).)*\bmcp_servers\.token\b(?:(?!\bFROM\b).)*\bFROM\b", re.S | re.I
     )

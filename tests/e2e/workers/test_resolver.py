@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, func, select
 
 from app.config import Settings
 from app.db import Database
@@ -18,6 +18,7 @@ from app.secrets.invalidation import Delivery, Invalidator, Pending
 from app.secrets.keyring import Keyring
 from app.secrets.resolver import Resolver, ResolverUnavailableError, SecretNotFoundError, build_resolver
 from tests.support.factories import Caller, Factory, drop_queued
+from tests.support.statements import recorded_statements
 
 
 class CountingRedis(redis.Redis):
@@ -32,17 +33,14 @@ class CountingRedis(redis.Redis):
 
 @pytest.fixture
 def queries(db: Database) -> Iterator[list[str]]:
-    seen: list[str] = []
+    # The resolver's read (and nothing the web tier or the test does), on every engine: the
+    # resolver reads through a pool of its own.
+    with recorded_statements(Engine, _resolver_read) as seen:
+        yield seen
 
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        # The resolver's read (and nothing the web tier or the test does).
-        if statement.startswith("SELECT secrets.version, secrets.revision, secrets.key_id, secrets.ciphertext"):
-            seen.append(statement)
 
-    # Every engine: the resolver reads through a pool of its own.
-    event.listen(Engine, "before_cursor_execute", count)
-    yield seen
-    event.remove(Engine, "before_cursor_execute", count)
+def _resolver_read(statement: str) -> bool:
+    return statement.startswith("SELECT secrets.version, secrets.revision, secrets.key_id, secrets.ciphertext")
 
 
 @pytest.fixture

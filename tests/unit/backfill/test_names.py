@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from sqlalchemy import event
-
 from app.backfill.service import Namer
 from app.db import Database
 from app.identity import service as identity
 from app.models import Secret
 from tests.support.factories import Caller, Factory
+from tests.support.statements import recorded_statements
 
 
 def _org_id(db: Database, slug: str) -> str:
@@ -20,20 +17,14 @@ def _org_id(db: Database, slug: str) -> str:
 
 def _assign(db: Database, namer: Namer, wants: list[tuple[str, str]]) -> tuple[list[str], int]:
     """The names handed out and how many SELECTs on secrets that took."""
-    queries: list[str] = []
-
-    def count(_conn: Any, _cur: Any, statement: str, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "secrets" in statement:
-            queries.append(statement)
-
     assert db.engine is not None
-    event.listen(db.engine, "before_cursor_execute", count)
-    try:
-        with db.session() as s:
-            names = namer.assign(s, wants)
-    finally:
-        event.remove(db.engine, "before_cursor_execute", count)
+    with recorded_statements(db.engine, _selects_secrets) as queries, db.session() as s:
+        names = namer.assign(s, wants)
     return names, len(queries)
+
+
+def _selects_secrets(statement: str) -> bool:
+    return statement.lstrip().upper().startswith("SELECT") and "secrets" in statement
 
 
 def test_rows_sharing_a_base_are_named_in_one_round(db: Database, org: str) -> None:
