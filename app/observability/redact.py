@@ -48,6 +48,10 @@ _GRAM: Final = 5
 _STRIDE: Final = 4
 _B64_CHARS: Final = frozenset(string.ascii_letters + string.digits + "+/-_")
 _MARK: Final = "_latchkey_redacted"
+# A form's window is moved off the middle when the middle's buckets hold more entries than this,
+# to the least crowded of at most _WINDOWS windows.
+_CROWDED: Final = 8
+_WINDOWS: Final = 32
 assert MIN_LENGTH >= _SHORTEST, "shorter values would have forms the index cannot find"
 
 # (text, lead, tail): how many base64 characters just before / after a match carry bits of the value.
@@ -93,11 +97,14 @@ def _forms(value: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _grams(text: str) -> list[tuple[str, int]]:
-    # From the middle of the form: keys often share a prefix ("sk-proj-", "github_pat_") and
-    # an index on it would put thousands of them in one bucket.
-    base = (len(text) - (_GRAM + _STRIDE - 1)) // 2
+def _grams(text: str, base: int) -> list[tuple[str, int]]:
+    """The ``_STRIDE`` grams of ``text`` that start at ``base`` .. ``base + _STRIDE - 1``, with their offsets."""
     return [(text[o : o + _GRAM], o) for o in range(base, base + _STRIDE)]
+
+
+def _middle(text: str) -> int:
+    # Keys often share a prefix ("sk-proj-", "github_pat_"): the middle is the first window tried.
+    return (len(text) - (_GRAM + _STRIDE - 1)) // 2
 
 
 class Registry:
@@ -106,9 +113,17 @@ class Registry:
     The module keeps one process-wide instance (:data:`PROCESS`) for log handlers; a scope
     (:func:`push_scope`, a web request) or an agent run holds its own, dropped with it.
     ``max_values`` / ``max_chars`` default to the module's ``MAX_VALUES`` / ``MAX_CHARS``.
+
+    Each form is indexed under the grams of one window of ``_STRIDE`` consecutive offsets (any
+    window finds every occurrence). The middle one is used unless its buckets are crowded, as
+    they are for values that differ only in a few characters (a counter, a date, a suffix): then
+    the least crowded of up to ``_WINDOWS`` windows is taken, the first and the last among them.
+    So a bucket holds few forms, and registering costs about the same whatever was registered
+    before (it grew with every similar value before: a worker resolving thousands of edits of
+    one secret spent most of its time here; bench/README.md, ``bench.many_workers``).
     """
 
-    __slots__ = ("_buckets", "_chars", "_index", "_lock", "_max_chars", "_max_values", "_refs", "_values")
+    __slots__ = ("_chars", "_index", "_lock", "_max_chars", "_max_values", "_refs", "_values")
 
     def __init__(self, *, max_values: int | None = None, max_chars: int | None = None) -> None:
         self._lock = threading.Lock()
@@ -117,35 +132,65 @@ class Registry:
         # value -> its forms; insertion order is recency (the first entry is evicted first).
         self._values: OrderedDict[str, tuple[_Form, ...]] = OrderedDict()
         self._chars = 0  # total length of the forms in _values
-        # form text -> [reference count, lead, tail] (two values can share a form).
+        # form text -> [reference count, lead, tail, window] (two values can share a form).
         self._refs: dict[str, list[int]] = {}
-        # gram -> {(form text, offset)} (writer side).
-        self._buckets: dict[str, set[tuple[str, int]]] = {}
-        # gram -> entries. Read without the lock: entries are immutable tuples, replaced (never
+        # gram -> entries. Read without the lock: a bucket is an immutable tuple, replaced (never
         # mutated) under the lock, and a dict lookup is atomic.
         self._index: dict[str, tuple[_Entry, ...]] = {}
 
-    def _publish(self, gram: str) -> None:
-        keys = self._buckets.get(gram)
-        if not keys:
-            self._buckets.pop(gram, None)
-            self._index.pop(gram, None)
-            return
-        self._index[gram] = tuple((t, o, self._refs[t][1], self._refs[t][2]) for t, o in keys)
+    def _window(self, text: str) -> int:
+        """Where the grams of a new form start: the middle, or the least crowded window (see the class doc)."""
+        index = self._index
+        best = _middle(text)
+        best_load = sum([len(index.get(text[o : o + _GRAM], ())) for o in range(best, best + _STRIDE)])
+        if best_load <= _CROWDED:
+            return best
+        last = len(text) - (_GRAM + _STRIDE - 1)
+        if last < _WINDOWS:
+            # Every window, from each gram's bucket size looked up once and a running sum.
+            sizes = [len(index.get(text[o : o + _GRAM], ())) for o in range(last + _STRIDE)]
+            load = sum(sizes[:_STRIDE])
+            for base in range(last + 1):
+                if base:
+                    load += sizes[base + _STRIDE - 1] - sizes[base - 1]
+                if load < best_load:
+                    best, best_load = base, load
+            return best
+        step = -(-last // (_WINDOWS - 1))
+        for base in (*range(0, last, step), last):
+            load = sum([len(index.get(text[o : o + _GRAM], ())) for o in range(base, base + _STRIDE)])
+            if load < best_load:
+                best, best_load = base, load
+        return best
+
+    def _index_form(self, text: str, base: int, lead: int, tail: int) -> None:
+        index = self._index
+        for gram, offset in _grams(text, base):
+            index[gram] = (*index.get(gram, ()), (text, offset, lead, tail))
+
+    def _unindex_form(self, text: str, base: int) -> None:
+        index = self._index
+        for gram in {g for g, _o in _grams(text, base)}:
+            kept = tuple(entry for entry in index.get(gram, ()) if entry[0] != text)
+            if kept:
+                index[gram] = kept
+            else:
+                index.pop(gram, None)
 
     def _add_form(self, text: str, lead: int, tail: int) -> None:
         ref = self._refs.get(text)
         if ref is None:
-            self._refs[text] = [1, lead, tail]
-            for gram, offset in _grams(text):
-                self._buckets.setdefault(gram, set()).add((text, offset))
-        else:
-            ref[0] += 1
-            if lead <= ref[1] and tail <= ref[2]:
-                return
-            ref[1], ref[2] = max(ref[1], lead), max(ref[2], tail)
-        for gram in {g for g, _o in _grams(text)}:
-            self._publish(gram)
+            base = self._window(text)
+            self._refs[text] = [1, lead, tail, base]
+            self._index_form(text, base, lead, tail)
+            return
+        ref[0] += 1
+        if lead <= ref[1] and tail <= ref[2]:
+            return
+        # A second value with this form needs more of its neighbours masked.
+        ref[1], ref[2] = max(ref[1], lead), max(ref[2], tail)
+        self._unindex_form(text, ref[3])
+        self._index_form(text, ref[3], ref[1], ref[2])
 
     def _remove_form(self, text: str) -> None:
         ref = self._refs[text]
@@ -153,10 +198,7 @@ class Registry:
         if ref[0] > 0:
             return
         del self._refs[text]
-        for gram, offset in _grams(text):
-            self._buckets[gram].discard((text, offset))
-        for gram in {g for g, _o in _grams(text)}:
-            self._publish(gram)
+        self._unindex_form(text, ref[3])
 
     def register(self, value: str) -> None:
         """Mask ``value`` (and its encodings) from now on; see the module function :func:`register`."""
@@ -189,7 +231,6 @@ class Registry:
             self._chars = 0
             self._values.clear()
             self._refs.clear()
-            self._buckets.clear()
             self._index.clear()
 
     def size(self) -> int:
