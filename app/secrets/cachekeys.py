@@ -21,6 +21,9 @@ from __future__ import annotations
 
 KEY_PREFIX = "lk:s:"
 ACK_PREFIX = "lk:invalidate:ack:"
+# ``lk:r:{org}:{id}:{pointer}``: the worker that set it reads the database for that state after
+# an invalidation; every other worker takes the entry it fills (the resolver's refill).
+REFILL_PREFIX = "lk:r:"
 DELETED = "deleted"
 # The largest revision a pointer can carry (``secrets.revision`` is a 32-bit INTEGER); a larger
 # stamp is a pre-revision wall-clock stamp (microseconds), older than every current pointer.
@@ -34,6 +37,10 @@ def channel(namespace: str) -> str:
 
 def key(org_id: str, secret_id: str) -> str:
     return f"{KEY_PREFIX}{org_id}:{secret_id}"
+
+
+def refill(org_id: str, secret_id: str, pointer: str) -> str:
+    return f"{REFILL_PREFIX}{org_id}:{secret_id}:{pointer}"
 
 
 def pointer(version: int, revision: int) -> str:
@@ -92,3 +99,16 @@ redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'EX', ARGV[3])
 return 1
 """
 )
+
+# Worker, after an invalidation: the entry if it is already filled (the caller checks it);
+# otherwise 1 if this worker now holds the refill of that state (KEYS[2], for ARGV[1] ms), 0 if
+# another worker does. One round trip whichever way it goes.
+CLAIM_REFILL = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local nl = string.find(cur, '\\n', 1, true)
+  if nl and nl < #cur then return cur end
+end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+return 0
+"""

@@ -86,6 +86,20 @@ REFUSED = Counter(
 )
 _ROLLED_BACK = REFUSED.labels("rolled_back")
 _EXPIRED = REFUSED.labels("expired")
+REFILLS = Counter(
+    "latchkey_resolver_refills_total",
+    "First resolves after an invalidation: read from the database for every worker (read), answered by"
+    " another worker's refill (shared), or read from the database after waiting for one in vain (waited)",
+    ["outcome"],
+)
+_REFILL_READ = REFILLS.labels("read")
+_REFILL_SHARED = REFILLS.labels("shared")
+_REFILL_WAITED = REFILLS.labels("waited")
+# How long a refill claim lasts: longer than any wait for it, so a late resolve finds the entry
+# (or the claim) instead of reading the database again; per pointer, so it never delays the next edit.
+REFILL_CLAIM_MS = 10_000
+# The waits between two looks at L2 while another worker refills (seconds).
+_REFILL_POLLS = (0.0005, 0.001, 0.002, 0.004)
 # The L2 entry format (and AAD) version. v3 added the sealed time; a v2 entry is a miss.
 ENTRY_FORMAT = "latchkey/l2/v3"
 # An entry stamped further in the future than this (a worker's clock ahead) is refused.
@@ -182,6 +196,7 @@ class Resolver:
         l2_ttl: int = 600,
         l2_max_age: float = 60.0,
         marks_size: int = 16384,
+        refill_wait: float = 0.05,
         listen: bool = True,
         namespace: str = "latchkey",
         keyring_file: str | os.PathLike[str] | None = None,
@@ -200,6 +215,9 @@ class Resolver:
         self.l2_max_age = l2_max_age
         # ~400 bytes a key: 16,384 marks are ~6.5 MB, four times L1's default reach.
         self.marks_size = marks_size
+        # After an invalidation one worker reads the database; the others wait up to this long
+        # for the entry it fills before reading it themselves (see resolve()).
+        self.refill_wait = refill_wait
         self.channel = cachekeys.channel(namespace)
         # (org, id) -> (monotonic deadline, value)
         self._l1: OrderedDict[tuple[str, str], tuple[float, Resolved]] = OrderedDict()
@@ -215,6 +233,7 @@ class Resolver:
         self._marks: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
+        self._claim_script: Any = None
         self._fills: queue.SimpleQueue[tuple[str, str, str, Resolved, float] | None] = queue.SimpleQueue()
         self._redis_retry_at = 0.0
         self._pubsub: Any = None
@@ -223,6 +242,7 @@ class Resolver:
         self._threads: list[threading.Thread] = []
         if redis_client is not None:
             self._fill_script = redis_client.register_script(cachekeys.FILL_ENTRY)
+            self._claim_script = redis_client.register_script(cachekeys.CLAIM_REFILL)
             self._start(self._fill_loop, "resolver-fill")
             if listen:
                 self._start(self._listen_loop, "resolver-invalidations")
@@ -250,13 +270,20 @@ class Resolver:
         generation = self._generation
         if not l2_known_gone:
             cached = self._l2_get(org_id, secret_id)
+        else:
+            # After an invalidation every subscribed worker misses at once: one of them reads
+            # the database and fills L2, the others take its entry (no older than the state the
+            # invalidation named) instead of each reading the database.
+            cached = self._shared_refill(org_id, secret_id, cast(str, gone))
             if cached is not None:
-                # The L1 copy expires no later than the entry's own max age would.
-                self._l1_put(k, cached[0], generation, cached[1])
-                _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
-                return cached[0]
-        # After an invalidation the L2 entry is known to be gone (the web tier dropped it with
-        # the pointer move), so that miss skips the Redis round trip that would only say so.
+                with self._l1_lock:
+                    if self._l2_gone.get(k) == gone:
+                        self._l2_gone.pop(k, None)
+        if cached is not None:
+            # The L1 copy expires no later than the entry's own max age would.
+            self._l1_put(k, cached[0], generation, cached[1])
+            _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
+            return cached[0]
         start = time.perf_counter()
         read_at = time.time()  # before the read: the state read was current at this time or later
         try:
@@ -377,14 +404,25 @@ class Resolver:
         except (redis.RedisError, OSError):
             self._redis_failed("get")
             return None
+        return self._l2_open(org_id, secret_id, cast("bytes | None", raw))
+
+    def _l2_open(
+        self, org_id: str, secret_id: str, raw: bytes | None, floor: tuple[int, int] | None = None
+    ) -> tuple[Resolved, float] | None:
+        """The entry ``raw`` (a GET of the key) if it may be used, and for how long; None for a miss.
+
+        ``floor``: refuse an entry for an older state than this (the state an invalidation named).
+        """
         if not raw:
             return None
-        ptr_bytes, _, entry = cast(bytes, raw).partition(b"\n")
+        ptr_bytes, _, entry = raw.partition(b"\n")
         ptr = ptr_bytes.decode()
         if ptr == cachekeys.DELETED:
             RESOLVES.labels("tombstone").inc()
             raise SecretNotFoundError()
         if len(entry) < 29:  # pointer moved, entry not filled yet: a miss
+            return None
+        if floor is not None and _order(ptr) < floor:
             return None
         try:
             plain = self._aead.decrypt(entry[:12], entry[12:], self._aad(org_id, secret_id, ptr))
@@ -415,6 +453,55 @@ class Resolver:
         redact.register(value)  # from now on this process's logs mask it
         version = int(ptr.partition(":")[0])
         return Resolved(secret_id, version, value, tuple(hosts.split(",")) if hosts else ()), left
+
+    def _shared_refill(self, org_id: str, secret_id: str, gone: str) -> tuple[Resolved, float] | None:
+        """After an invalidation to state ``gone``: an entry another worker filled for it, or None to read the database.
+
+        One round trip (``CLAIM_REFILL``) returns the entry if it is already filled, or claims the
+        refill: the claimant reads the database (None) and its fill answers the others, who look
+        at L2 again a few times within ``refill_wait`` and then read the database themselves. The
+        entry is checked as any L2 hit is (authenticated, high-water mark, sealed age), and must
+        be for ``gone`` or newer: the pointer comes from a pub/sub message, which a Redis writer
+        can forge, so it only ever raises the bar (a forged newer one costs the wait and a read).
+        """
+        client = self.redis
+        try:
+            floor = _order(gone)
+        except ValueError:  # an invalidation without a pointer: nothing to wait for
+            return None
+        if client is None or time.monotonic() < self._redis_retry_at:
+            return None
+        key = cachekeys.key(org_id, secret_id)
+        try:
+            claim = self._claim_script(keys=[key, cachekeys.refill(org_id, secret_id, gone)], args=[REFILL_CLAIM_MS])
+        except (redis.RedisError, OSError):
+            self._redis_failed("refill")
+            return None
+        if claim == 1:
+            _REFILL_READ.inc()
+            return None
+        if claim != 0:
+            cached = self._l2_open(org_id, secret_id, cast(bytes, claim), floor)
+            if cached is not None:
+                _REFILL_SHARED.inc()
+                return cached
+        deadline = time.monotonic() + self.refill_wait
+        polls = iter(_REFILL_POLLS)
+        pause = next(polls)
+        while time.monotonic() + pause < deadline:
+            time.sleep(pause)
+            try:
+                raw = client.get(key)
+            except (redis.RedisError, OSError):
+                self._redis_failed("get")
+                return None
+            cached = self._l2_open(org_id, secret_id, cast("bytes | None", raw), floor)
+            if cached is not None:
+                _REFILL_SHARED.inc()
+                return cached
+            pause = next(polls, pause)
+        _REFILL_WAITED.inc()
+        return None
 
     def _fill_loop(self) -> None:
         # Fills run here, off the resolve path: a miss costs the database, not an extra round trip.

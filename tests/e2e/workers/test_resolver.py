@@ -360,7 +360,7 @@ def test_a_resolved_value_is_masked_in_this_processs_logs(
     assert redact.redact(f"oops {value}") == "oops ***"
 
 
-def test_the_miss_after_an_invalidation_skips_the_redis_round_trip(
+def test_the_miss_after_an_invalidation_is_one_round_trip_and_one_read(
     resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, queries: list[str]
 ) -> None:
     sid = factory.secret(admin, org, value="first")["id"]
@@ -370,10 +370,165 @@ def test_the_miss_after_an_invalidation_skips_the_redis_round_trip(
     admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "second"})  # acknowledged invalidation
     before_redis, before_db = CountingRedis.commands, len(queries)
     assert resolver.resolve(org_id, sid).value == "second"
-    # One database read and no Redis command on the resolving path (the L2 fill is background).
+    # The refill claim (which would have returned the entry had another worker filled it) and
+    # one database read; no GET that could only say the entry is gone.
     assert len(queries) == before_db + 1
+    assert CountingRedis.commands - before_redis == 1
     resolver.flush_fills()
-    assert CountingRedis.commands - before_redis == 1  # only the background fill
+    assert CountingRedis.commands - before_redis == 2  # and the background fill
+
+
+# -- one refill for every worker after an invalidation ------------------------------------------
+
+
+def _refills(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("latchkey_resolver_refills_total", {"outcome": outcome}) or 0.0
+
+
+@pytest.fixture
+def private_namespace(settings: Settings) -> str:
+    # A channel of the test's own: a session worker of this xdist process listens on settings.queue's.
+    return f"{settings.queue}-refill-{uuid.uuid4().hex[:8]}"
+
+
+def _edit_and_invalidate(
+    admin: Caller, org: str, sid: str, value: str, db: Database, redis_url: str, namespace: str
+) -> str:
+    """A real edit, its invalidation also published on ``namespace``; the new pointer."""
+    assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": value}).status_code == 200
+    with db.session() as s:
+        org_id, version, revision = s.execute(
+            select(Secret.org_id, Secret.version, Secret.revision).where(Secret.id == sid)
+        ).one()
+    ptr = cachekeys.pointer(version, revision)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        Invalidator(client, db, namespace=namespace, ack_timeout=5.0).apply(Pending("outbox-row", org_id, sid, ptr))
+    finally:
+        client.close()
+    return ptr
+
+
+def test_after_an_edit_one_worker_reads_the_database_for_every_worker(
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    private_namespace: str,
+    queries: list[str],
+) -> None:
+    import threading
+
+    sid = factory.secret(admin, org, value="before-the-edit")["id"]
+    org_id = _org_id(db, org)
+    # A generous wait: on a loaded machine the reading worker's fill must land within it.
+    resolvers = [
+        Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=private_namespace, refill_wait=10.0)
+        for _ in range(4)
+    ]
+    try:
+        assert all(r.wait_until_listening() for r in resolvers)
+        for r in resolvers:
+            assert r.resolve(org_id, sid).value == "before-the-edit"
+            r.flush_fills()
+        _edit_and_invalidate(admin, org, sid, "after-the-edit", db, redis_url, private_namespace)
+        before_db, read, shared = len(queries), _refills("read"), _refills("shared")
+        start = threading.Barrier(len(resolvers))
+        got: list[Any] = []
+
+        def resolve(r: Resolver) -> None:
+            start.wait()
+            got.append(r.resolve(org_id, sid))
+
+        threads = [threading.Thread(target=resolve, args=(r,)) for r in resolvers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [(g.value, g.version) for g in got] == [("after-the-edit", 2)] * 4
+        assert len(queries) == before_db + 1  # one database read for the four of them
+        assert (_refills("read") - read, _refills("shared") - shared) == (1, 3)
+        # Each took it into L1: the next resolves ask nobody.
+        assert all(r.resolve(org_id, sid).value == "after-the-edit" for r in resolvers)
+        assert len(queries) == before_db + 1
+    finally:
+        for r in resolvers:
+            r.close()
+
+
+def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    private_namespace: str,
+    queries: list[str],
+) -> None:
+    """A Redis writer (or a worker killed mid-refill) holds the claim: the others wait it out, boundedly."""
+    sid = factory.secret(admin, org, value="before-the-edit")["id"]
+    org_id = _org_id(db, org)
+    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=private_namespace, refill_wait=0.05)
+    client = redis.Redis.from_url(redis_url)
+    ptr = "unset"
+    try:
+        assert r.wait_until_listening()
+        r.resolve(org_id, sid)
+        r.flush_fills()
+        ptr = _edit_and_invalidate(admin, org, sid, "after-the-edit", db, redis_url, private_namespace)
+        client.set(cachekeys.refill(org_id, sid, ptr), "held", px=60_000)
+        before_db, waited = len(queries), _refills("waited")
+        assert r.resolve(org_id, sid).value == "after-the-edit"
+        assert len(queries) == before_db + 1 and _refills("waited") - waited == 1
+    finally:
+        client.delete(cachekeys.refill(org_id, sid, ptr))
+        client.close()
+        r.close()
+
+
+def test_a_refill_never_takes_an_entry_older_than_the_invalidation(
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    private_namespace: str,
+    queries: list[str],
+) -> None:
+    """A Redis writer holds the claim and sets the previous genuine entry back during the wait.
+
+    The resolver's high-water mark is that entry's own pointer (it resolved it), so only the
+    invalidation's pointer, a floor no refill may go below, keeps it from being served.
+    """
+    sid = factory.secret(admin, org, value="before-the-edit")["id"]
+    org_id = _org_id(db, org)
+    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=private_namespace, refill_wait=0.2)
+    client = redis.Redis.from_url(redis_url)
+    key = cachekeys.key(org_id, sid)
+    ptr = "unset"
+    try:
+        assert r.wait_until_listening()
+        r.resolve(org_id, sid)
+        r.flush_fills()
+        genuine_old = client.get(key)
+        assert genuine_old is not None and b"\n" in genuine_old
+        ptr = _edit_and_invalidate(admin, org, sid, "after-the-edit", db, redis_url, private_namespace)
+        client.set(cachekeys.refill(org_id, sid, ptr), "held", px=60_000)
+        client.set(key, genuine_old)
+        before_db = len(queries)
+        got = r.resolve(org_id, sid)
+        assert (got.value, got.version) == ("after-the-edit", 2)
+        assert len(queries) == before_db + 1
+    finally:
+        client.delete(cachekeys.refill(org_id, sid, ptr))
+        client.close()
+        r.close()
 
 
 # -- rollback: a Redis writer puts back an old, genuine entry (issue #10 item 4) ---------------
