@@ -212,6 +212,58 @@ def machine_info(redis_client: redis.Redis | None = None, database_url: str | No
     return info
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _kind(pid: int, comm: bytes, cmdline: bytes) -> str:
+    if pid == os.getpid():
+        return "bench"
+    if b"celery" in cmdline and b" worker" in cmdline:
+        return "worker"
+    if b"gunicorn" in cmdline:
+        return "web"
+    if comm.startswith(b"postgres") or cmdline.startswith(b"postgres"):
+        return "postgres"
+    if comm.startswith(b"redis-server"):
+        return "redis"
+    return "other"
+
+
+def _processes() -> Iterator[tuple[int, str, bytes]]:
+    """(pid, kind, /proc/<pid>/stat) of every process on the machine."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ")
+        except OSError:  # ended meanwhile
+            continue
+        pid = int(entry.name)
+        yield pid, _kind(pid, stat[stat.index(b"(") + 1 : stat.rindex(b")")], cmdline), stat
+
+
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU time (user + system, seconds) every process on the machine has used, summed by kind.
+
+    Kinds: ``worker`` (``celery ... worker``), ``web`` (gunicorn), ``postgres``, ``redis``,
+    ``bench`` (this process, its client threads included) and ``other``. Read from ``/proc``
+    (Linux); take two readings around a round and subtract (``cpu_delta``). Ended processes
+    are not counted: take the readings while the processes being compared run.
+    """
+    out = dict.fromkeys(("worker", "web", "postgres", "redis", "bench", "other"), 0.0)
+    for _pid, kind, stat in _processes():
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        out[kind] += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return out
+
+
+def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]

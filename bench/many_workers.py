@@ -50,6 +50,8 @@ from bench.common import (
     REDIS_URL,
     Goal,
     Report,
+    cpu_delta,
+    cpu_seconds_by_process,
     delete_matching,
     machine_info,
     make_settings,
@@ -135,11 +137,13 @@ def run(args: argparse.Namespace, report: Report) -> None:
                             subscribed = fleet.subscribers()
                             rtt, rtt_one_by_one = ack_round_trips(housekeeping, fleet.channel, org_id, k, args.probes)
                             before = fleet.invalidation_counts()
+                            cpu_before = cpu_seconds_by_process()
                             t0 = time.perf_counter()
                             edits = edit_concurrently(
                                 fleet.port, path, admin.token, range(seq + 1, seq + args.edits + 1), args.clients
                             )
                             elapsed = time.perf_counter() - t0
+                            cpu = cpu_delta(cpu_seconds_by_process(), cpu_before)
                             seq += args.edits
                             subscribed_after = fleet.subscribers()
                         outcome = fleet.check(edits)
@@ -154,6 +158,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
                                 "edit_failures": edits.failures[:5],
                                 "edits_per_s": len(edits.versions) / elapsed if elapsed else 0.0,
                                 "edit_latency_ms": summarize(edits.latency_ns, scale=1e6),
+                                "cpu_ms_per_edit": {
+                                    kind: used * 1e3 / max(1, len(edits.versions)) for kind, used in cpu.items()
+                                },
+                                "cpu_cores_busy": {k: used / elapsed for k, used in cpu.items()} if elapsed else {},
                                 "invalidations": counts,
                                 "reads": outcome.reads,
                                 "read_runs": outcome.runs,
@@ -256,6 +264,21 @@ def print_report(report: Report) -> None:
             "reads",
         ],
         rows,
+    )
+    print()
+    kinds = list(report.results["rounds"][0]["cpu_ms_per_edit"])
+    print("CPU time per edit (ms), by process kind, during the edits:")
+    print_table(
+        ["workers", *kinds, "all", "cores busy"],
+        [
+            [
+                r["workers"],
+                *(r["cpu_ms_per_edit"][k] for k in kinds),
+                sum(r["cpu_ms_per_edit"].values()),
+                sum(r["cpu_cores_busy"].values()),
+            ]
+            for r in report.results["rounds"]
+        ],
     )
     print()
     print_goals(report.goals)

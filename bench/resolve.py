@@ -339,7 +339,12 @@ class Bench:
 
     def close(self) -> None:
         self.close_resolvers()
-        delete_matching(self.redis, f"{cachekeys.KEY_PREFIX}{self.org_id}:*", f"lkbench:{os.getpid()}:*")
+        delete_matching(
+            self.redis,
+            f"{cachekeys.KEY_PREFIX}{self.org_id}:*",
+            f"{cachekeys.REFILL_PREFIX}{self.org_id}:*",
+            f"lkbench:{os.getpid()}:*",
+        )
         self.redis.close()
         self.db.dispose()
 
@@ -397,13 +402,21 @@ class Bench:
         results["floor_pg_lookup_hpke_open"] = {"us": summarize(floor_samples)}
 
         # the steady-state miss: the first resolve after an edit's invalidation -----------------
-        # (the invalidation tells a subscribed resolver the shared entry is gone, so this miss
-        # skips the Redis round trip; the cold miss above still pays it)
+        # (each iteration is an edit's state change: the revision bumped in the database, the
+        # pointer moved as the web tier moves it, and the listener's drop with that pointer; the
+        # miss is then the claim of the shared refill, one round trip, and the database read)
         warm = self.resolver(listen=True)
+        bump = psycopg.connect(self.database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+        move = self.redis.register_script(cachekeys.MOVE_POINTER)
 
         def invalidate() -> None:
-            warm.drop_local(org, sid, "moved")  # what the listener does on an invalidation message
-            self.redis.delete(key)
+            row = bump.execute(
+                "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
+            ).fetchone()
+            assert row is not None
+            ptr = cachekeys.pointer(row[0], row[1])
+            move(keys=[key], args=[ptr, 600])
+            warm.drop_local(org, sid, ptr)  # what the listener does on the invalidation message
 
         def settle_warm() -> None:
             assert warm.flush_fills()
@@ -417,6 +430,7 @@ class Bench:
             before=invalidate,
             after=settle_warm,
         )
+        bump.close()
         results["miss_after_invalidation"] = {"us": summarize(inv_samples), "served": served_delta(before)}
         results["floor_pg_lookup_hpke_open_2"] = {"us": summarize(inv_floor)}
 

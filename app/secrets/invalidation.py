@@ -162,8 +162,8 @@ class Invalidator:
                 log.warning("cache invalidation deferred to the outbox (%s)", type(exc).__name__)
                 break
         if done:
-            with self.db.session() as s:
-                s.execute(delete(CacheInvalidation).where(CacheInvalidation.id.in_(done)))
+            # One idempotent statement: an autocommit round trip, not a transaction of four.
+            self.db.autocommit(lambda s: s.execute(delete(CacheInvalidation).where(CacheInvalidation.id.in_(done))))
 
     def replay(self, limit: int = 500) -> int:
         """Apply outbox rows left by earlier failures, oldest first (beat runs this)."""

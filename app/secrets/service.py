@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnClause, literal_column, select, union_all
 from sqlalchemy.orm import Session
 
 from app.access import OrgAccess
@@ -49,28 +49,31 @@ def _row(session: Session, org: Org, secret_id: str, *, for_update: bool = False
 
 
 def _users(session: Session, org_id: str, secret_ids: list[str]) -> dict[str, list[SecretUserOut]]:
-    """Every provider and MCP server referencing each secret (an MCP server as its bearer or in a header)."""
+    """Every provider and MCP server referencing each secret (an MCP server as its bearer or in a header).
+
+    One query (a UNION ALL of the three places a reference can be), in a stable order:
+    providers, then MCP servers by bearer, then by header, each by id.
+    """
     users: dict[str, list[SecretUserOut]] = defaultdict(list)
     if not secret_ids:
         return users
-    for model, kind in ((Provider, "provider"), (McpServer, "mcp_server")):
-        rows = session.execute(
-            select(model.secret_ref, model.id, model.name)
-            .where(model.org_id == org_id, model.secret_ref.in_(secret_ids))
-            .order_by(model.id)
-        ).all()
-        for ref, rid, name in rows:
-            if ref is not None:
-                users[ref].append(SecretUserOut(type=kind, id=rid, name=name))
-    header_users = session.execute(
-        select(McpServerHeader.secret_ref, McpServer.id, McpServer.name)
+    none: ColumnClause[Any] = literal_column("0")
+    stmt = union_all(
+        select(literal_column("0").label("src"), Provider.secret_ref, Provider.id, Provider.name, none).where(
+            Provider.org_id == org_id, Provider.secret_ref.in_(secret_ids)
+        ),
+        select(literal_column("1"), McpServer.secret_ref, McpServer.id, McpServer.name, none).where(
+            McpServer.org_id == org_id, McpServer.secret_ref.in_(secret_ids)
+        ),
+        select(literal_column("2"), McpServerHeader.secret_ref, McpServer.id, McpServer.name, McpServerHeader.position)
         .join(McpServer, (McpServer.org_id == McpServerHeader.org_id) & (McpServer.id == McpServerHeader.mcp_server_id))
-        .where(McpServerHeader.org_id == org_id, McpServerHeader.secret_ref.in_(secret_ids))
-        .order_by(McpServer.id, McpServerHeader.position)
-    ).all()
-    for ref, rid, name in header_users:
-        user = SecretUserOut(type="mcp_server", id=rid, name=name)
-        if user not in users[ref]:  # once per server, however many of its headers use the secret
+        .where(McpServerHeader.org_id == org_id, McpServerHeader.secret_ref.in_(secret_ids)),
+    ).order_by(literal_column("1"), literal_column("3"), literal_column("5"))
+    for src, ref, rid, name, _position in session.execute(stmt):
+        if ref is None:
+            continue
+        user = SecretUserOut(type="provider" if src == 0 else "mcp_server", id=rid, name=name)
+        if src < 2 or user not in users[ref]:  # once per server, however many of its headers use the secret
             users[ref].append(user)
     return users
 

@@ -23,6 +23,7 @@ What is checked, from the bookkeeping of both sides:
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import tempfile
@@ -46,11 +47,18 @@ from tests.support.stale_reads import find_stale
 
 LOOP_TASK = "tests.resolve_loop"
 LOOP_MODULE = "tests.support.resolve_loop_tasks"
-VALUE_PREFIX = "many-workers-value#"  # + the edit's sequence number (0: the value it was created with)
 
 
 def value(seq: int) -> str:
-    return f"{VALUE_PREFIX}{seq}"
+    """The value edit ``seq`` writes (0: the one the secret is created with): ``<key>#<seq>``.
+
+    ``<key>`` looks like a provider's API key (32 hex characters, a different one each edit),
+    so each new value costs the workers what a real rotation does (the redaction registry's
+    worst case, thousands of values that differ in a few characters, is tested on its own in
+    tests/unit/observability). The loops report only the ``#<seq>`` tail.
+    """
+    key = hashlib.sha256(f"latchkey-many-workers:{seq}".encode()).hexdigest()[:32]
+    return f"sk-{key}#{seq}"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from app.models import McpServer, Provider, Secret
 from app.secrets.sealing import open_sealed, secret_context
 from tests.support.factories import Caller, Factory
+from tests.support.statements import recorded_statements
 
 
 def test_create_returns_metadata_at_version_1_and_never_the_value(admin: Caller, org: str) -> None:
@@ -87,6 +88,20 @@ def test_patch_without_value_keeps_version(admin: Caller, org: str, factory: Fac
         ["*.example.com"],
     )
     assert body["rotated_at"] is None
+
+
+def test_an_edit_sends_one_query_for_its_users_and_one_to_clear_its_outbox_row(
+    admin: Caller, org: str, factory: Factory
+) -> None:
+    # An edit's round trips are its latency under load (bench/many_workers.py): the secret's
+    # users in one query (not one per kind of user), the outbox row removed in one statement
+    # on an autocommit connection (not a transaction of its own).
+    created = factory.secret(admin, org, name="ROUND_TRIPS")
+    with recorded_statements(sa.Engine) as sent:
+        assert admin.patch(f"orgs/{org}/secrets/{created['id']}", json={"value": "a-new-value-0123"}).status_code == 200
+    users = [s for s in sent if "FROM providers" in s or "FROM mcp_server" in s]
+    assert len(users) == 1 and "UNION ALL" in users[0]
+    assert len([s for s in sent if s.lstrip().startswith("DELETE FROM cache_invalidations")]) == 1
 
 
 def test_if_match_mismatch_is_412_and_changes_nothing(admin: Caller, org: str, factory: Factory) -> None:
