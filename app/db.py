@@ -309,14 +309,16 @@ def updated(session: Session, stmt: Any) -> int:
 
 
 def flush_or_raise(session: Session, error: Exception) -> None:
-    """Flush inside a savepoint; a constraint violation raises ``error`` instead.
+    """Flush; a constraint violation raises ``error`` instead.
 
-    The savepoint keeps the outer transaction usable (PostgreSQL aborts it on an error), for
-    the race where a concurrent request took a name, or referenced a row, after our check.
+    For the race where a concurrent request took a name, or referenced a row, after our check.
+    The transaction cannot be used after that (PostgreSQL aborts it): every caller lets the error
+    end the request, or rolls back first (app/web/providers.py). There is no savepoint around the
+    flush: ``begin_nested()`` flushes before its SAVEPOINT, so one never covered it (and none was
+    ever sent), which a test of the edit's statements found.
     """
     try:
-        with session.begin_nested():
-            session.flush()
+        session.flush()
     except IntegrityError:
         raise error from None
 
