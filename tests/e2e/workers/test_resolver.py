@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -387,55 +388,62 @@ def _refills(outcome: str) -> float:
     return REGISTRY.get_sample_value("latchkey_resolver_refills_total", {"outcome": outcome}) or 0.0
 
 
-@pytest.fixture
-def private_namespace(settings: Settings) -> str:
+@dataclass
+class RefillCase:
+    """A secret created with "before-the-edit", and what the refill tests do with it."""
+
+    admin: Caller
+    org: str
+    db: Database
+    keyring: Keyring
+    redis_url: str
     # A channel of the test's own: a session worker of this xdist process listens on settings.queue's.
-    return f"{settings.queue}-refill-{uuid.uuid4().hex[:8]}"
+    namespace: str
+    sid: str
+    org_id: str
+
+    def resolver(self, refill_wait: float) -> Resolver:
+        client = redis.Redis.from_url(self.redis_url)
+        return Resolver(self.db, self.keyring, client, namespace=self.namespace, refill_wait=refill_wait)
+
+    def edit(self, value: str) -> str:
+        """A real edit, its invalidation also published on ``namespace``; the new pointer."""
+        assert self.admin.patch(f"orgs/{self.org}/secrets/{self.sid}", json={"value": value}).status_code == 200
+        with self.db.session() as s:
+            version, revision = s.execute(select(Secret.version, Secret.revision).where(Secret.id == self.sid)).one()
+        ptr = cachekeys.pointer(version, revision)
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            invalidator = Invalidator(client, self.db, namespace=self.namespace, ack_timeout=5.0)
+            invalidator.apply(Pending("outbox-row", self.org_id, self.sid, ptr))
+        finally:
+            client.close()
+        return ptr
 
 
-def _edit_and_invalidate(
-    admin: Caller, org: str, sid: str, value: str, db: Database, redis_url: str, namespace: str
-) -> str:
-    """A real edit, its invalidation also published on ``namespace``; the new pointer."""
-    assert admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": value}).status_code == 200
-    with db.session() as s:
-        org_id, version, revision = s.execute(
-            select(Secret.org_id, Secret.version, Secret.revision).where(Secret.id == sid)
-        ).one()
-    ptr = cachekeys.pointer(version, revision)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        Invalidator(client, db, namespace=namespace, ack_timeout=5.0).apply(Pending("outbox-row", org_id, sid, ptr))
-    finally:
-        client.close()
-    return ptr
+@pytest.fixture
+def refill_case(
+    admin: Caller, org: str, factory: Factory, db: Database, keyring: Keyring, redis_url: str, settings: Settings
+) -> RefillCase:
+    sid = factory.secret(admin, org, value="before-the-edit")["id"]
+    namespace = f"{settings.queue}-refill-{uuid.uuid4().hex[:8]}"
+    return RefillCase(admin, org, db, keyring, redis_url, namespace, sid, _org_id(db, org))
 
 
 def test_after_an_edit_one_worker_reads_the_database_for_every_worker(
-    admin: Caller,
-    org: str,
-    factory: Factory,
-    db: Database,
-    keyring: Keyring,
-    redis_url: str,
-    private_namespace: str,
-    queries: list[str],
+    refill_case: RefillCase, queries: list[str]
 ) -> None:
     import threading
 
-    sid = factory.secret(admin, org, value="before-the-edit")["id"]
-    org_id = _org_id(db, org)
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
     # A generous wait: on a loaded machine the reading worker's fill must land within it.
-    resolvers = [
-        Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=private_namespace, refill_wait=10.0)
-        for _ in range(4)
-    ]
+    resolvers = [case.resolver(refill_wait=10.0) for _ in range(4)]
     try:
         assert all(r.wait_until_listening() for r in resolvers)
         for r in resolvers:
             assert r.resolve(org_id, sid).value == "before-the-edit"
             r.flush_fills()
-        _edit_and_invalidate(admin, org, sid, "after-the-edit", db, redis_url, private_namespace)
+        case.edit("after-the-edit")
         before_db, read, shared = len(queries), _refills("read"), _refills("shared")
         start = threading.Barrier(len(resolvers))
         got: list[Any] = []
@@ -461,26 +469,18 @@ def test_after_an_edit_one_worker_reads_the_database_for_every_worker(
 
 
 def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
-    admin: Caller,
-    org: str,
-    factory: Factory,
-    db: Database,
-    keyring: Keyring,
-    redis_url: str,
-    private_namespace: str,
-    queries: list[str],
+    refill_case: RefillCase, queries: list[str]
 ) -> None:
     """A Redis writer (or a worker killed mid-refill) holds the claim: the others wait it out, boundedly."""
-    sid = factory.secret(admin, org, value="before-the-edit")["id"]
-    org_id = _org_id(db, org)
-    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=private_namespace, refill_wait=0.05)
-    client = redis.Redis.from_url(redis_url)
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    r = case.resolver(refill_wait=0.05)
+    client = redis.Redis.from_url(case.redis_url)
     ptr = "unset"
     try:
         assert r.wait_until_listening()
         r.resolve(org_id, sid)
         r.flush_fills()
-        ptr = _edit_and_invalidate(admin, org, sid, "after-the-edit", db, redis_url, private_namespace)
+        ptr = case.edit("after-the-edit")
         client.set(cachekeys.refill(org_id, sid, ptr), "held", px=60_000)
         before_db, waited = len(queries), _refills("waited")
         assert r.resolve(org_id, sid).value == "after-the-edit"
@@ -491,25 +491,15 @@ def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
         r.close()
 
 
-def test_a_refill_never_takes_an_entry_older_than_the_invalidation(
-    admin: Caller,
-    org: str,
-    factory: Factory,
-    db: Database,
-    keyring: Keyring,
-    redis_url: str,
-    private_namespace: str,
-    queries: list[str],
-) -> None:
+def test_a_refill_never_takes_an_entry_older_than_the_invalidation(refill_case: RefillCase, queries: list[str]) -> None:
     """A Redis writer holds the claim and sets the previous genuine entry back during the wait.
 
     The resolver's high-water mark is that entry's own pointer (it resolved it), so only the
     invalidation's pointer, a floor no refill may go below, keeps it from being served.
     """
-    sid = factory.secret(admin, org, value="before-the-edit")["id"]
-    org_id = _org_id(db, org)
-    r = Resolver(db, keyring, redis.Redis.from_url(redis_url), namespace=private_namespace, refill_wait=0.2)
-    client = redis.Redis.from_url(redis_url)
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    r = case.resolver(refill_wait=0.2)
+    client = redis.Redis.from_url(case.redis_url)
     key = cachekeys.key(org_id, sid)
     ptr = "unset"
     try:
@@ -518,7 +508,7 @@ def test_a_refill_never_takes_an_entry_older_than_the_invalidation(
         r.flush_fills()
         genuine_old = client.get(key)
         assert genuine_old is not None and b"\n" in genuine_old
-        ptr = _edit_and_invalidate(admin, org, sid, "after-the-edit", db, redis_url, private_namespace)
+        ptr = case.edit("after-the-edit")
         client.set(cachekeys.refill(org_id, sid, ptr), "held", px=60_000)
         client.set(key, genuine_old)
         before_db = len(queries)
