@@ -84,12 +84,14 @@ REFUSED = Counter(
     "Authenticated L2 entries not used: older than this process's high-water mark, or past the max age",
     ["reason"],
 )
+_DELETED = cachekeys.DELETED.encode()
 _ROLLED_BACK = REFUSED.labels("rolled_back")
 _EXPIRED = REFUSED.labels("expired")
 REFILLS = Counter(
     "latchkey_resolver_refills_total",
-    "First resolves after an invalidation: read from the database for every worker (read), answered by"
-    " another worker's refill (shared), or read from the database after waiting for one in vain (waited)",
+    "First resolves after an invalidation or of a moved pointer not filled yet: read from the database for"
+    " every worker (read), answered by another worker's refill (shared), or read from the database after"
+    " waiting for one in vain (waited)",
     ["outcome"],
 )
 _REFILL_READ = REFILLS.labels("read")
@@ -404,6 +406,12 @@ class Resolver:
         except (redis.RedisError, OSError):
             self._redis_failed("get")
             return None
+        if raw is not None:
+            ptr_bytes, newline, entry = cast(bytes, raw).partition(b"\n")
+            if newline and not entry and ptr_bytes != _DELETED:
+                # The pointer moved and no worker has filled it yet (an edit just committed, and
+                # this worker has not had its invalidation, or keeps no L1): share the refill.
+                return self._shared_refill(org_id, secret_id, ptr_bytes.decode("utf-8", "replace"))
         return self._l2_open(org_id, secret_id, cast("bytes | None", raw))
 
     def _l2_open(
@@ -455,7 +463,8 @@ class Resolver:
         return Resolved(secret_id, version, value, tuple(hosts.split(",")) if hosts else ()), left
 
     def _shared_refill(self, org_id: str, secret_id: str, gone: str) -> tuple[Resolved, float] | None:
-        """After an invalidation to state ``gone``: an entry another worker filled for it, or None to read the database.
+        """After an invalidation to state ``gone`` (or a GET finding pointer ``gone`` not filled yet): an entry another
+        worker filled for it, or None to read the database.
 
         One round trip (``CLAIM_REFILL``) returns the entry if it is already filled, or claims the
         refill: the claimant reads the database (None) and its fill answers the others, who look
@@ -468,6 +477,8 @@ class Resolver:
         try:
             floor = _order(gone)
         except ValueError:  # an invalidation without a pointer: nothing to wait for
+            return None
+        if floor[1] > cachekeys.MAX_REVISION:  # a pre-revision stamp, older than every state: read
             return None
         if client is None or time.monotonic() < self._redis_retry_at:
             return None
