@@ -314,8 +314,8 @@ def flush_or_raise(session: Session, error: Exception) -> None:
     For the race where a concurrent request took a name, or referenced a row, after our check.
     The transaction cannot be used after that (PostgreSQL aborts it): every caller lets the error
     end the request, or rolls back first (app/web/providers.py). There is no savepoint around the
-    flush: ``begin_nested()`` flushes before its SAVEPOINT, so one never covered it (and none was
-    ever sent), which a test of the edit's statements found.
+    flush: ``begin_nested()`` flushes before its SAVEPOINT, so one never covered it (none was
+    ever sent).
     """
     try:
         session.flush()

@@ -229,8 +229,15 @@ def _kind(pid: int, comm: bytes, cmdline: bytes) -> str:
     return "other"
 
 
-def _processes() -> Iterator[tuple[int, str, bytes]]:
-    """(pid, kind, /proc/<pid>/stat) of every process on the machine."""
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU time (user + system, seconds) every process on the machine has used, summed by kind.
+
+    Kinds: ``worker`` (``celery ... worker``), ``web`` (gunicorn), ``postgres``, ``redis``,
+    ``bench`` (this process, its client threads included) and ``other``. Read from ``/proc``
+    (Linux); take two readings around a round and subtract (``cpu_delta``). Ended processes
+    are not counted: take the readings while the processes being compared run.
+    """
+    out = dict.fromkeys(("worker", "web", "postgres", "redis", "bench", "other"), 0.0)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -241,22 +248,8 @@ def _processes() -> Iterator[tuple[int, str, bytes]]:
                 cmdline = f.read().replace(b"\0", b" ")
         except OSError:  # ended meanwhile
             continue
-        pid = int(entry.name)
-        yield pid, _kind(pid, stat[stat.index(b"(") + 1 : stat.rindex(b")")], cmdline), stat
-
-
-def cpu_seconds_by_process() -> dict[str, float]:
-    """CPU time (user + system, seconds) every process on the machine has used, summed by kind.
-
-    Kinds: ``worker`` (``celery ... worker``), ``web`` (gunicorn), ``postgres``, ``redis``,
-    ``bench`` (this process, its client threads included) and ``other``. Read from ``/proc``
-    (Linux); take two readings around a round and subtract (``cpu_delta``). Ended processes
-    are not counted: take the readings while the processes being compared run.
-    """
-    out = dict.fromkeys(("worker", "web", "postgres", "redis", "bench", "other"), 0.0)
-    for _pid, kind, stat in _processes():
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        out[kind] += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+        comm, fields = stat[stat.index(b"(") + 1 : stat.rindex(b")")], stat[stat.rindex(b")") + 2 :].split()
+        out[_kind(int(entry.name), comm, cmdline)] += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
     return out
 
 

@@ -165,7 +165,9 @@ def run(args: argparse.Namespace, report: Report) -> None:
                                 "cpu_ms_per_edit": {
                                     kind: used * 1e3 / max(1, len(edits.versions)) for kind, used in cpu.items()
                                 },
-                                "cpu_cores_busy": {k: used / elapsed for k, used in cpu.items()} if elapsed else {},
+                                "cpu_cores_busy": {kind: used / elapsed for kind, used in cpu.items()}
+                                if elapsed
+                                else {},
                                 "invalidations": counts,
                                 "reads": outcome.reads,
                                 "read_runs": outcome.runs,

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 KEY_PREFIX = "lk:s:"
 ACK_PREFIX = "lk:invalidate:ack:"
-# ``lk:r:{org}:{id}:{pointer}``: the worker that set it reads the database for that state after
-# an invalidation; every other worker takes the entry it fills (the resolver's refill).
+# ``lk:r:{org}:{id}:{pointer}``: the worker that set it reads the database for that state (after
+# an invalidation, or on finding the pointer not filled); every other worker takes the entry it
+# fills (the resolver's single-flight refill).
 REFILL_PREFIX = "lk:r:"
 DELETED = "deleted"
 # The largest revision a pointer can carry (``secrets.revision`` is a 32-bit INTEGER); a larger
