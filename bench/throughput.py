@@ -54,6 +54,8 @@ from bench.common import (
     REDIS_URL,
     Goal,
     Report,
+    cpu_delta,
+    cpu_seconds_by_process,
     delete_matching,
     machine_info,
     make_settings,
@@ -85,6 +87,52 @@ def _bare(producer: Any, n: int, clients: int = 1) -> float:
     for result in results:
         result.get(timeout=60)
     return n / (time.perf_counter() - t0)
+
+
+def _http_get(port: int, path: str, headers: dict[str, str]) -> None:
+    """One ``GET path`` to the gunicorn web tier, a new connection as ``_http_post`` opens; 200 expected."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"GET {path}: HTTP {resp.status}")
+
+
+def _floors(port: int, headers: dict[str, str], job_id: str, n: int, clients: int) -> dict[str, dict[str, Any]]:
+    """CPU per request of two requests that are less than a job, sent as the jobs are (same threads,
+    a new connection each): what no design of a job through this web tier can cost less than.
+
+    * ``http``: ``GET /healthz``: gunicorn, Flask, the JSON response; no authentication, no database;
+    * ``authenticated``: ``GET /api/v1/admin/jobs/{id}``: the same plus the token lookup and one
+      read of a job by id (what a client following its job sends).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, path, hdrs in (
+        ("http", "/healthz", {}),
+        ("authenticated", f"/api/v1/admin/jobs/{job_id}", headers),
+    ):
+
+        def send(k: int, path: str = path, hdrs: dict[str, str] = hdrs) -> list[Any]:
+            for _ in range(k):
+                _http_get(port, path, hdrs)
+            return []
+
+        _spread(50, clients, send)  # warm-up
+        before = cpu_seconds_by_process()
+        t0 = time.perf_counter()
+        _spread(n, clients, send)
+        elapsed = time.perf_counter() - t0
+        spent = cpu_delta(cpu_seconds_by_process(), before)
+        out[name] = {
+            "requests_per_s": n / elapsed,
+            "cpu_ms_per_request": {kind: 1000 * seconds / n for kind, seconds in spent.items()},
+            "cores_busy": sum(spent.values()) / elapsed,
+        }
+    return out
 
 
 def _http_post(port: int, headers: dict[str, str]) -> str:
@@ -186,6 +234,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
         logs = Path(tempfile.gettempdir())
         bare: list[float] = []
         ours: list[float] = []
+        # CPU seconds by process kind over each side's rounds (bench.common.cpu_seconds_by_process).
+        cpu: dict[str, dict[str, float]] = {"bare": {}, "latchkey": {}}
+        wall = {"bare": 0.0, "latchkey": 0.0}
+        floors: dict[str, Any] = {}
         drained: dict[str, Any] = {}
         try:
             with ExitStack() as stack:
@@ -199,8 +251,20 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 _bare(producer, 50, args.clients)  # warm-up: connections, pools, imports
                 _latchkey(app, headers, poll, 50, args.clients, port)
                 for _ in range(args.rounds):
+                    before = cpu_seconds_by_process()
                     bare.append(_bare(producer, args.n, args.clients))
+                    middle = cpu_seconds_by_process()
                     ours.append(_latchkey(app, headers, poll, args.n, args.clients, port))
+                    after = cpu_seconds_by_process()
+                    wall["bare"] += args.n / bare[-1]
+                    wall["latchkey"] += args.n / ours[-1]
+                    for side, spent in (("bare", cpu_delta(middle, before)), ("latchkey", cpu_delta(after, middle))):
+                        for kind, seconds in spent.items():
+                            cpu[side][kind] = cpu[side].get(kind, 0.0) + seconds
+                if port is not None:
+                    job_id = poll.execute("SELECT id FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()
+                    assert job_id is not None
+                    floors = _floors(port, headers, str(job_id[0]), args.n, args.clients)
             # The rounds' workers have stopped: only the draining pair consumes the queue.
             if args.drain:
                 drained = {
@@ -228,8 +292,30 @@ def run(args: argparse.Namespace, report: Report) -> None:
         "bare_celery_jobs_per_s": {"median": bare_rate, "rounds": bare},
         "latchkey_api_jobs_per_s": {"median": our_rate, "rounds": ours},
         "overhead_ratio": ratio,
+        # Milliseconds of CPU per job by process kind, over every round of each side, and the
+        # cores the whole machine kept busy meanwhile (2.0 on this machine: CPU-bound).
+        "cpu_ms_per_job": {
+            side: {kind: 1000 * seconds / (args.n * args.rounds) for kind, seconds in spent.items()}
+            for side, spent in cpu.items()
+        },
+        "cores_busy": {side: sum(spent.values()) / wall[side] for side, spent in cpu.items() if wall[side]},
+        **({"floors": floors} if floors else {}),
         **drained,
     }
+    notes = ""
+    if floors:
+        # What the goal leaves for everything a job through the API adds to a bare task, against
+        # what the cheapest authenticated request costs: on a CPU-bound machine jobs/s goes as
+        # 1 / CPU per job, so a design whose job cost nothing but that request would reach this.
+        bare_cpu = sum(report.results["cpu_ms_per_job"]["bare"].values())
+        auth_cpu = sum(floors["authenticated"]["cpu_ms_per_request"].values())
+        report.results["goal_room_ms_per_job"] = (GOAL_RATIO - 1) * bare_cpu
+        report.results["floor_ratio"] = (bare_cpu + auth_cpu) / bare_cpu
+        notes = (
+            f"the goal leaves {(GOAL_RATIO - 1) * bare_cpu:.2f} ms of CPU per job for all Latchkey adds to a bare"
+            f" task ({bare_cpu:.2f} ms); one authenticated GET costs {auth_cpu:.2f} ms, so a job that cost nothing"
+            f" but that request would be at {(bare_cpu + auth_cpu) / bare_cpu:.2f}x"
+        )
     report.goals = [
         Goal(
             "no-op jobs/s: bare Celery / Latchkey through the API",
@@ -237,6 +323,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
             f"{bare_rate:.0f} vs {our_rate:.0f} jobs/s",
             ratio <= GOAL_RATIO,
             ratio,
+            notes,
         )
     ]
 
@@ -281,6 +368,32 @@ def main(argv: list[str] | None = None) -> int:
             [f"Latchkey, {args.drain} queued, drained", f"{r['drain_latchkey_jobs_per_s']:.0f}", ""],
         ]
     print_table(["path", "jobs/s (median)", "rounds"], rows)
+    per_job = r["cpu_ms_per_job"]
+    kinds = list(per_job["bare"])
+    print()
+    print_table(
+        ["CPU ms per job", *kinds, "all"],
+        [
+            [side, *(f"{per_job[side][k]:.2f}" for k in kinds), f"{sum(per_job[side].values()):.2f}"]
+            for side in ("bare", "latchkey")
+        ],
+    )
+    print("cores busy: " + ", ".join(f"{side} {busy:.2f}" for side, busy in r["cores_busy"].items()))
+    if "floors" in r:
+        print()
+        print_table(
+            ["floor: CPU ms per request", *kinds, "all", "requests/s", "cores busy"],
+            [
+                [
+                    name,
+                    *(f"{floor['cpu_ms_per_request'][k]:.2f}" for k in kinds),
+                    f"{sum(floor['cpu_ms_per_request'].values()):.2f}",
+                    f"{floor['requests_per_s']:.0f}",
+                    f"{floor['cores_busy']:.2f}",
+                ]
+                for name, floor in r["floors"].items()
+            ],
+        )
     print_goals(report.goals)
     write_json(args.json, report)
     return 1 if args.strict and not report.all_passed else 0
