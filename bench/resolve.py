@@ -284,6 +284,14 @@ def profile(fn: Callable[[], Any], n: int, before: Callable[[], Any] | None = No
     return out.getvalue()
 
 
+def _race(resolver: Resolver, org: str, sid: str, start: threading.Barrier, took: list[int], i: int) -> None:
+    """One racer of ``Bench.refill_race``: resolve once the others are ready; ns into ``took[i]``."""
+    start.wait()
+    t0 = pc()
+    resolver.resolve(org, sid)
+    took[i] = pc() - t0
+
+
 # -- the benchmark --------------------------------------------------------------------------
 
 
@@ -445,6 +453,7 @@ class Bench:
 
         # counting passes -----------------------------------------------------------------------
         results["counts_per_resolve"] = self.counts(org, sid, key, min(n, 1000))
+        results["refill_race"] = self.refill_race(max(50, min(n // 10, 300)))
 
         if self.args.profile:
             self.profiles(org, sid, key)
@@ -489,6 +498,53 @@ class Bench:
                 counts["l1_hit"]["db_statements"] == 0 and counts["l2_hit"]["db_statements"] == 0,
             ),
         ]
+
+    def refill_race(self, trials: int, k: int = 4) -> dict[str, Any]:
+        """After each of ``trials`` invalidations, ``k`` listening resolvers (threads of this process)
+        resolve at once: the first to finish is the one that read the database, the others took its
+        refill (``_shared_refill``). Their latencies in ms, and what served them."""
+        sid = self.new_secret("REFILL_RACE")
+        org = self.org_id
+        key = cachekeys.key(org, sid)
+        racers = [self.resolver(listen=True) for _ in range(k)]
+        bump = psycopg.connect(self.database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+        move = self.redis.register_script(cachekeys.MOVE_POINTER)
+        first: list[int] = []
+        others: list[int] = []
+        before = served()
+        try:
+            for r in racers:
+                r.resolve(org, sid)
+            for _ in range(trials):
+                row = bump.execute(
+                    "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
+                ).fetchone()
+                assert row is not None
+                ptr = cachekeys.pointer(row[0], row[1])
+                move(keys=[key], args=[ptr, 600])
+                for r in racers:
+                    r.drop_local(org, sid, ptr)  # each listener's drop on the invalidation message
+                start = threading.Barrier(k)
+                took = [0] * k
+                threads = [threading.Thread(target=_race, args=(racers[i], org, sid, start, took, i)) for i in range(k)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                took.sort()
+                first.append(took[0])
+                others.extend(took[1:])
+                for r in racers:
+                    assert r.flush_fills()
+        finally:
+            bump.close()
+        return {
+            "trials": trials,
+            "resolvers": k,
+            "first_ms": summarize(first, scale=1e6),
+            "others_ms": summarize(others, scale=1e6),
+            "served": served_delta(before),
+        }
 
     def miss_parts(self, resolver: Resolver, org: str, sid: str, n: int) -> dict[str, Any]:
         """Manual timing of each step of a miss, in the order the resolver does them."""
@@ -774,6 +830,14 @@ def print_report(report: Report) -> None:
                 ]
                 for name, c in counts.items()
             ],
+        )
+    if "refill_race" in r:
+        race = r["refill_race"]
+        print(
+            f"\nrefill race: after each of {race['trials']} invalidations {race['resolvers']} resolvers resolve at once"
+            f" (ms): the first p50 {race['first_ms']['median']:.2f} p90 {race['first_ms']['p90']:.2f};"
+            f" the others p50 {race['others_ms']['median']:.2f} p90 {race['others_ms']['p90']:.2f}"
+            f" p99 {race['others_ms']['p99']:.2f}; served {race['served']}"
         )
     if "miss_parts" in r:
         print("\nmiss, step by step (medians, us):")

@@ -23,8 +23,13 @@ KEY_PREFIX = "lk:s:"
 ACK_PREFIX = "lk:invalidate:ack:"
 # ``lk:r:{org}:{id}:{pointer}``: the worker that set it reads the database for that state (after
 # an invalidation, or on finding the pointer not filled); every other worker takes the entry it
-# fills (the resolver's single-flight refill).
+# fills (the resolver's single-flight refill). Beside it ``...:w`` counts the workers waiting for
+# that fill and ``...:n`` is the list their blocking pops wait on: the fill pushes its entry there
+# once for each of them.
 REFILL_PREFIX = "lk:r:"
+# Most wake-ups one fill pushes: the count is a Redis value, and a forged one must not make a
+# fill loop for long. Far above any fleet's worker count; a waiter not woken waits its bound out.
+MAX_WAKEUPS = 1024
 DELETED = "deleted"
 # The largest revision a pointer can carry (``secrets.revision`` is a 32-bit INTEGER); a larger
 # stamp is a pre-revision wall-clock stamp (microseconds), older than every current pointer.
@@ -42,6 +47,12 @@ def key(org_id: str, secret_id: str) -> str:
 
 def refill(org_id: str, secret_id: str, pointer: str) -> str:
     return f"{REFILL_PREFIX}{org_id}:{secret_id}:{pointer}"
+
+
+def refill_keys(org_id: str, secret_id: str, pointer: str) -> list[str]:
+    """The refill claim of a state, its count of waiting workers and the list they wait on."""
+    claim = refill(org_id, secret_id, pointer)
+    return [claim, claim + ":w", claim + ":n"]
 
 
 def pointer(version: int, revision: int) -> str:
@@ -90,20 +101,42 @@ return 1
 """
 )
 
-# Worker: store the entry for the state it read, unless the pointer has moved past it.
+# Worker: store the entry for the state it read (ARGV[1], ARGV[2]; none when ARGV[2] is empty),
+# unless the pointer has moved past it. A worker that claimed a refill also passes that state's
+# waiter count and wake-up list (KEYS[2], KEYS[3]; refill_keys) and their lifetime (ARGV[4] ms):
+# each waiter counted gets the stored entry pushed to it, or an empty wake-up when nothing was
+# stored (the pointer moved on, or the claimant's read failed), which sends it to the database.
 FILL_ENTRY = (
     _NEWER
     + """
-local cur = current(KEYS[1])
-if cur and cur ~= ARGV[1] and not newer(ARGV[1], cur) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'EX', ARGV[3])
-return 1
+local filled = 0
+if ARGV[2] ~= '' then
+  local cur = current(KEYS[1])
+  if not cur or cur == ARGV[1] or newer(ARGV[1], cur) then
+    redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'EX', ARGV[3])
+    filled = 1
+  end
+end
+if KEYS[2] then
+  local waiting = math.min(tonumber(redis.call('GET', KEYS[2])) or 0, """
+    + str(MAX_WAKEUPS)
+    + """)
+  if waiting > 0 then
+    redis.call('DEL', KEYS[2])
+    local wake = ''
+    if filled == 1 then wake = ARGV[1] .. '\\n' .. ARGV[2] end
+    for _ = 1, waiting do redis.call('RPUSH', KEYS[3], wake) end
+    redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  end
+end
+return filled
 """
 )
 
 # Worker, after an invalidation: the entry if it is already filled (the caller checks it);
-# otherwise 1 if this worker now holds the refill of that state (KEYS[2], for ARGV[1] ms), 0 if
-# another worker does. One round trip whichever way it goes.
+# otherwise 1 if this worker now holds the refill of that state (KEYS[2], for ARGV[1] ms), or 0
+# when another worker does: then this one is counted as waiting (KEYS[3]) and blocks on the
+# wake-up list its claimant's fill pushes to. One round trip whichever way it goes.
 CLAIM_REFILL = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -111,5 +144,7 @@ if cur then
   if nl and nl < #cur then return cur end
 end
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
 return 0
 """

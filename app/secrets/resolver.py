@@ -91,7 +91,7 @@ REFILLS = Counter(
     "latchkey_resolver_refills_total",
     "First resolves after an invalidation or of a moved pointer not filled yet: read from the database for"
     " every worker (read), answered by another worker's refill (shared), or read from the database after"
-    " waiting for one in vain (waited)",
+    " waiting for one in vain or finding only an entry it may not take (waited)",
     ["outcome"],
 )
 _REFILL_READ = REFILLS.labels("read")
@@ -100,8 +100,9 @@ _REFILL_WAITED = REFILLS.labels("waited")
 # How long a refill claim lasts: longer than any wait for it, so a late resolve finds the entry
 # (or the claim) instead of reading the database again; per pointer, so it never delays the next edit.
 REFILL_CLAIM_MS = 10_000
-# The waits between two looks at L2 while another worker refills (seconds).
-_REFILL_POLLS = (0.0005, 0.001, 0.002, 0.004)
+# The longest single blocking pop of a refill wait (seconds): well inside the client's socket
+# timeout, so a long ``refill_wait`` is waited in slices instead of timing the socket out.
+_WAIT_SLICE = 0.25
 # The L2 entry format (and AAD) version. v3 added the sealed time; a v2 entry is a miss.
 ENTRY_FORMAT = "latchkey/l2/v3"
 # An entry stamped further in the future than this (a worker's clock ahead) is refused.
@@ -149,6 +150,18 @@ def _order(ptr: str) -> tuple[int, int]:
 
 # The sealed time at the start of an entry's body: seconds since the epoch, a big-endian double.
 _STAMP = struct.Struct(">d")
+
+
+class _Fill(NamedTuple):
+    """An L2 fill for the fill thread: the state read (``resolved`` None: nothing to store) and,
+    when this worker claimed that refill, the claimed pointer, whose waiters the fill wakes."""
+
+    org_id: str
+    secret_id: str
+    pointer: str
+    resolved: Resolved | None
+    read_at: float
+    claimed: str | None
 
 
 class SecretReader:
@@ -236,7 +249,7 @@ class Resolver:
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
         self._claim_script: Any = None
-        self._fills: queue.SimpleQueue[tuple[str, str, str, Resolved, float] | None] = queue.SimpleQueue()
+        self._fills: queue.SimpleQueue[_Fill | None] = queue.SimpleQueue()
         self._redis_retry_at = 0.0
         self._pubsub: Any = None
         self._fills_pending = 0  # approximate under races; only used to wait for quiescence
@@ -277,11 +290,13 @@ class Resolver:
             # the database and fills L2, the others take its entry (no older than the state the
             # invalidation named) instead of each reading the database.
             cached = self._shared_refill(org_id, secret_id, cast(str, gone))
-            if cached is not None:
+            if cached is not None and not isinstance(cached, str):
                 with self._l1_lock:
                     if self._l2_gone.get(k) == gone:
                         self._l2_gone.pop(k, None)
-        if cached is not None:
+        # A pointer: this worker claimed that state's refill, and its fill wakes the waiters.
+        claimed = cached if isinstance(cached, str) else None
+        if cached is not None and not isinstance(cached, str):
             # The L1 copy expires no later than the entry's own max age would.
             self._l1_put(k, cached[0], generation, cached[1])
             _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
@@ -290,14 +305,17 @@ class Resolver:
         read_at = time.time()  # before the read: the state read was current at this time or later
         try:
             resolved, ptr = self._from_database(org_id, secret_id)
+        except BaseException:
+            if claimed is not None:
+                # Nothing to fill: wake the waiters at once (to the database) rather than after their wait.
+                self._queue_fill(_Fill(org_id, secret_id, claimed, None, read_at, claimed))
+            raise
         finally:
             if l2_known_gone:
                 with self._l1_lock:
                     self._l2_gone.pop(k, None)
         self._l1_put(k, resolved, generation)
-        if self.redis is not None:
-            self._fills_pending += 1
-            self._fills.put((org_id, secret_id, ptr, resolved, read_at))
+        self._queue_fill(_Fill(org_id, secret_id, ptr, resolved, read_at, claimed))
         _DB_LATENCY.observe(time.perf_counter() - start)
         return resolved
 
@@ -322,9 +340,7 @@ class Resolver:
         with self._l1_lock:
             self._l1.pop(k, None)
         self._l1_put(k, resolved, generation)
-        if self.redis is not None:
-            self._fills_pending += 1
-            self._fills.put((org_id, secret_id, ptr, resolved, read_at))
+        self._queue_fill(_Fill(org_id, secret_id, ptr, resolved, read_at, None))
         return resolved
 
     # -- L1 ----------------------------------------------------------------------------
@@ -395,8 +411,11 @@ class Resolver:
         CACHE_ERRORS.labels(op).inc()
         self._redis_retry_at = time.monotonic() + REDIS_RETRY_AFTER
 
-    def _l2_get(self, org_id: str, secret_id: str) -> tuple[Resolved, float] | None:
-        """The L2 entry and how much longer it may be used (seconds), or None for a miss."""
+    def _l2_get(self, org_id: str, secret_id: str) -> tuple[Resolved, float] | str | None:
+        """The L2 entry and how much longer it may be used (seconds), or None for a miss.
+
+        A string: the pointer was found not filled and this worker claimed its refill (``_shared_refill``).
+        """
         client = self.redis
         # Inlined _redis_usable(): this is the hot path of an L2 hit.
         if client is None or time.monotonic() < self._redis_retry_at:
@@ -462,16 +481,20 @@ class Resolver:
         version = int(ptr.partition(":")[0])
         return Resolved(secret_id, version, value, tuple(hosts.split(",")) if hosts else ()), left
 
-    def _shared_refill(self, org_id: str, secret_id: str, gone: str) -> tuple[Resolved, float] | None:
+    def _shared_refill(self, org_id: str, secret_id: str, gone: str) -> tuple[Resolved, float] | str | None:
         """After an invalidation to state ``gone`` (or a GET finding pointer ``gone`` not filled yet): an entry another
-        worker filled for it, or None to read the database.
+        worker filled for it; ``gone`` when this worker claimed the refill (it reads the database
+        and its fill wakes the others); None to read the database without a claim.
 
         One round trip (``CLAIM_REFILL``) returns the entry if it is already filled, or claims the
-        refill: the claimant reads the database (None) and its fill answers the others, who look
-        at L2 again a few times within ``refill_wait`` and then read the database themselves. The
-        entry is checked as any L2 hit is (authenticated, high-water mark, sealed age), and must
-        be for ``gone`` or newer: the pointer comes from a pub/sub message, which a Redis writer
-        can forge, so it only ever raises the bar (a forged newer one costs the wait and a read).
+        refill, or counts this worker among the claimant's waiters. A waiter blocks on the wake-up
+        list the claimant's fill pushes its entry to (one pop per waiter, no polling), for at
+        most ``refill_wait``, then reads the database itself; so does one woken with nothing (the
+        claimant stored nothing: its read failed, or the pointer moved on). The entry is checked
+        as any L2 hit is (authenticated, high-water mark, sealed age), and must be for ``gone`` or
+        newer: the pointer comes from a pub/sub message, which a Redis writer can forge, so it
+        only ever raises the bar (a forged newer one, like a forged claim, costs the wait and a
+        read; a forged wake-up is an entry like any in L2).
         """
         client = self.redis
         try:
@@ -482,37 +505,49 @@ class Resolver:
             return None
         if client is None or time.monotonic() < self._redis_retry_at:
             return None
-        key = cachekeys.key(org_id, secret_id)
+        claim_key, waiters_key, wakeups_key = cachekeys.refill_keys(org_id, secret_id, gone)
         try:
-            claim = self._claim_script(keys=[key, cachekeys.refill(org_id, secret_id, gone)], args=[REFILL_CLAIM_MS])
+            claim = self._claim_script(
+                keys=[cachekeys.key(org_id, secret_id), claim_key, waiters_key], args=[REFILL_CLAIM_MS]
+            )
         except (redis.RedisError, OSError):
             self._redis_failed("refill")
             return None
         if claim == 1:
             _REFILL_READ.inc()
-            return None
+            return gone
         if claim != 0:
+            # Already filled. An entry refused here (older than ``gone``, or not genuine) is not
+            # worth a wait: nobody is refilling ``gone`` once it looks filled.
             cached = self._l2_open(org_id, secret_id, cast(bytes, claim), floor)
             if cached is not None:
                 _REFILL_SHARED.inc()
-                return cached
+            else:
+                _REFILL_WAITED.inc()
+            return cached
         deadline = time.monotonic() + self.refill_wait
-        polls = iter(_REFILL_POLLS)
-        pause = next(polls)
-        while time.monotonic() + pause < deadline:
-            time.sleep(pause)
+        while (left := deadline - time.monotonic()) >= 0.001:  # BLPOP's 0 would mean "forever"
             try:
-                raw = client.get(key)
+                popped = client.blpop([wakeups_key], timeout=min(left, _WAIT_SLICE))
             except (redis.RedisError, OSError):
-                self._redis_failed("get")
+                self._redis_failed("refill")
                 return None
-            cached = self._l2_open(org_id, secret_id, cast("bytes | None", raw), floor)
+            if popped is None:
+                continue
+            raw = cast("tuple[bytes, bytes]", popped)[1]
+            if not raw:
+                break  # the claimant stored nothing: read the database now
+            cached = self._l2_open(org_id, secret_id, raw, floor)
             if cached is not None:
                 _REFILL_SHARED.inc()
                 return cached
-            pause = next(polls, pause)
         _REFILL_WAITED.inc()
         return None
+
+    def _queue_fill(self, fill: _Fill) -> None:
+        if self.redis is not None:
+            self._fills_pending += 1
+            self._fills.put(fill)
 
     def _fill_loop(self) -> None:
         # Fills run here, off the resolve path: a miss costs the database, not an extra round trip.
@@ -520,12 +555,18 @@ class Resolver:
             item = self._fills.get()
             if item is None:
                 return
-            org_id, secret_id, ptr, resolved, read_at = item
             try:
-                if self._redis_usable() and time.time() - read_at < self.l2_max_age:
+                if not self._redis_usable():
+                    continue
+                keys = [cachekeys.key(item.org_id, item.secret_id)]
+                if item.claimed is not None:
+                    keys += cachekeys.refill_keys(item.org_id, item.secret_id, item.claimed)[1:]
+                blob = b""
+                if item.resolved is not None and time.time() - item.read_at < self.l2_max_age:
                     # Sealed here, not on the resolve path: a miss should cost only its read.
-                    blob = self._seal_entry(org_id, secret_id, ptr, resolved, read_at)
-                    self._fill_script(keys=[cachekeys.key(org_id, secret_id)], args=[ptr, blob, self.l2_ttl])
+                    blob = self._seal_entry(item.org_id, item.secret_id, item.pointer, item.resolved, item.read_at)
+                if blob or item.claimed is not None:
+                    self._fill_script(keys=keys, args=[item.pointer, blob, self.l2_ttl, REFILL_CLAIM_MS])
             except (redis.RedisError, OSError):
                 self._redis_failed("fill")
             finally:

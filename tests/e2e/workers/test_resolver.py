@@ -402,8 +402,10 @@ class RefillCase:
     sid: str
     org_id: str
 
-    def resolver(self, refill_wait: float, *, listen: bool = True) -> Resolver:
-        client = redis.Redis.from_url(self.redis_url)
+    def resolver(
+        self, refill_wait: float, *, listen: bool = True, client_class: type[redis.Redis] = redis.Redis
+    ) -> Resolver:
+        client = client_class.from_url(self.redis_url)
         return Resolver(self.db, self.keyring, client, namespace=self.namespace, refill_wait=refill_wait, listen=listen)
 
     def edit(self, value: str) -> str:
@@ -471,6 +473,118 @@ def test_after_an_edit_one_worker_reads_the_database_for_every_worker(
             r.close()
 
 
+class NamingRedis(redis.Redis):
+    """A real client that records the name of every command it sends (one resolver's, in the refill tests)."""
+
+    sent: list[str] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        type(self).sent.append(str(args[0]).upper())
+        return super().execute_command(*args, **options)
+
+
+def _hold_refill(client: redis.Redis, case: RefillCase, ptr: str) -> None:
+    """Hold the refill of ``ptr`` as a worker mid-read would (or a Redis writer)."""
+    client.set(cachekeys.refill(case.org_id, case.sid, ptr), "held", px=60_000)
+
+
+def _until(check: Any, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_waiting_worker_sends_no_polls_and_is_handed_the_claimants_fill(
+    refill_case: RefillCase, queries: list[str]
+) -> None:
+    """While another worker refills, a waiter sends its claim and blocking pops, never a GET; the
+    claimant's fill pushes the entry to it, so it reads nothing from the database."""
+    import threading
+
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    claimant = case.resolver(refill_wait=10.0)
+    waiter = case.resolver(refill_wait=10.0, client_class=NamingRedis)
+    client = redis.Redis.from_url(case.redis_url)
+    ptr = "unset"
+    try:
+        assert claimant.wait_until_listening() and waiter.wait_until_listening()
+        for r in (claimant, waiter):
+            assert r.resolve(org_id, sid).value == "before-the-edit"
+            r.flush_fills()
+        ptr = case.edit("after-the-edit")
+        _hold_refill(client, case, ptr)
+        before_db, read, shared = len(queries), _refills("read"), _refills("shared")
+        NamingRedis.sent = []
+        got: list[Any] = []
+        thread = threading.Thread(target=lambda: got.append(waiter.resolve(org_id, sid)))
+        thread.start()
+        waiters_key = cachekeys.refill_keys(org_id, sid, ptr)[1]
+        _until(lambda: client.get(waiters_key) == b"1")  # counted among the claimant's waiters
+        thread.join(0.3)  # a poller would send a GET every few milliseconds meanwhile
+        assert thread.is_alive() and "GET" not in NamingRedis.sent
+        # The holder gives up; the other worker claims the refill, reads and fills.
+        client.delete(cachekeys.refill(org_id, sid, ptr))
+        assert claimant.resolve(org_id, sid).value == "after-the-edit"
+        thread.join(30)
+        assert [(g.value, g.version) for g in got] == [("after-the-edit", 2)]
+        assert len(queries) == before_db + 1  # the claimant's read only
+        assert (_refills("read") - read, _refills("shared") - shared) == (1, 1)
+        assert NamingRedis.sent[0] == "EVALSHA" and set(NamingRedis.sent[1:]) == {"BLPOP"}
+    finally:
+        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
+        client.close()
+        claimant.close()
+        waiter.close()
+
+
+def test_a_claimants_fill_the_pointer_moved_past_sends_its_waiters_to_the_database_at_once(
+    refill_case: RefillCase, queries: list[str]
+) -> None:
+    """The claimant read a state an edit has since replaced, so its fill stores nothing: its
+    waiters are woken with nothing and read the database now, not after their wait."""
+    import threading
+    import time
+
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    waiter = case.resolver(refill_wait=30.0)
+    client = redis.Redis.from_url(case.redis_url)
+    key = cachekeys.key(org_id, sid)
+    ptr = "unset"
+    try:
+        assert waiter.wait_until_listening()
+        waiter.resolve(org_id, sid)
+        waiter.flush_fills()
+        old_entry = client.get(key)
+        assert old_entry is not None
+        old_ptr, _, old_blob = old_entry.partition(b"\n")
+        ptr = case.edit("after-the-edit")
+        _hold_refill(client, case, ptr)
+        got: list[Any] = []
+        thread = threading.Thread(target=lambda: got.append(waiter.resolve(org_id, sid)))
+        thread.start()
+        _, waiters_key, wakeups_key = cachekeys.refill_keys(org_id, sid, ptr)
+        _until(lambda: client.get(waiters_key) == b"1")
+        before_db = len(queries)
+        started = time.monotonic()
+        # The claimant's fill, of the state before the edit: refused, and its waiter woken.
+        fill = client.register_script(cachekeys.FILL_ENTRY)
+        assert fill(keys=[key, waiters_key, wakeups_key], args=[old_ptr, old_blob, 600, 10_000]) == 0
+        thread.join(10)
+        assert not thread.is_alive() and time.monotonic() - started < 10
+        assert [(g.value, g.version) for g in got] == [("after-the-edit", 2)]
+        assert len(queries) == before_db + 1
+        waiter.flush_fills()
+        assert (client.get(key) or b"").partition(b"\n")[0] == ptr.encode()  # the old state was not stored
+        assert not client.exists(waiters_key)
+    finally:
+        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
+        client.close()
+        waiter.close()
+
+
 def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
     refill_case: RefillCase, queries: list[str]
 ) -> None:
@@ -489,7 +603,7 @@ def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
         assert r.resolve(org_id, sid).value == "after-the-edit"
         assert len(queries) == before_db + 1 and _refills("waited") - waited == 1
     finally:
-        client.delete(cachekeys.refill(org_id, sid, ptr))
+        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
         client.close()
         r.close()
 
@@ -519,7 +633,33 @@ def test_a_refill_never_takes_an_entry_older_than_the_invalidation(refill_case: 
         assert (got.value, got.version) == ("after-the-edit", 2)
         assert len(queries) == before_db + 1
     finally:
-        client.delete(cachekeys.refill(org_id, sid, ptr))
+        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
+        client.close()
+        r.close()
+
+
+def test_a_forged_wakeup_with_an_older_entry_is_refused(refill_case: RefillCase, queries: list[str]) -> None:
+    """A Redis writer holds the claim and pushes the previous genuine entry to the waiters' list:
+    a wake-up is an entry like any other in L2, checked against the invalidation's pointer."""
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    r = case.resolver(refill_wait=0.2)
+    client = redis.Redis.from_url(case.redis_url)
+    ptr = "unset"
+    try:
+        assert r.wait_until_listening()
+        r.resolve(org_id, sid)
+        r.flush_fills()
+        genuine_old = client.get(cachekeys.key(org_id, sid))
+        assert genuine_old is not None
+        ptr = case.edit("after-the-edit")
+        _hold_refill(client, case, ptr)
+        client.rpush(cachekeys.refill_keys(org_id, sid, ptr)[2], genuine_old, genuine_old)
+        before_db, waited = len(queries), _refills("waited")
+        got = r.resolve(org_id, sid)
+        assert (got.value, got.version) == ("after-the-edit", 2)
+        assert len(queries) == before_db + 1 and _refills("waited") - waited == 1
+    finally:
+        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
         client.close()
         r.close()
 
