@@ -290,13 +290,13 @@ class Resolver:
             # the database and fills L2, the others take its entry (no older than the state the
             # invalidation named) instead of each reading the database.
             cached = self._shared_refill(org_id, secret_id, cast(str, gone))
-            if cached is not None and not isinstance(cached, str):
-                with self._l1_lock:
-                    if self._l2_gone.get(k) == gone:
-                        self._l2_gone.pop(k, None)
         # A pointer: this worker claimed that state's refill, and its fill wakes the waiters.
         claimed = cached if isinstance(cached, str) else None
         if cached is not None and not isinstance(cached, str):
+            if l2_known_gone:
+                with self._l1_lock:
+                    if self._l2_gone.get(k) == gone:
+                        self._l2_gone.pop(k, None)
             # The L1 copy expires no later than the entry's own max age would.
             self._l1_put(k, cached[0], generation, cached[1])
             _L2_HITS.inc()  # not timed: a histogram observation costs a tenth of the hit
