@@ -152,6 +152,15 @@ def _order(ptr: str) -> tuple[int, int]:
 _STAMP = struct.Struct(">d")
 
 
+def _refillable(ptr: str) -> bool:
+    """A pointer a refill can be claimed for: a current ``<version>:<revision>`` (not a tombstone,
+    not a pre-revision stamp, which _shared_refill also leaves to a plain read)."""
+    try:
+        return _order(ptr)[1] <= cachekeys.MAX_REVISION
+    except ValueError:
+        return False
+
+
 class _Fill(NamedTuple):
     """An L2 fill for the fill thread: the state read (``resolved`` None: nothing to store) and,
     when this worker claimed that refill, the claimed pointer, whose waiters the fill wakes."""
@@ -162,6 +171,18 @@ class _Fill(NamedTuple):
     resolved: Resolved | None
     read_at: float
     claimed: str | None
+
+
+class _Refresh(NamedTuple):
+    """For the fill thread: read the state an invalidation named (``pointer``), whose refill this
+    worker claimed when the invalidation arrived, into L1 (unless another invalidation came since
+    ``generation``) and L2, waking the refill's waiters; ``done`` is set when it is over."""
+
+    org_id: str
+    secret_id: str
+    pointer: str
+    generation: int
+    done: threading.Event
 
 
 class SecretReader:
@@ -250,7 +271,10 @@ class Resolver:
         self._aead = AESGCM(keyring.derive_key("l2-cache"))
         self._fill_script: Any = None
         self._claim_script: Any = None
-        self._fills: queue.SimpleQueue[_Fill | None] = queue.SimpleQueue()
+        self._fills: queue.SimpleQueue[_Fill | _Refresh | None] = queue.SimpleQueue()
+        # (org, id) -> (pointer, done): the refresh this worker runs since an invalidation of a
+        # secret it held in L1 (see _on_invalidation); a resolve meanwhile waits for it.
+        self._refreshing: dict[tuple[str, str], tuple[str, threading.Event]] = {}
         self._redis_retry_at = 0.0
         self._pubsub: Any = None
         self._fills_pending = 0  # approximate under races; only used to wait for quiescence
@@ -290,6 +314,9 @@ class Resolver:
             # After an invalidation every subscribed worker misses at once: one of them reads
             # the database and fills L2, the others take its entry (no older than the state the
             # invalidation named) instead of each reading the database.
+            refreshed = self._refreshed(k, cast(str, gone))
+            if refreshed is not None:
+                return refreshed
             cached = self._shared_refill(org_id, secret_id, cast(str, gone))
         # A pointer: this worker claimed that state's refill, and its fill wakes the waiters.
         claimed = cached if isinstance(cached, str) else None
@@ -346,28 +373,35 @@ class Resolver:
 
     # -- L1 ----------------------------------------------------------------------------
 
-    def _l1_put(self, k: tuple[str, str], resolved: Resolved, generation: int, max_age: float | None = None) -> None:
+    def _l1_put(self, k: tuple[str, str], resolved: Resolved, generation: int, max_age: float | None = None) -> bool:
+        """Cache ``resolved`` in L1 unless an invalidation came since ``generation``; whether it was."""
         if not self._l1_enabled:
-            return
+            return False
         ttl = self.l1_max_age if max_age is None else min(max_age, self.l1_max_age)
         with self._l1_lock:
             # Any invalidation since this resolve started may concern what it read: do not
             # cache it (the next resolve reads again) rather than re-insert a stale value.
             if generation != self._generation:
-                return
+                return False
             self._l1[k] = (time.monotonic() + ttl, resolved)
             self._l1.move_to_end(k)
             while len(self._l1) > self.l1_size:
                 self._l1.popitem(last=False)
+        return True
 
     def drop_local(self, org_id: str, secret_id: str, pointer: str = "") -> None:
         """An invalidation: forget the value, and remember that the shared entry is gone too."""
+        self._drop(org_id, secret_id, pointer)
+
+    def _drop(self, org_id: str, secret_id: str, pointer: str) -> tuple[bool, int]:
+        """``drop_local``; whether L1 held a live copy, and the generation the drop made."""
         with self._l1_lock:
             self._generation += 1
-            self._l1.pop((org_id, secret_id), None)
+            held = self._l1.pop((org_id, secret_id), None)
             self._l2_gone[(org_id, secret_id)] = pointer or "moved"
             while len(self._l2_gone) > self.l1_size:
                 self._l2_gone.popitem(last=False)
+            return held is not None and time.monotonic() < held[0], self._generation
 
     def _set_l1_enabled(self, enabled: bool) -> None:
         with self._l1_lock:
@@ -557,21 +591,70 @@ class Resolver:
             if item is None:
                 return
             try:
-                if not self._redis_usable():
-                    continue
-                keys = [cachekeys.key(item.org_id, item.secret_id)]
-                if item.claimed is not None:
-                    keys += cachekeys.refill_keys(item.org_id, item.secret_id, item.claimed)[1:]
-                blob = b""
-                if item.resolved is not None and time.time() - item.read_at < self.l2_max_age:
-                    # Sealed here, not on the resolve path: a miss should cost only its read.
-                    blob = self._seal_entry(item.org_id, item.secret_id, item.pointer, item.resolved, item.read_at)
-                if blob or item.claimed is not None:
-                    self._fill_script(keys=keys, args=[item.pointer, blob, self.l2_ttl, REFILL_CLAIM_MS])
+                if isinstance(item, _Refresh):
+                    self._refresh(item)
+                elif self._redis_usable():
+                    self._write_fill(item)
             except (redis.RedisError, OSError):
                 self._redis_failed("fill")
             finally:
                 self._fills_pending -= 1
+
+    def _write_fill(self, item: _Fill) -> bool:
+        """Store the entry (and wake the claimed refill's waiters); whether an entry was stored."""
+        keys = [cachekeys.key(item.org_id, item.secret_id)]
+        if item.claimed is not None:
+            keys += cachekeys.refill_keys(item.org_id, item.secret_id, item.claimed)[1:]
+        blob = b""
+        if item.resolved is not None and time.time() - item.read_at < self.l2_max_age:
+            # Sealed here, not on the resolve path: a miss should cost only its read.
+            blob = self._seal_entry(item.org_id, item.secret_id, item.pointer, item.resolved, item.read_at)
+        if not blob and item.claimed is None:
+            return False
+        return bool(self._fill_script(keys=keys, args=[item.pointer, blob, self.l2_ttl, REFILL_CLAIM_MS]))
+
+    # -- refresh on invalidation -------------------------------------------------------------
+
+    def _refreshed(self, k: tuple[str, str], gone: str) -> Resolved | None:
+        """The value this worker's refresh of state ``gone`` put into L1, waiting for it while it runs."""
+        pending = self._refreshing.get(k)
+        if pending is None or pending[0] != gone:
+            return None
+        pending[1].wait(self.refill_wait)
+        with self._l1_lock:
+            hit = self._l1.get(k) if self._l1_enabled else None
+            if hit is None or time.monotonic() >= hit[0]:
+                return None
+        _L1_HITS.inc()
+        return hit[1]
+
+    def _refresh(self, item: _Refresh) -> None:
+        k = (item.org_id, item.secret_id)
+        try:
+            read_at = time.time()
+            resolved: Resolved | None = None
+            ptr = item.pointer
+            try:
+                resolved, ptr = self._from_database(item.org_id, item.secret_id)
+            except Exception as exc:  # not found, a database or keyring error: the next resolve reads and says
+                log.debug("refresh of %s failed (%s); left to the next resolve", item.secret_id, type(exc).__name__)
+            else:
+                _REFILL_READ.inc()
+                if self._l1_put(k, resolved, item.generation):
+                    with self._l1_lock:
+                        if self._l2_gone.get(k) == item.pointer:
+                            self._l2_gone.pop(k, None)
+            # The fill stores the entry and hands it to the waiters, or (nothing stored: the read
+            # failed, or an edit moved the pointer past it) wakes them to read for themselves; then
+            # the claim goes too, so the next resolve of that state claims it afresh.
+            fill = _Fill(item.org_id, item.secret_id, ptr, resolved, read_at, item.pointer)
+            if self._redis_usable() and self.redis is not None and not self._write_fill(fill):
+                self.redis.delete(cachekeys.refill(item.org_id, item.secret_id, item.pointer))
+        finally:
+            item.done.set()
+            with self._l1_lock:
+                if self._refreshing.get(k, ("", None))[1] is item.done:
+                    del self._refreshing[k]
 
     def flush_fills(self, timeout: float = 5.0) -> bool:
         """Wait until queued L2 fills are written (tests and benchmarks)."""
@@ -656,21 +739,53 @@ class Resolver:
             backoff = min(backoff * 2, 5.0)
 
     def _on_invalidation(self, data: bytes) -> None:
+        """Drop the secret, acknowledge, and refresh it if it was in use here.
+
+        A worker that held a live L1 copy will likely resolve the secret again soon: with the
+        acknowledgement (same pipeline, no extra round trip) it bids for the state's refill
+        (``SET NX`` of the refill claim), and the one worker that wins reads the new state at
+        once, on its fill thread, into its L1 and L2, waking any worker already waiting for it.
+        The next resolves find the value instead of paying for the read. Workers that did not
+        hold the secret bid for nothing; a forged message for a secret held here costs one read.
+        """
         try:
             msg = json.loads(data)
-            self.drop_local(msg["o"], msg["i"], str(msg.get("p", "")))
-        except (ValueError, KeyError, TypeError):
+            org_id, secret_id, ptr = msg["o"], msg["i"], str(msg.get("p", ""))
+            held, generation = self._drop(org_id, secret_id, ptr)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
         nonce = msg.get("n")
-        if nonce and self.redis is not None:
-            try:
+        refresh = held and isinstance(org_id, str) and isinstance(secret_id, str) and _refillable(ptr)
+        refresh = refresh and self._redis_usable()
+        if (not nonce and not refresh) or self.redis is None:
+            return
+        k = (org_id, secret_id)
+        done = threading.Event()
+        if refresh:
+            # Registered before the acknowledgement goes: a resolve here after the edit returned
+            # must find the refresh (and wait for it), not bid for the refill against it.
+            with self._l1_lock:
+                self._refreshing[k] = (ptr, done)
+        won = False
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            if nonce:
                 ack = cachekeys.ACK_PREFIX + str(nonce)
-                pipe = self.redis.pipeline(transaction=False)
                 pipe.rpush(ack, 1)
                 pipe.expire(ack, 30)
-                pipe.execute()
-            except redis.RedisError:
-                CACHE_ERRORS.labels("ack").inc()
+            if refresh:
+                pipe.set(cachekeys.refill(org_id, secret_id, ptr), "1", nx=True, px=REFILL_CLAIM_MS)
+            won = bool(pipe.execute()[-1]) and refresh
+        except redis.RedisError:
+            CACHE_ERRORS.labels("ack").inc()
+        if won:
+            self._fills_pending += 1
+            self._fills.put(_Refresh(org_id, secret_id, ptr, generation, done))
+        elif refresh:
+            with self._l1_lock:
+                if self._refreshing.get(k, ("", None))[1] is done:
+                    del self._refreshing[k]
+            done.set()
 
     # -- life cycle ------------------------------------------------------------------------
 

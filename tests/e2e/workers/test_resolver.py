@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -361,22 +362,71 @@ def test_a_resolved_value_is_masked_in_this_processs_logs(
     assert redact.redact(f"oops {value}") == "oops ***"
 
 
-def test_the_miss_after_an_invalidation_is_one_round_trip_and_one_read(
-    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, queries: list[str]
+def test_a_secret_in_use_is_refreshed_when_its_invalidation_arrives(
+    resolver: Resolver, admin: Caller, org: str, factory: Factory, db: Database, queries: list[str], redis_url: str
 ) -> None:
+    """A worker that held the secret reads the new state as the invalidation arrives, into L1 and
+    L2: nobody has to resolve it for the entry to be filled, and the next resolve is an L1 hit."""
+    import time
+
     sid = factory.secret(admin, org, value="first")["id"]
     org_id = _org_id(db, org)
     resolver.resolve(org_id, sid)
     resolver.flush_fills()
+    before_db = len(queries)
     admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "second"})  # acknowledged invalidation
-    before_redis, before_db = CountingRedis.commands, len(queries)
+    with db.session() as s:
+        version, revision = s.execute(select(Secret.version, Secret.revision).where(Secret.id == sid)).one()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the moved pointer ("<pointer>\n") filled with the new state's entry
+            pointer, _, entry = (client.get(cachekeys.key(org_id, sid)) or b"").partition(b"\n")
+            if pointer == f"{version}:{revision}".encode() and entry:
+                break
+            assert time.monotonic() < deadline, "the entry was not refilled without a resolve"
+            time.sleep(0.01)
+    finally:
+        client.close()
+    assert resolver.flush_fills()
+    assert len(queries) == before_db + 1  # the refresh's read
+    before_redis = CountingRedis.commands
     assert resolver.resolve(org_id, sid).value == "second"
-    # The refill claim (which would have returned the entry had another worker filled it) and
-    # one database read; no GET that could only say the entry is gone.
-    assert len(queries) == before_db + 1
-    assert CountingRedis.commands - before_redis == 1
-    resolver.flush_fills()
-    assert CountingRedis.commands - before_redis == 2  # and the background fill
+    assert CountingRedis.commands == before_redis and len(queries) == before_db + 1  # an L1 hit
+
+
+def test_the_miss_after_an_invalidation_of_a_secret_not_in_use_is_one_round_trip_and_one_read(
+    admin: Caller,
+    org: str,
+    factory: Factory,
+    db: Database,
+    keyring: Keyring,
+    redis_url: str,
+    settings: Settings,
+    queries: list[str],
+) -> None:
+    """Its L1 copy had expired: the invalidation refreshes nothing, and the next resolve claims
+    the refill (the one round trip) and reads."""
+    cold = Resolver(db, keyring, CountingRedis.from_url(redis_url), namespace=settings.queue, l1_max_age=0.001)
+    try:
+        assert cold.wait_until_listening()
+        sid = factory.secret(admin, org, value="first")["id"]
+        org_id = _org_id(db, org)
+        cold.resolve(org_id, sid)
+        cold.flush_fills()
+        before_db = len(queries)
+        admin.patch(f"orgs/{org}/secrets/{sid}", json={"value": "second"})  # acknowledged invalidation
+        assert cold.flush_fills() and len(queries) == before_db  # nothing was read for it
+        before_redis = CountingRedis.commands
+        assert cold.resolve(org_id, sid).value == "second"
+        # The refill claim (which would have returned the entry had another worker filled it) and
+        # one database read; no GET that could only say the entry is gone.
+        assert len(queries) == before_db + 1
+        assert CountingRedis.commands - before_redis == 1
+        cold.flush_fills()
+        assert CountingRedis.commands - before_redis == 2  # and the background fill
+    finally:
+        cold.close()
 
 
 # -- one refill for every worker after an invalidation ------------------------------------------
@@ -409,10 +459,18 @@ class RefillCase:
     org_id: str
 
     def resolver(
-        self, refill_wait: float, *, listen: bool = True, client_class: type[redis.Redis] = redis.Redis
+        self, refill_wait: float, *, listen: bool = True, client_class: type[redis.Redis] = redis.Redis, **options: Any
     ) -> Resolver:
         client = client_class.from_url(self.redis_url)
-        return Resolver(self.db, self.keyring, client, namespace=self.namespace, refill_wait=refill_wait, listen=listen)
+        return Resolver(
+            self.db, self.keyring, client, namespace=self.namespace, refill_wait=refill_wait, listen=listen, **options
+        )
+
+    def cold_resolver(self, refill_wait: float, **options: Any) -> Resolver:
+        """A listening resolver whose L1 copies die at once: an invalidation finds nothing here in
+        use, so this worker does not refresh the secret (_on_invalidation) and its next resolve
+        goes through the shared refill."""
+        return self.resolver(refill_wait, l1_max_age=0.001, **options)
 
     def edit(self, value: str) -> str:
         """A real edit, its invalidation also published on ``namespace``; the new pointer."""
@@ -454,8 +512,9 @@ def test_after_an_edit_one_worker_reads_the_database_for_every_worker(
         for r in resolvers:
             assert r.resolve(org_id, sid).value == "before-the-edit"
             r.flush_fills()
-        case.edit("after-the-edit")
+        # Counted from before the edit: a worker that held the secret reads it as the invalidation arrives.
         before_db, read, shared, l2 = len(queries), _refills("read"), _refills("shared"), _served("l2")
+        case.edit("after-the-edit")
         start = threading.Barrier(len(resolvers))
         got: list[Any] = []
 
@@ -482,6 +541,45 @@ def test_after_an_edit_one_worker_reads_the_database_for_every_worker(
     finally:
         for r in resolvers:
             r.close()
+
+
+def test_forged_invalidations_of_a_secret_in_use_cost_one_read_per_state(
+    refill_case: RefillCase, queries: list[str]
+) -> None:
+    """A Redis writer publishes invalidations for a secret a worker holds: the first makes it
+    refresh (one read, the same value); repeating it reads nothing more (the claim of that state
+    is taken), and none of it changes what is served."""
+    import time
+
+    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    workers = [case.resolver(refill_wait=0.2) for _ in range(2)]
+    client = redis.Redis.from_url(case.redis_url)
+    with case.db.session() as s:
+        version, revision = s.execute(select(Secret.version, Secret.revision).where(Secret.id == sid)).one()
+    ptr = cachekeys.pointer(version, revision)
+    try:
+        assert all(w.wait_until_listening() for w in workers)
+        for w in workers:
+            assert w.resolve(org_id, sid).value == "before-the-edit"
+            w.flush_fills()
+        before_db = len(queries)
+        for i in range(5):
+            nonce = uuid.uuid4().hex
+            message = json.dumps({"o": org_id, "i": sid, "p": ptr, "n": nonce})
+            assert client.publish(cachekeys.channel(case.namespace), message) == 2
+            assert all(client.blpop([cachekeys.ACK_PREFIX + nonce], timeout=5) for _ in workers)
+            if i == 0:
+                _until(lambda: len(queries) == before_db + 1)  # the one refresh
+            assert all(w.flush_fills() for w in workers)
+            assert all(w.resolve(org_id, sid).value == "before-the-edit" for w in workers)
+        time.sleep(0.2)  # time for a second refresh, were one started
+        assert len(queries) == before_db + 1
+        assert [w.resolve(org_id, sid).value for w in workers] == ["before-the-edit"] * 2
+    finally:
+        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
+        client.close()
+        for w in workers:
+            w.close()
 
 
 class NamingRedis(redis.Redis):
@@ -516,8 +614,8 @@ def test_a_waiting_worker_sends_no_polls_and_is_handed_the_claimants_fill(
     import threading
 
     case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
-    claimant = case.resolver(refill_wait=10.0)
-    waiter = case.resolver(refill_wait=10.0, client_class=NamingRedis)
+    claimant = case.cold_resolver(refill_wait=10.0)
+    waiter = case.cold_resolver(refill_wait=10.0, client_class=NamingRedis)
     client = redis.Redis.from_url(case.redis_url)
     ptr = "unset"
     try:
@@ -560,7 +658,7 @@ def test_a_claimants_fill_the_pointer_moved_past_sends_its_waiters_to_the_databa
     import time
 
     case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
-    waiter = case.resolver(refill_wait=30.0)
+    waiter = case.cold_resolver(refill_wait=30.0)
     client = redis.Redis.from_url(case.redis_url)
     key = cachekeys.key(org_id, sid)
     ptr = "unset"
@@ -601,7 +699,7 @@ def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
 ) -> None:
     """A Redis writer (or a worker killed mid-refill) holds the claim: the others wait it out, boundedly."""
     case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
-    r = case.resolver(refill_wait=0.05)
+    r = case.cold_resolver(refill_wait=0.05)
     client = redis.Redis.from_url(case.redis_url)
     ptr = "unset"
     try:
@@ -626,7 +724,7 @@ def test_a_refill_never_takes_an_entry_older_than_the_invalidation(refill_case: 
     invalidation's pointer, a floor no refill may go below, keeps it from being served.
     """
     case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
-    r = case.resolver(refill_wait=0.2)
+    r = case.cold_resolver(refill_wait=0.2)
     client = redis.Redis.from_url(case.redis_url)
     key = cachekeys.key(org_id, sid)
     ptr = "unset"
@@ -653,7 +751,7 @@ def test_a_forged_wakeup_with_an_older_entry_is_refused(refill_case: RefillCase,
     """A Redis writer holds the claim and pushes the previous genuine entry to the waiters' list:
     a wake-up is an entry like any other in L2, checked against the invalidation's pointer."""
     case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
-    r = case.resolver(refill_wait=0.2)
+    r = case.cold_resolver(refill_wait=0.2)
     client = redis.Redis.from_url(case.redis_url)
     ptr = "unset"
     try:
