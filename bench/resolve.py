@@ -49,6 +49,7 @@ from app.factory import create_app
 from app.models import Org, Secret
 from app.secrets import cachekeys
 from app.secrets import service as secrets_service
+from app.secrets.invalidation import Invalidator, Pending
 from app.secrets.keyring import Keyring
 from app.secrets.resolver import LATENCY, RESOLVES, Resolver, SecretReader
 from app.secrets.schemas import SecretCreate
@@ -438,9 +439,38 @@ class Bench:
             before=invalidate,
             after=settle_warm,
         )
-        bump.close()
         results["miss_after_invalidation"] = {"us": summarize(inv_samples), "served": served_delta(before)}
         results["floor_pg_lookup_hpke_open_2"] = {"us": summarize(inv_floor)}
+
+        # the same edit of a secret in use: a real invalidation, published and acknowledged, so the
+        # listener bids for the refill and refreshes the secret before the timed resolve asks ----
+        in_use = self.resolver(listen=True)
+        in_use.resolve(org, sid)
+        invalidator = Invalidator(self.redis, self.db, namespace=self.settings.queue, ack_timeout=5.0)
+
+        def edit_in_use() -> None:
+            row = bump.execute(
+                "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
+            ).fetchone()
+            assert row is not None
+            delivery = invalidator.apply(Pending("bench", org, sid, cachekeys.pointer(row[0], row[1])))
+            assert delivery.complete, "the invalidation was not acknowledged"
+
+        def settle_in_use() -> None:
+            assert in_use.flush_fills()
+
+        before = served()
+        use_samples, use_floor = time_pair(
+            lambda: in_use.resolve(org, sid),
+            lambda: db_floor(self.reader, self.keyring, org, sid),
+            n,
+            warmup,
+            before=edit_in_use,
+            after=settle_in_use,
+        )
+        bump.close()
+        results["first_resolve_after_an_edit_in_use"] = {"us": summarize(use_samples), "served": served_delta(before)}
+        results["floor_pg_lookup_hpke_open_3"] = {"us": summarize(use_floor)}
 
         # informational floors: one round trip; the parts of a miss ------------------------------
         raw_lookup = RawPointLookup(self.database_url)
@@ -804,6 +834,8 @@ def print_report(report: Report) -> None:
         ("floor_redis_get", "floor: bare Redis GET"),
         ("miss", "miss"),
         ("floor_pg_lookup_hpke_open", "floor: PG lookup + HPKE open"),
+        ("miss_after_invalidation", "miss after an invalidation (not in use)"),
+        ("first_resolve_after_an_edit_in_use", "(info) first resolve after an edit, in use"),
         ("floor_one_round_trip_lookup_hpke_open", "(info) 1-round-trip lookup + open"),
         ("timer_overhead_us", "(info) timer overhead"),
     ):
