@@ -398,15 +398,21 @@ class Bench:
         def settle() -> None:
             assert miss.flush_fills()
 
+        def vs_floor(
+            resolver: Resolver, before: Callable[[], Any], after: Callable[[], Any]
+        ) -> tuple[list[int], list[int]]:
+            """``resolver.resolve`` timed against the floor (a PG lookup + HPKE open), in one loop."""
+            return time_pair(
+                lambda: resolver.resolve(org, sid),
+                lambda: db_floor(self.reader, self.keyring, org, sid),
+                n,
+                warmup,
+                before=before,
+                after=after,
+            )
+
         before = served()
-        miss_samples, floor_samples = time_pair(
-            lambda: miss.resolve(org, sid),
-            lambda: db_floor(self.reader, self.keyring, org, sid),
-            n,
-            warmup,
-            before=drop_l2,
-            after=settle,
-        )
+        miss_samples, floor_samples = vs_floor(miss, drop_l2, settle)
         results["miss"] = {"us": summarize(miss_samples), "served": served_delta(before)}
         results["floor_pg_lookup_hpke_open"] = {"us": summarize(floor_samples)}
 
@@ -418,12 +424,16 @@ class Bench:
         bump = psycopg.connect(self.database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
         move = self.redis.register_script(cachekeys.MOVE_POINTER)
 
-        def invalidate() -> None:
+        def bump_revision() -> str:
+            """An edit's state change in the database; the new pointer."""
             row = bump.execute(
                 "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
             ).fetchone()
             assert row is not None
-            ptr = cachekeys.pointer(row[0], row[1])
+            return cachekeys.pointer(row[0], row[1])
+
+        def invalidate() -> None:
+            ptr = bump_revision()
             move(keys=[key], args=[ptr, 600])
             warm.drop_local(org, sid, ptr)  # what the listener does on the invalidation message
 
@@ -431,43 +441,28 @@ class Bench:
             assert warm.flush_fills()
 
         before = served()
-        inv_samples, inv_floor = time_pair(
-            lambda: warm.resolve(org, sid),
-            lambda: db_floor(self.reader, self.keyring, org, sid),
-            n,
-            warmup,
-            before=invalidate,
-            after=settle_warm,
-        )
+        inv_samples, inv_floor = vs_floor(warm, invalidate, settle_warm)
         results["miss_after_invalidation"] = {"us": summarize(inv_samples), "served": served_delta(before)}
         results["floor_pg_lookup_hpke_open_2"] = {"us": summarize(inv_floor)}
 
         # the same edit of a secret in use: a real invalidation, published and acknowledged, so the
         # listener bids for the refill and refreshes the secret before the timed resolve asks ----
+        # (the only listener holding it: the row above's resolver would bid too)
+        warm.close()
+        self.resolvers.remove(warm)
         in_use = self.resolver(listen=True)
         in_use.resolve(org, sid)
         invalidator = Invalidator(self.redis, self.db, namespace=self.settings.queue, ack_timeout=5.0)
 
         def edit_in_use() -> None:
-            row = bump.execute(
-                "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
-            ).fetchone()
-            assert row is not None
-            delivery = invalidator.apply(Pending("bench", org, sid, cachekeys.pointer(row[0], row[1])))
+            delivery = invalidator.apply(Pending("bench", org, sid, bump_revision()))
             assert delivery.complete, "the invalidation was not acknowledged"
 
         def settle_in_use() -> None:
             assert in_use.flush_fills()
 
         before = served()
-        use_samples, use_floor = time_pair(
-            lambda: in_use.resolve(org, sid),
-            lambda: db_floor(self.reader, self.keyring, org, sid),
-            n,
-            warmup,
-            before=edit_in_use,
-            after=settle_in_use,
-        )
+        use_samples, use_floor = vs_floor(in_use, edit_in_use, settle_in_use)
         bump.close()
         results["first_resolve_after_an_edit_in_use"] = {"us": summarize(use_samples), "served": served_delta(before)}
         results["floor_pg_lookup_hpke_open_3"] = {"us": summarize(use_floor)}
