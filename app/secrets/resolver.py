@@ -90,7 +90,8 @@ _EXPIRED = REFUSED.labels("expired")
 REFILLS = Counter(
     "latchkey_resolver_refills_total",
     "First resolves after an invalidation or of a moved pointer not filled yet: read from the database for"
-    " every worker (read), answered by another worker's refill (shared), or read from the database after"
+    " every worker, by a resolve or a refresh on the invalidation (read), answered by another worker's refill"
+    " (shared), or read from the database after"
     " waiting for one in vain or finding only an entry it may not take (waited)",
     ["outcome"],
 )
