@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -407,7 +408,10 @@ def test_the_miss_after_an_invalidation_of_a_secret_not_in_use_is_one_round_trip
 ) -> None:
     """Its L1 copy had expired: the invalidation refreshes nothing, and the next resolve claims
     the refill (the one round trip) and reads."""
-    cold = Resolver(db, keyring, CountingRedis.from_url(redis_url), namespace=settings.queue, l1_max_age=0.001)
+    client = CountingRedis.from_url(redis_url)
+    # Loaded once per server: a first use would add the NOSCRIPT reply's SCRIPT LOAD and retry.
+    client.script_load(cachekeys.CLAIM_REFILL)
+    cold = Resolver(db, keyring, client, namespace=settings.queue, l1_max_age=0.001)
     try:
         assert cold.wait_until_listening()
         sid = factory.secret(admin, org, value="first")["id"]
@@ -592,9 +596,41 @@ class NamingRedis(redis.Redis):
         return super().execute_command(*args, **options)
 
 
-def _hold_refill(client: redis.Redis, case: RefillCase, ptr: str) -> None:
-    """Hold the refill of ``ptr`` as a worker mid-read would (or a Redis writer)."""
-    client.set(cachekeys.refill(case.org_id, case.sid, ptr), "held", px=60_000)
+@dataclass
+class HeldRefill:
+    """An edit whose refill somebody else holds (a worker mid-read, or a Redis writer)."""
+
+    client: redis.Redis
+    key: str  # the secret's L2 key
+    ptr: str  # the edit's pointer
+    before: bytes  # the L2 entry of the state before the edit, genuine
+    waiters_key: str
+    wakeups_key: str
+
+
+@contextmanager
+def held_refill(case: RefillCase, *resolvers: Resolver) -> Iterator[HeldRefill]:
+    """Each resolver resolves the secret (filling L2), then the edit, then its refill held; on
+    the way out the refill's keys go and the resolvers close."""
+    client = redis.Redis.from_url(case.redis_url)
+    ptr = "unset"
+    try:
+        assert all(r.wait_until_listening() for r in resolvers)
+        for r in resolvers:
+            assert r.resolve(case.org_id, case.sid).value == "before-the-edit"
+            assert r.flush_fills()
+        key = cachekeys.key(case.org_id, case.sid)
+        before = client.get(key)
+        assert before is not None and b"\n" in before
+        ptr = case.edit("after-the-edit")
+        claim_key, waiters_key, wakeups_key = cachekeys.refill_keys(case.org_id, case.sid, ptr)
+        client.set(claim_key, "held", px=60_000)
+        yield HeldRefill(client, key, ptr, before, waiters_key, wakeups_key)
+    finally:
+        client.delete(*cachekeys.refill_keys(case.org_id, case.sid, ptr))
+        client.close()
+        for r in resolvers:
+            r.close()
 
 
 def _until(check: Any, timeout: float = 10.0) -> None:
@@ -606,47 +642,39 @@ def _until(check: Any, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _resolve_in_thread(r: Resolver, case: RefillCase) -> tuple[Any, list[Any]]:
+    """``r.resolve`` started on a thread of its own; the thread and the list it appends to."""
+    import threading
+
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(r.resolve(case.org_id, case.sid)))
+    thread.start()
+    return thread, got
+
+
 def test_a_waiting_worker_sends_no_polls_and_is_handed_the_claimants_fill(
     refill_case: RefillCase, queries: list[str]
 ) -> None:
     """While another worker refills, a waiter sends its claim and blocking pops, never a GET; the
     claimant's fill pushes the entry to it, so it reads nothing from the database."""
-    import threading
-
     case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
     claimant = case.cold_resolver(refill_wait=10.0)
     waiter = case.cold_resolver(refill_wait=10.0, client_class=NamingRedis)
-    client = redis.Redis.from_url(case.redis_url)
-    ptr = "unset"
-    try:
-        assert claimant.wait_until_listening() and waiter.wait_until_listening()
-        for r in (claimant, waiter):
-            assert r.resolve(org_id, sid).value == "before-the-edit"
-            r.flush_fills()
-        ptr = case.edit("after-the-edit")
-        _hold_refill(client, case, ptr)
+    with held_refill(case, claimant, waiter) as held:
         before_db, read, shared = len(queries), _refills("read"), _refills("shared")
         NamingRedis.sent = []
-        got: list[Any] = []
-        thread = threading.Thread(target=lambda: got.append(waiter.resolve(org_id, sid)))
-        thread.start()
-        waiters_key = cachekeys.refill_keys(org_id, sid, ptr)[1]
-        _until(lambda: client.get(waiters_key) == b"1")  # counted among the claimant's waiters
+        thread, got = _resolve_in_thread(waiter, case)
+        _until(lambda: held.client.get(held.waiters_key) == b"1")  # counted among the claimant's waiters
         thread.join(0.3)  # a poller would send a GET every few milliseconds meanwhile
         assert thread.is_alive() and "GET" not in NamingRedis.sent
         # The holder gives up; the other worker claims the refill, reads and fills.
-        client.delete(cachekeys.refill(org_id, sid, ptr))
+        held.client.delete(cachekeys.refill(org_id, sid, held.ptr))
         assert claimant.resolve(org_id, sid).value == "after-the-edit"
         thread.join(30)
         assert [(g.value, g.version) for g in got] == [("after-the-edit", 2)]
         assert len(queries) == before_db + 1  # the claimant's read only
         assert (_refills("read") - read, _refills("shared") - shared) == (1, 1)
         assert NamingRedis.sent[0] == "EVALSHA" and set(NamingRedis.sent[1:]) == {"BLPOP"}
-    finally:
-        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
-        client.close()
-        claimant.close()
-        waiter.close()
 
 
 def test_a_claimants_fill_the_pointer_moved_past_sends_its_waiters_to_the_database_at_once(
@@ -654,67 +682,40 @@ def test_a_claimants_fill_the_pointer_moved_past_sends_its_waiters_to_the_databa
 ) -> None:
     """The claimant read a state an edit has since replaced, so its fill stores nothing: its
     waiters are woken with nothing and read the database now, not after their wait."""
-    import threading
     import time
 
-    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    case = refill_case
     waiter = case.cold_resolver(refill_wait=30.0)
-    client = redis.Redis.from_url(case.redis_url)
-    key = cachekeys.key(org_id, sid)
-    ptr = "unset"
-    try:
-        assert waiter.wait_until_listening()
-        waiter.resolve(org_id, sid)
-        waiter.flush_fills()
-        old_entry = client.get(key)
-        assert old_entry is not None
-        old_ptr, _, old_blob = old_entry.partition(b"\n")
-        ptr = case.edit("after-the-edit")
-        _hold_refill(client, case, ptr)
-        got: list[Any] = []
-        thread = threading.Thread(target=lambda: got.append(waiter.resolve(org_id, sid)))
-        thread.start()
-        _, waiters_key, wakeups_key = cachekeys.refill_keys(org_id, sid, ptr)
-        _until(lambda: client.get(waiters_key) == b"1")
+    with held_refill(case, waiter) as held:
+        old_ptr, _, old_blob = held.before.partition(b"\n")
+        thread, got = _resolve_in_thread(waiter, case)
+        _until(lambda: held.client.get(held.waiters_key) == b"1")
         before_db = len(queries)
         started = time.monotonic()
         # The claimant's fill, of the state before the edit: refused, and its waiter woken.
-        fill = client.register_script(cachekeys.FILL_ENTRY)
-        assert fill(keys=[key, waiters_key, wakeups_key], args=[old_ptr, old_blob, 600, 10_000]) == 0
+        fill = held.client.register_script(cachekeys.FILL_ENTRY)
+        keys = [held.key, held.waiters_key, held.wakeups_key]
+        assert fill(keys=keys, args=[old_ptr, old_blob, 600, 10_000]) == 0
         thread.join(10)
         assert not thread.is_alive() and time.monotonic() - started < 10
         assert [(g.value, g.version) for g in got] == [("after-the-edit", 2)]
         assert len(queries) == before_db + 1
         waiter.flush_fills()
-        assert (client.get(key) or b"").partition(b"\n")[0] == ptr.encode()  # the old state was not stored
-        assert not client.exists(waiters_key)
-    finally:
-        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
-        client.close()
-        waiter.close()
+        # The old state was not stored; the waiter's own read filled the new one.
+        assert (held.client.get(held.key) or b"").partition(b"\n")[0] == held.ptr.encode()
+        assert not held.client.exists(held.waiters_key)
 
 
 def test_a_refill_claimed_but_never_filled_costs_the_wait_then_one_read(
     refill_case: RefillCase, queries: list[str]
 ) -> None:
     """A Redis writer (or a worker killed mid-refill) holds the claim: the others wait it out, boundedly."""
-    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    case = refill_case
     r = case.cold_resolver(refill_wait=0.05)
-    client = redis.Redis.from_url(case.redis_url)
-    ptr = "unset"
-    try:
-        assert r.wait_until_listening()
-        r.resolve(org_id, sid)
-        r.flush_fills()
-        ptr = case.edit("after-the-edit")
-        client.set(cachekeys.refill(org_id, sid, ptr), "held", px=60_000)
+    with held_refill(case, r):
         before_db, waited = len(queries), _refills("waited")
-        assert r.resolve(org_id, sid).value == "after-the-edit"
+        assert r.resolve(case.org_id, case.sid).value == "after-the-edit"
         assert len(queries) == before_db + 1 and _refills("waited") - waited == 1
-    finally:
-        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
-        client.close()
-        r.close()
 
 
 def test_a_refill_never_takes_an_entry_older_than_the_invalidation(refill_case: RefillCase, queries: list[str]) -> None:
@@ -723,54 +724,27 @@ def test_a_refill_never_takes_an_entry_older_than_the_invalidation(refill_case: 
     The resolver's high-water mark is that entry's own pointer (it resolved it), so only the
     invalidation's pointer, a floor no refill may go below, keeps it from being served.
     """
-    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    case = refill_case
     r = case.cold_resolver(refill_wait=0.2)
-    client = redis.Redis.from_url(case.redis_url)
-    key = cachekeys.key(org_id, sid)
-    ptr = "unset"
-    try:
-        assert r.wait_until_listening()
-        r.resolve(org_id, sid)
-        r.flush_fills()
-        genuine_old = client.get(key)
-        assert genuine_old is not None and b"\n" in genuine_old
-        ptr = case.edit("after-the-edit")
-        client.set(cachekeys.refill(org_id, sid, ptr), "held", px=60_000)
-        client.set(key, genuine_old)
+    with held_refill(case, r) as held:
+        held.client.set(held.key, held.before)
         before_db = len(queries)
-        got = r.resolve(org_id, sid)
+        got = r.resolve(case.org_id, case.sid)
         assert (got.value, got.version) == ("after-the-edit", 2)
         assert len(queries) == before_db + 1
-    finally:
-        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
-        client.close()
-        r.close()
 
 
 def test_a_forged_wakeup_with_an_older_entry_is_refused(refill_case: RefillCase, queries: list[str]) -> None:
     """A Redis writer holds the claim and pushes the previous genuine entry to the waiters' list:
     a wake-up is an entry like any other in L2, checked against the invalidation's pointer."""
-    case, org_id, sid = refill_case, refill_case.org_id, refill_case.sid
+    case = refill_case
     r = case.cold_resolver(refill_wait=0.2)
-    client = redis.Redis.from_url(case.redis_url)
-    ptr = "unset"
-    try:
-        assert r.wait_until_listening()
-        r.resolve(org_id, sid)
-        r.flush_fills()
-        genuine_old = client.get(cachekeys.key(org_id, sid))
-        assert genuine_old is not None
-        ptr = case.edit("after-the-edit")
-        _hold_refill(client, case, ptr)
-        client.rpush(cachekeys.refill_keys(org_id, sid, ptr)[2], genuine_old, genuine_old)
+    with held_refill(case, r) as held:
+        held.client.rpush(held.wakeups_key, held.before, held.before)
         before_db, waited = len(queries), _refills("waited")
-        got = r.resolve(org_id, sid)
+        got = r.resolve(case.org_id, case.sid)
         assert (got.value, got.version) == ("after-the-edit", 2)
         assert len(queries) == before_db + 1 and _refills("waited") - waited == 1
-    finally:
-        client.delete(*cachekeys.refill_keys(org_id, sid, ptr))
-        client.close()
-        r.close()
 
 
 # -- rollback: a Redis writer puts back an old, genuine entry (issue #10 item 4) ---------------
