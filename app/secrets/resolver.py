@@ -91,8 +91,8 @@ REFILLS = Counter(
     "latchkey_resolver_refills_total",
     "First resolves after an invalidation or of a moved pointer not filled yet: read from the database for"
     " every worker, by a resolve or a refresh on the invalidation (read), answered by another worker's refill"
-    " (shared), or read from the database after"
-    " waiting for one in vain or finding only an entry it may not take (waited)",
+    " (shared), or read from the database after waiting for one in vain or finding only an entry it may not"
+    " take (waited)",
     ["outcome"],
 )
 _REFILL_READ = REFILLS.labels("read")
@@ -155,7 +155,7 @@ _STAMP = struct.Struct(">d")
 
 def _refillable(ptr: str) -> bool:
     """A pointer a refill can be claimed for: a current ``<version>:<revision>`` (not a tombstone,
-    not a pre-revision stamp, which _shared_refill also leaves to a plain read)."""
+    not a pre-revision stamp, not empty)."""
     try:
         return _order(ptr)[1] <= cachekeys.MAX_REVISION
     except ValueError:
@@ -533,12 +533,11 @@ class Resolver:
         read; a forged wake-up is an entry like any in L2).
         """
         client = self.redis
-        try:
-            floor = _order(gone)
-        except ValueError:  # an invalidation without a pointer: nothing to wait for
+        # An invalidation without a pointer has nothing to wait for; a pre-revision stamp is older
+        # than every state: both are read.
+        if not _refillable(gone):
             return None
-        if floor[1] > cachekeys.MAX_REVISION:  # a pre-revision stamp, older than every state: read
-            return None
+        floor = _order(gone)
         if client is None or time.monotonic() < self._redis_retry_at:
             return None
         claim_key, waiters_key, wakeups_key = cachekeys.refill_keys(org_id, secret_id, gone)
@@ -580,7 +579,7 @@ class Resolver:
         _REFILL_WAITED.inc()
         return None
 
-    def _queue_fill(self, fill: _Fill) -> None:
+    def _queue_fill(self, fill: _Fill | _Refresh) -> None:
         if self.redis is not None:
             self._fills_pending += 1
             self._fills.put(fill)
@@ -652,10 +651,14 @@ class Resolver:
             if self._redis_usable() and self.redis is not None and not self._write_fill(fill):
                 self.redis.delete(cachekeys.refill(item.org_id, item.secret_id, item.pointer))
         finally:
-            item.done.set()
-            with self._l1_lock:
-                if self._refreshing.get(k, ("", None))[1] is item.done:
-                    del self._refreshing[k]
+            self._end_refresh(k, item.done)
+
+    def _end_refresh(self, k: tuple[str, str], done: threading.Event) -> None:
+        """Wake the resolves waiting on this refresh and forget it (unless a newer one took its place)."""
+        done.set()
+        with self._l1_lock:
+            if self._refreshing.get(k, ("", None))[1] is done:
+                del self._refreshing[k]
 
     def flush_fills(self, timeout: float = 5.0) -> bool:
         """Wait until queued L2 fills are written (tests and benchmarks)."""
@@ -780,13 +783,9 @@ class Resolver:
         except redis.RedisError:
             CACHE_ERRORS.labels("ack").inc()
         if won:
-            self._fills_pending += 1
-            self._fills.put(_Refresh(org_id, secret_id, ptr, generation, done))
+            self._queue_fill(_Refresh(org_id, secret_id, ptr, generation, done))
         elif refresh:
-            with self._l1_lock:
-                if self._refreshing.get(k, ("", None))[1] is done:
-                    del self._refreshing[k]
-            done.set()
+            self._end_refresh(k, done)
 
     # -- life cycle ------------------------------------------------------------------------
 
