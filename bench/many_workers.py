@@ -105,6 +105,28 @@ def ack_round_trips(
     return ours, one_by_one
 
 
+def timed_edits(fleet: Fleet, path: str, token: str, seqs: range, clients: int) -> tuple[EditLog, dict[str, Any]]:
+    """One round's edits, timed: the edit log, and the figures every round reports (latency, rate,
+    CPU per edit by process kind, the web processes' acknowledgement counters over the round)."""
+    before = fleet.invalidation_counts()
+    cpu_before = cpu_seconds_by_process()
+    t0 = time.perf_counter()
+    edits = edit_concurrently(fleet.port, path, token, seqs, clients)
+    elapsed = time.perf_counter() - t0
+    cpu = cpu_delta(cpu_seconds_by_process(), cpu_before)
+    n = len(edits.versions)
+    print(f"    {n} edits in {elapsed:.1f} s", flush=True)
+    return edits, {
+        "edits": n,
+        "edit_failures": edits.failures[:5],
+        "edits_per_s": n / elapsed if elapsed else 0.0,
+        "edit_latency_ms": summarize(edits.latency_ns, scale=1e6),
+        "cpu_ms_per_edit": {kind: used * 1e3 / max(1, n) for kind, used in cpu.items()},
+        "cpu_cores_busy": {kind: used / elapsed for kind, used in cpu.items()} if elapsed else {},
+        "invalidations": delta(fleet.invalidation_counts(), before),
+    }
+
+
 def floor_rounds(
     fleet: Fleet, client: redis.Redis, org_id: str, path: str, token: str, args: argparse.Namespace, seq: int
 ) -> list[dict[str, Any]]:
@@ -123,27 +145,10 @@ def floor_rounds(
                     raise RuntimeError(f"expected {k} acknowledgers on {fleet.channel}, found {fleet.subscribers()}")
                 time.sleep(0.05)
             rtt, _ = ack_round_trips(client, fleet.channel, org_id, k, args.probes)
-            before = fleet.invalidation_counts()
-            cpu_before = cpu_seconds_by_process()
-            t0 = time.perf_counter()
-            edits = edit_concurrently(fleet.port, path, token, range(seq + 1, seq + args.edits + 1), args.clients)
-            elapsed = time.perf_counter() - t0
-            cpu = cpu_delta(cpu_seconds_by_process(), cpu_before)
+            print(f"  floor, {k} acknowledger(s):", flush=True)
+            _, timed = timed_edits(fleet, path, token, range(seq + 1, seq + args.edits + 1), args.clients)
             seq += args.edits
-            rounds.append(
-                {
-                    "acknowledgers": k,
-                    "ack_round_trip_ms": summarize(rtt, scale=1e6),
-                    "edits": len(edits.versions),
-                    "edit_failures": edits.failures[:5],
-                    "edits_per_s": len(edits.versions) / elapsed if elapsed else 0.0,
-                    "edit_latency_ms": summarize(edits.latency_ns, scale=1e6),
-                    "cpu_ms_per_edit": {kind: used * 1e3 / max(1, len(edits.versions)) for kind, used in cpu.items()},
-                    "cpu_cores_busy": {kind: used / elapsed for kind, used in cpu.items()} if elapsed else {},
-                    "invalidations": delta(fleet.invalidation_counts(), before),
-                }
-            )
-            print(f"  floor, {k} acknowledger(s): {len(edits.versions)} edits in {elapsed:.1f} s", flush=True)
+            rounds.append({"acknowledgers": k, "ack_round_trip_ms": summarize(rtt, scale=1e6), **timed})
     finally:
         for proc in procs:
             proc.kill()
@@ -202,36 +207,21 @@ def run(args: argparse.Namespace, report: Report) -> None:
                         with fleet.loops(org_id, secret_id, pause=args.pause):
                             subscribed = fleet.subscribers()
                             rtt, rtt_one_by_one = ack_round_trips(housekeeping, fleet.channel, org_id, k, args.probes)
-                            before = fleet.invalidation_counts()
-                            cpu_before = cpu_seconds_by_process()
-                            t0 = time.perf_counter()
-                            edits = edit_concurrently(
-                                fleet.port, path, admin.token, range(seq + 1, seq + args.edits + 1), args.clients
+                            print(f"  {k} worker(s):", flush=True)
+                            edits, timed = timed_edits(
+                                fleet, path, admin.token, range(seq + 1, seq + args.edits + 1), args.clients
                             )
-                            elapsed = time.perf_counter() - t0
-                            cpu = cpu_delta(cpu_seconds_by_process(), cpu_before)
                             seq += args.edits
                             subscribed_after = fleet.subscribers()
                         # With --edit-other the loops' secret never changes: no read can be stale.
                         outcome = fleet.check(EditLog() if args.edit_other else edits)
-                        counts = delta(fleet.invalidation_counts(), before)
                         rounds.append(
                             {
                                 "workers": k,
                                 "subscribers_on_channel": [subscribed, subscribed_after],
                                 "ack_round_trip_ms": summarize(rtt, scale=1e6),
                                 "ack_round_trip_one_pop_per_ack_ms": summarize(rtt_one_by_one, scale=1e6),
-                                "edits": len(edits.versions),
-                                "edit_failures": edits.failures[:5],
-                                "edits_per_s": len(edits.versions) / elapsed if elapsed else 0.0,
-                                "edit_latency_ms": summarize(edits.latency_ns, scale=1e6),
-                                "cpu_ms_per_edit": {
-                                    kind: used * 1e3 / max(1, len(edits.versions)) for kind, used in cpu.items()
-                                },
-                                "cpu_cores_busy": {kind: used / elapsed for kind, used in cpu.items()}
-                                if elapsed
-                                else {},
-                                "invalidations": counts,
+                                **timed,
                                 "reads": outcome.reads,
                                 "read_runs": outcome.runs,
                                 "served": outcome.served,
@@ -242,7 +232,6 @@ def run(args: argparse.Namespace, report: Report) -> None:
                                 "errors": outcome.errors[:5],
                             }
                         )
-                        print(f"  {k} worker(s): {len(edits.versions)} edits in {elapsed:.1f} s", flush=True)
             finally:
                 delete_matching(housekeeping, f"{cachekeys.KEY_PREFIX}{org_id}:*")
                 db.dispose()

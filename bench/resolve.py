@@ -319,6 +319,14 @@ class Bench:
 
     # helpers
 
+    def bump_revision(self, conn: psycopg.Connection[Any], sid: str) -> str:
+        """An edit's state change, made in the database as every committed change makes it; the new pointer."""
+        row = conn.execute(
+            "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
+        ).fetchone()
+        assert row is not None
+        return cachekeys.pointer(row[0], row[1])
+
     def new_secret(self, name: str, value: str = VALUE) -> str:
         with self.db.session() as s:
             org = s.get(Org, self.org_id)
@@ -424,16 +432,8 @@ class Bench:
         bump = psycopg.connect(self.database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
         move = self.redis.register_script(cachekeys.MOVE_POINTER)
 
-        def bump_revision() -> str:
-            """An edit's state change in the database; the new pointer."""
-            row = bump.execute(
-                "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
-            ).fetchone()
-            assert row is not None
-            return cachekeys.pointer(row[0], row[1])
-
         def invalidate() -> None:
-            ptr = bump_revision()
+            ptr = self.bump_revision(bump, sid)
             move(keys=[key], args=[ptr, 600])
             warm.drop_local(org, sid, ptr)  # what the listener does on the invalidation message
 
@@ -455,7 +455,7 @@ class Bench:
         invalidator = Invalidator(self.redis, self.db, namespace=self.settings.queue, ack_timeout=5.0)
 
         def edit_in_use() -> None:
-            delivery = invalidator.apply(Pending("bench", org, sid, bump_revision()))
+            delivery = invalidator.apply(Pending("bench", org, sid, self.bump_revision(bump, sid)))
             assert delivery.complete, "the invalidation was not acknowledged"
 
         def settle_in_use() -> None:
@@ -541,11 +541,7 @@ class Bench:
             for r in racers:
                 r.resolve(org, sid)
             for _ in range(trials):
-                row = bump.execute(
-                    "UPDATE secrets SET revision = revision + 1 WHERE id = %s RETURNING version, revision", (sid,)
-                ).fetchone()
-                assert row is not None
-                ptr = cachekeys.pointer(row[0], row[1])
+                ptr = self.bump_revision(bump, sid)
                 move(keys=[key], args=[ptr, 600])
                 for r in racers:
                     r.drop_local(org, sid, ptr)  # each listener's drop on the invalidation message
